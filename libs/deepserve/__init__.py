@@ -1,0 +1,1 @@
+"""DeepServe: serverless LLM serving at scale."""

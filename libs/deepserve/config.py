@@ -1,0 +1,145 @@
+"""Settings for every process, read from `DEEPSERVE_*` environment variables.
+
+One settings object per service, built once in its entry point and passed in; nothing deep in the
+code reads the environment. Shared connection settings sit in `CommonSettings`
+(`DEEPSERVE_ETCD_ENDPOINT`, ...); a service's own fields carry its name
+(`DEEPSERVE_GATEWAY_HTTP_PORT`, `DEEPSERVE_FLOWSERVE_MODEL`, ...).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def default_run_dir() -> Path:
+    return Path.home() / ".deepserve" / "run"
+
+
+class CommonSettings(BaseSettings):
+    """Connections and cross-cutting options every service shares."""
+
+    model_config = SettingsConfigDict(env_prefix="DEEPSERVE_", extra="ignore")
+
+    etcd_endpoint: str = "127.0.0.1:2379"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    # Pool size per process; callers beyond it wait for a connection instead of failing.
+    redis_max_connections: int = 64
+    # Seconds a registration (pod, instance, service) outlives its process's last keep-alive.
+    lease_ttl_s: int = 5
+    # Where this host's processes listen and advertise themselves.
+    host: str = "127.0.0.1"
+    otlp_endpoint: str | None = None
+    # Local span export (JSON lines) when no OTLP endpoint is set; None disables it.
+    telemetry_dir: Path | None = None
+    log_level: str = "INFO"
+    log_dir: Path | None = None
+
+
+class ServiceSettings(BaseSettings):
+    """Base of each service's settings: its gRPC port plus the common block."""
+
+    model_config = SettingsConfigDict(extra="ignore")
+
+    common: CommonSettings = Field(default_factory=CommonSettings)
+    grpc_port: int = 0
+    # Seconds in-flight RPCs get to finish after SIGTERM.
+    shutdown_grace_s: float = 5.0
+
+
+class GatewaySettings(ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="DEEPSERVE_GATEWAY_", extra="ignore")
+
+    grpc_port: int = 50050
+    http_port: int = 8000
+    scheduler_address: str = "127.0.0.1:50052"
+    # Open mode accepts calls without an API key; meant for the local demo only.
+    auth_open: bool = False
+    request_timeout_s: float = 600.0
+
+
+class JobMgrSettings(ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="DEEPSERVE_JOBMGR_", extra="ignore")
+
+    grpc_port: int = 50051
+    podpool_address: str = "127.0.0.1:50053"
+    # Seconds a dead leader keeps leading; another replica takes over within it.
+    election_ttl_s: int = 5
+    # Full reconcile pass at least this often, even when no watch event woke the loop.
+    resync_interval_s: float = 5.0
+    # How long one AcquirePod (claim or cold start, plus model load) may take.
+    acquire_timeout_s: float = 300.0
+    # First retry delay for a task whose start failed; doubles per failure up to the cap.
+    retry_backoff_s: float = 1.0
+    retry_backoff_max_s: float = 30.0
+
+
+class SchedulerSettings(ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="DEEPSERVE_SCHEDULER_", extra="ignore")
+
+    grpc_port: int = 50052
+    # Policy for models whose deployment names none: deepserve (Algorithm 1), round_robin,
+    # random or least_loaded.
+    default_policy: str = "deepserve"
+    # A group is imbalanced when max - min load exceeds the absolute threshold AND max exceeds
+    # min times the relative one; then load wins over cache locality.
+    balance_abs_threshold: float = 4.0
+    balance_rel_threshold: float = 1.5
+    # Load units a full KV cache adds to an instance's queued + running requests.
+    kv_load_weight: float = 4.0
+    # Seconds between reads of the instances' load reports from Redis.
+    load_refresh_s: float = 0.1
+    # Decode-length buckets (the paper used 128-token buckets) and the guess with no history.
+    decode_bucket_tokens: int = 128
+    default_decode_tokens: int = 256
+    # Seconds between refreshes of the shared per-(model, tenant) output-length histories.
+    history_refresh_s: float = 1.0
+    # Longest block of one read of the instances' KV-event streams.
+    kv_events_block_ms: int = 100
+
+
+class PodPoolSettings(ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="DEEPSERVE_PODPOOL_", extra="ignore")
+
+    grpc_port: int = 50053
+    # Warm (model-less, runtime started) pods kept ready for the next task.
+    warm_pods: int = 1
+    # Upper bound on pods this pool runs at once (warm + assigned + starting).
+    max_pods: int = 64
+    # Where pods run: "local" (processes on this host); "kubernetes" is the production target.
+    backend: str = "local"
+    # Seconds a new pod may take to register as warm before it is given up on.
+    pod_start_timeout_s: float = 120.0
+    # Device for the pods it starts (npu, cuda, cpu; empty picks the best available).
+    pod_device: str = ""
+    # Where the local backend writes each pod's log; empty uses a temporary folder.
+    pod_log_dir: Path | None = None
+
+
+class FlowServeSettings(ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="DEEPSERVE_FLOWSERVE_", extra="ignore")
+
+    grpc_port: int = 50060
+    # Pod identity; generated when empty. A pod without a model registers as warm.
+    pod_id: str = ""
+    # Catalog name or model directory to load at start; empty starts a warm, model-less pod.
+    model: str = ""
+    role: str = "colocated"
+    # npu, cuda or cpu; empty picks the best available.
+    device: str = ""
+    model_cache_dir: Path | None = None
+    tensor_parallel_size: int = 1
+    # KV blocks on the device; 0 sizes the cache from kv_cache_memory_mb.
+    kv_cache_blocks: int = 0
+    kv_cache_memory_mb: int = 256
+    # Host-DRAM tier for evicted prefix blocks (0 disables it).
+    kv_host_blocks: int = 0
+    async_scheduling: bool = True
+    block_size: int = 16
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 1024
+    max_queue_len: int = 1024
+    # Seconds between load reports to Redis.
+    load_report_interval_s: float = 0.5

@@ -1,0 +1,78 @@
+"""`deepserve deploy | jobs | job | scale | cancel`: the JobManager API from the shell."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import grpc
+
+from deepserve.rpc.client import insecure_channel
+from deepserve.rpc.errors import error_from_rpc
+from deepserve.v1 import jobmgr_pb2 as pb
+from deepserve.v1 import jobmgr_pb2_grpc
+
+_MODES = {"colocated": pb.SERVING_MODE_COLOCATED, "disaggregated": pb.SERVING_MODE_DISAGGREGATED}
+_POLICIES = {
+    "deepserve": pb.ROUTING_POLICY_DEEPSERVE,
+    "round_robin": pb.ROUTING_POLICY_ROUND_ROBIN,
+    "random": pb.ROUTING_POLICY_RANDOM,
+    "least_loaded": pb.ROUTING_POLICY_LEAST_LOADED,
+}
+
+
+def _phase(job: pb.Job) -> str:
+    return pb.JobPhase.Name(job.status.phase).removeprefix("JOB_PHASE_").lower()
+
+
+def _summary(job: pb.Job) -> str:
+    s = job.spec.serving
+    mode = pb.ServingMode.Name(s.mode).removeprefix("SERVING_MODE_").lower()
+    return (
+        f"{job.job_id:<16} {_phase(job):<10} {s.model:<20} replicas {s.replicas} "
+        f"[{s.min_replicas},{s.max_replicas}] ready {job.status.ready_replicas} {mode}"
+    )
+
+
+def _print_job(job: pb.Job) -> None:
+    print(_summary(job))
+    for event in job.events:
+        at = time.strftime("%H:%M:%S", time.localtime(event.at_unix))
+        print(f"  {at}  {event.reason:<12} {event.message}")
+
+
+async def run(args: argparse.Namespace, address: str) -> int:
+    async with insecure_channel(address, traced=False) as channel:
+        stub = jobmgr_pb2_grpc.JobManagerServiceStub(channel)
+        try:
+            if args.command == "deploy":
+                spec = pb.JobSpec(
+                    kind=pb.JOB_KIND_SERVING,
+                    serving=pb.ServingSpec(
+                        model=args.model,
+                        replicas=args.replicas,
+                        min_replicas=args.min_replicas,
+                        max_replicas=args.max_replicas,
+                        mode=_MODES[args.mode],
+                        prefill_instances=args.prefill,
+                        decode_instances=args.decode,
+                        policy=_POLICIES[args.policy],
+                    ),
+                )
+                reply = await stub.CreateJob(pb.CreateJobRequest(spec=spec, job_id=args.job_id))
+                _print_job(reply.job)
+            elif args.command == "jobs":
+                for job in (await stub.ListJobs(pb.ListJobsRequest())).jobs:
+                    print(_summary(job))
+            elif args.command == "job":
+                _print_job((await stub.GetJob(pb.GetJobRequest(job_id=args.job_id))).job)
+            elif args.command == "scale":
+                reply = await stub.ScaleJob(
+                    pb.ScaleJobRequest(job_id=args.job_id, replicas=args.replicas)
+                )
+                _print_job(reply.job)
+            elif args.command == "cancel":
+                _print_job((await stub.CancelJob(pb.CancelJobRequest(job_id=args.job_id))).job)
+        except grpc.aio.AioRpcError as exc:
+            raise error_from_rpc(exc) from None
+    return 0

@@ -1,0 +1,59 @@
+"""Registers a service process in etcd under a lease, so a dead process disappears by itself."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import uuid
+
+from deepserve import records
+from deepserve.store.etcd import EtcdStore, KeepAliveLease
+
+log = logging.getLogger(__name__)
+
+
+def new_process_id(service: str) -> str:
+    return f"{service}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:4]}"
+
+
+class ServiceRegistration:
+    """A `ServiceRecord` held alive by a keep-alive lease; re-registers if the lease is lost."""
+
+    def __init__(self, store: EtcdStore, record: records.ServiceRecord, ttl_s: int) -> None:
+        self.store = store
+        self.record = record
+        self.ttl_s = ttl_s
+        self.lease: KeepAliveLease | None = None
+
+    @classmethod
+    async def register(
+        cls,
+        store: EtcdStore,
+        service: str,
+        address: str,
+        ttl_s: int,
+        http_address: str = "",
+    ) -> ServiceRegistration:
+        host = address.rsplit(":", 1)[0]
+        record = records.ServiceRecord(
+            service=service,
+            process_id=new_process_id(service),
+            address=address,
+            http_address=http_address,
+            pid=os.getpid(),
+            host=host,
+        )
+        reg = cls(store, record, ttl_s)
+        await reg._put()
+        return reg
+
+    async def _put(self) -> None:
+        self.lease = await self.store.grant_lease(self.ttl_s)
+        await records.services(self.store, self.record.service).put(
+            self.record.process_id, self.record, lease_id=self.lease.id
+        )
+
+    async def close(self) -> None:
+        if self.lease is not None:
+            await self.lease.revoke()

@@ -1,0 +1,116 @@
+"""What every service process does around its own logic.
+
+Telemetry and JSON logs, the etcd (and optionally Redis) connection, the gRPC server with health
+and reflection, registration under a lease, and an orderly shutdown on SIGTERM/SIGINT: stop
+taking calls, drain, run the service's hooks, revoke the lease, close the stores.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Iterable
+
+from deepserve.config import ServiceSettings
+from deepserve.registration import ServiceRegistration
+from deepserve.rpc.server import (
+    GrpcService,
+    Registrar,
+    start_grpc_server,
+    wait_for_termination_signal,
+)
+from deepserve.store.etcd import EtcdStore
+from deepserve.store.redis_store import RedisStore
+from deepserve.telemetry import setup_telemetry, shutdown_telemetry
+
+log = logging.getLogger(__name__)
+
+Hook = Callable[[], Awaitable[None]]
+
+
+class ServiceRuntime:
+    """Use as `async with ServiceRuntime(...) as rt:` then `await rt.serve(...)`."""
+
+    def __init__(self, name: str, settings: ServiceSettings, *, use_redis: bool = False) -> None:
+        self.name = name
+        self.settings = settings
+        self.common = settings.common
+        self.etcd = EtcdStore(self.common.etcd_endpoint)
+        self.redis = (
+            RedisStore(self.common.redis_url, max_connections=self.common.redis_max_connections)
+            if use_redis
+            else None
+        )
+        self.grpc: GrpcService | None = None
+        self.registration: ServiceRegistration | None = None
+
+    async def __aenter__(self) -> ServiceRuntime:
+        setup_telemetry(self.name, self.common)
+        await self.etcd.connect(wait_s=30)
+        if self.redis is not None:
+            await self.redis.connect(wait_s=30)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self.registration is not None:
+            await self.registration.close()
+        if self.redis is not None:
+            await self.redis.close()
+        await self.etcd.close()
+        shutdown_telemetry()
+
+    @property
+    def address(self) -> str:
+        assert self.grpc is not None
+        return f"{self.common.host}:{self.grpc.port}"
+
+    async def start(self, registrars: Iterable[Registrar], service_names: Iterable[str]) -> None:
+        self.grpc = await start_grpc_server(
+            registrars, service_names, host=self.common.host, port=self.settings.grpc_port
+        )
+
+    async def register(self, http_address: str = "") -> None:
+        self.registration = await ServiceRegistration.register(
+            self.etcd, self.name, self.address, self.common.lease_ttl_s, http_address=http_address
+        )
+        log.info(
+            "serving",
+            extra={"fields": {"address": self.address, "http_address": http_address}},
+        )
+
+    async def serve(
+        self,
+        registrars: Iterable[Registrar],
+        service_names: Iterable[str],
+        *,
+        on_shutdown: Iterable[Hook] = (),
+        http_address: str = "",
+        stop: asyncio.Event | None = None,
+    ) -> None:
+        """Starts gRPC, registers, and serves until a signal (or `stop`), then shuts down."""
+        if self.grpc is None:
+            await self.start(registrars, service_names)
+        await self.register(http_address)
+        signal_task = asyncio.create_task(wait_for_termination_signal())
+        waiters: set[asyncio.Future[object]] = {signal_task}  # type: ignore[arg-type]
+        if stop is not None:
+            waiters.add(asyncio.create_task(stop.wait()))  # type: ignore[arg-type]
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        for waiter in waiters:
+            waiter.cancel()
+        await self.shutdown(on_shutdown)
+
+    async def shutdown(self, hooks: Iterable[Hook]) -> None:
+        assert self.grpc is not None
+        log.info("shutting down")
+        await self.grpc.set_serving(False)
+        # Deregister first so routers stop sending work while in-flight calls drain.
+        if self.registration is not None:
+            await self.registration.close()
+            self.registration = None
+        await self.grpc.server.stop(self.settings.shutdown_grace_s)
+        for hook in hooks:
+            try:
+                await hook()
+            except Exception:
+                log.exception("shutdown hook failed")

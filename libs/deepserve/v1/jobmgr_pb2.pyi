@@ -1,0 +1,283 @@
+from deepserve.v1 import common_pb2 as _common_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class JobKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    JOB_KIND_UNSPECIFIED: _ClassVar[JobKind]
+    JOB_KIND_SERVING: _ClassVar[JobKind]
+    JOB_KIND_FINE_TUNING: _ClassVar[JobKind]
+    JOB_KIND_BATCH: _ClassVar[JobKind]
+
+class JobPhase(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    JOB_PHASE_UNSPECIFIED: _ClassVar[JobPhase]
+    JOB_PHASE_PENDING: _ClassVar[JobPhase]
+    JOB_PHASE_RUNNING: _ClassVar[JobPhase]
+    JOB_PHASE_SUCCEEDED: _ClassVar[JobPhase]
+    JOB_PHASE_FAILED: _ClassVar[JobPhase]
+    JOB_PHASE_CANCELLED: _ClassVar[JobPhase]
+
+class ServingMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SERVING_MODE_UNSPECIFIED: _ClassVar[ServingMode]
+    SERVING_MODE_COLOCATED: _ClassVar[ServingMode]
+    SERVING_MODE_DISAGGREGATED: _ClassVar[ServingMode]
+
+class RoutingPolicy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ROUTING_POLICY_UNSPECIFIED: _ClassVar[RoutingPolicy]
+    ROUTING_POLICY_DEEPSERVE: _ClassVar[RoutingPolicy]
+    ROUTING_POLICY_ROUND_ROBIN: _ClassVar[RoutingPolicy]
+    ROUTING_POLICY_RANDOM: _ClassVar[RoutingPolicy]
+    ROUTING_POLICY_LEAST_LOADED: _ClassVar[RoutingPolicy]
+
+class JobChange(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    JOB_CHANGE_UNSPECIFIED: _ClassVar[JobChange]
+    JOB_CHANGE_PUT: _ClassVar[JobChange]
+    JOB_CHANGE_DELETE: _ClassVar[JobChange]
+
+class TaskState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    TASK_STATE_UNSPECIFIED: _ClassVar[TaskState]
+    TASK_STATE_PENDING: _ClassVar[TaskState]
+    TASK_STATE_STARTING: _ClassVar[TaskState]
+    TASK_STATE_RUNNING: _ClassVar[TaskState]
+    TASK_STATE_FAILED: _ClassVar[TaskState]
+    TASK_STATE_TERMINATING: _ClassVar[TaskState]
+JOB_KIND_UNSPECIFIED: JobKind
+JOB_KIND_SERVING: JobKind
+JOB_KIND_FINE_TUNING: JobKind
+JOB_KIND_BATCH: JobKind
+JOB_PHASE_UNSPECIFIED: JobPhase
+JOB_PHASE_PENDING: JobPhase
+JOB_PHASE_RUNNING: JobPhase
+JOB_PHASE_SUCCEEDED: JobPhase
+JOB_PHASE_FAILED: JobPhase
+JOB_PHASE_CANCELLED: JobPhase
+SERVING_MODE_UNSPECIFIED: ServingMode
+SERVING_MODE_COLOCATED: ServingMode
+SERVING_MODE_DISAGGREGATED: ServingMode
+ROUTING_POLICY_UNSPECIFIED: RoutingPolicy
+ROUTING_POLICY_DEEPSERVE: RoutingPolicy
+ROUTING_POLICY_ROUND_ROBIN: RoutingPolicy
+ROUTING_POLICY_RANDOM: RoutingPolicy
+ROUTING_POLICY_LEAST_LOADED: RoutingPolicy
+JOB_CHANGE_UNSPECIFIED: JobChange
+JOB_CHANGE_PUT: JobChange
+JOB_CHANGE_DELETE: JobChange
+TASK_STATE_UNSPECIFIED: TaskState
+TASK_STATE_PENDING: TaskState
+TASK_STATE_STARTING: TaskState
+TASK_STATE_RUNNING: TaskState
+TASK_STATE_FAILED: TaskState
+TASK_STATE_TERMINATING: TaskState
+
+class ServingSpec(_message.Message):
+    __slots__ = ("model", "replicas", "min_replicas", "max_replicas", "mode", "prefill_instances", "decode_instances", "policy", "tensor_parallel_size")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    MIN_REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    MAX_REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_INSTANCES_FIELD_NUMBER: _ClassVar[int]
+    DECODE_INSTANCES_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_PARALLEL_SIZE_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    replicas: int
+    min_replicas: int
+    max_replicas: int
+    mode: ServingMode
+    prefill_instances: int
+    decode_instances: int
+    policy: RoutingPolicy
+    tensor_parallel_size: int
+    def __init__(self, model: _Optional[str] = ..., replicas: _Optional[int] = ..., min_replicas: _Optional[int] = ..., max_replicas: _Optional[int] = ..., mode: _Optional[_Union[ServingMode, str]] = ..., prefill_instances: _Optional[int] = ..., decode_instances: _Optional[int] = ..., policy: _Optional[_Union[RoutingPolicy, str]] = ..., tensor_parallel_size: _Optional[int] = ...) -> None: ...
+
+class JobSpec(_message.Message):
+    __slots__ = ("kind", "serving")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    SERVING_FIELD_NUMBER: _ClassVar[int]
+    kind: JobKind
+    serving: ServingSpec
+    def __init__(self, kind: _Optional[_Union[JobKind, str]] = ..., serving: _Optional[_Union[ServingSpec, _Mapping]] = ...) -> None: ...
+
+class JobEvent(_message.Message):
+    __slots__ = ("at_unix", "reason", "message")
+    AT_UNIX_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    at_unix: float
+    reason: str
+    message: str
+    def __init__(self, at_unix: _Optional[float] = ..., reason: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
+
+class JobStatus(_message.Message):
+    __slots__ = ("phase", "ready_replicas", "message")
+    PHASE_FIELD_NUMBER: _ClassVar[int]
+    READY_REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    phase: JobPhase
+    ready_replicas: int
+    message: str
+    def __init__(self, phase: _Optional[_Union[JobPhase, str]] = ..., ready_replicas: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+
+class Job(_message.Message):
+    __slots__ = ("job_id", "spec", "status", "events", "created_at_unix", "revision")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_UNIX_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    spec: JobSpec
+    status: JobStatus
+    events: _containers.RepeatedCompositeFieldContainer[JobEvent]
+    created_at_unix: float
+    revision: int
+    def __init__(self, job_id: _Optional[str] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., status: _Optional[_Union[JobStatus, _Mapping]] = ..., events: _Optional[_Iterable[_Union[JobEvent, _Mapping]]] = ..., created_at_unix: _Optional[float] = ..., revision: _Optional[int] = ...) -> None: ...
+
+class CreateJobRequest(_message.Message):
+    __slots__ = ("spec", "job_id")
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    spec: JobSpec
+    job_id: str
+    def __init__(self, spec: _Optional[_Union[JobSpec, _Mapping]] = ..., job_id: _Optional[str] = ...) -> None: ...
+
+class CreateJobResponse(_message.Message):
+    __slots__ = ("job",)
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    job: Job
+    def __init__(self, job: _Optional[_Union[Job, _Mapping]] = ...) -> None: ...
+
+class GetJobRequest(_message.Message):
+    __slots__ = ("job_id",)
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+
+class GetJobResponse(_message.Message):
+    __slots__ = ("job", "tasks")
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    TASKS_FIELD_NUMBER: _ClassVar[int]
+    job: Job
+    tasks: _containers.RepeatedCompositeFieldContainer[Task]
+    def __init__(self, job: _Optional[_Union[Job, _Mapping]] = ..., tasks: _Optional[_Iterable[_Union[Task, _Mapping]]] = ...) -> None: ...
+
+class ListJobsRequest(_message.Message):
+    __slots__ = ("kind",)
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    kind: JobKind
+    def __init__(self, kind: _Optional[_Union[JobKind, str]] = ...) -> None: ...
+
+class ListJobsResponse(_message.Message):
+    __slots__ = ("jobs",)
+    JOBS_FIELD_NUMBER: _ClassVar[int]
+    jobs: _containers.RepeatedCompositeFieldContainer[Job]
+    def __init__(self, jobs: _Optional[_Iterable[_Union[Job, _Mapping]]] = ...) -> None: ...
+
+class WatchJobsRequest(_message.Message):
+    __slots__ = ("kind",)
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    kind: JobKind
+    def __init__(self, kind: _Optional[_Union[JobKind, str]] = ...) -> None: ...
+
+class WatchJobsResponse(_message.Message):
+    __slots__ = ("change", "job")
+    CHANGE_FIELD_NUMBER: _ClassVar[int]
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    change: JobChange
+    job: Job
+    def __init__(self, change: _Optional[_Union[JobChange, str]] = ..., job: _Optional[_Union[Job, _Mapping]] = ...) -> None: ...
+
+class CancelJobRequest(_message.Message):
+    __slots__ = ("job_id",)
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+
+class CancelJobResponse(_message.Message):
+    __slots__ = ("job",)
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    job: Job
+    def __init__(self, job: _Optional[_Union[Job, _Mapping]] = ...) -> None: ...
+
+class ScaleJobRequest(_message.Message):
+    __slots__ = ("job_id", "replicas")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    replicas: int
+    def __init__(self, job_id: _Optional[str] = ..., replicas: _Optional[int] = ...) -> None: ...
+
+class ScaleJobResponse(_message.Message):
+    __slots__ = ("job",)
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    job: Job
+    def __init__(self, job: _Optional[_Union[Job, _Mapping]] = ...) -> None: ...
+
+class DeleteJobRequest(_message.Message):
+    __slots__ = ("job_id",)
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+
+class DeleteJobResponse(_message.Message):
+    __slots__ = ("job",)
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    job: Job
+    def __init__(self, job: _Optional[_Union[Job, _Mapping]] = ...) -> None: ...
+
+class Task(_message.Message):
+    __slots__ = ("task_id", "job_id", "slot", "role", "model", "state", "pod_id", "instance_id", "address", "cold_start", "events", "created_at_unix", "message", "revision")
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    SLOT_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    POD_ID_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    COLD_START_FIELD_NUMBER: _ClassVar[int]
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_UNIX_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    job_id: str
+    slot: str
+    role: _common_pb2.InstanceRole
+    model: str
+    state: TaskState
+    pod_id: str
+    instance_id: str
+    address: str
+    cold_start: bool
+    events: _containers.RepeatedCompositeFieldContainer[JobEvent]
+    created_at_unix: float
+    message: str
+    revision: int
+    def __init__(self, task_id: _Optional[str] = ..., job_id: _Optional[str] = ..., slot: _Optional[str] = ..., role: _Optional[_Union[_common_pb2.InstanceRole, str]] = ..., model: _Optional[str] = ..., state: _Optional[_Union[TaskState, str]] = ..., pod_id: _Optional[str] = ..., instance_id: _Optional[str] = ..., address: _Optional[str] = ..., cold_start: _Optional[bool] = ..., events: _Optional[_Iterable[_Union[JobEvent, _Mapping]]] = ..., created_at_unix: _Optional[float] = ..., message: _Optional[str] = ..., revision: _Optional[int] = ...) -> None: ...
+
+class ListTasksRequest(_message.Message):
+    __slots__ = ("job_id",)
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+
+class ListTasksResponse(_message.Message):
+    __slots__ = ("tasks",)
+    TASKS_FIELD_NUMBER: _ClassVar[int]
+    tasks: _containers.RepeatedCompositeFieldContainer[Task]
+    def __init__(self, tasks: _Optional[_Iterable[_Union[Task, _Mapping]]] = ...) -> None: ...

@@ -1,0 +1,72 @@
+"""Conversions between the shared records and their protobuf messages (the RPC edge)."""
+
+from __future__ import annotations
+
+from deepserve.errors import InvalidArgument
+from deepserve.records import InstanceRecord, PodRecord, PodState, Role
+from deepserve.v1 import common_pb2
+
+_ROLE_TO_PROTO = {
+    Role.COLOCATED: common_pb2.INSTANCE_ROLE_COLOCATED,
+    Role.PREFILL: common_pb2.INSTANCE_ROLE_PREFILL,
+    Role.DECODE: common_pb2.INSTANCE_ROLE_DECODE,
+}
+_ROLE_FROM_PROTO = {v: k for k, v in _ROLE_TO_PROTO.items()}
+_POD_STATE_TO_PROTO = {
+    PodState.STARTING: common_pb2.POD_STATE_STARTING,
+    PodState.WARM: common_pb2.POD_STATE_WARM,
+    PodState.ASSIGNED: common_pb2.POD_STATE_ASSIGNED,
+    PodState.TERMINATING: common_pb2.POD_STATE_TERMINATING,
+}
+_POD_STATE_FROM_PROTO = {v: k for k, v in _POD_STATE_TO_PROTO.items()}
+
+
+def role_to_proto(role: Role) -> int:
+    return _ROLE_TO_PROTO[role]
+
+
+def role_from_proto(value: int, *, default: Role = Role.COLOCATED, field: str = "role") -> Role:
+    if value == common_pb2.INSTANCE_ROLE_UNSPECIFIED:
+        return default
+    try:
+        return _ROLE_FROM_PROTO[value]
+    except KeyError:
+        raise InvalidArgument(f"unknown role {value}", field=field) from None
+
+
+def pod_state_to_proto(state: PodState) -> int:
+    return _POD_STATE_TO_PROTO[state]
+
+
+def pod_state_from_proto(value: int) -> PodState | None:
+    return _POD_STATE_FROM_PROTO.get(value)
+
+
+def instance_to_proto(record: InstanceRecord) -> common_pb2.Instance:
+    return common_pb2.Instance(
+        instance_id=record.instance_id,
+        model=record.model,
+        role=role_to_proto(record.role),
+        address=record.address,
+        pod_id=record.pod_id,
+        job_id=record.job_id,
+        task_id=record.task_id,
+        tensor_parallel_size=record.tensor_parallel_size,
+        device=record.device,
+        registered_at_unix=record.registered_at,
+    )
+
+
+def pod_to_proto(record: PodRecord) -> common_pb2.Pod:
+    return common_pb2.Pod(
+        pod_id=record.pod_id,
+        state=pod_state_to_proto(record.state),
+        address=record.address,
+        host=record.host,
+        pid=record.pid,
+        model=record.model,
+        role=role_to_proto(record.role),
+        task_id=record.task_id,
+        backend=record.backend,
+        created_at_unix=record.created_at,
+    )

@@ -1,0 +1,1 @@
+"""deepserve.flowserve service."""

@@ -1,0 +1,3 @@
+from deepserve.flowserve.main import main
+
+main()

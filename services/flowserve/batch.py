@@ -1,0 +1,44 @@
+"""What the engine's scheduler hands the executor for one forward step (plain data, no torch).
+
+The scheduler decides *which* tokens of *which* requests run this step and *where* their KV lives;
+the model runner turns that into tensors. Keeping this contract free of torch lets the scheduler
+be tested alone and lets the SPMD master ship it to executor processes cheaply.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(slots=True)
+class ScheduledSequence:
+    """One request's share of a step: a prompt chunk (prefill) or one new token (decode)."""
+
+    request_id: str
+    # Tokens whose KV is computed and written this step. For decode this is the single token
+    # sampled last step; for prefill, the next chunk of the prompt.
+    token_ids: list[int]
+    # Position of token_ids[0] in the sequence == number of tokens whose KV is already cached.
+    start_pos: int
+    # Physical KV block ids covering positions [0, start_pos + len(token_ids)), in order.
+    block_table: list[int]
+    # True when the logits of the last token are needed (last prompt chunk, or decode).
+    needs_logits: bool = True
+
+
+@dataclass(slots=True)
+class ScheduledBatch:
+    """Everything one forward step computes, plus KV block copies to apply before it runs."""
+
+    step_id: int
+    sequences: list[ScheduledSequence] = field(default_factory=list)
+    # Copy-on-write or swap-in copies (src block -> dst block), applied before the forward pass.
+    block_copies: list[tuple[int, int]] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(s.token_ids) for s in self.sequences)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.sequences

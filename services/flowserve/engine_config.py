@@ -1,0 +1,48 @@
+"""Settings of one FlowServe engine (scheduler limits, KV cache sizes, queue bound)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    """How big the KV cache is and how much work the engine takes per step and in its queue."""
+
+    block_size: int = 16
+    # Device KV blocks; None derives it from kv_cache_memory_bytes (see resolve_num_gpu_blocks).
+    num_gpu_blocks: int | None = None
+    kv_cache_memory_bytes: int | None = None
+    # Host-DRAM tier for evicted prefix blocks; 0 disables it.
+    num_host_blocks: int = 0
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    # Context window: prompt + max_tokens must fit.
+    max_model_len: int = 4096
+    # Requests accepted but not started yet; one more raises ResourceExhausted.
+    max_queue_len: int = 1024
+    # Schedule step N+1 while step N runs on the device.
+    async_scheduling: bool = True
+    enable_prefix_caching: bool = True
+    # Prompt token ids must be below it when set.
+    vocab_size: int | None = None
+
+    def resolve_num_gpu_blocks(self, bytes_per_block: int | None = None) -> int:
+        """num_gpu_blocks, or as many blocks of `bytes_per_block` as the memory budget holds."""
+        if self.num_gpu_blocks is not None:
+            return self.num_gpu_blocks
+        if self.kv_cache_memory_bytes is None or not bytes_per_block:
+            raise ValueError("set num_gpu_blocks, or kv_cache_memory_bytes and bytes_per_block")
+        return self.kv_cache_memory_bytes // bytes_per_block
+
+    def validate(self) -> None:
+        """Raise ValueError on settings the engine cannot run with."""
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_model_len"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive")
+        if self.num_gpu_blocks is not None and self.num_gpu_blocks <= 0:
+            raise ValueError("num_gpu_blocks must be positive")
+        if self.num_host_blocks < 0:
+            raise ValueError("num_host_blocks must be >= 0")
+        if self.max_queue_len < 0:
+            raise ValueError("max_queue_len must be >= 0")

@@ -1,0 +1,52 @@
+"""Hash chain over full KV blocks: the key under which a block's KV can be reused.
+
+A block's hash covers its own token ids *and* its parent's hash, so two blocks with the same
+tokens but different earlier context never collide. The function is pure Python and stable
+across processes (no PYTHONHASHSEED dependence) because the global scheduler recomputes the
+same chain from a prompt to find which instance holds the longest cached prefix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from collections.abc import Sequence
+
+BlockHash = bytes
+
+_DIGEST_BYTES = 16
+
+
+def hash_block_tokens(parent: BlockHash | None, token_ids: Sequence[int]) -> BlockHash:
+    """Hash of one full block given its parent's hash (None for the first block)."""
+    h = hashlib.blake2b(digest_size=_DIGEST_BYTES)
+    h.update(parent if parent is not None else b"\x00" * _DIGEST_BYTES)
+    h.update(struct.pack(f"<{len(token_ids)}q", *token_ids))
+    return h.digest()
+
+
+def extend_block_hashes(
+    hashes: list[BlockHash],
+    token_ids: Sequence[int],
+    block_size: int,
+    *,
+    max_blocks: int | None = None,
+) -> list[BlockHash]:
+    """Append to `hashes` the chain hashes of every further full block of `token_ids`.
+
+    `hashes` is a cache held by the caller (e.g. one per request): only blocks not hashed yet
+    are hashed, so calling this after every decode step costs one hash per new full block.
+    """
+    num_full = len(token_ids) // block_size
+    if max_blocks is not None:
+        num_full = min(num_full, max_blocks)
+    parent = hashes[-1] if hashes else None
+    for i in range(len(hashes), num_full):
+        parent = hash_block_tokens(parent, token_ids[i * block_size : (i + 1) * block_size])
+        hashes.append(parent)
+    return hashes
+
+
+def prompt_block_hashes(token_ids: Sequence[int], block_size: int) -> list[str]:
+    """Hex hash chain of a prompt's full blocks, as carried in RouteRequest.prefix_block_hashes."""
+    return [h.hex() for h in extend_block_hashes([], token_ids, block_size)]

@@ -1,0 +1,133 @@
+"""The Llama-family decoder (Llama 2/3, SmolLM2, Mistral, Qwen2) written for a paged KV cache.
+
+All scheduled tokens of all sequences run as one flat [tokens, hidden] tensor, so every linear
+layer is one matmul per step. Plain tensors instead of nn.Modules keep per-layer Python overhead
+low, which dominates small models on CPU. With tensor parallelism each rank holds its share of
+heads and MLP columns and all-reduces after the row-parallel o_proj and down_proj.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from deepserve.flowserve.model.attention import AttentionMetadata, paged_attention, write_kv
+from deepserve.flowserve.model.config import ModelConfig
+from deepserve.flowserve.model.rotary import RotaryEmbedding
+from deepserve.flowserve.model.weights import LlamaWeights, load_llama_weights
+
+KVCaches = Sequence[tuple[torch.Tensor, torch.Tensor]]
+
+
+class LlamaForCausalLM:
+    """One rank's Llama decoder: flat tokens in, hidden states out; logits for chosen rows."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        weights: LlamaWeights,
+        *,
+        device: torch.device,
+        dtype: torch.dtype,
+        tp_rank: int = 0,
+        tp_size: int = 1,
+        tp_group: dist.ProcessGroup | None = None,
+    ) -> None:
+        self.config = config
+        self.weights = weights
+        self.device = device
+        self.dtype = dtype
+        self.tp_rank = tp_rank
+        self.tp_size = tp_size
+        self.tp_group = tp_group
+        self.num_heads = config.num_heads // tp_size
+        self.num_kv_heads = config.num_kv_heads // tp_size
+        self.rotary = RotaryEmbedding(config, device, dtype)
+
+    @classmethod
+    def load(
+        cls,
+        model_dir: str | Path,
+        config: ModelConfig,
+        *,
+        device: torch.device,
+        dtype: torch.dtype,
+        tp_rank: int = 0,
+        tp_size: int = 1,
+        tp_group: dist.ProcessGroup | None = None,
+    ) -> LlamaForCausalLM:
+        weights = load_llama_weights(
+            model_dir, config, device=device, dtype=dtype, tp_rank=tp_rank, tp_size=tp_size
+        )
+        return cls(
+            config,
+            weights,
+            device=device,
+            dtype=dtype,
+            tp_rank=tp_rank,
+            tp_size=tp_size,
+            tp_group=tp_group,
+        )
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        token_ids: torch.Tensor,
+        positions: torch.Tensor,
+        meta: AttentionMetadata,
+        kv_caches: KVCaches,
+        max_position: int | None = None,
+    ) -> torch.Tensor:
+        """Run all layers over token_ids [tokens]; writes their KV; returns [tokens, hidden]."""
+        if max_position is None:
+            max_position = int(positions.max().item())
+        self.rotary.ensure_length(max_position)
+        cos, sin = self.rotary.cos_sin(positions)
+        hidden = F.embedding(token_ids, self.weights.embed)
+        num_tokens = hidden.shape[0]
+        heads, kv_heads, head_dim = self.num_heads, self.num_kv_heads, self.config.head_dim
+        q_size, kv_size = heads * head_dim, kv_heads * head_dim
+        norm_shape = (self.config.hidden_size,)
+        eps = self.config.rms_norm_eps
+        for layer, (key_cache, value_cache) in zip(self.weights.layers, kv_caches, strict=True):
+            x = F.rms_norm(hidden, norm_shape, layer.input_norm, eps)
+            qkv = F.linear(x, layer.qkv, layer.qkv_bias)
+            # q and k heads rotate together: one set of kernels instead of two.
+            qk = RotaryEmbedding.rotate(
+                qkv[:, : q_size + kv_size].view(num_tokens, heads + kv_heads, head_dim), cos, sin
+            )
+            key = qk[:, heads:]
+            value = qkv[:, q_size + kv_size :].view(num_tokens, kv_heads, head_dim)
+            write_kv(key_cache, value_cache, meta.slot_mapping, key, value)
+            attn = paged_attention(qk[:, :heads], key_cache, value_cache, meta)
+            hidden = hidden + self._row_parallel(attn, layer.o_proj, layer.o_bias)
+
+            x = F.rms_norm(hidden, norm_shape, layer.post_norm, eps)
+            gate_up = F.linear(x, layer.gate_up, layer.gate_up_bias)
+            gate, up = gate_up.chunk(2, dim=-1)
+            hidden = hidden + self._row_parallel(F.silu(gate) * up, layer.down, layer.down_bias)
+        return hidden
+
+    @torch.inference_mode()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final norm + lm_head over the selected rows [n, hidden] -> [n, vocab] (rank 0 only)."""
+        if self.weights.lm_head is None:
+            raise RuntimeError("only tensor-parallel rank 0 holds lm_head")
+        x = F.rms_norm(
+            hidden, (self.config.hidden_size,), self.weights.final_norm, self.config.rms_norm_eps
+        )
+        return F.linear(x, self.weights.lm_head)
+
+    def _row_parallel(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        out = F.linear(x, weight)
+        if self.tp_size > 1:
+            dist.all_reduce(out, group=self.tp_group)
+        if bias is not None:
+            out = out + bias  # after the reduce, or it would be counted tp_size times
+        return out

@@ -1,0 +1,135 @@
+"""FlowServeService: wire types in, domain calls out. Generate streams engine outputs."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+import grpc
+
+from deepserve.errors import InvalidArgument
+from deepserve.flowserve.engine_outputs import GenerationOutput
+from deepserve.flowserve.sampling.params import SamplingParams
+from deepserve.flowserve.shell import TaskExecutorShell
+from deepserve.v1 import common_pb2, flowserve_pb2, flowserve_pb2_grpc
+from deepserve.wire import role_from_proto, role_to_proto
+
+log = logging.getLogger(__name__)
+
+_FINISH = {
+    "stop": common_pb2.FINISH_REASON_STOP,
+    "length": common_pb2.FINISH_REASON_LENGTH,
+    "abort": common_pb2.FINISH_REASON_ABORT,
+    "error": common_pb2.FINISH_REASON_ERROR,
+}
+
+
+def sampling_from_proto(msg: common_pb2.SamplingParams) -> SamplingParams:
+    """Proto3 zeros mean "unset" where zero is not a meaningful value."""
+    return SamplingParams(
+        temperature=msg.temperature,
+        top_p=msg.top_p or 1.0,
+        top_k=msg.top_k,
+        min_p=msg.min_p,
+        seed=msg.seed if msg.HasField("seed") else None,
+        repetition_penalty=msg.repetition_penalty or 1.0,
+        presence_penalty=msg.presence_penalty,
+        frequency_penalty=msg.frequency_penalty,
+        stop=list(msg.stop),
+        stop_token_ids=list(msg.stop_token_ids),
+        ignore_eos=msg.ignore_eos,
+        max_tokens=msg.max_tokens or None,
+        min_tokens=msg.min_tokens,
+        logprobs=msg.logprobs,
+        top_logprobs=msg.top_logprobs,
+        skip_special_tokens=not msg.keep_special_tokens,
+    )
+
+
+class FlowServeServicer(flowserve_pb2_grpc.FlowServeServiceServicer):
+    def __init__(self, shell: TaskExecutorShell) -> None:
+        self._shell = shell
+
+    def _to_proto(self, out: GenerationOutput) -> flowserve_pb2.GenerateResponse:
+        reply = flowserve_pb2.GenerateResponse(
+            request_id=out.request_id, token_ids=out.new_token_ids, text=out.new_text
+        )
+        if out.logprobs:
+            tok = self._shell.tokenizer
+            for lp in out.logprobs:
+                entry = reply.logprobs.add()
+                entry.chosen.token_id = lp.token_id
+                entry.chosen.logprob = lp.logprob
+                if tok is not None:
+                    entry.chosen.token = tok.convert_ids_to_tokens([lp.token_id])[0] or ""
+                for tid, value in lp.top:
+                    alt = entry.top.add(token_id=tid, logprob=value)
+                    if tok is not None:
+                        alt.token = tok.convert_ids_to_tokens([tid])[0] or ""
+        if out.finish_reason is not None:
+            reply.finish_reason = _FINISH.get(out.finish_reason, common_pb2.FINISH_REASON_STOP)
+            if out.stop_reason is not None:
+                reply.stop_reason = str(out.stop_reason)
+            reply.usage.prompt_tokens = out.num_prompt_tokens
+            reply.usage.completion_tokens = out.num_output_tokens
+            reply.usage.total_tokens = out.num_prompt_tokens + out.num_output_tokens
+            reply.usage.cached_tokens = out.num_cached_tokens
+        return reply
+
+    async def Generate(
+        self, request: flowserve_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[flowserve_pb2.GenerateResponse]:
+        engine = self._shell.require_engine(request.model)
+        if not request.request_id:
+            raise InvalidArgument("a request id is required", field="request_id")
+        params = sampling_from_proto(request.sampling)
+        # Leaving the loop early (the caller went away: grpc cancels this coroutine) closes the
+        # engine's generator, which aborts the request and frees its KV blocks.
+        async for out in engine.generate(
+            request.request_id, list(request.prompt_token_ids), params
+        ):
+            yield self._to_proto(out)
+
+    async def Abort(
+        self, request: flowserve_pb2.AbortRequest, context: grpc.aio.ServicerContext
+    ) -> flowserve_pb2.AbortResponse:
+        engine = self._shell.require_engine("")
+        return flowserve_pb2.AbortResponse(aborted=engine.abort(request.request_id))
+
+    async def GetStats(
+        self, request: flowserve_pb2.GetStatsRequest, context: grpc.aio.ServicerContext
+    ) -> flowserve_pb2.GetStatsResponse:
+        reply = flowserve_pb2.GetStatsResponse(
+            instance_id=self._shell.instance_id,
+            model=self._shell.model_name,
+            role=role_to_proto(self._shell.role),
+            ready=self._shell.ready,
+        )
+        if self._shell.engine is not None:
+            s = self._shell.engine.stats()
+            reply.running_requests = s.num_running
+            reply.waiting_requests = s.num_waiting
+            reply.kv_blocks_used = s.kv_blocks_used
+            reply.kv_blocks_free = s.kv_blocks_free
+            reply.kv_blocks_total = s.kv_blocks_total
+            reply.prefix_cache_hit_rate = s.prefix_cache_hit_rate
+            reply.generation_tokens_per_s = s.generation_tokens_per_s
+        return reply
+
+    async def LoadModel(
+        self, request: flowserve_pb2.LoadModelRequest, context: grpc.aio.ServicerContext
+    ) -> flowserve_pb2.LoadModelResponse:
+        instance_id, seconds = await self._shell.load_model(
+            request.model,
+            role_from_proto(request.role),
+            job_id=request.job_id,
+            task_id=request.task_id,
+            tp_size=request.tensor_parallel_size or 1,
+        )
+        return flowserve_pb2.LoadModelResponse(instance_id=instance_id, load_seconds=seconds)
+
+    async def UnloadModel(
+        self, request: flowserve_pb2.UnloadModelRequest, context: grpc.aio.ServicerContext
+    ) -> flowserve_pb2.UnloadModelResponse:
+        await self._shell.unload_model()
+        return flowserve_pb2.UnloadModelResponse()

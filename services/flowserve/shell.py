@@ -1,0 +1,188 @@
+"""The task-executor shell around one FlowServe engine (the paper's "TE shell").
+
+A pod starts without a model: it registers as warm and waits. `load_model` builds the engine for
+a model and role, registers the instance (visible to schedulers), and starts reporting load to
+Redis and KV events to the global prefix index. `unload_model` returns the pod to warm.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from deepserve.config import FlowServeSettings
+from deepserve.errors import FailedPrecondition, InvalidArgument
+from deepserve.flowserve.pod import PodRegistration
+from deepserve.records import InstanceRecord, PodState, Role
+from deepserve.store.etcd import EtcdStore
+from deepserve.store.redis_store import RedisStore
+
+log = logging.getLogger(__name__)
+
+
+class TaskExecutorShell:
+    """Owns the pod's registration and, once loaded, its engine and instance."""
+
+    def __init__(self, settings: FlowServeSettings, etcd: EtcdStore, redis: RedisStore) -> None:
+        self.settings = settings
+        self.etcd = etcd
+        self.redis = redis
+        self.engine: Any | None = None  # deepserve.flowserve.engine.AsyncEngine once loaded
+        self.tokenizer: Any | None = None
+        self.model_name = ""
+        self.role = Role.COLOCATED
+        self.instance_id = ""
+        self.pod: PodRegistration | None = None
+        self.device = ""
+        self._reporter: asyncio.Task[None] | None = None
+        self._kv_events: list[dict[str, Any]] = []
+        self._load_lock = asyncio.Lock()
+
+    async def start(self, address: str) -> None:
+        # Importing torch and probing the device here is what makes a pod "warm".
+        from deepserve.flowserve.device import detect_platform
+
+        self.device = str(detect_platform(self.settings.device or None).device())
+        self.pod = PodRegistration(
+            self.etcd, self.settings.pod_id, address, self.settings.common.lease_ttl_s, self.device
+        )
+        await self.pod.register()
+
+    @property
+    def ready(self) -> bool:
+        return self.engine is not None
+
+    def require_engine(self, model: str) -> Any:
+        if self.engine is None:
+            raise FailedPrecondition("this pod has no model loaded (call LoadModel first)")
+        if model and model != self.model_name:
+            raise InvalidArgument(
+                f"this instance serves {self.model_name!r}, not {model!r}", field="model"
+            )
+        return self.engine
+
+    async def load_model(
+        self, model: str, role: Role, *, job_id: str = "", task_id: str = "", tp_size: int = 1
+    ) -> tuple[str, float]:
+        """Loads `model` into this warm pod and registers the instance; returns (id, seconds)."""
+        if not model:
+            raise InvalidArgument("a model is required", field="model")
+        async with self._load_lock:
+            if self.engine is not None:
+                if model == self.model_name:
+                    return self.instance_id, 0.0
+                raise FailedPrecondition(
+                    f"pod already serves {self.model_name!r}; UnloadModel first"
+                )
+            assert self.pod is not None
+            started = time.monotonic()
+            model_dir = self._resolve(model)
+            await self.pod.set_pod(state=PodState.ASSIGNED, model=model, role=role, task_id=task_id)
+            from deepserve.flowserve.engine_builder import build_engine
+
+            try:
+                engine, tokenizer, max_model_len = await asyncio.to_thread(
+                    build_engine, model_dir, self.settings, tp_size, self._on_kv_event
+                )
+            except Exception:
+                await self.pod.set_pod(state=PodState.WARM, model="", task_id="")
+                raise
+            self.engine, self.tokenizer = engine, tokenizer
+            self.model_name, self.role = model, role
+            self.instance_id = f"inst-{uuid.uuid4().hex[:10]}"
+            await self.pod.register_instance(
+                InstanceRecord(
+                    instance_id=self.instance_id,
+                    model=model,
+                    role=role,
+                    address=self.pod.pod.address,
+                    pod_id=self.pod.pod.pod_id,
+                    job_id=job_id,
+                    task_id=task_id,
+                    tensor_parallel_size=tp_size,
+                    device=self.device,
+                    max_model_len=max_model_len,
+                )
+            )
+            self._reporter = asyncio.create_task(self._report_load(), name="load-reporter")
+            seconds = time.monotonic() - started
+            log.info(
+                "model loaded",
+                extra={
+                    "fields": {"model": model, "seconds": round(seconds, 3), "role": role.value}
+                },
+            )
+            return self.instance_id, seconds
+
+    def _resolve(self, model: str) -> Path:
+        from deepserve.models.catalog import default_cache_dir, resolve_model
+
+        try:
+            return resolve_model(model, self.settings.model_cache_dir or default_cache_dir())
+        except Exception as exc:
+            raise InvalidArgument(str(exc), field="model") from exc
+
+    async def unload_model(self) -> None:
+        async with self._load_lock:
+            if self.engine is None:
+                return
+            assert self.pod is not None
+            await self.pod.deregister_instance()  # stop new routing first
+            await self._stop_reporter()
+            engine, self.engine = self.engine, None
+            await asyncio.to_thread(engine.shutdown)
+            self.model_name, self.instance_id = "", ""
+            await self.pod.set_pod(state=PodState.WARM, model="", task_id="")
+
+    def _on_kv_event(self, event: Any) -> None:
+        # Called from the engine thread; list.append is atomic under the GIL.
+        self._kv_events.append(
+            {"kind": event.kind, "tier": event.tier, "hashes": event.hex_hashes, "at": time.time()}
+        )
+
+    async def _report_load(self) -> None:
+        interval = self.settings.load_report_interval_s
+        while True:
+            try:
+                if self.engine is not None:
+                    stats = self.engine.stats()
+                    load = {
+                        "model": self.model_name,
+                        "running": stats.num_running,
+                        "waiting": stats.num_waiting,
+                        "kv_blocks_used": stats.kv_blocks_used,
+                        "kv_blocks_total": stats.kv_blocks_total,
+                        "prefix_cache_hit_rate": stats.prefix_cache_hit_rate,
+                        "tokens_per_s": stats.generation_tokens_per_s,
+                        "at": time.time(),
+                    }
+                    await self.redis.publish_load(
+                        self.instance_id, load, ttl_s=max(3 * interval, 2)
+                    )
+                    events, self._kv_events = self._kv_events, []
+                    await self.redis.append_kv_events(self.instance_id, events)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # Redis is lossy-tolerable: log and keep serving
+                log.warning("load report failed: %s", exc)
+            await asyncio.sleep(interval)
+
+    async def _stop_reporter(self) -> None:
+        if self._reporter is not None:
+            self._reporter.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reporter
+            self._reporter = None
+
+    async def close(self) -> None:
+        await self._stop_reporter()
+        if self.pod is not None:
+            await self.pod.close()
+        if self.engine is not None:
+            engine, self.engine = self.engine, None
+            await asyncio.to_thread(engine.shutdown)

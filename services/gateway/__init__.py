@@ -1,0 +1,1 @@
+"""deepserve.gateway service."""

@@ -1,0 +1,3 @@
+from deepserve.gateway.main import main
+
+main()

@@ -1,0 +1,38 @@
+"""Entry point of the gateway process: `python -m deepserve.gateway` / `deepserve gateway`."""
+
+from __future__ import annotations
+
+import asyncio
+
+from deepserve.config import GatewaySettings
+from deepserve.gateway.http_app import create_app
+from deepserve.gateway.http_server import HttpServer
+from deepserve.gateway.model_directory import ModelDirectory
+from deepserve.gateway.servicer import GatewayServicer
+from deepserve.runtime import ServiceRuntime
+from deepserve.v1 import gateway_pb2, gateway_pb2_grpc
+
+SERVICE_NAME = gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_name
+
+
+async def serve(settings: GatewaySettings) -> None:
+    async with ServiceRuntime("gateway", settings, use_redis=True) as rt:
+        models = ModelDirectory(rt.etcd)
+        models.start()
+        servicer = GatewayServicer(models)
+        http = HttpServer(create_app(models), rt.common.host, settings.http_port)
+        http_port = await http.start()
+        await rt.serve(
+            [
+                lambda server: gateway_pb2_grpc.add_GatewayServiceServicer_to_server(
+                    servicer, server
+                )
+            ],
+            [SERVICE_NAME],
+            on_shutdown=[http.stop, models.stop],
+            http_address=f"{rt.common.host}:{http_port}",
+        )
+
+
+def main() -> None:
+    asyncio.run(serve(GatewaySettings()))

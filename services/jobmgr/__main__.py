@@ -1,0 +1,3 @@
+from deepserve.jobmgr.main import main
+
+main()

@@ -1,0 +1,111 @@
+"""Jobs as stored in etcd: the spec the user asked for, the status, and the event history."""
+
+from __future__ import annotations
+
+import time
+from enum import StrEnum
+
+from pydantic import BaseModel, Field
+
+from deepserve.errors import InvalidArgument
+
+MAX_EVENTS = 200
+
+
+class JobKind(StrEnum):
+    SERVING = "serving"
+    FINE_TUNING = "fine_tuning"
+    BATCH = "batch"
+
+
+class JobPhase(StrEnum):
+    PENDING = "pending"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (JobPhase.SUCCEEDED, JobPhase.FAILED, JobPhase.CANCELLED)
+
+
+class ServingMode(StrEnum):
+    COLOCATED = "colocated"
+    DISAGGREGATED = "disaggregated"
+
+
+class RoutingPolicy(StrEnum):
+    DEEPSERVE = "deepserve"
+    ROUND_ROBIN = "round_robin"
+    RANDOM = "random"
+    LEAST_LOADED = "least_loaded"
+
+
+class ServingSpec(BaseModel):
+    """A model deployment: desired replicas within [min, max]."""
+
+    model: str
+    replicas: int = 1
+    min_replicas: int = 0
+    max_replicas: int = 0
+    mode: ServingMode = ServingMode.COLOCATED
+    prefill_instances: int = 1
+    decode_instances: int = 1
+    policy: RoutingPolicy = RoutingPolicy.DEEPSERVE
+    tensor_parallel_size: int = 1
+
+    def normalized(self) -> ServingSpec:
+        """Fills defaults (max from replicas) and checks every bound, naming the bad field."""
+        spec = self.model_copy()
+        if not spec.model.strip():
+            raise InvalidArgument("a model is required", field="model")
+        if spec.replicas < 0:
+            raise InvalidArgument("must be >= 0", field="replicas")
+        if spec.min_replicas < 0:
+            raise InvalidArgument("must be >= 0", field="min_replicas")
+        if spec.max_replicas == 0:
+            spec.max_replicas = max(spec.replicas, spec.min_replicas, 1)
+        if spec.min_replicas > spec.max_replicas:
+            raise InvalidArgument(
+                f"min_replicas {spec.min_replicas} exceeds max_replicas {spec.max_replicas}",
+                field="min_replicas",
+            )
+        if not spec.min_replicas <= spec.replicas <= spec.max_replicas:
+            raise InvalidArgument(
+                f"replicas {spec.replicas} outside [{spec.min_replicas}, {spec.max_replicas}]",
+                field="replicas",
+            )
+        if spec.mode == ServingMode.DISAGGREGATED:
+            if spec.prefill_instances < 1:
+                raise InvalidArgument("must be >= 1 when disaggregated", field="prefill_instances")
+            if spec.decode_instances < 1:
+                raise InvalidArgument("must be >= 1 when disaggregated", field="decode_instances")
+        if spec.tensor_parallel_size < 1:
+            raise InvalidArgument("must be >= 1", field="tensor_parallel_size")
+        return spec
+
+
+class JobEvent(BaseModel):
+    at: float = Field(default_factory=time.time)
+    reason: str
+    message: str = ""
+
+
+class JobStatus(BaseModel):
+    phase: JobPhase = JobPhase.PENDING
+    ready_replicas: int = 0
+    message: str = ""
+
+
+class JobRecord(BaseModel):
+    job_id: str
+    kind: JobKind
+    serving: ServingSpec | None = None
+    status: JobStatus = Field(default_factory=JobStatus)
+    events: list[JobEvent] = Field(default_factory=list)
+    created_at: float = Field(default_factory=time.time)
+
+    def record_event(self, reason: str, message: str = "") -> None:
+        self.events.append(JobEvent(reason=reason, message=message))
+        del self.events[:-MAX_EVENTS]

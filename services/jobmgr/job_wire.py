@@ -1,0 +1,98 @@
+"""JobRecord <-> protobuf conversions for the JobManagerService edge."""
+
+from __future__ import annotations
+
+from deepserve.errors import InvalidArgument
+from deepserve.jobmgr.job_records import (
+    JobKind,
+    JobPhase,
+    JobRecord,
+    RoutingPolicy,
+    ServingMode,
+    ServingSpec,
+)
+from deepserve.store.etcd import Versioned
+from deepserve.v1 import jobmgr_pb2 as pb
+
+KIND_TO_PROTO = {
+    JobKind.SERVING: pb.JOB_KIND_SERVING,
+    JobKind.FINE_TUNING: pb.JOB_KIND_FINE_TUNING,
+    JobKind.BATCH: pb.JOB_KIND_BATCH,
+}
+KIND_FROM_PROTO = {v: k for k, v in KIND_TO_PROTO.items()}
+PHASE_TO_PROTO = {
+    JobPhase.PENDING: pb.JOB_PHASE_PENDING,
+    JobPhase.RUNNING: pb.JOB_PHASE_RUNNING,
+    JobPhase.SUCCEEDED: pb.JOB_PHASE_SUCCEEDED,
+    JobPhase.FAILED: pb.JOB_PHASE_FAILED,
+    JobPhase.CANCELLED: pb.JOB_PHASE_CANCELLED,
+}
+MODE_TO_PROTO = {
+    ServingMode.COLOCATED: pb.SERVING_MODE_COLOCATED,
+    ServingMode.DISAGGREGATED: pb.SERVING_MODE_DISAGGREGATED,
+}
+MODE_FROM_PROTO = {v: k for k, v in MODE_TO_PROTO.items()}
+POLICY_TO_PROTO = {
+    RoutingPolicy.DEEPSERVE: pb.ROUTING_POLICY_DEEPSERVE,
+    RoutingPolicy.ROUND_ROBIN: pb.ROUTING_POLICY_ROUND_ROBIN,
+    RoutingPolicy.RANDOM: pb.ROUTING_POLICY_RANDOM,
+    RoutingPolicy.LEAST_LOADED: pb.ROUTING_POLICY_LEAST_LOADED,
+}
+POLICY_FROM_PROTO = {v: k for k, v in POLICY_TO_PROTO.items()}
+
+
+def kind_from_proto(value: int) -> JobKind | None:
+    if value == pb.JOB_KIND_UNSPECIFIED:
+        return None
+    if value not in KIND_FROM_PROTO:
+        raise InvalidArgument(f"unknown job kind {value}", field="kind")
+    return KIND_FROM_PROTO[value]
+
+
+def serving_spec_from_proto(msg: pb.ServingSpec) -> ServingSpec:
+    return ServingSpec(
+        model=msg.model,
+        replicas=msg.replicas,
+        min_replicas=msg.min_replicas,
+        max_replicas=msg.max_replicas,
+        mode=MODE_FROM_PROTO.get(msg.mode, ServingMode.COLOCATED),
+        prefill_instances=msg.prefill_instances or 1,
+        decode_instances=msg.decode_instances or 1,
+        policy=POLICY_FROM_PROTO.get(msg.policy, RoutingPolicy.DEEPSERVE),
+        tensor_parallel_size=msg.tensor_parallel_size or 1,
+    )
+
+
+def serving_spec_to_proto(spec: ServingSpec) -> pb.ServingSpec:
+    return pb.ServingSpec(
+        model=spec.model,
+        replicas=spec.replicas,
+        min_replicas=spec.min_replicas,
+        max_replicas=spec.max_replicas,
+        mode=MODE_TO_PROTO[spec.mode],
+        prefill_instances=spec.prefill_instances,
+        decode_instances=spec.decode_instances,
+        policy=POLICY_TO_PROTO[spec.policy],
+        tensor_parallel_size=spec.tensor_parallel_size,
+    )
+
+
+def job_to_proto(job: Versioned[JobRecord]) -> pb.Job:
+    record = job.record
+    spec = pb.JobSpec(kind=KIND_TO_PROTO[record.kind])
+    if record.serving is not None:
+        spec.serving.CopyFrom(serving_spec_to_proto(record.serving))
+    return pb.Job(
+        job_id=record.job_id,
+        spec=spec,
+        status=pb.JobStatus(
+            phase=PHASE_TO_PROTO[record.status.phase],
+            ready_replicas=record.status.ready_replicas,
+            message=record.status.message,
+        ),
+        events=[
+            pb.JobEvent(at_unix=e.at, reason=e.reason, message=e.message) for e in record.events
+        ],
+        created_at_unix=record.created_at,
+        revision=job.mod_revision,
+    )

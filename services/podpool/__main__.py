@@ -1,0 +1,3 @@
+from deepserve.podpool.main import main
+
+main()

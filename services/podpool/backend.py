@@ -1,0 +1,38 @@
+"""Where pods come from: the interface every pod backend implements.
+
+A pod is a process or container that runs one FlowServe shell: it has an address and registers
+itself in etcd under its own lease (so the pool learns of it, and of its death, by watch). The
+backend only starts and ends pods; everything the pool knows about a pod comes from etcd.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from deepserve.records import PodRecord
+
+
+class PodBackend(Protocol):
+    """Starts and ends pods; the local backend runs processes, a Kubernetes one would run Pods."""
+
+    name: str
+
+    async def create_pod(self, pod_id: str) -> None:
+        """Starts a pod that registers itself as `pod_id` (warm, no model) once its runtime is up."""
+        ...
+
+    def is_starting(self, pod_id: str) -> bool:
+        """Whether a pod this backend started is still alive (registered or not)."""
+        ...
+
+    def owns(self, pod: PodRecord) -> bool:
+        """Whether this backend can end `pod`."""
+        ...
+
+    async def delete_pod(self, pod: PodRecord) -> None:
+        """Ends the pod; its lease (and so its records) vanish with it."""
+        ...
+
+    async def close(self) -> None:
+        """Ends every pod this backend started."""
+        ...

@@ -1,0 +1,96 @@
+"""The local pod backend: each pod is a `python -m deepserve.flowserve` process on this host."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+import tempfile
+from pathlib import Path
+
+from deepserve.cluster.processes import ManagedProcess
+from deepserve.config import PodPoolSettings
+from deepserve.records import PodRecord
+
+log = logging.getLogger(__name__)
+
+
+class LocalProcessBackend:
+    """Starts pods as child processes (own process group, log file per pod) and ends them."""
+
+    name = "local"
+
+    def __init__(self, settings: PodPoolSettings) -> None:
+        self._settings = settings
+        self._log_dir = settings.pod_log_dir or Path(tempfile.mkdtemp(prefix="deepserve-pods-"))
+        self._procs: dict[str, ManagedProcess] = {}
+        self._host = socket.gethostname()
+
+    def pod_env(self, pod_id: str) -> dict[str, str]:
+        common = self._settings.common
+        env = {
+            **os.environ,
+            "PYTHONUNBUFFERED": "1",
+            "DEEPSERVE_ETCD_ENDPOINT": common.etcd_endpoint,
+            "DEEPSERVE_REDIS_URL": common.redis_url,
+            "DEEPSERVE_HOST": common.host,
+            "DEEPSERVE_LEASE_TTL_S": str(common.lease_ttl_s),
+            "DEEPSERVE_LOG_LEVEL": common.log_level,
+            "DEEPSERVE_FLOWSERVE_POD_ID": pod_id,
+            # A pool pod takes any free port and advertises it in its pod record.
+            "DEEPSERVE_FLOWSERVE_GRPC_PORT": "0",
+            # Warm: the runtime starts, the model comes later through LoadModel.
+            "DEEPSERVE_FLOWSERVE_MODEL": "",
+        }
+        if self._settings.pod_device:
+            env["DEEPSERVE_FLOWSERVE_DEVICE"] = self._settings.pod_device
+        if common.telemetry_dir is not None:
+            env["DEEPSERVE_TELEMETRY_DIR"] = str(common.telemetry_dir)
+        return env
+
+    async def create_pod(self, pod_id: str) -> None:
+        proc = ManagedProcess(
+            pod_id,
+            [sys.executable, "-m", "deepserve.flowserve"],
+            self._log_dir / f"{pod_id}.log",
+            env=self.pod_env(pod_id),
+        )
+        await asyncio.to_thread(proc.start)
+        self._procs[pod_id] = proc
+        log.info("pod process started", extra={"fields": {"pod_id": pod_id, "pid": proc.pid}})
+
+    def is_starting(self, pod_id: str) -> bool:
+        proc = self._procs.get(pod_id)
+        return proc is not None and proc.alive()
+
+    def owns(self, pod: PodRecord) -> bool:
+        # Pods another process started on this host (e.g. `deepserve up`'s first pod) can still
+        # be ended by pid; pods on other hosts cannot.
+        return pod.pod_id in self._procs or (pod.backend == self.name and pod.host == self._host)
+
+    def log_path(self, pod_id: str) -> Path:
+        return self._log_dir / f"{pod_id}.log"
+
+    async def delete_pod(self, pod: PodRecord) -> None:
+        proc = self._procs.pop(pod.pod_id, None)
+        if proc is not None:
+            await asyncio.to_thread(proc.stop, 10.0)
+        elif self.owns(pod) and pod.pid > 0:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pod.pid, signal.SIGTERM)
+        log.info("pod ended", extra={"fields": {"pod_id": pod.pod_id}})
+
+    def forget_exited(self) -> list[str]:
+        """Drops handles of processes that exited; returns their pod ids."""
+        gone = [pod_id for pod_id, proc in self._procs.items() if not proc.alive()]
+        for pod_id in gone:
+            del self._procs[pod_id]
+        return gone
+
+    async def close(self) -> None:
+        procs, self._procs = list(self._procs.values()), {}
+        await asyncio.gather(*(asyncio.to_thread(p.stop, 10.0) for p in procs))

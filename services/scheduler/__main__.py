@@ -1,0 +1,3 @@
+from deepserve.scheduler.main import main
+
+main()

@@ -1,0 +1,169 @@
+"""The model runner against transformers' greedy generate, driven like the engine drives it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from deepserve.errors import InvalidArgument
+from deepserve.flowserve.batch import ScheduledBatch, ScheduledSequence
+from deepserve.flowserve.runner.model_runner import ModelRunner
+from tests.unit.flowserve.runner.greedy_driver import GreedyDriver
+from tests.unit.flowserve.runner.tiny_models import PROMPTS, hf_greedy, save_tiny_model
+
+NEW_TOKENS = 32
+NUM_BLOCKS = 96
+BLOCK_SIZE = 4
+
+
+def _runner(model_dir: Path) -> ModelRunner:
+    return ModelRunner(model_dir, "cpu", torch.float32, NUM_BLOCKS, BLOCK_SIZE)
+
+
+def _generate(
+    model_dir: Path, prompts: list[list[int]], chunk_size: int | None = None
+) -> list[list[int]]:
+    driver = GreedyDriver(_runner(model_dir).execute, num_blocks=NUM_BLOCKS, block_size=BLOCK_SIZE)
+    return driver.generate(prompts, NEW_TOKENS, chunk_size)
+
+
+@pytest.fixture(scope="module")
+def llama_reference(llama_dir: Path) -> list[list[int]]:
+    return hf_greedy(llama_dir, PROMPTS, NEW_TOKENS)
+
+
+@pytest.mark.parametrize("chunk_size", [None, 3], ids=["whole-prefill", "chunks-of-3"])
+def test_batched_greedy_matches_transformers(
+    llama_dir: Path, llama_reference: list[list[int]], chunk_size: int | None
+) -> None:
+    assert _generate(llama_dir, PROMPTS, chunk_size) == llama_reference
+
+
+def test_each_prompt_alone_matches_batched(
+    llama_dir: Path, llama_reference: list[list[int]]
+) -> None:
+    for prompt, expected in zip(PROMPTS, llama_reference, strict=True):
+        assert _generate(llama_dir, [prompt]) == [expected]
+        assert _generate(llama_dir, [prompt], chunk_size=3) == [expected]
+
+
+@pytest.mark.parametrize(
+    ("family", "overrides"),
+    [
+        ("llama", {"tie_word_embeddings": True}),
+        ("qwen2", {}),
+        (
+            "llama",
+            {
+                "rope_scaling": {
+                    "rope_type": "llama3",
+                    "factor": 8.0,
+                    "low_freq_factor": 1.0,
+                    "high_freq_factor": 4.0,
+                    "original_max_position_embeddings": 16,
+                }
+            },
+        ),
+        ("llama", {"rope_scaling": {"rope_type": "linear", "factor": 2.0}}),
+        ("llama", {"head_dim": 32}),  # explicit head_dim != hidden / heads
+    ],
+    ids=["tied", "qwen2-bias", "rope-llama3", "rope-linear", "head-dim-32"],
+)
+def test_model_variants_match_transformers(
+    tmp_path: Path, family: str, overrides: dict[str, object]
+) -> None:
+    model_dir = save_tiny_model(tmp_path, family=family, seed=1, **overrides)
+    prompts = PROMPTS[:3]
+    assert _generate(model_dir, prompts, chunk_size=3) == hf_greedy(model_dir, prompts, NEW_TOKENS)
+
+
+def test_logits_rows_follow_batch_order_and_needs_logits(llama_dir: Path) -> None:
+    runner = _runner(llama_dir)
+    # PROMPTS[0] has 7 tokens (2 blocks of 4), PROMPTS[2] 13 (4 blocks).
+    alone = [
+        _runner(llama_dir).execute(ScheduledBatch(0, [ScheduledSequence("x", prompt, 0, table)]))
+        for prompt, table in ((PROMPTS[0], [60, 61]), (PROMPTS[2], [62, 63, 64, 65]))
+    ]
+    batch = ScheduledBatch(
+        0,
+        [
+            ScheduledSequence("a", PROMPTS[0], 0, [1, 2]),
+            ScheduledSequence("b", PROMPTS[1], 0, [3], needs_logits=False),
+            ScheduledSequence("c", PROMPTS[2][:8], 0, [4, 5]),
+            ScheduledSequence("d", [9], 0, [8]),
+        ],
+    )
+    logits = runner.execute(batch)
+    assert logits.shape == (3, 256) and logits.dtype == torch.float32
+    assert torch.allclose(logits[0], alone[0][0], atol=1e-5)
+    rest = ScheduledBatch(1, [ScheduledSequence("c", PROMPTS[2][8:], 8, [4, 5, 6, 7])])
+    assert torch.allclose(runner.execute(rest)[0], alone[1][0], atol=1e-5)
+
+
+def test_block_copies_apply_before_the_step(llama_dir: Path) -> None:
+    """Copy-on-write: a fork reads its parent's prompt KV from copied blocks."""
+    runner = _runner(llama_dir)
+    prompt = PROMPTS[2]  # 13 tokens -> blocks 20..23 (last one partly full)
+    parent = runner.execute(
+        ScheduledBatch(0, [ScheduledSequence("p", prompt, 0, [20, 21, 22, 23])])
+    )
+    first = int(parent.argmax())
+    parent_next = runner.execute(
+        ScheduledBatch(1, [ScheduledSequence("p", [first], 13, [20, 21, 22, 23])])
+    )
+    # The fork shares blocks 20..22 and gets a private copy of the partial last block.
+    fork = ScheduledBatch(
+        2,
+        [ScheduledSequence("f", [first], 13, [20, 21, 22, 40])],
+        block_copies=[(23, 40)],
+    )
+    assert torch.equal(runner.execute(fork), parent_next)
+
+
+def test_kv_survives_host_round_trip_into_other_blocks(llama_dir: Path) -> None:
+    runner = _runner(llama_dir)
+    prompt = PROMPTS[0]  # 7 tokens -> 2 blocks
+    logits = runner.execute(ScheduledBatch(0, [ScheduledSequence("a", prompt, 0, [3, 7])]))
+    token = int(logits.argmax())
+    expected = runner.execute(ScheduledBatch(1, [ScheduledSequence("a", [token], 7, [3, 7])]))
+    host = runner.copy_to_host([3, 7])
+    assert host.device.type == "cpu" and host.shape == (2, 2, 2, BLOCK_SIZE, 2, 16)
+    fresh = _runner(llama_dir)
+    fresh.load_from_host([50, 51], host)
+    moved = fresh.execute(ScheduledBatch(0, [ScheduledSequence("a", [token], 7, [50, 51])]))
+    assert torch.equal(moved, expected)
+
+
+def test_empty_batch_and_copy_only_batch(llama_dir: Path) -> None:
+    runner = _runner(llama_dir)
+    assert runner.execute(ScheduledBatch(0)).shape == (0, 256)
+    runner.kv_cache.data[:, :, 1] = 1.5
+    assert runner.execute(ScheduledBatch(1, block_copies=[(1, 2)])).shape == (0, 256)
+    assert torch.all(runner.kv_cache.data[:, :, 2] == 1.5)
+
+
+@pytest.mark.parametrize(
+    ("sequence", "field"),
+    [
+        (ScheduledSequence("a", [1, 2, 3, 4, 5], 0, [0]), "block_table"),
+        (ScheduledSequence("a", [1], 0, [NUM_BLOCKS]), "block_table"),
+        (ScheduledSequence("a", [], 0, [0]), "token_ids"),
+        (ScheduledSequence("a", [1], -1, [0]), "start_pos"),
+    ],
+)
+def test_bad_batches_raise_invalid_argument(
+    llama_dir: Path, sequence: ScheduledSequence, field: str
+) -> None:
+    with pytest.raises(InvalidArgument) as info:
+        _runner(llama_dir).execute(ScheduledBatch(0, [sequence]))
+    assert info.value.field == field
+
+
+def test_bfloat16_runner_returns_float32_logits_close_to_float32(llama_dir: Path) -> None:
+    batch = ScheduledBatch(0, [ScheduledSequence("a", PROMPTS[2], 0, [0, 1, 2, 3])])
+    full = _runner(llama_dir).execute(batch)
+    half = ModelRunner(llama_dir, "cpu", "bfloat16", NUM_BLOCKS, BLOCK_SIZE).execute(batch)
+    assert half.dtype == torch.float32
+    assert torch.cosine_similarity(full, half, dim=-1).item() > 0.99
