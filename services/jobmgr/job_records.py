@@ -87,24 +87,32 @@ class ServingSpec(BaseModel):
 
 
 class JobEvent(BaseModel):
+    """Something that happened to a job or task: what changed, when, why."""
+
     at: float = Field(default_factory=time.time)
     reason: str
     message: str = ""
 
 
 class JobStatus(BaseModel):
+    """Where the job stands (written by the reconciler)."""
+
     phase: JobPhase = JobPhase.PENDING
     ready_replicas: int = 0
     message: str = ""
 
 
 class JobRecord(BaseModel):
+    """A job's spec, status and event history, as stored under /deepserve/jobs/<job id>."""
+
     job_id: str
     kind: JobKind
     serving: ServingSpec | None = None
     status: JobStatus = Field(default_factory=JobStatus)
     events: list[JobEvent] = Field(default_factory=list)
     created_at: float = Field(default_factory=time.time)
+    # Set by DeleteJob: the reconciler removes the tasks, then the job record itself.
+    delete_requested: bool = False
 
     def record_event(self, reason: str, message: str = "") -> None:
         self.events.append(JobEvent(reason=reason, message=message))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from deepserve.errors import AlreadyExists, Conflict, FailedPrecondition, InvalidArgument
@@ -81,6 +81,32 @@ class JobStore:
             return job
 
         return await self._jobs.update(job_id, resize)
+
+    async def delete(self, job_id: str) -> Versioned[JobRecord]:
+        """Asks for the job to go: the reconciler stops its tasks, then removes the record."""
+        await self.get(job_id)
+
+        def mark(job: JobRecord) -> JobRecord | None:
+            if job.delete_requested:
+                return None
+            job.delete_requested = True
+            if not job.status.phase.terminal:
+                job.status.phase = JobPhase.CANCELLED
+                job.status.message = "deleted by user"
+            job.record_event("DeleteRequested", "stopping tasks, then removing the job")
+            return job
+
+        return await self._jobs.update(job_id, mark)
+
+    async def update(
+        self, job_id: str, mutate: Callable[[JobRecord], JobRecord | None]
+    ) -> Versioned[JobRecord]:
+        """CAS read-modify-write of one job (the reconciler's status and event writes)."""
+        return await self._jobs.update(job_id, mutate)
+
+    async def remove(self, job: Versioned[JobRecord]) -> None:
+        """Deletes the record if unchanged since `job` was read (else Conflict)."""
+        await self._store.delete(job.key, expected_mod_revision=job.mod_revision)
 
     async def watch(self, kind: JobKind | None = None) -> AsyncIterator[JobChange]:
         """The current jobs as puts, then every change as it happens."""

@@ -25,12 +25,16 @@ class PodBackend(Protocol):
         """Whether a pod this backend started is still alive (registered or not)."""
         ...
 
-    def owns(self, pod: PodRecord) -> bool:
-        """Whether this backend can end `pod`."""
+    def started_here(self, pod_id: str) -> bool:
+        """Whether this backend started `pod_id` (only such pods are trimmed from the pool)."""
         ...
 
     async def delete_pod(self, pod: PodRecord) -> None:
         """Ends the pod; its lease (and so its records) vanish with it."""
+        ...
+
+    def reap(self) -> list[str]:
+        """Forgets started pods that have ended; returns their ids."""
         ...
 
     async def close(self) -> None:

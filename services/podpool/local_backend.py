@@ -67,10 +67,8 @@ class LocalProcessBackend:
         proc = self._procs.get(pod_id)
         return proc is not None and proc.alive()
 
-    def owns(self, pod: PodRecord) -> bool:
-        # Pods another process started on this host (e.g. `deepserve up`'s first pod) can still
-        # be ended by pid; pods on other hosts cannot.
-        return pod.pod_id in self._procs or (pod.backend == self.name and pod.host == self._host)
+    def started_here(self, pod_id: str) -> bool:
+        return pod_id in self._procs
 
     def log_path(self, pod_id: str) -> Path:
         return self._log_dir / f"{pod_id}.log"
@@ -79,12 +77,13 @@ class LocalProcessBackend:
         proc = self._procs.pop(pod.pod_id, None)
         if proc is not None:
             await asyncio.to_thread(proc.stop, 10.0)
-        elif self.owns(pod) and pod.pid > 0:
+        elif pod.backend == self.name and pod.host == self._host and pod.pid > 0:
+            # Started by another process on this host (e.g. `deepserve up`'s first pod).
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pod.pid, signal.SIGTERM)
         log.info("pod ended", extra={"fields": {"pod_id": pod.pod_id}})
 
-    def forget_exited(self) -> list[str]:
+    def reap(self) -> list[str]:
         """Drops handles of processes that exited; returns their pod ids."""
         gone = [pod_id for pod_id, proc in self._procs.items() if not proc.alive()]
         for pod_id in gone:

@@ -97,7 +97,8 @@ async def restarted(cluster: RunningCluster, service: str, old_pid: int) -> bool
 async def test_every_service_is_serving_and_status_reports_them(cluster: RunningCluster) -> None:
     for service in SERVICES:
         assert await healthy(cluster, service), service
-    out = subprocess.run(
+    out = await asyncio.to_thread(
+        subprocess.run,
         [sys.executable, "-m", "deepserve.cli", "status", "--run-dir", str(cluster.layout.run_dir)],
         capture_output=True,
         text=True,
@@ -159,9 +160,7 @@ async def test_pod_and_instance_vanish_within_lease_ttl_after_sigkill(
     cluster: RunningCluster, tiny_model: Path
 ) -> None:
     flowserve_pid = cluster.pids()["flowserve"]
-    warm = await wait_until(
-        lambda: _pods_with_pid(cluster, flowserve_pid), timeout_s=30
-    )
+    warm = await wait_until(lambda: _pods_with_pid(cluster, flowserve_pid), timeout_s=30)
     assert warm[0].state == records.PodState.WARM
     before = await scheduler_view(cluster)
 
@@ -172,8 +171,8 @@ async def test_pod_and_instance_vanish_within_lease_ttl_after_sigkill(
     assert view.instances_added == before.instances_added + 1
 
     # The gateway lists the model while an instance serves it.
-    with urllib.request.urlopen(f"{cluster.layout.gateway_url}/v1/models", timeout=5) as resp:
-        listed = [m["id"] for m in json.loads(resp.read())["data"]]
+    body = await asyncio.to_thread(_get, f"{cluster.layout.gateway_url}/v1/models")
+    listed = [m["id"] for m in json.loads(body)["data"]]
     assert str(tiny_model) in listed
 
     os.kill(flowserve_pid, signal.SIGKILL)
@@ -215,3 +214,8 @@ async def _scheduler_has(
         return None
     ids = {i.instance_id for i in view.instances}
     return view if (instance_id in ids) == present else None
+
+
+def _get(url: str) -> bytes:
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        return resp.read()

@@ -1,0 +1,189 @@
+"""Per-tenant rate limits in Redis, exact across any number of gateway replicas.
+
+Three limits per tenant: requests per minute, tokens per minute, concurrent requests. Each is a
+sliding-window log (a sorted set of request ids scored by time), checked and updated by one Lua
+script, so two gateways admitting at the same moment cannot both take the last slot. A request
+is admitted only if every limit has room; otherwise nothing is recorded and the caller gets
+the seconds until the limit that refused it frees up.
+
+Tokens are charged up front with an estimate (prompt + max_tokens, as OpenAI does) and
+corrected to the real count when the request finishes. Concurrency slots carry a deadline, so a
+gateway that dies mid-request cannot leak them forever. Times come from the Redis server's
+clock (TIME), never from the gateways', so replicas with skewed clocks still agree.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+
+from deepserve.errors import ResourceExhausted
+from deepserve.tenancy.tenants import TenantLimits
+
+# KEYS: requests zset, tokens zset, tokens hash (id -> tokens), concurrency zset
+# ARGV: request id, rpm, tpm, max concurrent, estimated tokens, window ms, slot ttl ms
+# Returns {0, 0} when admitted, else {refusing limit (1 rpm, 2 tpm, 3 concurrency, 4 request
+# larger than the tpm), milliseconds until it has room}.
+_ADMIT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local id = ARGV[1]
+local rpm = tonumber(ARGV[2])
+local tpm = tonumber(ARGV[3])
+local conc = tonumber(ARGV[4])
+local est = tonumber(ARGV[5])
+local window = tonumber(ARGV[6])
+local ttl = tonumber(ARGV[7])
+local cutoff = now - window
+if rpm > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', cutoff)
+  local count = redis.call('ZCARD', KEYS[1])
+  if count >= rpm then
+    local oldest = redis.call('ZRANGE', KEYS[1], count - rpm, count - rpm, 'WITHSCORES')
+    return {1, tonumber(oldest[2]) + window - now}
+  end
+end
+if tpm > 0 then
+  if est > tpm then
+    return {4, window}
+  end
+  local expired = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', cutoff)
+  for _, member in ipairs(expired) do
+    redis.call('HDEL', KEYS[3], member)
+  end
+  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', cutoff)
+  local used = 0
+  for _, v in ipairs(redis.call('HVALS', KEYS[3])) do
+    used = used + tonumber(v)
+  end
+  if used + est > tpm then
+    local need = used + est - tpm
+    local freed = 0
+    local entries = redis.call('ZRANGE', KEYS[2], 0, -1, 'WITHSCORES')
+    for i = 1, #entries, 2 do
+      freed = freed + tonumber(redis.call('HGET', KEYS[3], entries[i]) or '0')
+      if freed >= need then
+        return {2, tonumber(entries[i + 1]) + window - now}
+      end
+    end
+    return {2, window}
+  end
+end
+if conc > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now)
+  if redis.call('ZCARD', KEYS[4]) >= conc then
+    local first = redis.call('ZRANGE', KEYS[4], 0, 0, 'WITHSCORES')
+    return {3, math.min(1000, tonumber(first[2]) - now)}
+  end
+end
+if rpm > 0 then
+  redis.call('ZADD', KEYS[1], now, id)
+  redis.call('PEXPIRE', KEYS[1], window)
+end
+if tpm > 0 then
+  redis.call('ZADD', KEYS[2], now, id)
+  redis.call('HSET', KEYS[3], id, est)
+  redis.call('PEXPIRE', KEYS[2], window)
+  redis.call('PEXPIRE', KEYS[3], window)
+end
+if conc > 0 then
+  redis.call('ZADD', KEYS[4], now + ttl, id)
+  redis.call('PEXPIRE', KEYS[4], ttl)
+end
+return {0, 0}
+"""
+
+# KEYS: tokens hash, concurrency zset. ARGV: request id, actual tokens.
+# The token entry is corrected only while it is still inside the window (HSET XX semantics).
+_FINISH = """
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+end
+redis.call('ZREM', KEYS[2], ARGV[1])
+return 0
+"""
+
+_REFUSALS = {
+    1: ("requests per minute", "requests_per_min"),
+    2: ("tokens per minute", "tokens_per_min"),
+    3: ("concurrent requests", "max_concurrent"),
+    4: ("tokens per minute", "tokens_per_min"),
+}
+
+
+@dataclass(slots=True)
+class Admission:
+    """A request let in by the limiter; `finish` releases its slot and corrects its tokens."""
+
+    tenant: str
+    request_id: str
+    limits: TenantLimits
+    estimated_tokens: int
+    finished: bool = False
+
+
+def _keys(tenant: str) -> tuple[str, str, str, str]:
+    # One hash tag per tenant keeps the four keys in one Redis Cluster slot.
+    base = f"deepserve:rl:{{{tenant}}}"
+    return f"{base}:req", f"{base}:tok", f"{base}:tokn", f"{base}:conc"
+
+
+class RateLimiter:
+    """Admits or refuses requests against a tenant's limits."""
+
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        *,
+        window_s: float = 60.0,
+        slot_ttl_s: float = 600.0,
+    ) -> None:
+        self._admit = client.register_script(_ADMIT)
+        self._finish = client.register_script(_FINISH)
+        self.window_ms = int(window_s * 1000)
+        self.slot_ttl_ms = int(slot_ttl_s * 1000)
+
+    async def admit(
+        self, tenant: str, request_id: str, limits: TenantLimits, estimated_tokens: int
+    ) -> Admission:
+        """Takes room for one request or raises ResourceExhausted with retry_after_s."""
+        admission = Admission(tenant, request_id, limits, max(0, estimated_tokens))
+        if limits.unlimited:
+            return admission
+        code, wait_ms = await self._admit(
+            keys=_keys(tenant),
+            args=[
+                request_id,
+                limits.requests_per_min,
+                limits.tokens_per_min,
+                limits.max_concurrent,
+                admission.estimated_tokens,
+                self.window_ms,
+                self.slot_ttl_ms,
+            ],
+        )
+        code, wait_ms = int(code), int(wait_ms)
+        if code == 0:
+            return admission
+        what, field = _REFUSALS[code]
+        retry_after_s = max(1, math.ceil(wait_ms / 1000))
+        if code == 4:
+            message = (
+                f"request needs about {admission.estimated_tokens} tokens, more than the "
+                f"tenant's limit of {limits.tokens_per_min} {what}; lower max_tokens"
+            )
+        else:
+            message = f"rate limit reached for tenant {tenant!r}: {what}"
+        raise ResourceExhausted(message, field=field, retry_after_s=retry_after_s)
+
+    async def finish(self, admission: Admission, actual_tokens: int) -> None:
+        """Releases the concurrency slot and charges the real token count; idempotent."""
+        if admission.finished:
+            return
+        admission.finished = True
+        if admission.limits.unlimited:
+            return
+        _req, _tok, tokens_hash, conc = _keys(admission.tenant)
+        await self._finish(keys=[tokens_hash, conc], args=[admission.request_id, actual_tokens])

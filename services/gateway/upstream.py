@@ -1,0 +1,75 @@
+"""gRPC clients of the gateway: the scheduler's Route and each engine's FlowServeService."""
+
+from __future__ import annotations
+
+import grpc
+
+from deepserve.errors import DeepServeError, NotFound, Unavailable
+from deepserve.rpc.client import insecure_channel
+from deepserve.rpc.errors import error_from_rpc
+from deepserve.v1 import common_pb2, flowserve_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
+
+# Seconds a client is told to wait when no instance can take a request now.
+NO_INSTANCE_RETRY_AFTER_S = 5.0
+
+
+class SchedulerClient:
+    """Asks the scheduler which instance(s) serve a request."""
+
+    def __init__(self, address: str, timeout_s: float) -> None:
+        self._channel = insecure_channel(address)
+        self._stub = scheduler_pb2_grpc.SchedulerServiceStub(self._channel)
+        self._timeout_s = timeout_s
+
+    async def route(
+        self,
+        request: scheduler_pb2.RouteRequest,
+        *,
+        timeout_s: float | None = None,
+        metadata: tuple[tuple[str, str], ...] = (),
+    ) -> list[common_pb2.Instance]:
+        """The chosen instances, colocated: one; disaggregated: prefill then decode."""
+        timeout = self._timeout_s if timeout_s is None else min(timeout_s, self._timeout_s)
+        try:
+            reply = await self._stub.Route(request, timeout=timeout, metadata=metadata)
+        except grpc.aio.AioRpcError as exc:
+            err = error_from_rpc(exc)
+            if isinstance(err, NotFound):
+                # The model is known (the gateway checked) but nothing serves it right now.
+                raise Unavailable(
+                    f"no instance of model {request.model!r} is serving now; retry later"
+                ) from exc
+            if isinstance(err, DeepServeError) and exc.code() in (
+                grpc.StatusCode.UNAVAILABLE,
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+            ):
+                raise Unavailable(f"the scheduler cannot be reached: {exc.details()}") from exc
+            raise err from exc
+        if not reply.instances:
+            raise Unavailable(f"the scheduler found no instance for model {request.model!r}")
+        return list(reply.instances)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+
+class EngineStubs:
+    """One channel and FlowServeService stub per engine address, opened on first use."""
+
+    def __init__(self) -> None:
+        self._stubs: dict[str, flowserve_pb2_grpc.FlowServeServiceStub] = {}
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    def get(self, address: str) -> flowserve_pb2_grpc.FlowServeServiceStub:
+        stub = self._stubs.get(address)
+        if stub is None:
+            channel = insecure_channel(address)
+            self._channels[address] = channel
+            stub = self._stubs[address] = flowserve_pb2_grpc.FlowServeServiceStub(channel)
+        return stub
+
+    async def close(self) -> None:
+        for channel in self._channels.values():
+            await channel.close()
+        self._channels.clear()
+        self._stubs.clear()

@@ -1,0 +1,39 @@
+"""What the reconciler needs from the pod pool, as plain Python (the gRPC client implements it)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from deepserve.records import Role
+
+
+@dataclass(frozen=True, slots=True)
+class PodAsk:
+    """A task asking for a pod that serves its model in its role."""
+
+    task_id: str
+    job_id: str
+    model: str
+    role: Role
+    tensor_parallel_size: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class PodGrant:
+    """A pod that now serves the task: its instance is registered and routable."""
+
+    pod_id: str
+    address: str
+    instance_id: str
+    cold_start: bool
+    claim_seconds: float
+    load_seconds: float
+
+
+class PodProvider(Protocol):
+    """Hands out pods for tasks and takes them back."""
+
+    async def acquire(self, ask: PodAsk) -> PodGrant: ...
+
+    async def release(self, pod_id: str, *, terminate: bool = False) -> None: ...

@@ -1,0 +1,323 @@
+"""The pre-warmed pod pool: hand a task a warm pod, start one cold when none is free, refill.
+
+Warm pods have imported the engine runtime and probed the device but hold no model (the paper's
+pre-warmed pods and TEs, scale-up steps 1 and 2). Acquire claims one by compare-and-swap on its
+etcd record (so two claimers never share a pod), asks it to load the task's model, and wakes the
+refill loop, which keeps `warm_target` unclaimed pods ready in the background.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Protocol
+
+from deepserve.errors import Conflict, DeepServeError, DeadlineExceeded, Unavailable
+from deepserve.podpool.backend import PodBackend
+from deepserve.podpool.pod_agent import LoadResult
+from deepserve.podpool.pod_view import PodView
+from deepserve.records import PodRecord, PodState, Role
+
+log = logging.getLogger(__name__)
+
+
+def new_pod_id() -> str:
+    return f"pod-{uuid.uuid4().hex[:10]}"
+
+
+class PodAgent(Protocol):
+    """Loads and unloads a pod's model (LoadModel / UnloadModel on its shell)."""
+
+    async def load(
+        self,
+        address: str,
+        *,
+        model: str,
+        role: Role,
+        job_id: str,
+        task_id: str,
+        tensor_parallel_size: int,
+    ) -> LoadResult: ...
+
+    async def unload(self, address: str) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class PodRequest:
+    """What a task needs from a pod."""
+
+    task_id: str
+    model: str
+    role: Role = Role.COLOCATED
+    job_id: str = ""
+    tensor_parallel_size: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class AcquiredPod:
+    """A pod serving the task's model, and how it got there."""
+
+    pod: PodRecord
+    cold_start: bool
+    instance_id: str
+    load_seconds: float
+    claim_seconds: float
+
+
+class WarmPodPool:
+    """Keeps `warm_target` warm pods and hands them to tasks."""
+
+    def __init__(
+        self,
+        view: PodView,
+        backend: PodBackend,
+        agent: PodAgent,
+        *,
+        warm_target: int,
+        max_pods: int = 64,
+        start_timeout_s: float = 120.0,
+    ) -> None:
+        self.view = view
+        self.backend = backend
+        self.agent = agent
+        self.warm_target = warm_target
+        self.max_pods = max_pods
+        self.start_timeout_s = start_timeout_s
+        self.cold_starts = 0
+        self.warm_hits = 0
+        # Pods this pool started that have not registered yet, with their start time.
+        self._starting: dict[str, float] = {}
+        # Pods started cold for one acquire: never handed to another task, never trimmed.
+        self._reserved: set[str] = set()
+        self._wake = asyncio.Event()
+        self._refill_task: asyncio.Task[None] | None = None
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._refill_task = asyncio.create_task(self._refill_loop(), name="podpool-refill")
+
+    async def close(self) -> None:
+        if self._refill_task is not None:
+            self._refill_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._refill_task
+        await self.backend.close()
+
+    # --- acquire / release -----------------------------------------------------------------
+
+    async def acquire(self, request: PodRequest) -> AcquiredPod:
+        """Claims a warm pod (or starts one cold), loads the task's model on it, and returns it.
+
+        Idempotent per task: a retry after a lost reply finds the pod already assigned to it.
+        """
+        started = time.monotonic()
+        cold = False
+        pod = self._assigned_to(request.task_id)
+        if pod is None:
+            pod = await self._claim_warm(request)
+        if pod is None:
+            cold = True
+            pod = await self._start_cold(request)
+        claim_seconds = time.monotonic() - started
+        if cold:
+            self.cold_starts += 1
+        else:
+            self.warm_hits += 1
+        self._wake.set()  # a warm pod was used up: refill in the background
+        try:
+            result = await self.agent.load(
+                pod.address,
+                model=request.model,
+                role=request.role,
+                job_id=request.job_id,
+                task_id=request.task_id,
+                tensor_parallel_size=request.tensor_parallel_size,
+            )
+        except DeepServeError as exc:
+            log.warning(
+                "model load failed; ending the pod",
+                extra={"fields": {"pod_id": pod.pod_id, "task_id": request.task_id, "error": str(exc)}},
+            )
+            await self._end(pod)
+            raise
+        current = self.view.get(pod.pod_id) or pod
+        return AcquiredPod(current, cold, result.instance_id, result.load_seconds, claim_seconds)
+
+    async def release(self, pod_id: str, *, terminate: bool = False) -> str:
+        """Returns the pod to the warm pool, or ends it; says which ("returned", "ended", "gone")."""
+        pod = self.view.get(pod_id)
+        if pod is None:
+            found = await self.view.records.get(pod_id)
+            if found is None:
+                return "gone"  # already dead: releasing is idempotent
+            pod = found.record
+        keep = (
+            not terminate
+            and self._warm_supply() < self.warm_target
+            and len(self.view.list()) <= self.max_pods
+        )
+        if keep:
+            try:
+                await self.agent.unload(pod.address)
+                self._wake.set()
+                return "returned"
+            except DeepServeError as exc:
+                log.warning("unload failed; ending the pod", extra={"fields": {"error": str(exc)}})
+        await self._end(pod)
+        self._wake.set()
+        return "ended"
+
+    # --- claiming --------------------------------------------------------------------------
+
+    def _assigned_to(self, task_id: str) -> PodRecord | None:
+        for pod in self.view.list(PodState.ASSIGNED):
+            if pod.task_id == task_id:
+                return pod
+        return None
+
+    def _claimable(self) -> list[PodRecord]:
+        warm = [p for p in self.view.list(PodState.WARM) if p.pod_id not in self._reserved]
+        return sorted(warm, key=lambda p: (p.created_at, p.pod_id))
+
+    def _warm_supply(self) -> int:
+        starting = [p for p in self._starting if p not in self._reserved]
+        return len(self._claimable()) + len(starting)
+
+    async def _claim(self, pod_id: str, request: PodRequest) -> PodRecord | None:
+        """Marks a warm pod assigned to the task by CAS; None if someone else got it first."""
+        found = await self.view.records.get(pod_id)
+        if found is None or found.record.state != PodState.WARM or found.record.task_id:
+            return None
+        claimed = found.record.model_copy(
+            update={
+                "state": PodState.ASSIGNED,
+                "task_id": request.task_id,
+                "model": request.model,
+                "role": request.role,
+            }
+        )
+        try:
+            await self.view.records.compare_and_swap(
+                pod_id, claimed, found.mod_revision, lease_id=found.lease_id or None
+            )
+        except Conflict:
+            return None
+        log.info(
+            "pod claimed", extra={"fields": {"pod_id": pod_id, "task_id": request.task_id}}
+        )
+        return claimed
+
+    async def _claim_warm(self, request: PodRequest) -> PodRecord | None:
+        for candidate in self._claimable():
+            claimed = await self._claim(candidate.pod_id, request)
+            if claimed is not None:
+                return claimed
+        return None
+
+    async def _start_cold(self, request: PodRequest) -> PodRecord:
+        pod_id = new_pod_id()
+        self._reserved.add(pod_id)
+        try:
+            await self._create(pod_id)
+            deadline = time.monotonic() + self.start_timeout_s
+            while time.monotonic() < deadline:
+                registered = await self.view.wait_for(
+                    lambda pods: pods.get(pod_id) is not None
+                    and pods[pod_id].state == PodState.WARM,
+                    timeout_s=1.0,
+                )
+                if registered:
+                    claimed = await self._claim(pod_id, request)
+                    if claimed is not None:
+                        return claimed
+                    # Another pool replica took it; fall back to any other warm pod.
+                    other = await self._claim_warm(request)
+                    if other is not None:
+                        return other
+                elif not self.backend.is_starting(pod_id):
+                    raise Unavailable(f"pod {pod_id} exited before registering")
+            raise DeadlineExceeded(f"pod {pod_id} did not register in {self.start_timeout_s:.0f}s")
+        except BaseException:
+            pod = self.view.get(pod_id)
+            if pod is None or pod.task_id != request.task_id:
+                with contextlib.suppress(Exception):
+                    await self.backend.delete_pod(
+                        pod or PodRecord(pod_id=pod_id, state=PodState.STARTING, address="", host="", pid=0)
+                    )
+            raise
+        finally:
+            self._reserved.discard(pod_id)
+            self._starting.pop(pod_id, None)
+
+    async def _create(self, pod_id: str) -> None:
+        self._starting[pod_id] = time.monotonic()
+        try:
+            await self.backend.create_pod(pod_id)
+        except BaseException:
+            self._starting.pop(pod_id, None)
+            raise
+
+    async def _end(self, pod: PodRecord) -> None:
+        found = await self.view.records.get(pod.pod_id)
+        if found is not None:
+            marked = found.record.model_copy(update={"state": PodState.TERMINATING})
+            with contextlib.suppress(Conflict):
+                await self.view.records.compare_and_swap(
+                    pod.pod_id, marked, found.mod_revision, lease_id=found.lease_id or None
+                )
+        await self.backend.delete_pod(pod)
+
+    # --- refill ----------------------------------------------------------------------------
+
+    async def _refill_loop(self) -> None:
+        await self.view.ready.wait()
+        while True:
+            self._wake.clear()
+            self.view.changed.clear()
+            try:
+                await self.refill_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("refilling the warm pool failed")
+            waiters = [
+                asyncio.create_task(self._wake.wait()),
+                asyncio.create_task(self.view.changed.wait()),
+            ]
+            try:
+                await asyncio.wait(waiters, timeout=1.0, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for waiter in waiters:
+                    waiter.cancel()
+
+    async def refill_once(self) -> None:
+        """One level-triggered pass: start pods up to the target, end surplus warm ones."""
+        for pod_id in self.backend.reap():
+            if pod_id in self._starting and self.view.get(pod_id) is None:
+                log.warning("pod exited before registering", extra={"fields": {"pod_id": pod_id}})
+            self._starting.pop(pod_id, None)
+        now = time.monotonic()
+        for pod_id, since in list(self._starting.items()):
+            if pod_id in self._reserved:
+                continue
+            if self.view.get(pod_id) is not None:
+                del self._starting[pod_id]
+            elif now - since > self.start_timeout_s:
+                log.warning("pod did not register in time", extra={"fields": {"pod_id": pod_id}})
+                del self._starting[pod_id]
+                await self.backend.delete_pod(
+                    PodRecord(pod_id=pod_id, state=PodState.STARTING, address="", host="", pid=0)
+                )
+        supply = self._warm_supply()
+        total = len(self.view.list()) + len(self._starting)
+        for _ in range(min(self.warm_target - supply, self.max_pods - total)):
+            await self._create(new_pod_id())
+        if supply > self.warm_target:
+            surplus = [p for p in self._claimable() if self.backend.started_here(p.pod_id)]
+            for pod in surplus[::-1][: supply - self.warm_target]:
+                await self._end(pod)
