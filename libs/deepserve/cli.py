@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="services, pods and instances, read from etcd")
     status.add_argument("--run-dir", type=Path, default=None)
     status.add_argument("--etcd", default=None, help="etcd endpoint (default: from the run dir)")
+    trace = sub.add_parser("trace", help="print one request's span tree (request id or trace id)")
+    trace.add_argument("id")
+    trace.add_argument("--run-dir", type=Path, default=None)
     for name in SERVICE_COMMANDS:
         sub.add_parser(name, help=f"run the {name} service in this process (DEEPSERVE_* settings)")
     models = sub.add_parser("models", help="list, pull and locate models", add_help=False)
@@ -175,6 +178,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command in SERVICE_COMMANDS:
             importlib.import_module(f"deepserve.{args.command}.main").main()
             return 0
+        if args.command == "trace":
+            from deepserve.trace_view import print_trace
+
+            return print_trace(_run_dir(args) / "telemetry", args.id)
         if args.command == "status":
             from deepserve.status import print_status
 

@@ -45,6 +45,8 @@ class ServiceSettings(BaseSettings):
 
     common: CommonSettings = Field(default_factory=CommonSettings)
     grpc_port: int = 0
+    # Prometheus /metrics port; 0 picks a free one (advertised in the service's etcd record).
+    metrics_port: int = 0
     # Seconds in-flight RPCs get to finish after SIGTERM.
     shutdown_grace_s: float = 5.0
 

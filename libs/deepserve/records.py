@@ -37,6 +37,7 @@ class ServiceRecord(BaseModel):
     process_id: str
     address: str
     http_address: str = ""
+    metrics_address: str = ""
     pid: int
     host: str
     started_at: float = Field(default_factory=time.time)

@@ -34,6 +34,7 @@ class ServiceRegistration:
         address: str,
         ttl_s: int,
         http_address: str = "",
+        metrics_address: str = "",
     ) -> ServiceRegistration:
         host = address.rsplit(":", 1)[0]
         record = records.ServiceRecord(
@@ -41,6 +42,7 @@ class ServiceRegistration:
             process_id=new_process_id(service),
             address=address,
             http_address=http_address,
+            metrics_address=metrics_address,
             pid=os.getpid(),
             host=host,
         )

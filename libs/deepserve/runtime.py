@@ -12,6 +12,7 @@ import logging
 from collections.abc import Awaitable, Callable, Iterable
 
 from deepserve.config import ServiceSettings
+from deepserve.metrics import start_metrics_server
 from deepserve.registration import ServiceRegistration
 from deepserve.rpc.server import (
     GrpcService,
@@ -42,6 +43,7 @@ class ServiceRuntime:
             else None
         )
         self.grpc: GrpcService | None = None
+        self.metrics_address = ""
         self.registration: ServiceRegistration | None = None
 
     async def __aenter__(self) -> ServiceRuntime:
@@ -66,16 +68,33 @@ class ServiceRuntime:
 
     async def start(self, registrars: Iterable[Registrar], service_names: Iterable[str]) -> None:
         self.grpc = await start_grpc_server(
-            registrars, service_names, host=self.common.host, port=self.settings.grpc_port
+            registrars,
+            service_names,
+            host=self.common.host,
+            port=self.settings.grpc_port,
+            metrics_label=self.name,
         )
+        port = start_metrics_server(self.common.host, self.settings.metrics_port)
+        self.metrics_address = f"{self.common.host}:{port}"
 
     async def register(self, http_address: str = "") -> None:
         self.registration = await ServiceRegistration.register(
-            self.etcd, self.name, self.address, self.common.lease_ttl_s, http_address=http_address
+            self.etcd,
+            self.name,
+            self.address,
+            self.common.lease_ttl_s,
+            http_address=http_address,
+            metrics_address=self.metrics_address,
         )
         log.info(
             "serving",
-            extra={"fields": {"address": self.address, "http_address": http_address}},
+            extra={
+                "fields": {
+                    "address": self.address,
+                    "http_address": http_address,
+                    "metrics_address": self.metrics_address,
+                }
+            },
         )
 
     async def serve(

@@ -27,6 +27,7 @@ async def print_status(etcd_endpoint: str) -> int:
     for svc, state in sorted(zip(services, health, strict=True), key=lambda p: p[0].record.service):
         r = svc.record
         extra = f"  http {r.http_address}" if r.http_address else ""
+        extra += f"  metrics {r.metrics_address}" if r.metrics_address else ""
         print(
             f"  {r.service:<10} {state:<12} {r.address:<21} pid {r.pid:<7} up {_age(r.started_at)}{extra}"
         )

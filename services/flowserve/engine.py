@@ -11,13 +11,23 @@ import asyncio
 import dataclasses
 import logging
 import threading
+import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from deepserve.errors import DeepServeError, InvalidArgument, ResourceExhausted, Unavailable
+import torch
+
+from deepserve.errors import (
+    Cancelled,
+    DeepServeError,
+    InvalidArgument,
+    ResourceExhausted,
+    Unavailable,
+)
+from deepserve.flowserve.disagg.handoff import KVReservation, PrefillResult, RemotePrefillSource
 from deepserve.flowserve.engine_config import EngineConfig
 from deepserve.flowserve.engine_core import DetokenizerFactory, EngineCore, StepExecutor
 from deepserve.flowserve.engine_outputs import GenerationOutput, TokenLogprobs
@@ -32,6 +42,9 @@ __all__ = ["AsyncEngine", "EngineConfig", "EngineCore", "GenerationOutput", "Tok
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+# How long a request aborted mid-transfer waits for its abort output from the engine thread.
+_ABORT_OUTPUT_WAIT_S = 5.0
 
 
 @dataclass(slots=True)
@@ -112,14 +125,18 @@ class AsyncEngine:
         request_id: str,
         prompt_token_ids: Sequence[int],
         sampling_params: SamplingParams | None = None,
+        *,
+        hold_kv: bool = False,
     ) -> AsyncIterator[GenerationOutput]:
         """Stream a request's outputs; the last one has finish_reason set.
 
         Raises InvalidArgument (bad input), ResourceExhausted (queue full, or the KV cache can
         never hold the request) before the first output. Closing the iterator early aborts the
-        request.
+        request. With hold_kv, a request that finishes normally keeps its KV blocks until
+        `release_kv` (a prefill instance exports them first with `export_kv`).
         """
         request = self._build_request(request_id, prompt_token_ids, sampling_params)
+        request.hold_kv = hold_kv
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         with self._wakeup:
             if self._stopping:
@@ -135,6 +152,110 @@ class AsyncEngine:
             self._commands.append(lambda: self._add(request))
             self._wakeup.notify()
         self.start()
+        async for output in self._stream_outputs(request_id, stream):
+            yield output
+
+    async def generate_remote(
+        self,
+        request_id: str,
+        prompt_token_ids: Sequence[int],
+        sampling_params: SamplingParams | None,
+        source: RemotePrefillSource,
+        *,
+        reserve_timeout_s: float = 30.0,
+    ) -> AsyncIterator[GenerationOutput]:
+        """Like generate, but the prompt's KV and first token come from `source` (a prefill
+        instance): blocks are reserved here (the cached prefix is reused and not sent), filled
+        by the source, and the request then decodes on this engine.
+
+        Errors of the source propagate unchanged (the caller names the failed side); the
+        reservation is freed on every failure, abort or early close.
+        """
+        request = self._build_request(request_id, prompt_token_ids, sampling_params)
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        with self._wakeup:
+            if self._stopping:
+                raise Unavailable("the engine is shutting down")
+            if request_id in self._streams:
+                raise InvalidArgument(f"request id {request_id!r} is in use", field="request_id")
+            self._streams[request_id] = stream
+        self.start()
+        try:
+            reservation = await self._reserve(request, reserve_timeout_s)
+            sink = _EngineKVSink(self, request_id)
+            result = await source.prefill(reservation, sink)
+            await self._activate(request_id, result)
+        except BaseException as exc:
+            self.abort(request_id)  # frees the reservation (a no-op if it never got one)
+            if isinstance(exc, Cancelled):
+                # Aborted mid-transfer (the sink refused the KV): end like any aborted request,
+                # with the abort output the engine delivers (it may trail the sink's error).
+                try:
+                    output = await asyncio.wait_for(stream.queue.get(), _ABORT_OUTPUT_WAIT_S)
+                except TimeoutError:
+                    output = None
+                if output is not None and output.finished and output.error is None:
+                    self._forget_stream(request_id, stream)
+                    yield output
+                    return
+            self._forget_stream(request_id, stream)
+            raise
+        async for output in self._stream_outputs(request_id, stream):
+            yield output
+
+    async def export_kv(
+        self, request_id: str, first_block: int = 0, num_blocks: int | None = None
+    ) -> torch.Tensor:
+        """Host copy of a finished hold_kv request's blocks (raises when it holds none)."""
+        future = self.call_in_engine(
+            lambda core: core.export_held_kv(request_id, first_block, num_blocks)
+        )
+        return await asyncio.wrap_future(future)
+
+    async def held_kv_blocks(self, request_id: str) -> list[int]:
+        future = self.call_in_engine(lambda core: core.held_kv_blocks(request_id))
+        return await asyncio.wrap_future(future)
+
+    def release_kv(self, request_id: str) -> Future[bool]:
+        """Free a hold_kv request's blocks (thread-safe; its full blocks stay prefix-cached)."""
+        return self.call_in_engine(lambda core: core.release_held_kv(request_id))
+
+    async def _reserve(self, request: Request, timeout_s: float) -> KVReservation:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            future = self.call_in_engine(lambda core: core.reserve_remote_prefill(request))
+            reservation = await asyncio.wrap_future(future)
+            if reservation is not None:
+                return reservation
+            if time.monotonic() >= deadline:
+                raise ResourceExhausted(
+                    f"no KV blocks for a {request.num_prompt_tokens}-token prompt within "
+                    f"{timeout_s}s",
+                    retry_after_s=1.0,
+                )
+            # Blocks free up as running requests finish; a short nap keeps this cheap.
+            await asyncio.sleep(0.005)
+
+    async def _activate(self, request_id: str, result: PrefillResult) -> None:
+        future: Future[None] = Future()
+
+        def command() -> list[GenerationOutput]:
+            try:
+                outputs = self.core.activate_remote_prefill(
+                    request_id, result.first_token_id, result.num_cached_tokens
+                )
+            except Exception as exc:
+                future.set_exception(exc)
+                return []
+            future.set_result(None)
+            return outputs
+
+        self._push_command(command)
+        await asyncio.wrap_future(future)
+
+    async def _stream_outputs(
+        self, request_id: str, stream: _Stream
+    ) -> AsyncIterator[GenerationOutput]:
         finished = False
         try:
             while True:
@@ -148,11 +269,14 @@ class AsyncEngine:
                 if finished:
                     return
         finally:
-            with self._lock:
-                if self._streams.get(request_id) is stream:
-                    del self._streams[request_id]
+            self._forget_stream(request_id, stream)
             if not finished:
                 self.abort(request_id)
+
+    def _forget_stream(self, request_id: str, stream: _Stream) -> None:
+        with self._lock:
+            if self._streams.get(request_id) is stream:
+                del self._streams[request_id]
 
     def abort(self, request_id: str) -> bool:
         """Stop a request (thread-safe); False when no open stream has that id."""
@@ -178,11 +302,14 @@ class AsyncEngine:
                 future.set_exception(exc)
             return []
 
+        self._push_command(command)
+        return future
+
+    def _push_command(self, command: Callable[[], list[GenerationOutput]]) -> None:
         with self._wakeup:
             self._commands.append(command)
             self._wakeup.notify()
         self.start()
-        return future
 
     # ----- validation -------------------------------------------------------------------------
 
@@ -299,6 +426,21 @@ class AsyncEngine:
                 loop.call_soon_threadsafe(_put_all, items)
             except RuntimeError:  # that event loop is closed; nobody is listening
                 pass
+
+
+class _EngineKVSink:
+    """Writes received KV into a reservation's blocks on the engine thread."""
+
+    def __init__(self, engine: AsyncEngine, request_id: str) -> None:
+        self._engine = engine
+        self._request_id = request_id
+
+    async def write(self, first_block: int, tensor: torch.Tensor) -> None:
+        request_id = self._request_id
+        future = self._engine.call_in_engine(
+            lambda core: core.write_remote_kv(request_id, first_block, tensor)
+        )
+        await asyncio.wrap_future(future)
 
 
 def _put_all(items: list[tuple[_Stream, GenerationOutput]]) -> None:

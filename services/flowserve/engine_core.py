@@ -16,8 +16,9 @@ from typing import Any, Protocol
 
 import torch
 
-from deepserve.errors import DeepServeError, ResourceExhausted
+from deepserve.errors import Cancelled, DeepServeError, FailedPrecondition, ResourceExhausted
 from deepserve.flowserve.batch import ScheduledBatch
+from deepserve.flowserve.disagg.handoff import KVReservation
 from deepserve.flowserve.engine_config import EngineConfig
 from deepserve.flowserve.engine_outputs import GenerationOutput, TokenLogprobs
 from deepserve.flowserve.engine_stats import EngineStats, ThroughputMeter
@@ -65,6 +66,13 @@ def detokenizer_factory_for(tokenizer: Any) -> DetokenizerFactory:
         )
 
     return make
+
+
+def _require(executor: Any, method: str) -> Callable[..., Any]:
+    fn = getattr(executor, method, None)
+    if not callable(fn):
+        raise FailedPrecondition(f"this executor cannot {method} (no KV hand-off)")
+    return fn
 
 
 class ExecutorHostTransport:
@@ -163,6 +171,10 @@ class EngineCore:
         self._detokenizers: dict[str, Detokenizer] = {}
         self._on_dequeued = on_dequeued
         self._unstarted: set[str] = set()
+        # Decode side of a hand-off: requests whose prompt KV is arriving from another instance.
+        self._remote: dict[str, Request] = {}
+        # Prefill side: finished hold_kv requests whose blocks wait to be sent.
+        self._held: dict[str, Request] = {}
         # The submitted step: its batch, the request behind each logits row, its logits.
         self._in_flight: tuple[ScheduledBatch, list[Request], Future[torch.Tensor]] | None = None
         self._generated = ThroughputMeter()
@@ -186,6 +198,12 @@ class EngineCore:
 
     def abort_request(self, request_id: str) -> GenerationOutput | None:
         """Stop a request and free its blocks; None when it is unknown or already finished."""
+        self.release_held_kv(request_id)
+        remote = self._remote.pop(request_id, None)
+        if remote is not None:
+            self.kv_cache.free(remote)
+            remote.status = RequestStatus.FINISHED_ABORTED
+            return self._output(remote, [], "", None)
         request = self.scheduler.finish_request(request_id, RequestStatus.FINISHED_ABORTED)
         if request is None:
             return None
@@ -196,12 +214,115 @@ class EngineCore:
         """End every request with `error` (the executor broke); the core stays usable."""
         self._in_flight = None
         outputs = []
+        for request_id in list(self._held):
+            self.release_held_kv(request_id)
+        for request in list(self._remote.values()):
+            self._remote.pop(request.request_id)
+            self.kv_cache.free(request)
+            request.status = RequestStatus.FINISHED_ERROR
+            outputs.append(self._output(request, [], "", None, error=error))
         for request_id in list(self.scheduler.requests):
             request = self.scheduler.finish_request(request_id, RequestStatus.FINISHED_ERROR)
             if request is not None:
                 self._release(request)
                 outputs.append(self._output(request, [], "", None, error=error))
         return outputs
+
+    # ----- KV hand-off, decode side -----------------------------------------------------------
+
+    def reserve_remote_prefill(self, request: Request) -> KVReservation | None:
+        """Allocate blocks for a prompt whose KV another instance computes; None when short.
+
+        The prompt's cached prefix here (device or host tier) is reused and reported as held, so
+        the sender skips it. The request stays out of the scheduler until
+        `activate_remote_prefill`; abort_request frees the blocks meanwhile.
+        """
+        request_id = request.request_id
+        if request_id in self._remote or self.scheduler.get_request(request_id) is not None:
+            raise FailedPrecondition(f"request id {request_id!r} is already in use")
+        if not request.eos_token_ids and self.eos_token_ids:
+            request.eos_token_ids = self.eos_token_ids
+        num_prompt = request.num_prompt_tokens
+        match = self.kv_cache.match_prefix(
+            request.all_token_ids, block_hashes=request.block_hashes, max_cached_tokens=num_prompt
+        )
+        if not self.kv_cache.alloc(request, num_prompt - match.num_tokens, match):
+            return None
+        self._remote[request_id] = request
+        return KVReservation(
+            request_id=request_id,
+            block_ids=self.kv_cache.block_ids(request_id),
+            num_held_blocks=len(match.blocks) + len(match.host_entries),
+            num_prompt_tokens=num_prompt,
+            block_size=self.kv_cache.block_size,
+        )
+
+    def write_remote_kv(self, request_id: str, first_block: int, tensor: torch.Tensor) -> None:
+        """Store received KV (host layout, block axis 2) into a reservation's blocks."""
+        if request_id not in self._remote:
+            raise Cancelled(f"request {request_id!r} is no longer waiting for its KV")
+        block_ids = self.kv_cache.block_ids(request_id)
+        num_blocks = tensor.shape[2]
+        if first_block < 0 or first_block + num_blocks > len(block_ids):
+            raise FailedPrecondition(
+                f"KV for blocks [{first_block}, {first_block + num_blocks}) of a "
+                f"{len(block_ids)}-block reservation"
+            )
+        # Only this request references these blocks (fresh, not in the prefix cache yet), so no
+        # step in flight reads them; the executor orders the write after submitted steps.
+        _require(self.executor, "load_from_host")(
+            block_ids[first_block : first_block + num_blocks], tensor
+        )
+
+    def activate_remote_prefill(
+        self, request_id: str, first_token_id: int, num_cached_tokens: int = 0
+    ) -> list[GenerationOutput]:
+        """The prompt KV is in place: the request joins decoding with its first token."""
+        request = self._remote.pop(request_id, None)
+        if request is None:
+            return []  # aborted meanwhile; its abort output went out already
+        request.num_cached_tokens = num_cached_tokens
+        self.scheduler.add_prefilled(request)
+        # Only now may other prompts match these blocks: their KV is final.
+        self.kv_cache.cache_blocks(request, request.num_prompt_tokens)
+        if self._detokenizer_factory is not None:
+            detokenizer = self._detokenizer_factory(request)
+            if detokenizer is not None:
+                self._detokenizers[request_id] = detokenizer
+        self.scheduler.update_from_output({request_id: first_token_id})
+        return self._emit([(request, SampleResult(first_token_id))])
+
+    # ----- KV hand-off, prefill side ----------------------------------------------------------
+
+    def held_kv_blocks(self, request_id: str) -> list[int]:
+        """Block ids a finished hold_kv request still holds (raises when it holds none)."""
+        if request_id not in self._held:
+            raise FailedPrecondition(f"request {request_id!r} holds no finished KV")
+        return self.kv_cache.block_ids(request_id)
+
+    def export_held_kv(
+        self, request_id: str, first_block: int = 0, num_blocks: int | None = None
+    ) -> torch.Tensor:
+        """Host copy of a finished hold_kv request's blocks [first_block, +num_blocks)."""
+        block_ids = self.held_kv_blocks(request_id)
+        end = len(block_ids) if num_blocks is None else first_block + num_blocks
+        return _require(self.executor, "copy_to_host")(block_ids[first_block:end])
+
+    def release_held_kv(self, request_id: str) -> bool:
+        """Free a held request's blocks (its full blocks stay in the prefix cache)."""
+        request = self._held.pop(request_id, None)
+        if request is None:
+            return False
+        self.kv_cache.free(request)
+        return True
+
+    @property
+    def num_remote_pending(self) -> int:
+        return len(self._remote)
+
+    @property
+    def num_held(self) -> int:
+        return len(self._held)
 
     @property
     def has_work(self) -> bool:
@@ -339,6 +460,8 @@ class EngineCore:
                 self._on_dequeued(request_id)
 
     def _release(self, request: Request) -> None:
+        if request.hold_kv and self.kv_cache.holds(request.request_id):
+            self._held[request.request_id] = request
         self._dequeued(request.request_id)
         self._sampler.release(request.request_id)
         self._detokenizers.pop(request.request_id, None)
@@ -376,7 +499,7 @@ class EngineCore:
         now = time.monotonic()
         return EngineStats(
             num_running=self.scheduler.num_running,
-            num_waiting=self.scheduler.num_waiting + num_queued_outside,
+            num_waiting=self.scheduler.num_waiting + len(self._remote) + num_queued_outside,
             kv_blocks_used=kv.num_used_blocks,
             kv_blocks_free=kv.num_free_blocks,
             kv_blocks_total=kv.num_blocks,

@@ -58,6 +58,9 @@ class Request:
     sampling_params: Any = None
     # Arrival order; preemption picks the latest arrival, the waiting queue honours it.
     arrival_seq: int = 0
+    # Keep the KV blocks after a normal finish until released (a prefill instance hands them
+    # to a decode instance first); aborted or failed requests free them as usual.
+    hold_kv: bool = False
 
     output_token_ids: list[int] = field(default_factory=list)
     status: RequestStatus = RequestStatus.WAITING

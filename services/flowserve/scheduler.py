@@ -40,6 +40,10 @@ class SchedulerConfig:
             raise ValueError("max_num_batched_tokens must be positive")
 
 
+# Normal finishes keep a hold_kv request's blocks (the engine releases them after hand-off).
+_HOLDS_KV = frozenset({RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH})
+
+
 def _arrival(request: Request) -> int:
     return request.arrival_seq
 
@@ -101,6 +105,25 @@ class Scheduler:
         request.status = RequestStatus.WAITING
         self.requests[request.request_id] = request
         bisect.insort(self.waiting, request, key=_arrival)
+
+    def add_prefilled(self, request: Request) -> None:
+        """Admit a request whose prompt KV already sits in its blocks (sent by a prefill instance).
+
+        The blocks were allocated with `kv_cache.alloc` for the whole prompt; the request joins
+        the running queue with every prompt token computed, so its next step is a decode.
+        """
+        if request.request_id in self.requests:
+            raise InvalidArgument(
+                f"request id {request.request_id!r} is already in use", field="request_id"
+            )
+        if not self.kv_cache.holds(request.request_id):
+            raise ValueError(f"request {request.request_id} holds no KV blocks")
+        request.arrival_seq = self._next_arrival
+        self._next_arrival += 1
+        request.status = RequestStatus.RUNNING
+        request.num_computed_tokens = request.num_prompt_tokens
+        self.requests[request.request_id] = request
+        bisect.insort(self.running, request, key=_arrival)
 
     def finish_request(
         self, request_id: str, status: RequestStatus, stop_reason: int | str | None = None
@@ -284,7 +307,8 @@ class Scheduler:
             self.waiting.remove(request)
         request.status = status
         request.stop_reason = stop_reason
-        self.kv_cache.free(request)
+        if not (request.hold_kv and status in _HOLDS_KV):
+            self.kv_cache.free(request)
         self.requests.pop(request.request_id, None)
 
     @staticmethod

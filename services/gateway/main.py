@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 
 from deepserve.config import GatewaySettings
+from deepserve.gateway.gateway import Gateway
 from deepserve.gateway.http_app import create_app
 from deepserve.gateway.http_server import HttpServer
-from deepserve.gateway.model_directory import ModelDirectory
 from deepserve.gateway.servicer import GatewayServicer
 from deepserve.runtime import ServiceRuntime
 from deepserve.v1 import gateway_pb2, gateway_pb2_grpc
@@ -17,10 +17,11 @@ SERVICE_NAME = gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_na
 
 async def serve(settings: GatewaySettings) -> None:
     async with ServiceRuntime("gateway", settings, use_redis=True) as rt:
-        models = ModelDirectory(rt.etcd)
-        models.start()
-        servicer = GatewayServicer(models)
-        http = HttpServer(create_app(models), rt.common.host, settings.http_port)
+        assert rt.redis is not None
+        gateway = Gateway.build(settings, rt.etcd, rt.redis.client)
+        await gateway.start()
+        servicer = GatewayServicer(gateway)
+        http = HttpServer(create_app(gateway), rt.common.host, settings.http_port)
         http_port = await http.start()
         await rt.serve(
             [
@@ -29,7 +30,7 @@ async def serve(settings: GatewaySettings) -> None:
                 )
             ],
             [SERVICE_NAME],
-            on_shutdown=[http.stop, models.stop],
+            on_shutdown=[http.stop, gateway.stop],
             http_address=f"{rt.common.host}:{http_port}",
         )
 

@@ -145,7 +145,9 @@ def completion_prompts(body: CompletionRequest, tokenizer: Tokenizer) -> list[Pr
         else:
             bad = [t for t in item if not 0 <= t < tokenizer.vocab_size]
             if bad:
-                raise InvalidArgument(f"token id {bad[0]} is outside the vocabulary", field="prompt")
+                raise InvalidArgument(
+                    f"token id {bad[0]} is outside the vocabulary", field="prompt"
+                )
             text = tokenizer.decode(item) if body.echo else ""
             prompts.append(Prompt(list(item), text))
     return prompts
@@ -159,12 +161,16 @@ def check_context(prompts: list[Prompt], max_tokens: int | None, max_model_len: 
         if max_model_len <= 0:
             continue
         length = len(prompt.token_ids)
-        if length >= max_model_len or (max_tokens is not None and length + max_tokens > max_model_len):
+        if length >= max_model_len or (
+            max_tokens is not None and length + max_tokens > max_model_len
+        ):
             asked = f" + {max_tokens} completion tokens" if max_tokens is not None else ""
             raise InvalidArgument(
                 f"this model's maximum context length is {max_model_len} tokens; the request "
                 f"has {length} prompt tokens{asked}",
-                field="max_tokens" if max_tokens is not None and length < max_model_len else "messages",
+                field="max_tokens"
+                if max_tokens is not None and length < max_model_len
+                else "messages",
             )
 
 

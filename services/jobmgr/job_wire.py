@@ -11,8 +11,10 @@ from deepserve.jobmgr.job_records import (
     ServingMode,
     ServingSpec,
 )
+from deepserve.jobmgr.task_records import TaskRecord, TaskState
 from deepserve.store.etcd import Versioned
 from deepserve.v1 import jobmgr_pb2 as pb
+from deepserve.wire import role_to_proto
 
 KIND_TO_PROTO = {
     JobKind.SERVING: pb.JOB_KIND_SERVING,
@@ -39,6 +41,13 @@ POLICY_TO_PROTO = {
     RoutingPolicy.LEAST_LOADED: pb.ROUTING_POLICY_LEAST_LOADED,
 }
 POLICY_FROM_PROTO = {v: k for k, v in POLICY_TO_PROTO.items()}
+TASK_STATE_TO_PROTO = {
+    TaskState.PENDING: pb.TASK_STATE_PENDING,
+    TaskState.STARTING: pb.TASK_STATE_STARTING,
+    TaskState.RUNNING: pb.TASK_STATE_RUNNING,
+    TaskState.FAILED: pb.TASK_STATE_FAILED,
+    TaskState.TERMINATING: pb.TASK_STATE_TERMINATING,
+}
 
 
 def kind_from_proto(value: int) -> JobKind | None:
@@ -95,4 +104,24 @@ def job_to_proto(job: Versioned[JobRecord]) -> pb.Job:
         ],
         created_at_unix=record.created_at,
         revision=job.mod_revision,
+    )
+
+
+def task_to_proto(task: Versioned[TaskRecord]) -> pb.Task:
+    r = task.record
+    return pb.Task(
+        task_id=r.task_id,
+        job_id=r.job_id,
+        slot=r.slot,
+        role=role_to_proto(r.role),
+        model=r.model,
+        state=TASK_STATE_TO_PROTO[r.state],
+        pod_id=r.pod_id,
+        instance_id=r.instance_id,
+        address=r.address,
+        cold_start=r.cold_start,
+        events=[pb.JobEvent(at_unix=e.at, reason=e.reason, message=e.message) for e in r.events],
+        created_at_unix=r.created_at,
+        message=r.message,
+        revision=task.mod_revision,
     )

@@ -5,8 +5,12 @@ from __future__ import annotations
 import asyncio
 
 from deepserve.config import JobMgrSettings
+from deepserve.jobmgr.controller import JobController
 from deepserve.jobmgr.job_store import JobStore
+from deepserve.jobmgr.podpool_client import PodPoolClient
 from deepserve.jobmgr.servicer import JobManagerServicer
+from deepserve.jobmgr.task_store import TaskStore
+from deepserve.registration import new_process_id
 from deepserve.runtime import ServiceRuntime
 from deepserve.v1 import jobmgr_pb2, jobmgr_pb2_grpc
 
@@ -15,7 +19,19 @@ SERVICE_NAME = jobmgr_pb2.DESCRIPTOR.services_by_name["JobManagerService"].full_
 
 async def serve(settings: JobMgrSettings) -> None:
     async with ServiceRuntime("jobmgr", settings) as rt:
-        servicer = JobManagerServicer(JobStore(rt.etcd))
+        pods = PodPoolClient(settings.podpool_address, acquire_timeout_s=settings.acquire_timeout_s)
+        controller = JobController(
+            rt.etcd,
+            pods,
+            candidate_id=new_process_id("jobmgr"),
+            election_ttl_s=settings.election_ttl_s,
+            resync_interval_s=settings.resync_interval_s,
+            acquire_timeout_s=settings.acquire_timeout_s,
+            backoff_s=settings.retry_backoff_s,
+            backoff_max_s=settings.retry_backoff_max_s,
+        )
+        controller.start()
+        servicer = JobManagerServicer(JobStore(rt.etcd), TaskStore(rt.etcd))
         await rt.serve(
             [
                 lambda server: jobmgr_pb2_grpc.add_JobManagerServiceServicer_to_server(
@@ -23,6 +39,7 @@ async def serve(settings: JobMgrSettings) -> None:
                 )
             ],
             [SERVICE_NAME],
+            on_shutdown=[controller.stop, pods.close],
         )
 
 

@@ -8,14 +8,21 @@ import grpc
 
 from deepserve.errors import InvalidArgument, Unimplemented
 from deepserve.jobmgr.job_store import JobStore
-from deepserve.jobmgr.job_wire import job_to_proto, kind_from_proto, serving_spec_from_proto
+from deepserve.jobmgr.job_wire import (
+    job_to_proto,
+    kind_from_proto,
+    serving_spec_from_proto,
+    task_to_proto,
+)
+from deepserve.jobmgr.task_store import TaskStore
 from deepserve.v1 import jobmgr_pb2 as pb
 from deepserve.v1 import jobmgr_pb2_grpc
 
 
 class JobManagerServicer(jobmgr_pb2_grpc.JobManagerServiceServicer):
-    def __init__(self, jobs: JobStore) -> None:
+    def __init__(self, jobs: JobStore, tasks: TaskStore) -> None:
         self._jobs = jobs
+        self._tasks = tasks
 
     async def CreateJob(
         self, request: pb.CreateJobRequest, context: grpc.aio.ServicerContext
@@ -35,7 +42,9 @@ class JobManagerServicer(jobmgr_pb2_grpc.JobManagerServiceServicer):
     async def GetJob(
         self, request: pb.GetJobRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetJobResponse:
-        return pb.GetJobResponse(job=job_to_proto(await self._jobs.get(request.job_id)))
+        job = await self._jobs.get(request.job_id)
+        tasks = await self._tasks.list(request.job_id)
+        return pb.GetJobResponse(job=job_to_proto(job), tasks=[task_to_proto(t) for t in tasks])
 
     async def ListJobs(
         self, request: pb.ListJobsRequest, context: grpc.aio.ServicerContext
@@ -64,3 +73,14 @@ class JobManagerServicer(jobmgr_pb2_grpc.JobManagerServiceServicer):
     ) -> pb.ScaleJobResponse:
         job = await self._jobs.scale(request.job_id, request.replicas)
         return pb.ScaleJobResponse(job=job_to_proto(job))
+
+    async def DeleteJob(
+        self, request: pb.DeleteJobRequest, context: grpc.aio.ServicerContext
+    ) -> pb.DeleteJobResponse:
+        return pb.DeleteJobResponse(job=job_to_proto(await self._jobs.delete(request.job_id)))
+
+    async def ListTasks(
+        self, request: pb.ListTasksRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListTasksResponse:
+        tasks = await self._tasks.list(request.job_id or None)
+        return pb.ListTasksResponse(tasks=[task_to_proto(t) for t in tasks])

@@ -16,7 +16,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Protocol
 
-from deepserve.errors import Conflict, DeepServeError, DeadlineExceeded, Unavailable
+from deepserve.errors import Conflict, DeadlineExceeded, DeepServeError, Unavailable
 from deepserve.podpool.backend import PodBackend
 from deepserve.podpool.pod_agent import LoadResult
 from deepserve.podpool.pod_view import PodView
@@ -141,7 +141,9 @@ class WarmPodPool:
         except DeepServeError as exc:
             log.warning(
                 "model load failed; ending the pod",
-                extra={"fields": {"pod_id": pod.pod_id, "task_id": request.task_id, "error": str(exc)}},
+                extra={
+                    "fields": {"pod_id": pod.pod_id, "task_id": request.task_id, "error": str(exc)}
+                },
             )
             await self._end(pod)
             raise
@@ -207,9 +209,7 @@ class WarmPodPool:
             )
         except Conflict:
             return None
-        log.info(
-            "pod claimed", extra={"fields": {"pod_id": pod_id, "task_id": request.task_id}}
-        )
+        log.info("pod claimed", extra={"fields": {"pod_id": pod_id, "task_id": request.task_id}})
         return claimed
 
     async def _claim_warm(self, request: PodRequest) -> PodRecord | None:
@@ -227,8 +227,9 @@ class WarmPodPool:
             deadline = time.monotonic() + self.start_timeout_s
             while time.monotonic() < deadline:
                 registered = await self.view.wait_for(
-                    lambda pods: pods.get(pod_id) is not None
-                    and pods[pod_id].state == PodState.WARM,
+                    lambda pods: (
+                        pods.get(pod_id) is not None and pods[pod_id].state == PodState.WARM
+                    ),
                     timeout_s=1.0,
                 )
                 if registered:
@@ -247,7 +248,10 @@ class WarmPodPool:
             if pod is None or pod.task_id != request.task_id:
                 with contextlib.suppress(Exception):
                     await self.backend.delete_pod(
-                        pod or PodRecord(pod_id=pod_id, state=PodState.STARTING, address="", host="", pid=0)
+                        pod
+                        or PodRecord(
+                            pod_id=pod_id, state=PodState.STARTING, address="", host="", pid=0
+                        )
                     )
             raise
         finally:

@@ -1,9 +1,11 @@
-"""SchedulerService: translates RouteRequest/RouteResponse around the domain Router."""
+"""SchedulerService: translates the wire types around the domain Router and predictor."""
 
 from __future__ import annotations
 
 import grpc
 
+from deepserve.errors import InvalidArgument
+from deepserve.scheduler.history_sync import HistorySync
 from deepserve.scheduler.instance_table import InstanceTable
 from deepserve.scheduler.router import RouteFacts, Router
 from deepserve.v1 import scheduler_pb2, scheduler_pb2_grpc
@@ -19,9 +21,12 @@ _BRANCHES = {
 
 
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
-    def __init__(self, router: Router, table: InstanceTable) -> None:
+    def __init__(
+        self, router: Router, table: InstanceTable, history: HistorySync | None = None
+    ) -> None:
         self._router = router
         self._table = table
+        self._history = history
 
     async def Route(
         self, request: scheduler_pb2.RouteRequest, context: grpc.aio.ServicerContext
@@ -43,6 +48,9 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
             branch=_BRANCHES.get(decision.branch, scheduler_pb2.ROUTE_BRANCH_UNSPECIFIED),
             reason=decision.reason,
             scores=decision.scores,
+            predicted_decode_tokens=decision.predicted_decode_tokens,
+            policy=decision.policy,
+            pd_reason=decision.pd_reason,
         )
 
     async def ListInstances(
@@ -53,4 +61,35 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
             instances=[instance_to_proto(i) for i in chosen],
             instances_added=self._table.added,
             instances_removed=self._table.removed,
+        )
+
+    async def ReportCompletion(
+        self, request: scheduler_pb2.ReportCompletionRequest, context: grpc.aio.ServicerContext
+    ) -> scheduler_pb2.ReportCompletionResponse:
+        if not request.model:
+            raise InvalidArgument("model is required", field="model")
+        if request.completion_tokens < 0:
+            raise InvalidArgument("must be >= 0", field="completion_tokens")
+        predictor = self._router.predictor
+        prediction, correct = predictor.observe(
+            request.model, request.tenant, request.completion_tokens, request.max_tokens
+        )
+        if self._history is not None:
+            bucket = predictor.bucket_of(request.completion_tokens)
+            self._history.observed(request.model, request.tenant, bucket)
+        return scheduler_pb2.ReportCompletionResponse(
+            predicted_decode_tokens=prediction.tokens, correct=correct
+        )
+
+    async def GetSchedulerStats(
+        self, request: scheduler_pb2.GetSchedulerStatsRequest, context: grpc.aio.ServicerContext
+    ) -> scheduler_pb2.GetSchedulerStatsResponse:
+        predictor = self._router.predictor
+        return scheduler_pb2.GetSchedulerStatsResponse(
+            decisions=dict(self._router.decisions),
+            predictions=predictor.predictions,
+            predictions_correct=predictor.correct,
+            predictor_accuracy=predictor.accuracy,
+            prefix_index_blocks=len(self._router.index),
+            instances=len(self._table.all()),
         )

@@ -57,7 +57,7 @@ async def wait_until(predicate, timeout_s: float, interval_s: float = 0.1):  # t
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout_s}s")
+            raise AssertionError(f"condition not met within {timeout_s}s: {predicate}")
         await asyncio.sleep(interval_s)
 
 
@@ -147,7 +147,7 @@ async def test_jobs_survive_a_jobmgr_kill(cluster: RunningCluster) -> None:
     old_pid = cluster.pids()["jobmgr"]
     os.kill(old_pid, signal.SIGKILL)
     for other in ("gateway", "scheduler", "podpool", "flowserve"):
-        assert await healthy(cluster, other), f"{other} stopped serving when jobmgr died"
+        await wait_until(lambda other=other: healthy(cluster, other), 10)
     await wait_until(lambda: restarted(cluster, "jobmgr", old_pid), 30)
     async with insecure_channel(address, traced=False) as ch:
         stub = jobmgr_pb2_grpc.JobManagerServiceStub(ch)
@@ -195,7 +195,7 @@ async def test_scheduler_restart_restores_its_view_from_etcd(
     await wait_until(lambda: _scheduler_has(cluster, instance_id, present=True), timeout_s=10)
     old_pid = cluster.pids()["scheduler"]
     os.kill(old_pid, signal.SIGKILL)
-    assert await healthy(cluster, "flowserve")
+    await wait_until(lambda: healthy(cluster, "flowserve"), 10)
     await wait_until(lambda: restarted(cluster, "scheduler", old_pid), 30)
     view = await wait_until(lambda: _scheduler_has(cluster, instance_id, present=True), 10)
     assert view.instances_added >= 1  # learned from etcd by the new process, not pushed again

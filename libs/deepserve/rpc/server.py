@@ -16,6 +16,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from deepserve.metrics import RpcMetricsInterceptor
 from deepserve.rpc.client import CHANNEL_OPTIONS
 from deepserve.rpc.errors import DomainErrorInterceptor
 from deepserve.telemetry import grpc_server_interceptors
@@ -56,10 +57,16 @@ async def start_grpc_server(
     *,
     host: str,
     port: int,
+    metrics_label: str = "",
 ) -> GrpcService:
     """Starts a server with the given servicers plus health and reflection; port 0 picks one."""
+    # Outermost first: tracing sees the whole call, metrics see the mapped status code.
     server = grpc.aio.server(
-        interceptors=[*grpc_server_interceptors(), DomainErrorInterceptor()],
+        interceptors=[
+            *grpc_server_interceptors(),
+            RpcMetricsInterceptor(metrics_label or "unknown"),
+            DomainErrorInterceptor(),
+        ],
         options=CHANNEL_OPTIONS,
     )
     for register in registrars:

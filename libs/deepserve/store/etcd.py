@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
@@ -339,14 +340,14 @@ class TypedPrefix(Generic[ModelT]):
         name: str,
         mutate: Callable[[ModelT], ModelT | None],
         *,
-        attempts: int = 16,
+        attempts: int = 64,
     ) -> Versioned[ModelT]:
         """Read-modify-write with CAS, retried when a concurrent writer got in between.
 
         `mutate` gets the current record (a copy) and returns the new one, or None to leave it.
         A leased record keeps its lease.
         """
-        for _ in range(attempts):
+        for attempt in range(attempts):
             current = await self.require(name)
             updated = mutate(current.record.model_copy(deep=True))
             if updated is None:
@@ -359,6 +360,8 @@ class TypedPrefix(Generic[ModelT]):
                     lease_id=current.lease_id or None,
                 )
             except Conflict:
+                # Each round exactly one contender wins; jitter spreads the others out.
+                await asyncio.sleep(random.uniform(0, 0.002 * (attempt + 1)))
                 continue
             return Versioned(current.key, updated, revision, current.lease_id)
         raise Conflict(f"{name}: too many concurrent writers")

@@ -64,9 +64,7 @@ class UsageMeter:
             totals = await pipe.execute()
         rows: list[UsageRow] = []
         for (t, m), raw in zip(chosen, totals, strict=True):
-            values = {
-                (k.decode() if isinstance(k, bytes) else k): int(v) for k, v in raw.items()
-            }
+            values = {(k.decode() if isinstance(k, bytes) else k): int(v) for k, v in raw.items()}
             rows.append(
                 UsageRow(
                     tenant=t,

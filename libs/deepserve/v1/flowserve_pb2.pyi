@@ -1,5 +1,6 @@
 from deepserve.v1 import common_pb2 as _common_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
@@ -7,8 +8,26 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class KVTransferMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    KV_TRANSFER_MODE_UNSPECIFIED: _ClassVar[KVTransferMode]
+    KV_TRANSFER_MODE_WHOLE_REQUEST: _ClassVar[KVTransferMode]
+    KV_TRANSFER_MODE_LAYERWISE: _ClassVar[KVTransferMode]
+
+class KVTransport(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    KV_TRANSPORT_UNSPECIFIED: _ClassVar[KVTransport]
+    KV_TRANSPORT_GRPC: _ClassVar[KVTransport]
+    KV_TRANSPORT_SHARED_MEMORY: _ClassVar[KVTransport]
+KV_TRANSFER_MODE_UNSPECIFIED: KVTransferMode
+KV_TRANSFER_MODE_WHOLE_REQUEST: KVTransferMode
+KV_TRANSFER_MODE_LAYERWISE: KVTransferMode
+KV_TRANSPORT_UNSPECIFIED: KVTransport
+KV_TRANSPORT_GRPC: KVTransport
+KV_TRANSPORT_SHARED_MEMORY: KVTransport
+
 class GenerateRequest(_message.Message):
-    __slots__ = ("request_id", "model", "prompt_token_ids", "sampling", "detokenize", "tenant", "priority")
+    __slots__ = ("request_id", "model", "prompt_token_ids", "sampling", "detokenize", "tenant", "priority", "prefill_address", "kv_transfer_mode")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -16,6 +35,8 @@ class GenerateRequest(_message.Message):
     DETOKENIZE_FIELD_NUMBER: _ClassVar[int]
     TENANT_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    KV_TRANSFER_MODE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -23,7 +44,83 @@ class GenerateRequest(_message.Message):
     detokenize: bool
     tenant: str
     priority: int
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., detokenize: _Optional[bool] = ..., tenant: _Optional[str] = ..., priority: _Optional[int] = ...) -> None: ...
+    prefill_address: str
+    kv_transfer_mode: KVTransferMode
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., detokenize: _Optional[bool] = ..., tenant: _Optional[str] = ..., priority: _Optional[int] = ..., prefill_address: _Optional[str] = ..., kv_transfer_mode: _Optional[_Union[KVTransferMode, str]] = ...) -> None: ...
+
+class PrefillRequest(_message.Message):
+    __slots__ = ("request_id", "model", "prompt_token_ids", "sampling", "skip_blocks", "block_size", "mode", "transports", "host_id")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    SKIP_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    TRANSPORTS_FIELD_NUMBER: _ClassVar[int]
+    HOST_ID_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    model: str
+    prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    sampling: _common_pb2.SamplingParams
+    skip_blocks: int
+    block_size: int
+    mode: KVTransferMode
+    transports: _containers.RepeatedScalarFieldContainer[KVTransport]
+    host_id: str
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., skip_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., mode: _Optional[_Union[KVTransferMode, str]] = ..., transports: _Optional[_Iterable[_Union[KVTransport, str]]] = ..., host_id: _Optional[str] = ...) -> None: ...
+
+class PrefillResponse(_message.Message):
+    __slots__ = ("kv", "done")
+    KV_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    kv: KVChunk
+    done: PrefillDone
+    def __init__(self, kv: _Optional[_Union[KVChunk, _Mapping]] = ..., done: _Optional[_Union[PrefillDone, _Mapping]] = ...) -> None: ...
+
+class KVChunk(_message.Message):
+    __slots__ = ("first_block", "num_blocks", "layer_start", "num_layers", "total_layers", "dtype", "shape", "data", "shared_memory")
+    FIRST_BLOCK_FIELD_NUMBER: _ClassVar[int]
+    NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    LAYER_START_FIELD_NUMBER: _ClassVar[int]
+    NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
+    first_block: int
+    num_blocks: int
+    layer_start: int
+    num_layers: int
+    total_layers: int
+    dtype: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    data: bytes
+    shared_memory: SharedMemorySegment
+    def __init__(self, first_block: _Optional[int] = ..., num_blocks: _Optional[int] = ..., layer_start: _Optional[int] = ..., num_layers: _Optional[int] = ..., total_layers: _Optional[int] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., shared_memory: _Optional[_Union[SharedMemorySegment, _Mapping]] = ...) -> None: ...
+
+class SharedMemorySegment(_message.Message):
+    __slots__ = ("path", "nbytes")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    NBYTES_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    nbytes: int
+    def __init__(self, path: _Optional[str] = ..., nbytes: _Optional[int] = ...) -> None: ...
+
+class PrefillDone(_message.Message):
+    __slots__ = ("first_token_id", "cached_tokens", "blocks_sent", "bytes_sent", "transport")
+    FIRST_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_SENT_FIELD_NUMBER: _ClassVar[int]
+    BYTES_SENT_FIELD_NUMBER: _ClassVar[int]
+    TRANSPORT_FIELD_NUMBER: _ClassVar[int]
+    first_token_id: int
+    cached_tokens: int
+    blocks_sent: int
+    bytes_sent: int
+    transport: KVTransport
+    def __init__(self, first_token_id: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., blocks_sent: _Optional[int] = ..., bytes_sent: _Optional[int] = ..., transport: _Optional[_Union[KVTransport, str]] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("request_id", "token_ids", "text", "logprobs", "finish_reason", "usage", "stop_reason")

@@ -60,6 +60,11 @@ class FlowServeServiceStub:
                 request_serializer=deepserve_dot_v1_dot_flowserve__pb2.UnloadModelRequest.SerializeToString,
                 response_deserializer=deepserve_dot_v1_dot_flowserve__pb2.UnloadModelResponse.FromString,
                 _registered_method=True)
+        self.Prefill = channel.unary_stream(
+                '/deepserve.v1.FlowServeService/Prefill',
+                request_serializer=deepserve_dot_v1_dot_flowserve__pb2.PrefillRequest.SerializeToString,
+                response_deserializer=deepserve_dot_v1_dot_flowserve__pb2.PrefillResponse.FromString,
+                _registered_method=True)
 
 
 class FlowServeServiceServicer:
@@ -101,6 +106,15 @@ class FlowServeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Prefill(self, request, context):
+        """PD disaggregation, called by a decode instance on a prefill instance: computes a prompt's
+        KV and first token and streams the KV blocks the decode instance lacks, then the token.
+        The prefill instance frees its blocks (keeping them prefix-cached) when the stream ends.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FlowServeServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -128,6 +142,11 @@ def add_FlowServeServiceServicer_to_server(servicer, server):
                     servicer.UnloadModel,
                     request_deserializer=deepserve_dot_v1_dot_flowserve__pb2.UnloadModelRequest.FromString,
                     response_serializer=deepserve_dot_v1_dot_flowserve__pb2.UnloadModelResponse.SerializeToString,
+            ),
+            'Prefill': grpc.unary_stream_rpc_method_handler(
+                    servicer.Prefill,
+                    request_deserializer=deepserve_dot_v1_dot_flowserve__pb2.PrefillRequest.FromString,
+                    response_serializer=deepserve_dot_v1_dot_flowserve__pb2.PrefillResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -266,6 +285,33 @@ class FlowServeService:
             '/deepserve.v1.FlowServeService/UnloadModel',
             deepserve_dot_v1_dot_flowserve__pb2.UnloadModelRequest.SerializeToString,
             deepserve_dot_v1_dot_flowserve__pb2.UnloadModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Prefill(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/deepserve.v1.FlowServeService/Prefill',
+            deepserve_dot_v1_dot_flowserve__pb2.PrefillRequest.SerializeToString,
+            deepserve_dot_v1_dot_flowserve__pb2.PrefillResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -8,7 +8,7 @@ heads and MLP columns and all-reduces after the row-parallel o_proj and down_pro
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -81,8 +81,12 @@ class LlamaForCausalLM:
         meta: AttentionMetadata,
         kv_caches: KVCaches,
         max_position: int | None = None,
+        after_layer: Callable[[int], None] | None = None,
     ) -> torch.Tensor:
-        """Run all layers over token_ids [tokens]; writes their KV; returns [tokens, hidden]."""
+        """Run all layers over token_ids [tokens]; writes their KV; returns [tokens, hidden].
+
+        `after_layer(i)` runs once layer i's KV is written (layer-by-layer KV transfer).
+        """
         if max_position is None:
             max_position = int(positions.max().item())
         self.rotary.ensure_length(max_position)
@@ -93,7 +97,8 @@ class LlamaForCausalLM:
         q_size, kv_size = heads * head_dim, kv_heads * head_dim
         norm_shape = (self.config.hidden_size,)
         eps = self.config.rms_norm_eps
-        for layer, (key_cache, value_cache) in zip(self.weights.layers, kv_caches, strict=True):
+        layers = zip(self.weights.layers, kv_caches, strict=True)
+        for index, (layer, (key_cache, value_cache)) in enumerate(layers):
             x = F.rms_norm(hidden, norm_shape, layer.input_norm, eps)
             qkv = F.linear(x, layer.qkv, layer.qkv_bias)
             # q and k heads rotate together: one set of kernels instead of two.
@@ -110,6 +115,8 @@ class LlamaForCausalLM:
             gate_up = F.linear(x, layer.gate_up, layer.gate_up_bias)
             gate, up = gate_up.chunk(2, dim=-1)
             hidden = hidden + self._row_parallel(F.silu(gate) * up, layer.down, layer.down_bias)
+            if after_layer is not None:
+                after_layer(index)
         return hidden
 
     @torch.inference_mode()

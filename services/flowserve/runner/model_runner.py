@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -46,6 +46,9 @@ class ModelRunner:
             tp_size=tp_size,
             tp_group=tp_group,
         )
+        # Called on the forward thread as (batch, layer index, KV cache) after each layer has
+        # written its KV: the layer-by-layer KV transfer taps it.
+        self.after_layer: Callable[[ScheduledBatch, int, KVCacheTensors], None] | None = None
         self.kv_cache = KVCacheTensors(
             num_layers=self.config.num_layers,
             num_blocks=num_blocks,
@@ -83,11 +86,19 @@ class ModelRunner:
             inputs.attention,
             self.kv_cache.layers,
             max_position=inputs.max_position,
+            after_layer=self._layer_hook(batch),
         )
         if not self.computes_logits or inputs.logits_indices.numel() == 0:
             return empty
         logits = self.model.compute_logits(hidden.index_select(0, inputs.logits_indices))
         return logits.float().cpu()
+
+    def _layer_hook(self, batch: ScheduledBatch) -> Callable[[int], None] | None:
+        hook = self.after_layer
+        if hook is None:
+            return None
+        kv_cache = self.kv_cache
+        return lambda layer: hook(batch, layer, kv_cache)
 
     def copy_to_host(self, block_ids: Sequence[int]) -> torch.Tensor:
         """This rank's KV of the blocks, [layers, 2, blocks, block_size, kv_heads/tp, head_dim]."""

@@ -38,6 +38,7 @@ async def address():
         ["deepserve.v1.JobManagerService"],
         host="127.0.0.1",
         port=0,
+        metrics_label="rpc-test",
     )
     yield f"127.0.0.1:{service.port}"
     await service.server.stop(0)
@@ -83,3 +84,33 @@ async def test_health_is_serving_for_the_server_and_its_service(address: str) ->
         for name in ("", "deepserve.v1.JobManagerService"):
             reply = await health.Check(health_pb2.HealthCheckRequest(service=name))
             assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_calls_are_counted_by_method_and_code_in_prometheus_text(address: str) -> None:
+    from prometheus_client import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from deepserve.metrics import registry
+
+    async with insecure_channel(address, traced=False) as channel:
+        stub = jobmgr_pb2_grpc.JobManagerServiceStub(channel)
+        await stub.GetJob(pb.GetJobRequest(job_id="ok"))
+        with pytest.raises(grpc.aio.AioRpcError):
+            await stub.GetJob(pb.GetJobRequest(job_id="missing"))
+    families = {
+        f.name: f for f in text_string_to_metric_families(generate_latest(registry()).decode())
+    }
+    counts = {
+        s.labels["code"]: s.value
+        for s in families["deepserve_rpc_requests"].samples
+        if s.name == "deepserve_rpc_requests_total"
+        and s.labels["service"] == "rpc-test"
+        and s.labels["method"] == "GetJob"
+    }
+    assert counts["OK"] >= 1 and counts["NOT_FOUND"] >= 1
+    latency = [
+        s
+        for s in families["deepserve_rpc_latency_seconds"].samples
+        if s.name.endswith("_count") and s.labels["service"] == "rpc-test"
+    ]
+    assert latency and latency[0].value >= 2

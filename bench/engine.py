@@ -1,0 +1,488 @@
+"""FlowServe vs transformers `generate` on one machine, one model, one workload, in one run.
+
+Part 1, throughput: N requests of mixed prompt and output lengths. FlowServe gets all of them at
+once through AsyncEngine.generate and is timed per request from its stream. transformers runs
+them in static batches (left padding, greedy, KV cache on), grouped by output length so that a
+batch wastes few decode steps, at a few batch sizes; the best one is reported. Both produce the
+same number of useful tokens per request (ignore_eos on our side, no eos on theirs).
+
+Part 2, batch-1 decode: FlowServe's step time with one request (~100 tokens of context) against
+the memory-bandwidth bound: bytes of weights a decode step reads / read bandwidth measured in
+this run over a buffer of the same size.
+
+    .venv/bin/python -m bench.engine            # the full run (64 requests)
+    .venv/bin/python -m bench.engine --quick    # a smaller one
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import random
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench.common import (
+    Bandwidth,
+    markdown_table,
+    measure_bandwidth,
+    percentile,
+    progress,
+)
+from deepserve.config import FlowServeSettings
+from deepserve.flowserve.engine import AsyncEngine
+from deepserve.flowserve.engine_builder import build_engine
+from deepserve.flowserve.model.config import ModelConfig
+from deepserve.flowserve.model.weights import LlamaWeights
+from deepserve.flowserve.sampling import SamplingParams
+from deepserve.models.catalog import DEFAULT_MODEL, default_cache_dir, find_catalog_model
+from deepserve.models.pull import pull_model
+
+THROUGHPUT_GOAL = 4.0  # FlowServe / transformers output tokens per second
+DECODE_BOUND_GOAL = 1.5  # batch-1 decode step / memory-bandwidth bound
+# Random prompt ids stay clear of the low ids where SmolLM2 keeps its special tokens.
+FIRST_PLAIN_TOKEN_ID = 100
+
+
+@dataclass(frozen=True, slots=True)
+class Workload:
+    """Prompts (token ids) and how many tokens each request must generate."""
+
+    prompts: list[list[int]]
+    output_lens: list[int]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return sum(self.output_lens)
+
+
+@dataclass(slots=True)
+class RunResult:
+    """Timings of one system over the whole workload (seconds)."""
+
+    system: str
+    wall_s: float
+    useful_tokens: int
+    # Tokens computed, useful or not (static batches generate up to their longest request).
+    generated_tokens: int
+    ttft_s: list[float] = field(default_factory=list)
+    tpot_s: list[float] = field(default_factory=list)
+    note: str = ""
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.useful_tokens / self.wall_s
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeStep:
+    """FlowServe with one running request: time per generated token and per forward pass."""
+
+    context_len: int
+    step_s: list[float]
+    forward_s: list[float]
+
+
+def make_workload(
+    num_requests: int,
+    prompt_range: tuple[int, int],
+    output_range: tuple[int, int],
+    vocab_size: int,
+    seed: int,
+) -> Workload:
+    """Uniformly random lengths and random (non-special) prompt token ids, reproducible by seed."""
+    rng = random.Random(seed)
+    prompts = [
+        [rng.randrange(FIRST_PLAIN_TOKEN_ID, vocab_size) for _ in range(rng.randint(*prompt_range))]
+        for _ in range(num_requests)
+    ]
+    output_lens = [rng.randint(*output_range) for _ in range(num_requests)]
+    return Workload(prompts, output_lens)
+
+
+def decode_weight_bytes(weights: LlamaWeights) -> int:
+    """Bytes of weights one decode step reads: every layer, the final norm and lm_head.
+
+    The embedding table is only gathered (one row per token) unless it doubles as lm_head, in
+    which case it is counted once, as lm_head.
+    """
+    tensors: list[torch.Tensor] = [weights.final_norm]
+    if weights.lm_head is not None:
+        tensors.append(weights.lm_head)
+    for layer in weights.layers:
+        for name in layer.__slots__:
+            value = getattr(layer, name)
+            if isinstance(value, torch.Tensor):
+                tensors.append(value)
+    unique = {t.data_ptr(): t.numel() * t.element_size() for t in tensors}
+    return sum(unique.values())
+
+
+# ----- FlowServe ------------------------------------------------------------------------------
+
+
+def greedy(max_tokens: int) -> SamplingParams:
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+
+
+async def _stream_times(
+    engine: AsyncEngine, request_id: str, prompt: list[int], max_tokens: int
+) -> list[float]:
+    """perf_counter() at each arrival of new tokens, once per token."""
+    times: list[float] = []
+    async for output in engine.generate(request_id, prompt, greedy(max_tokens)):
+        now = time.perf_counter()
+        times.extend([now] * len(output.new_token_ids))
+    return times
+
+
+def run_flowserve(engine: AsyncEngine, workload: Workload, tag: str) -> RunResult:
+    """Submit every request at once; TTFT and TPOT per request from the stream."""
+    num = len(workload.prompts)
+    done = 0
+
+    async def one(i: int) -> list[float]:
+        nonlocal done
+        times = await _stream_times(
+            engine, f"{tag}-{i}", workload.prompts[i], workload.output_lens[i]
+        )
+        done += 1
+        if done % max(1, num // 8) == 0 or done == num:
+            progress(f"flowserve: {done}/{num} requests done")
+        return times
+
+    async def run_all() -> tuple[float, list[list[float]]]:
+        start = time.perf_counter()
+        return start, list(await asyncio.gather(*(one(i) for i in range(num))))
+
+    start, all_times = asyncio.run(run_all())
+    wall = max(times[-1] for times in all_times) - start
+    tokens = sum(len(times) for times in all_times)
+    if tokens != workload.num_output_tokens:
+        raise RuntimeError(f"FlowServe made {tokens} tokens, {workload.num_output_tokens} asked")
+    return RunResult(
+        system="FlowServe",
+        wall_s=wall,
+        useful_tokens=tokens,
+        generated_tokens=tokens,
+        ttft_s=[times[0] - start for times in all_times],
+        tpot_s=[(times[-1] - times[0]) / (len(times) - 1) for times in all_times if len(times) > 1],
+        note="all requests submitted at t=0; continuous batching",
+    )
+
+
+def measure_decode_step(
+    engine: AsyncEngine, context_len: int, num_tokens: int, vocab_size: int
+) -> DecodeStep:
+    """One request alone: gaps between its tokens (engine step) and the forward pass inside."""
+    runner = getattr(engine.core.executor, "runner", None)
+    forward_s: list[float] = []
+    if runner is not None:
+        # Time the real forward calls of this run by wrapping the runner's bound method.
+        execute = runner.execute
+
+        def timed_execute(batch: Any) -> torch.Tensor:
+            start = time.perf_counter()
+            try:
+                return execute(batch)
+            finally:
+                forward_s.append(time.perf_counter() - start)
+
+        runner.execute = timed_execute
+    rng = random.Random(1)
+    prompt = [rng.randrange(FIRST_PLAIN_TOKEN_ID, vocab_size) for _ in range(context_len)]
+    try:
+        times = asyncio.run(_stream_times(engine, "decode-1", prompt, num_tokens))
+    finally:
+        if runner is not None:
+            del runner.execute
+    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+    # Drop the first gap (the pipeline filling) and the prefill forward.
+    return DecodeStep(context_len=context_len, step_s=gaps[1:], forward_s=forward_s[2:])
+
+
+# ----- transformers ---------------------------------------------------------------------------
+
+
+class _TimingStreamer:
+    """transformers streamer that only notes when each batch of tokens came out of generate."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def put(self, value: torch.Tensor) -> None:  # first call: the prompt; then one per step
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        self.times.append(time.perf_counter())
+
+
+def load_transformers(model_dir: Path, device: torch.device, dtype: torch.dtype) -> Any:
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    model = transformers.LlamaForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+    # No early stop: every batch generates exactly max_new_tokens (the counterpart of ignore_eos).
+    model.generation_config.eos_token_id = None
+    return model
+
+
+def run_transformers(
+    model: Any,
+    workload: Workload,
+    batch_size: int,
+    device: torch.device,
+    pad_id: int,
+    log: Callable[[str], None] = progress,
+) -> RunResult:
+    """Static batches, requests grouped by output length; TTFT = end of the batch's prefill."""
+    num = len(workload.prompts)
+    order = sorted(range(num), key=lambda i: (workload.output_lens[i], len(workload.prompts[i])))
+    batches = [order[i : i + batch_size] for i in range(0, num, batch_size)]
+    ttft: list[float] = []
+    tpot: list[float] = []
+    generated = 0
+    start = time.perf_counter()
+    for n, batch in enumerate(batches):
+        prompts = [workload.prompts[i] for i in batch]
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, prompt in enumerate(prompts):
+            ids[row, width - len(prompt) :] = torch.tensor(prompt)
+            mask[row, width - len(prompt) :] = 1
+        max_new = max(workload.output_lens[i] for i in batch)
+        streamer = _TimingStreamer()
+        with torch.inference_mode():
+            out = model.generate(
+                ids.to(device),
+                attention_mask=mask.to(device),
+                do_sample=False,
+                max_new_tokens=max_new,
+                pad_token_id=pad_id,
+                use_cache=True,
+                streamer=streamer,
+            )
+        if out.shape[1] - width != max_new:
+            raise RuntimeError(f"transformers made {out.shape[1] - width} tokens, {max_new} asked")
+        generated += len(batch) * max_new
+        first_token = streamer.times[1]
+        finished = streamer.times[-1]
+        ttft.extend([first_token - start] * len(batch))
+        if max_new > 1:
+            tpot.extend([(finished - first_token) / (max_new - 1)] * len(batch))
+        log(
+            f"transformers bs={batch_size}: batch {n + 1}/{len(batches)} "
+            f"({len(batch)} x {width} prompt, {max_new} new) done"
+        )
+    wall = time.perf_counter() - start
+    return RunResult(
+        system=f"transformers bs={batch_size}",
+        wall_s=wall,
+        useful_tokens=workload.num_output_tokens,
+        generated_tokens=generated,
+        ttft_s=ttft,
+        tpot_s=tpot,
+        note="static batches by output length; TTFT = end of its batch's prefill (streamer)",
+    )
+
+
+# ----- report ---------------------------------------------------------------------------------
+
+
+def throughput_table(results: list[RunResult]) -> str:
+    rows = []
+    for r in results:
+        rows.append(
+            [
+                r.system,
+                r.wall_s,
+                r.useful_tokens,
+                r.generated_tokens,
+                r.tokens_per_s,
+                percentile(r.ttft_s, 50) * 1e3,
+                percentile(r.ttft_s, 99) * 1e3,
+                percentile(r.tpot_s, 50) * 1e3,
+                percentile(r.tpot_s, 99) * 1e3,
+            ]
+        )
+    headers = [
+        "system",
+        "wall s",
+        "output tok",
+        "computed tok",
+        "output tok/s",
+        "TTFT p50 ms",
+        "TTFT p99 ms",
+        "TPOT p50 ms",
+        "TPOT p99 ms",
+    ]
+    return markdown_table(headers, rows)
+
+
+def decode_table(step: DecodeStep, weight_bytes: int, bandwidths: list[Bandwidth]) -> str:
+    read_gbps = max(b.read_gbps for b in bandwidths)
+    copy_gbps = max(b.copy_gbps for b in bandwidths)
+    step_ms = statistics.median(step.step_s) * 1e3
+    forward_ms = statistics.median(step.forward_s) * 1e3 if step.forward_s else float("nan")
+    bound_read_ms = weight_bytes / (read_gbps * 1e9) * 1e3
+    bound_copy_ms = weight_bytes / (copy_gbps * 1e9) * 1e3
+    rows = [
+        ["weights read per decode step", f"{weight_bytes / 1e6:.1f} MB"],
+        ["read bandwidth, sum() (best)", f"{read_gbps:.1f} GB/s"],
+        ["copy bandwidth, copy_() read+write (best)", f"{copy_gbps:.1f} GB/s"],
+        ["bound = weights / read bandwidth", f"{bound_read_ms:.2f} ms"],
+        ["(bound with the copy figure instead)", f"{bound_copy_ms:.2f} ms"],
+        [
+            f"FlowServe batch-1 decode step, {step.context_len} ctx (p50 / min)",
+            f"{step_ms:.2f} / {min(step.step_s) * 1e3:.2f} ms",
+        ],
+        ["  of which the model forward (p50)", f"{forward_ms:.2f} ms"],
+        ["step / bound", f"{step_ms / bound_read_ms:.2f}x"],
+        ["forward / bound", f"{forward_ms / bound_read_ms:.2f}x"],
+    ]
+    return markdown_table(["batch-1 decode", "value"], rows)
+
+
+# ----- main -----------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="catalog name or model directory")
+    parser.add_argument("--quick", action="store_true", help="16 shorter requests, fewer configs")
+    parser.add_argument("--requests", type=int, default=None)
+    parser.add_argument("--hf-batch-sizes", default=None, help="comma-separated, e.g. 16,64")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (FlowServe and transformers)")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--skip-transformers", action="store_true")
+    return parser.parse_args(argv)
+
+
+def resolve(model: str) -> Path:
+    as_path = Path(model).expanduser()
+    if as_path.is_dir():
+        return as_path
+    if find_catalog_model(model) is None:
+        raise SystemExit(f"{model!r} is neither a model directory nor a catalog model")
+    return pull_model(model, default_cache_dir(), progress=progress)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if args.quick:
+        num, prompt_range, output_range, sizes, decode_tokens = 16, (16, 256), (16, 64), "8,16", 32
+    else:
+        num, prompt_range, output_range, sizes, decode_tokens = (
+            64,
+            (16, 512),
+            (16, 128),
+            "16,64",
+            64,
+        )
+    num = args.requests or num
+    batch_sizes = [int(s) for s in (args.hf_batch_sizes or sizes).split(",")]
+    model_dir = resolve(args.model)
+
+    settings = FlowServeSettings(device=args.device, max_num_seqs=max(64, num))
+    if args.max_num_batched_tokens:
+        settings.max_num_batched_tokens = args.max_num_batched_tokens
+    config = ModelConfig.from_model_dir(model_dir)
+    workload = make_workload(num, prompt_range, output_range, config.vocab_size, args.seed)
+    # Room for every request at once, plus the warm-up and decode probes: no preemption.
+    blocks = sum(
+        -(-(len(p) + n) // settings.block_size)
+        for p, n in zip(workload.prompts, workload.output_lens, strict=True)
+    )
+    settings.kv_cache_blocks = blocks + 64
+    progress(
+        f"model {model_dir.name}, {torch.get_num_threads()} threads, device {device}; "
+        f"{num} requests, prompts {min(map(len, workload.prompts))}-"
+        f"{max(map(len, workload.prompts))} tok (total {sum(map(len, workload.prompts))}), "
+        f"outputs {min(workload.output_lens)}-{max(workload.output_lens)} tok "
+        f"(total {workload.num_output_tokens})"
+    )
+
+    engine, tokenizer, _ = build_engine(model_dir, settings, tp_size=1)
+    try:
+        runner = engine.core.executor.runner  # type: ignore[attr-defined]
+        weight_bytes = decode_weight_bytes(runner.model.weights)
+        dtype = runner.dtype
+        progress(f"flowserve: engine up ({settings.kv_cache_blocks} KV blocks); warming up")
+        warm = make_workload(4, (16, 64), (4, 8), config.vocab_size, args.seed + 1)
+        run_flowserve(engine, warm, "warm")
+        progress("flowserve: throughput run")
+        flowserve = run_flowserve(engine, workload, "bench")
+        progress(f"flowserve: {flowserve.tokens_per_s:.1f} output tok/s")
+
+        bandwidths = [measure_bandwidth(weight_bytes, device)]
+        progress(f"bandwidth over {weight_bytes / 1e6:.0f} MB: {bandwidths[0]}")
+        progress(f"flowserve: batch-1 decode, {decode_tokens} tokens")
+        decode = measure_decode_step(engine, 100, decode_tokens, config.vocab_size)
+        bandwidths.append(measure_bandwidth(weight_bytes, device))
+        progress(f"bandwidth over {weight_bytes / 1e6:.0f} MB: {bandwidths[1]}")
+    finally:
+        engine.shutdown()
+    del engine, runner
+    gc.collect()
+    # A buffer well beyond any cache, for the record.
+    dram = measure_bandwidth(4 * weight_bytes, device, repeats=4)
+    progress(f"bandwidth over {dram.nbytes / 1e6:.0f} MB: {dram}")
+
+    results = [flowserve]
+    if not args.skip_transformers:
+        model = load_transformers(model_dir, device, dtype)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        run_transformers(model, warm, 4, device, pad_id, log=lambda _line: None)
+        for size in batch_sizes:
+            progress(f"transformers: batch size {size}")
+            results.append(run_transformers(model, workload, size, device, pad_id))
+            progress(f"transformers bs={size}: {results[-1].tokens_per_s:.1f} output tok/s")
+        del model
+
+    print()
+    print(
+        f"## FlowServe vs transformers: {num} requests, prompts {prompt_range[0]}-"
+        f"{prompt_range[1]} tok, outputs {output_range[0]}-{output_range[1]} tok, "
+        f"{model_dir.name}, {device}, {torch.get_num_threads()} threads, {dtype}"
+    )
+    print()
+    print(throughput_table(results))
+    if len(results) > 1:
+        best = max(results[1:], key=lambda r: r.tokens_per_s)
+        ratio = flowserve.tokens_per_s / best.tokens_per_s
+        met = "met" if ratio >= THROUGHPUT_GOAL else "NOT met"
+        print()
+        print(
+            f"throughput ratio FlowServe / best transformers ({best.system}): {ratio:.2f}x "
+            f"(goal >= {THROUGHPUT_GOAL:g}x: {met})"
+        )
+    print()
+    print(decode_table(decode, weight_bytes, bandwidths))
+    read_gbps = max(b.read_gbps for b in bandwidths)
+    step_ratio = statistics.median(decode.step_s) / (weight_bytes / (read_gbps * 1e9))
+    met = "met" if step_ratio <= DECODE_BOUND_GOAL else "NOT met"
+    print()
+    print(
+        f"decode step / bandwidth bound: {step_ratio:.2f}x (goal <= {DECODE_BOUND_GOAL:g}x: {met})"
+    )
+    print(
+        f"(read bandwidth over a {dram.nbytes / 1e6:.0f} MB buffer, beyond the caches: "
+        f"{dram.read_gbps:.1f} GB/s sum, {dram.copy_gbps:.1f} GB/s copy)"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,32 @@
+"""Settings of KV transfer between instances (env DEEPSERVE_FLOWSERVE_KV_*)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+TransferMode = Literal["whole", "layerwise"]
+
+
+class TransferSettings(BaseSettings):
+    """How a decode instance asks for KV and how a prefill instance sends it."""
+
+    model_config = SettingsConfigDict(env_prefix="DEEPSERVE_FLOWSERVE_KV_", extra="ignore")
+
+    # whole: one transfer after the prefill; layerwise: each layer as soon as it is computed.
+    transfer_mode: TransferMode = "whole"
+    # Let same-host pairs pass KV through shared memory (the gRPC message carries a handle).
+    allow_shared_memory: bool = True
+    shared_memory_dir: Path = Path("/dev/shm")
+    # Largest KV payload in one message (and one shared-memory segment).
+    max_chunk_bytes: int = 4 * 1024 * 1024
+    # The whole prefill + transfer, seen from the decode side; then the request fails.
+    prefill_timeout_s: float = 120.0
+    # Longest silence between two messages of a transfer (a hung prefill instance).
+    idle_timeout_s: float = 30.0
+    # How long a decode instance waits for free KV blocks before refusing the request.
+    reserve_timeout_s: float = 30.0
+    # Unclaimed shared-memory segments older than this are removed by their creator.
+    segment_ttl_s: float = 300.0

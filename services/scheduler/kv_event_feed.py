@@ -1,0 +1,98 @@
+"""Keeps the global prefix index in step with every live instance's KV-event stream in Redis.
+
+Each instance appends its KV events to its own stream; this loop reads all of them (one
+blocking XREAD over every live instance's stream, from where it left off), applies them to the
+index, and forgets an instance's blocks the moment it leaves the instance table. Every
+scheduler replica reads the same streams from the start, so every replica builds the same index.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import Callable
+
+from deepserve.scheduler.prefix_index import PrefixIndex
+from deepserve.store.redis_store import KV_EVENTS_STREAM, RedisStore
+
+log = logging.getLogger(__name__)
+
+
+class KVEventFeed:
+    """Tails the KV-event streams of the instances `live_ids()` returns into `index`."""
+
+    def __init__(
+        self,
+        redis: RedisStore,
+        index: PrefixIndex,
+        live_ids: Callable[[], list[str]],
+        *,
+        block_ms: int = 100,
+        batch: int = 5000,
+    ) -> None:
+        self._redis = redis
+        self.index = index
+        self._live_ids = live_ids
+        self._block_ms = block_ms
+        self._batch = batch
+        self._cursors: dict[str, str] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="kv-event-feed")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    def sync_instances(self) -> list[str]:
+        """Starts cursors for new instances, drops gone ones; returns the live ids."""
+        live = self._live_ids()
+        live_set = set(live)
+        for instance_id in list(self._cursors):
+            if instance_id not in live_set:
+                del self._cursors[instance_id]
+                self.index.drop_instance(instance_id)
+        for instance_id in live:
+            self._cursors.setdefault(instance_id, "0-0")
+        return live
+
+    async def poll_once(self, block_ms: int | None = None) -> int:
+        """Reads and applies what is new on every live stream; returns the events applied."""
+        live = self.sync_instances()
+        if not live:
+            if block_ms:
+                await asyncio.sleep(block_ms / 1000)
+            return 0
+        streams = {KV_EVENTS_STREAM.format(instance_id=i): self._cursors[i] for i in live}
+        reply = await self._redis.client.xread(streams, count=self._batch, block=block_ms)
+        applied = 0
+        prefix = KV_EVENTS_STREAM.split("{", 1)[0]
+        for name, entries in reply or []:
+            stream = name.decode() if isinstance(name, bytes) else name
+            instance_id = stream.removeprefix(prefix)
+            if instance_id not in self._cursors:
+                continue  # left while we were reading
+            for entry_id, fields in entries:
+                try:
+                    self.index.apply(instance_id, json.loads(fields[b"e"]))
+                    applied += 1
+                except (KeyError, ValueError, TypeError) as exc:
+                    log.warning("bad KV event from %s: %s", instance_id, exc)
+                eid = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+                self._cursors[instance_id] = eid
+        return applied
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self.poll_once(self._block_ms)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # Redis is lossy-tolerable: routing degrades, never fails
+                log.warning("reading KV events failed: %s", exc)
+                await asyncio.sleep(0.5)

@@ -1,0 +1,149 @@
+"""Instance load as routing sees it: the latest report from Redis plus requests routed since.
+
+Engines publish a load report (running, waiting, KV blocks used) every half second or so. A
+burst of requests between two reports would all see the same "least loaded" instance, so each
+decision also counts the request against its instance until the next report arrives. Those
+counts live in Redis too (a hash per instance keyed by the report they follow), so every
+scheduler replica sees the others' decisions: the load a replica routes by is shared state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from deepserve.store.redis_store import RedisStore
+
+log = logging.getLogger(__name__)
+
+ROUTED_KEY = "deepserve:routed:{instance_id}"
+ROUTED_TTL_S = 30
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceLoad:
+    """One instance's load: its last report plus the requests routed to it since."""
+
+    running: int = 0
+    waiting: int = 0
+    kv_blocks_used: int = 0
+    kv_blocks_total: int = 0
+    routed_since_report: int = 0
+    report_at: float = 0.0
+
+    @property
+    def kv_use(self) -> float:
+        return self.kv_blocks_used / self.kv_blocks_total if self.kv_blocks_total else 0.0
+
+    def score(self, kv_weight: float) -> float:
+        """Queued + running requests (reported and routed since), plus KV pressure."""
+        return self.running + self.waiting + self.routed_since_report + kv_weight * self.kv_use
+
+    @classmethod
+    def from_report(cls, report: dict[str, Any], routed: int = 0) -> InstanceLoad:
+        return cls(
+            running=int(report.get("running", 0)),
+            waiting=int(report.get("waiting", 0)),
+            kv_blocks_used=int(report.get("kv_blocks_used", 0)),
+            kv_blocks_total=int(report.get("kv_blocks_total", 0)),
+            routed_since_report=routed,
+            report_at=float(report.get("at", 0.0)),
+        )
+
+
+class LoadTracker:
+    """Mirrors the live instances' loads from Redis every `refresh_s` (never on the route path)."""
+
+    def __init__(
+        self,
+        redis: RedisStore | None,
+        live_ids: Callable[[], list[str]],
+        *,
+        refresh_s: float = 0.1,
+    ) -> None:
+        self._redis = redis
+        self._live_ids = live_ids
+        self._refresh_s = refresh_s
+        self._loads: dict[str, InstanceLoad] = {}
+        # Routed by this replica since the last flush to Redis.
+        self._unflushed: Counter[str] = Counter()
+        # Being written to Redis now; still counted until the next view includes them.
+        self._flushing: Counter[str] = Counter()
+        self._task: asyncio.Task[None] | None = None
+        self.refreshes = 0
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="load-tracker")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    def load_of(self, instance_id: str) -> InstanceLoad:
+        base = self._loads.get(instance_id, InstanceLoad())
+        extra = self._unflushed.get(instance_id, 0) + self._flushing.get(instance_id, 0)
+        if not extra:
+            return base
+        return InstanceLoad(
+            base.running,
+            base.waiting,
+            base.kv_blocks_used,
+            base.kv_blocks_total,
+            base.routed_since_report + extra,
+            base.report_at,
+        )
+
+    def note_routed(self, instance_id: str) -> None:
+        self._unflushed[instance_id] += 1
+
+    def set_loads(self, loads: dict[str, InstanceLoad]) -> None:
+        """Replaces the mirror (tests and benchmarks drive routing without Redis this way)."""
+        self._loads = dict(loads)
+
+    async def refresh(self) -> None:
+        """Flushes this replica's routed counts, then reads every live instance's load."""
+        if self._redis is None:
+            return
+        client = self._redis.client
+        flush, self._unflushed = self._unflushed, Counter()
+        self._flushing = flush
+        if flush:
+            async with client.pipeline(transaction=False) as pipe:
+                for instance_id, count in flush.items():
+                    key = ROUTED_KEY.format(instance_id=instance_id)
+                    at = self._loads.get(instance_id, InstanceLoad()).report_at
+                    pipe.hincrby(key, repr(at), count)
+                    pipe.expire(key, ROUTED_TTL_S)
+                await pipe.execute()
+        live = self._live_ids()
+        reports = await self._redis.read_loads(live)
+        async with client.pipeline(transaction=False) as pipe:
+            for instance_id in live:
+                at = float(reports.get(instance_id, {}).get("at", 0.0))
+                pipe.hget(ROUTED_KEY.format(instance_id=instance_id), repr(at))
+            routed = await pipe.execute()
+        self._loads = {
+            instance_id: InstanceLoad.from_report(
+                reports.get(instance_id, {}), int(count) if count else 0
+            )
+            for instance_id, count in zip(live, routed, strict=True)
+        }
+        self._flushing = Counter()
+        self.refreshes += 1
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self.refresh()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # lossy-tolerable: keep routing on the last view
+                log.warning("reading loads failed: %s", exc)
+            await asyncio.sleep(self._refresh_s)

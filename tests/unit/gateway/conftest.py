@@ -1,0 +1,153 @@
+"""An in-process gateway (HTTP + gRPC) in front of an echo engine, with the real scheduler
+servicer, a real etcd and a real Redis-protocol server (the session fixtures)."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+from deepserve import records
+from deepserve.config import CommonSettings, GatewaySettings
+from deepserve.gateway.gateway import Gateway
+from deepserve.gateway.http_app import create_app
+from deepserve.gateway.http_server import HttpServer
+from deepserve.gateway.servicer import GatewayServicer
+from deepserve.records import InstanceRecord, Role
+from deepserve.rpc.server import GrpcService, start_grpc_server
+from deepserve.scheduler.instance_table import InstanceTable
+from deepserve.scheduler.router import Router
+from deepserve.scheduler.servicer import SchedulerServicer
+from deepserve.store.etcd import EtcdStore
+from deepserve.store.redis_store import RedisStore
+from deepserve.tenancy.api_keys import ApiKeys, hash_api_key
+from deepserve.tenancy.tenants import TenantLimits, Tenants
+from deepserve.tokenizer import Tokenizer
+from deepserve.v1 import gateway_pb2_grpc, scheduler_pb2_grpc
+from tests.unit.gateway.fake_engine import EchoEngine
+
+MAX_MODEL_LEN = 512
+
+
+@dataclass
+class GatewayHarness:
+    """Handles on every part of the in-process stack."""
+
+    gateway: Gateway
+    engine: EchoEngine
+    tokenizer: Tokenizer
+    http_url: str
+    grpc_address: str
+    etcd: EtcdStore
+    redis: RedisStore
+    model: str
+    instance_id: str
+
+    async def new_key(self, limits: TenantLimits | None = None) -> tuple[str, str]:
+        """A fresh tenant (with `limits`) and an API key for it, visible to the gateway."""
+        tenant = f"t-{uuid.uuid4().hex[:8]}"
+        if limits is not None:
+            await Tenants(self.etcd).set_limits(tenant, limits)
+            assert await self.gateway.auth.tenants.wait_for(lambda items: tenant in items, 10)
+        key, _ = await ApiKeys(self.etcd).create(tenant)
+        digest = hash_api_key(key)
+        assert await self.gateway.auth.keys.wait_for(lambda items: digest in items, 10)
+        return tenant, key
+
+
+@pytest.fixture(scope="session")
+def smollm_tokenizer(model_cache_dir: Path) -> Tokenizer:
+    return Tokenizer.from_model_dir(model_cache_dir / "smollm2-135m")
+
+
+@pytest_asyncio.fixture(scope="module")
+async def harness(
+    etcd_endpoint: str, redis_url: str, smollm_tokenizer: Tokenizer
+) -> AsyncIterator[GatewayHarness]:
+    etcd = EtcdStore(etcd_endpoint)
+    await etcd.connect()
+    redis = RedisStore(redis_url)
+    await redis.connect()
+
+    engine = EchoEngine(smollm_tokenizer)
+    engine_address = await engine.start()
+
+    table = InstanceTable(etcd)
+    table.start()
+    scheduler: GrpcService = await start_grpc_server(
+        [
+            lambda s: scheduler_pb2_grpc.add_SchedulerServiceServicer_to_server(
+                SchedulerServicer(Router(table), table), s
+            )
+        ],
+        ["deepserve.v1.SchedulerService"],
+        host="127.0.0.1",
+        port=0,
+    )
+
+    settings = GatewaySettings(
+        common=CommonSettings(etcd_endpoint=etcd_endpoint, redis_url=redis_url),
+        scheduler_address=f"127.0.0.1:{scheduler.port}",
+        auth_open=False,
+        request_timeout_s=30,
+    )
+    gateway = Gateway.build(settings, etcd, redis.client)
+    model = f"echo-{uuid.uuid4().hex[:8]}"
+    gateway.tokenizers.put(model, smollm_tokenizer)
+    await gateway.start()
+
+    instance_id = f"inst-{uuid.uuid4().hex[:8]}"
+    await records.instances(etcd).put(
+        instance_id,
+        InstanceRecord(
+            instance_id=instance_id,
+            model=model,
+            role=Role.COLOCATED,
+            address=engine_address,
+            pod_id="pod-echo",
+            max_model_len=MAX_MODEL_LEN,
+        ),
+    )
+    assert await gateway.models.instances.wait_for(lambda items: instance_id in items, 10)
+    for _ in range(200):
+        if table.of_model(model):
+            break
+        await asyncio.sleep(0.02)
+
+    http = HttpServer(create_app(gateway), "127.0.0.1", 0)
+    http_port = await http.start()
+    grpc_service = await start_grpc_server(
+        [
+            lambda s: gateway_pb2_grpc.add_GatewayServiceServicer_to_server(
+                GatewayServicer(gateway), s
+            )
+        ],
+        ["deepserve.v1.GatewayService"],
+        host="127.0.0.1",
+        port=0,
+    )
+    yield GatewayHarness(
+        gateway=gateway,
+        engine=engine,
+        tokenizer=smollm_tokenizer,
+        http_url=f"http://127.0.0.1:{http_port}",
+        grpc_address=f"127.0.0.1:{grpc_service.port}",
+        etcd=etcd,
+        redis=redis,
+        model=model,
+        instance_id=instance_id,
+    )
+    await grpc_service.server.stop(0)
+    await http.stop()
+    await gateway.stop()
+    await records.instances(etcd).delete(instance_id)
+    await scheduler.server.stop(0)
+    await table.stop()
+    await engine.stop()
+    await redis.close()
+    await etcd.close()

@@ -1,0 +1,152 @@
+"""The warm pod pool over a real etcd, with simulated pods (records under real leases)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+
+from deepserve.errors import FailedPrecondition
+from deepserve.podpool.pod_view import PodView
+from deepserve.podpool.warm_pool import PodRequest, WarmPodPool
+from deepserve.records import PodRecord, PodState, Role
+from deepserve.store.etcd import EtcdStore
+from deepserve.store.keys import Keys
+
+from .fakes import FakeAgent, FakeBackend
+
+
+@pytest.fixture
+async def etcd(etcd_endpoint: str) -> AsyncIterator[EtcdStore]:
+    async with EtcdStore(etcd_endpoint) as store:
+        await store.delete_prefix(Keys.pods_prefix())
+        yield store
+        await store.delete_prefix(Keys.pods_prefix())
+
+
+PoolFactory = Callable[..., "asyncio.Future[tuple[WarmPodPool, FakeBackend, FakeAgent]]"]
+
+
+@pytest.fixture
+async def make_pool(etcd: EtcdStore) -> AsyncIterator[Callable]:  # type: ignore[type-arg]
+    made: list[tuple[WarmPodPool, PodView]] = []
+
+    async def make(warm_target: int = 1, *, start: bool = True, **kw: object):  # type: ignore[no-untyped-def]
+        view = PodView(etcd)
+        view.start()
+        await view.ready.wait()
+        backend, agent = FakeBackend(etcd), FakeAgent(etcd)
+        pool = WarmPodPool(view, backend, agent, warm_target=warm_target, **kw)  # type: ignore[arg-type]
+        if start:
+            pool.start()
+        made.append((pool, view))
+        return pool, backend, agent
+
+    yield make
+    for pool, view in made:
+        await pool.close()
+        await view.stop()
+
+
+async def warm_count(pool: WarmPodPool, n: int, timeout_s: float = 10) -> None:
+    ok = await pool.view.wait_for(
+        lambda pods: sum(p.state == PodState.WARM for p in pods.values()) == n, timeout_s
+    )
+    assert ok, [(p.pod_id, p.state) for p in pool.view.list()]
+
+
+def ask(task_id: str, model: str = "m") -> PodRequest:
+    return PodRequest(task_id=task_id, model=model, role=Role.COLOCATED, job_id="j")
+
+
+async def test_pool_fills_to_its_warm_target(make_pool) -> None:  # type: ignore[no-untyped-def]
+    pool, backend, _ = await make_pool(warm_target=2)
+    await warm_count(pool, 2)
+    await asyncio.sleep(0.3)
+    assert len(backend.created) == 2  # no overshoot while pods start
+
+
+async def test_acquire_hands_out_a_warm_pod_and_refills(make_pool) -> None:  # type: ignore[no-untyped-def]
+    pool, backend, agent = await make_pool(warm_target=1)
+    await warm_count(pool, 1)
+    warm = pool.view.list(PodState.WARM)[0]
+    acquired = await pool.acquire(ask("t1"))
+    assert acquired.pod.pod_id == warm.pod_id
+    assert not acquired.cold_start
+    assert acquired.instance_id == "inst-t1"
+    assert agent.loads == [(warm.pod_id, "t1")]
+    await warm_count(pool, 1)  # refilled in the background
+    assert len(backend.created) == 2
+    assert (pool.warm_hits, pool.cold_starts) == (1, 0)
+
+
+async def test_empty_pool_starts_a_pod_cold(make_pool) -> None:  # type: ignore[no-untyped-def]
+    pool, backend, _ = await make_pool(warm_target=0)
+    acquired = await pool.acquire(ask("t1"))
+    assert acquired.cold_start
+    assert backend.created == [acquired.pod.pod_id]
+    assert acquired.pod.state == PodState.ASSIGNED
+    assert pool.cold_starts == 1
+
+
+async def test_concurrent_acquires_never_share_a_pod(make_pool) -> None:  # type: ignore[no-untyped-def]
+    pool, _, _ = await make_pool(warm_target=2)
+    await warm_count(pool, 2)
+    got = await asyncio.gather(*(pool.acquire(ask(f"t{i}")) for i in range(4)))
+    assert len({a.pod.pod_id for a in got}) == 4
+    assert sorted(a.cold_start for a in got) == [False, False, True, True]
+
+
+async def test_acquire_is_idempotent_per_task(make_pool) -> None:  # type: ignore[no-untyped-def]
+    pool, _, agent = await make_pool(warm_target=1)
+    await warm_count(pool, 1)
+    first = await pool.acquire(ask("t1"))
+    await pool.view.wait_for(
+        lambda pods: pods[first.pod.pod_id].task_id == "t1", timeout_s=5
+    )
+    again = await pool.acquire(ask("t1"))
+    assert again.pod.pod_id == first.pod.pod_id
+    assert [load[0] for load in agent.loads] == [first.pod.pod_id] * 2
+
+
+async def test_failed_load_ends_the_pod_and_raises(make_pool) -> None:  # type: ignore[no-untyped-def]
+    pool, backend, agent = await make_pool(warm_target=1)
+    await warm_count(pool, 1)
+    agent.fail_models.add("broken")
+    victim = pool.view.list(PodState.WARM)[0].pod_id
+    with pytest.raises(FailedPrecondition):
+        await pool.acquire(ask("t1", model="broken"))
+    assert victim in backend.deleted
+
+
+async def test_release_returns_to_the_pool_or_ends_the_pod(make_pool) -> None:  # type: ignore[no-untyped-def]
+    pool, backend, agent = await make_pool(warm_target=1, start=False)
+    await backend.create_pod("pod-a")
+    await backend.create_pod("pod-b")
+    await warm_count(pool, 2)
+    a = await pool.acquire(ask("ta"))
+    b = await pool.acquire(ask("tb"))
+    # The pool has no warm pod: the first release returns its pod (unload), the next ends its.
+    assert await pool.release(a.pod.pod_id) == "returned"
+    assert agent.unloads == [a.pod.pod_id]
+    await warm_count(pool, 1)
+    assert await pool.release(b.pod.pod_id) == "ended"
+    assert b.pod.pod_id in backend.deleted
+    assert await pool.release(b.pod.pod_id) in ("gone", "ended")
+    assert await pool.release("pod-never-existed") == "gone"
+
+
+async def test_surplus_warm_pods_this_pool_started_are_trimmed(make_pool) -> None:  # type: ignore[no-untyped-def]
+    pool, backend, _ = await make_pool(warm_target=1, start=False)
+    for name in ("pod-1", "pod-2", "pod-3"):
+        await backend.create_pod(name)
+    await warm_count(pool, 3)
+    await pool.refill_once()
+    await warm_count(pool, 1)
+    assert len(backend.deleted) == 2
+
+
+def test_pod_record_defaults_are_warm_ready() -> None:
+    pod = PodRecord(pod_id="p", state=PodState.WARM, address="a:1", host="h", pid=1)
+    assert (pod.model, pod.task_id) == ("", "")
