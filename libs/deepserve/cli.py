@@ -21,7 +21,7 @@ def _add_up(sub: argparse._SubParsersAction) -> None:
     up.add_argument(
         "--model",
         default=DEFAULT_MODEL,
-        help=f"model to serve (catalog name or directory; default {DEFAULT_MODEL}; 'none' for a warm pod only)",
+        help=f"model to deploy (catalog name or directory; default {DEFAULT_MODEL}; 'none': warm pods only)",
     )
     up.add_argument("--host", default="127.0.0.1")
     up.add_argument("--free-ports", action="store_true", help="pick free ports for everything")
@@ -34,9 +34,10 @@ def _add_up(sub: argparse._SubParsersAction) -> None:
         ("jobmgr", 50051),
         ("scheduler", 50052),
         ("podpool", 50053),
-        ("flowserve", 50060),
     ):
         up.add_argument(f"--{name}-port", type=int, default=default)
+    up.add_argument("--replicas", type=int, default=1, help="instances of the model to serve")
+    up.add_argument("--warm-pods", type=int, default=1, help="pre-warmed pods kept spare")
     up.add_argument("--lease-ttl", type=int, default=5, help="seconds a dead process stays visible")
     up.add_argument("--startup-timeout", type=float, default=60.0)
 
@@ -73,6 +74,9 @@ def _add_jobs(sub: argparse._SubParsersAction) -> None:
     cancel = sub.add_parser("cancel", help="cancel a job")
     cancel.add_argument("job_id")
     jobmgr_flag(cancel)
+    delete = sub.add_parser("delete", help="delete a job: stop its tasks, then remove it")
+    delete.add_argument("job_id")
+    jobmgr_flag(delete)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,6 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="services, pods and instances, read from etcd")
     status.add_argument("--run-dir", type=Path, default=None)
     status.add_argument("--etcd", default=None, help="etcd endpoint (default: from the run dir)")
+    from deepserve.scheduler.profile import add_arguments as add_profile_arguments
+
+    add_profile_arguments(
+        sub.add_parser("profile", help="measure a model's PD heatmap and store it in etcd")
+    )
     trace = sub.add_parser("trace", help="print one request's span tree (request id or trace id)")
     trace.add_argument("id")
     trace.add_argument("--run-dir", type=Path, default=None)
@@ -109,7 +118,6 @@ def _run_up(args: argparse.Namespace) -> int:
             jobmgr=args.jobmgr_port,
             scheduler=args.scheduler_port,
             podpool=args.podpool_port,
-            flowserve=args.flowserve_port,
         )
     model = "" if args.model.lower() in ("", "none") else args.model
     if model and not Path(model).is_dir():
@@ -120,6 +128,8 @@ def _run_up(args: argparse.Namespace) -> int:
     options = LaunchOptions(
         layout=layout,
         model=model,
+        replicas=args.replicas,
+        warm_pods=args.warm_pods,
         lease_ttl_s=args.lease_ttl,
         startup_timeout_s=args.startup_timeout,
     )
@@ -178,6 +188,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command in SERVICE_COMMANDS:
             importlib.import_module(f"deepserve.{args.command}.main").main()
             return 0
+        if args.command == "profile":
+            from deepserve.scheduler import profile
+
+            return asyncio.run(profile.run(args, _cluster_address(args, "etcd", "etcd")))
         if args.command == "trace":
             from deepserve.trace_view import print_trace
 

@@ -125,8 +125,9 @@ class PodPoolSettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="DEEPSERVE_PODPOOL_", extra="ignore")
 
     grpc_port: int = 50053
-    # Warm (model-less, runtime started) pods kept ready for the next task.
-    warm_pods: int = 1
+    # Warm (model-less, runtime started) pods the pool keeps ready for the next task. Warm pods
+    # started elsewhere (e.g. `deepserve up`'s first pod) count; 0 starts pods only on demand.
+    warm_pods: int = 0
     # Upper bound on pods this pool runs at once (warm + assigned + starting).
     max_pods: int = 64
     # Where pods run: "local" (processes on this host); "kubernetes" is the production target.

@@ -1,9 +1,10 @@
-"""`deepserve deploy | jobs | job | scale | cancel`: the JobManager API from the shell."""
+"""`deepserve deploy | jobs | job | scale | cancel | delete`: the JobManager API from the shell."""
 
 from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Sequence
 
 import grpc
 
@@ -34,11 +35,20 @@ def _summary(job: pb.Job) -> str:
     )
 
 
-def _print_job(job: pb.Job) -> None:
+def _print_job(job: pb.Job, tasks: Sequence[pb.Task] = ()) -> None:
     print(_summary(job))
+    if tasks:
+        print("  tasks:")
+    for task in tasks:
+        state = pb.TaskState.Name(task.state).removeprefix("TASK_STATE_").lower()
+        where = f"{task.instance_id} at {task.address}" if task.instance_id else task.message
+        cold = " (cold start)" if task.cold_start else ""
+        print(f"    {task.slot:<16} {state:<11} {task.pod_id:<16} {where}{cold}")
+    if job.events:
+        print("  events:")
     for event in job.events:
         at = time.strftime("%H:%M:%S", time.localtime(event.at_unix))
-        print(f"  {at}  {event.reason:<12} {event.message}")
+        print(f"    {at}  {event.reason:<15} {event.message}")
 
 
 async def run(args: argparse.Namespace, address: str) -> int:
@@ -65,7 +75,8 @@ async def run(args: argparse.Namespace, address: str) -> int:
                 for job in (await stub.ListJobs(pb.ListJobsRequest())).jobs:
                     print(_summary(job))
             elif args.command == "job":
-                _print_job((await stub.GetJob(pb.GetJobRequest(job_id=args.job_id))).job)
+                reply = await stub.GetJob(pb.GetJobRequest(job_id=args.job_id))
+                _print_job(reply.job, reply.tasks)
             elif args.command == "scale":
                 reply = await stub.ScaleJob(
                     pb.ScaleJobRequest(job_id=args.job_id, replicas=args.replicas)
@@ -73,6 +84,8 @@ async def run(args: argparse.Namespace, address: str) -> int:
                 _print_job(reply.job)
             elif args.command == "cancel":
                 _print_job((await stub.CancelJob(pb.CancelJobRequest(job_id=args.job_id))).job)
+            elif args.command == "delete":
+                _print_job((await stub.DeleteJob(pb.DeleteJobRequest(job_id=args.job_id))).job)
         except grpc.aio.AioRpcError as exc:
             raise error_from_rpc(exc) from None
     return 0

@@ -240,6 +240,8 @@ class AsyncEngine:
         future: Future[None] = Future()
 
         def command() -> list[GenerationOutput]:
+            if not future.set_running_or_notify_cancel():
+                return []  # the request is being aborted (its abort frees the reservation)
             try:
                 outputs = self.core.activate_remote_prefill(
                     request_id, result.first_token_id, result.num_cached_tokens
@@ -296,10 +298,14 @@ class AsyncEngine:
         future: Future[T] = Future()
 
         def command() -> list[GenerationOutput]:
+            if not future.set_running_or_notify_cancel():
+                return []  # the caller stopped waiting (asyncio cancellation): skip it
             try:
-                future.set_result(fn(self.core))
+                result = fn(self.core)
             except Exception as exc:
                 future.set_exception(exc)
+            else:
+                future.set_result(result)
             return []
 
         self._push_command(command)

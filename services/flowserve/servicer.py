@@ -83,12 +83,42 @@ class FlowServeServicer(flowserve_pb2_grpc.FlowServeServiceServicer):
         if not request.request_id:
             raise InvalidArgument("a request id is required", field="request_id")
         params = sampling_from_proto(request.sampling)
+        prompt = list(request.prompt_token_ids)
+        if request.prefill_address:
+            # PD disaggregation: this (decode) instance reserves blocks, the prefill instance
+            # fills them and sends the first token, then this one decodes the rest.
+            disagg = self._shell.require_disagg(request.model)
+            source = disagg.remote_source(
+                request.prefill_address,
+                prompt,
+                model=request.model,
+                sampling=request.sampling,
+                mode=request.kv_transfer_mode,
+            )
+            outputs = engine.generate_remote(
+                request.request_id,
+                prompt,
+                params,
+                source,
+                reserve_timeout_s=disagg.settings.reserve_timeout_s,
+            )
+        else:
+            outputs = engine.generate(request.request_id, prompt, params)
         # Leaving the loop early (the caller went away: grpc cancels this coroutine) closes the
         # engine's generator, which aborts the request and frees its KV blocks.
-        async for out in engine.generate(
-            request.request_id, list(request.prompt_token_ids), params
-        ):
+        async for out in outputs:
             yield self._to_proto(out)
+
+    async def Prefill(
+        self, request: flowserve_pb2.PrefillRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[flowserve_pb2.PrefillResponse]:
+        disagg = self._shell.require_disagg(request.model)
+        if not request.request_id:
+            raise InvalidArgument("a request id is required", field="request_id")
+        params = sampling_from_proto(request.sampling)
+        # Ending early (the decode side went away) closes the stream, which frees the blocks.
+        async for reply in disagg.prefill_stream(request, params):
+            yield reply
 
     async def Abort(
         self, request: flowserve_pb2.AbortRequest, context: grpc.aio.ServicerContext
@@ -114,6 +144,21 @@ class FlowServeServicer(flowserve_pb2_grpc.FlowServeServiceServicer):
             reply.kv_blocks_total = s.kv_blocks_total
             reply.prefix_cache_hit_rate = s.prefix_cache_hit_rate
             reply.generation_tokens_per_s = s.generation_tokens_per_s
+        if self._shell.disagg is not None:
+            r = self._shell.disagg.received
+            reply.kv_received.CopyFrom(
+                flowserve_pb2.KVTransferStats(
+                    transfers=r.transfers,
+                    failures=r.failures,
+                    blocks=r.blocks,
+                    skipped_blocks=r.skipped_blocks,
+                    bytes=r.bytes,
+                    transfer_seconds=r.transfer_seconds,
+                    prefill_seconds=r.seconds,
+                    layerwise=r.layerwise,
+                    shared_memory=r.shared_memory,
+                )
+            )
         return reply
 
     async def LoadModel(

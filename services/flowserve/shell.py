@@ -33,6 +33,8 @@ class TaskExecutorShell:
         self.etcd = etcd
         self.redis = redis
         self.engine: Any | None = None  # deepserve.flowserve.engine.AsyncEngine once loaded
+        # deepserve.flowserve.disagg.endpoint.DisaggEndpoint once loaded (PD hand-off).
+        self.disagg: Any | None = None
         self.tokenizer: Any | None = None
         self.model_name = ""
         self.role = Role.COLOCATED
@@ -92,7 +94,10 @@ class TaskExecutorShell:
             except Exception:
                 await self.pod.set_pod(state=PodState.WARM, model="", task_id="")
                 raise
+            from deepserve.flowserve.disagg.endpoint import DisaggEndpoint
+
             self.engine, self.tokenizer = engine, tokenizer
+            self.disagg = DisaggEndpoint(engine)
             self.model_name, self.role = model, role
             self.instance_id = f"inst-{uuid.uuid4().hex[:10]}"
             await self.pod.register_instance(
@@ -119,6 +124,12 @@ class TaskExecutorShell:
             )
             return self.instance_id, seconds
 
+    def require_disagg(self, model: str) -> Any:
+        """The loaded engine's PD hand-off endpoint (raises like require_engine)."""
+        self.require_engine(model)
+        assert self.disagg is not None
+        return self.disagg
+
     def _resolve(self, model: str) -> Path:
         from deepserve.models.catalog import default_cache_dir, resolve_model
 
@@ -135,6 +146,7 @@ class TaskExecutorShell:
             await self.pod.deregister_instance()  # stop new routing first
             await self._stop_reporter()
             engine, self.engine = self.engine, None
+            await self._close_disagg()
             await asyncio.to_thread(engine.shutdown)
             self.model_name, self.instance_id = "", ""
             await self.pod.set_pod(state=PodState.WARM, model="", task_id="")
@@ -166,6 +178,9 @@ class TaskExecutorShell:
                     )
                     events, self._kv_events = self._kv_events, []
                     await self.redis.append_kv_events(self.instance_id, events)
+                if self.disagg is not None:
+                    # KV segments a decode peer never claimed (it died or went away).
+                    self.disagg.shared_memory.sweep()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # Redis is lossy-tolerable: log and keep serving
@@ -183,6 +198,12 @@ class TaskExecutorShell:
         await self._stop_reporter()
         if self.pod is not None:
             await self.pod.close()
+        await self._close_disagg()
         if self.engine is not None:
             engine, self.engine = self.engine, None
             await asyncio.to_thread(engine.shutdown)
+
+    async def _close_disagg(self) -> None:
+        disagg, self.disagg = self.disagg, None
+        if disagg is not None:
+            await disagg.close()

@@ -17,6 +17,11 @@ class PodBackend(Protocol):
 
     name: str
 
+    def check_model(self, model: str) -> None:
+        """Raises InvalidArgument/NotFound when no pod of this backend could load `model`, so a
+        bad deployment fails fast instead of claiming pods to find out."""
+        ...
+
     async def create_pod(self, pod_id: str) -> None:
         """Starts a pod that registers itself as `pod_id` (warm, no model) once its runtime is up."""
         ...

@@ -52,6 +52,13 @@ class LocalProcessBackend:
             env["DEEPSERVE_TELEMETRY_DIR"] = str(common.telemetry_dir)
         return env
 
+    def check_model(self, model: str) -> None:
+        # Pods of this backend share this host's files: a catalog name must be pulled already
+        # (pods never download), a path must hold a model.
+        from deepserve.models.catalog import default_cache_dir, resolve_model
+
+        resolve_model(model, default_cache_dir())
+
     async def create_pod(self, pod_id: str) -> None:
         proc = ManagedProcess(
             pod_id,

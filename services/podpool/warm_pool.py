@@ -16,7 +16,15 @@ import uuid
 from dataclasses import dataclass
 from typing import Protocol
 
-from deepserve.errors import Conflict, DeadlineExceeded, DeepServeError, Unavailable
+from deepserve.errors import (
+    Conflict,
+    DeadlineExceeded,
+    DeepServeError,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+)
 from deepserve.podpool.backend import PodBackend
 from deepserve.podpool.pod_agent import LoadResult
 from deepserve.podpool.pod_view import PodView
@@ -117,6 +125,7 @@ class WarmPodPool:
         """
         started = time.monotonic()
         cold = False
+        self.backend.check_model(request.model)
         pod = self._assigned_to(request.task_id)
         if pod is None:
             pod = await self._claim_warm(request)
@@ -139,13 +148,24 @@ class WarmPodPool:
                 tensor_parallel_size=request.tensor_parallel_size,
             )
         except DeepServeError as exc:
+            # A refusal (bad model, wrong state) leaves the pod intact and warm again; a pod
+            # that did not answer is in an unknown state and is ended.
+            intact = isinstance(exc, InvalidArgument | NotFound | FailedPrecondition)
             log.warning(
-                "model load failed; ending the pod",
+                "model load failed",
                 extra={
-                    "fields": {"pod_id": pod.pod_id, "task_id": request.task_id, "error": str(exc)}
+                    "fields": {
+                        "pod_id": pod.pod_id,
+                        "task_id": request.task_id,
+                        "error": str(exc),
+                        "pod": "kept" if intact else "ended",
+                    }
                 },
             )
-            await self._end(pod)
+            if intact:
+                await self._unclaim(pod.pod_id, request.task_id)
+            else:
+                await self._end(pod)
             raise
         current = self.view.get(pod.pod_id) or pod
         return AcquiredPod(current, cold, result.instance_id, result.load_seconds, claim_seconds)
@@ -211,6 +231,18 @@ class WarmPodPool:
             return None
         log.info("pod claimed", extra={"fields": {"pod_id": pod_id, "task_id": request.task_id}})
         return claimed
+
+    async def _unclaim(self, pod_id: str, task_id: str) -> None:
+        """Hands a claimed pod back to the pool (its load was refused, nothing was loaded)."""
+        found = await self.view.records.get(pod_id)
+        if found is None or found.record.task_id != task_id:
+            return
+        warm = found.record.model_copy(update={"state": PodState.WARM, "task_id": "", "model": ""})
+        with contextlib.suppress(Conflict):
+            await self.view.records.compare_and_swap(
+                pod_id, warm, found.mod_revision, lease_id=found.lease_id or None
+            )
+        self._wake.set()
 
     async def _claim_warm(self, request: PodRequest) -> PodRecord | None:
         for candidate in self._claimable():

@@ -4,13 +4,42 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
 
 from deepserve import records
-from deepserve.records import InstanceRecord
+from deepserve.records import InstanceRecord, Role
 from deepserve.store.etcd import EtcdStore
 from deepserve.store.informer import Informer
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class RoleGroups:
+    """A model's live instances split into the paper's TE groups, each sorted by id."""
+
+    colocated: tuple[InstanceRecord, ...] = ()
+    prefill: tuple[InstanceRecord, ...] = ()
+    decode: tuple[InstanceRecord, ...] = ()
+
+    @classmethod
+    def of(cls, instances: Iterable[InstanceRecord]) -> RoleGroups:
+        ordered = sorted(instances, key=lambda r: r.instance_id)
+        return cls(
+            tuple(i for i in ordered if i.role == Role.COLOCATED),
+            tuple(i for i in ordered if i.role == Role.PREFILL),
+            tuple(i for i in ordered if i.role == Role.DECODE),
+        )
+
+    def __bool__(self) -> bool:
+        return bool(self.colocated or self.prefill or self.decode)
+
+    def without(self, excluded: set[str]) -> RoleGroups:
+        def keep(group: tuple[InstanceRecord, ...]) -> tuple[InstanceRecord, ...]:
+            return tuple(i for i in group if i.instance_id not in excluded)
+
+        return RoleGroups(keep(self.colocated), keep(self.prefill), keep(self.decode))
 
 
 class InstanceTable:
@@ -22,6 +51,8 @@ class InstanceTable:
         self.by_model: dict[str, dict[str, InstanceRecord]] = defaultdict(dict)
         self.added = 0
         self.removed = 0
+        # Routing asks for a model's groups on every request; they change only on watch events.
+        self._groups: dict[str, RoleGroups] = {}
 
     @property
     def ready(self) -> bool:
@@ -42,7 +73,14 @@ class InstanceTable:
     def of_model(self, model: str) -> list[InstanceRecord]:
         return sorted(self.by_model.get(model, {}).values(), key=lambda r: r.instance_id)
 
+    def groups(self, model: str) -> RoleGroups:
+        found = self._groups.get(model)
+        if found is None:
+            found = self._groups[model] = RoleGroups.of(self.by_model.get(model, {}).values())
+        return found
+
     def _on_change(self, kind: str, instance_id: str, record: InstanceRecord | None) -> None:
+        self._groups.clear()
         if kind == "put" and record is not None:
             for model, group in self.by_model.items():  # a re-registration may change model
                 if model != record.model:

@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,11 +65,15 @@ class LoadTracker:
         live_ids: Callable[[], list[str]],
         *,
         refresh_s: float = 0.1,
+        kv_weight: float = 4.0,
     ) -> None:
         self._redis = redis
         self._live_ids = live_ids
         self._refresh_s = refresh_s
+        self.kv_weight = kv_weight
         self._loads: dict[str, InstanceLoad] = {}
+        # Scores of the last view, precomputed: routing reads these for every candidate.
+        self._base_scores: dict[str, float] = {}
         # Routed by this replica since the last flush to Redis.
         self._unflushed: Counter[str] = Counter()
         # Being written to Redis now; still counted until the next view includes them.
@@ -100,12 +104,22 @@ class LoadTracker:
             base.report_at,
         )
 
+    def scores(self, instance_ids: Iterable[str]) -> dict[str, float]:
+        """Each instance's load score (see `InstanceLoad.score`), routed requests included."""
+        base, unflushed, flushing = self._base_scores, self._unflushed, self._flushing
+        if not unflushed and not flushing:
+            return {i: base.get(i, 0.0) for i in instance_ids}
+        return {
+            i: base.get(i, 0.0) + unflushed.get(i, 0) + flushing.get(i, 0) for i in instance_ids
+        }
+
     def note_routed(self, instance_id: str) -> None:
         self._unflushed[instance_id] += 1
 
     def set_loads(self, loads: dict[str, InstanceLoad]) -> None:
         """Replaces the mirror (tests and benchmarks drive routing without Redis this way)."""
         self._loads = dict(loads)
+        self._base_scores = {i: load.score(self.kv_weight) for i, load in loads.items()}
 
     async def refresh(self) -> None:
         """Flushes this replica's routed counts, then reads every live instance's load."""
@@ -129,12 +143,14 @@ class LoadTracker:
                 at = float(reports.get(instance_id, {}).get("at", 0.0))
                 pipe.hget(ROUTED_KEY.format(instance_id=instance_id), repr(at))
             routed = await pipe.execute()
-        self._loads = {
-            instance_id: InstanceLoad.from_report(
-                reports.get(instance_id, {}), int(count) if count else 0
-            )
-            for instance_id, count in zip(live, routed, strict=True)
-        }
+        self.set_loads(
+            {
+                instance_id: InstanceLoad.from_report(
+                    reports.get(instance_id, {}), int(count) if count else 0
+                )
+                for instance_id, count in zip(live, routed, strict=True)
+            }
+        )
         self._flushing = Counter()
         self.refreshes += 1
 

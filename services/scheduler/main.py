@@ -40,7 +40,12 @@ async def serve(settings: SchedulerSettings) -> None:
         def live_ids() -> list[str]:
             return [i.instance_id for i in table.all()]
 
-        loads = LoadTracker(rt.redis, live_ids, refresh_s=settings.load_refresh_s)
+        loads = LoadTracker(
+            rt.redis,
+            live_ids,
+            refresh_s=settings.load_refresh_s,
+            kv_weight=settings.kv_load_weight,
+        )
         index = PrefixIndex()
         feed = KVEventFeed(rt.redis, index, live_ids, block_ms=settings.kv_events_block_ms)
         predictor = DecodeLengthPredictor(
@@ -59,7 +64,6 @@ async def serve(settings: SchedulerSettings) -> None:
             RoutingConfig(
                 balance_abs_threshold=settings.balance_abs_threshold,
                 balance_rel_threshold=settings.balance_rel_threshold,
-                kv_load_weight=settings.kv_load_weight,
             ),
         )
         parts = (table, loads, feed, history, heatmaps, policies)

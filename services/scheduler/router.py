@@ -25,18 +25,19 @@ from typing import Protocol
 
 from deepserve.errors import InvalidArgument, NotFound, Unavailable
 from deepserve.jobmgr.job_records import RoutingPolicy
-from deepserve.records import InstanceRecord, Role
+from deepserve.records import InstanceRecord
 from deepserve.scheduler.decode_predictor import DecodeLengthPredictor, Prediction
 from deepserve.scheduler.heatmap_table import HeatmapTable
+from deepserve.scheduler.instance_table import RoleGroups
 from deepserve.scheduler.load_tracker import LoadTracker
 from deepserve.scheduler.policy_table import PolicyTable
 from deepserve.scheduler.prefix_index import PrefixIndex
 
 
 class InstanceSource(Protocol):
-    """The live instances of a model (the InstanceTable)."""
+    """The live instances of a model by TE group (the InstanceTable)."""
 
-    def of_model(self, model: str) -> list[InstanceRecord]: ...
+    def groups(self, model: str) -> RoleGroups: ...
 
 
 @dataclass(slots=True)
@@ -72,7 +73,8 @@ class RoutingConfig:
 
     balance_abs_threshold: float = 4.0
     balance_rel_threshold: float = 1.5
-    kv_load_weight: float = 4.0
+    # Candidates whose scores a decision reports (the best first); all are compared.
+    reported_scores: int = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,15 +113,15 @@ class Router:
             raise InvalidArgument("model is required", field="model")
         if facts.prompt_tokens < 0 or facts.max_tokens < 0:
             raise InvalidArgument("token counts must be >= 0", field="prompt_tokens")
-        serving = self._table.of_model(facts.model)
-        live = [i for i in serving if i.instance_id not in facts.exclude_instance_ids]
+        serving = self._table.groups(facts.model)
+        live = (
+            serving.without(facts.exclude_instance_ids) if facts.exclude_instance_ids else serving
+        )
         if not live:
             if not serving:
                 raise NotFound(f"no live instance serves model {facts.model!r}")
             raise Unavailable(f"every instance of {facts.model!r} is excluded")
-        colocated = [i for i in live if i.role == Role.COLOCATED]
-        prefill = [i for i in live if i.role == Role.PREFILL]
-        decode = [i for i in live if i.role == Role.DECODE]
+        colocated, prefill, decode = live.colocated, live.prefill, live.decode
         has_pair = bool(prefill) and bool(decode)
         if not colocated and not has_pair:
             raise Unavailable(f"model {facts.model!r} has no complete prefill/decode pair")
@@ -200,10 +202,7 @@ class Router:
         if policy == RoutingPolicy.RANDOM:
             chosen = group[_draw(facts.request_id, len(group))]
             return _Pick(chosen, "random", f"random -> {chosen.instance_id}", {})
-        loads = {
-            i.instance_id: self.loads.load_of(i.instance_id).score(self.config.kv_load_weight)
-            for i in group
-        }
+        loads = self.loads.scores(i.instance_id for i in group)
         if policy == RoutingPolicy.LEAST_LOADED or not with_locality:
             return self._least_loaded(group, loads, "least loaded")
         low, high = min(loads.values()), max(loads.values())
@@ -223,12 +222,14 @@ class Router:
     def _least_loaded(
         self, group: Sequence[InstanceRecord], loads: dict[str, float], why: str
     ) -> _Pick:
-        chosen = min(group, key=lambda i: (loads[i.instance_id], i.instance_id))
+        # One sort ranks every candidate: the first is chosen, the first few are reported.
+        ranked = sorted(group, key=lambda i: (loads[i.instance_id], i.instance_id))
+        chosen = ranked[0]
         return _Pick(
             chosen,
             "load",
             f"{why}: {chosen.instance_id} (load {loads[chosen.instance_id]:.1f})",
-            loads,
+            {i.instance_id: loads[i.instance_id] for i in ranked[: self.config.reported_scores]},
         )
 
     def _locality(
@@ -240,9 +241,10 @@ class Router:
         high: float,
     ) -> _Pick:
         matched = self.index.match(facts.prefix_block_hashes, loads)
-        chosen = min(
+        ranked = sorted(
             group, key=lambda i: (-matched[i.instance_id], loads[i.instance_id], i.instance_id)
         )
+        chosen = ranked[0]
         best = matched[chosen.instance_id]
         balanced = f"group balanced (load {low:.1f}..{high:.1f})"
         if best == 0:
@@ -255,7 +257,11 @@ class Router:
                 f"{balanced}; longest cached prefix {best}/{len(facts.prefix_block_hashes)} "
                 f"blocks on {chosen.instance_id}"
             )
-        return _Pick(chosen, "locality", why, {k: float(v) for k, v in matched.items()})
+        reported = {
+            i.instance_id: float(matched[i.instance_id])
+            for i in ranked[: self.config.reported_scores]
+        }
+        return _Pick(chosen, "locality", why, reported)
 
 
 def _draw(request_id: str, n: int) -> int:

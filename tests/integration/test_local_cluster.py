@@ -19,7 +19,7 @@ import pytest
 
 from deepserve import records
 from deepserve.cluster.health import check_health
-from deepserve.cluster.layout import SERVICES
+from deepserve.cluster.layout import LAUNCHED_SERVICES, SERVICES
 from deepserve.rpc.client import insecure_channel
 from deepserve.store.etcd import EtcdStore
 from deepserve.v1 import (
@@ -67,14 +67,18 @@ async def pods(cluster: RunningCluster) -> list[records.PodRecord]:
     return [v.record for v in found]
 
 
+async def warm_pods(cluster: RunningCluster) -> list[records.PodRecord]:
+    return [p for p in await pods(cluster) if p.state == records.PodState.WARM]
+
+
 async def scheduler_view(cluster: RunningCluster) -> scheduler_pb2.ListInstancesResponse:
     async with insecure_channel(cluster.layout.address("scheduler"), traced=False) as ch:
         stub = scheduler_pb2_grpc.SchedulerServiceStub(ch)
         return await stub.ListInstances(scheduler_pb2.ListInstancesRequest(), timeout=5)
 
 
-async def load_model(cluster: RunningCluster, model: Path) -> str:
-    async with insecure_channel(cluster.layout.address("flowserve"), traced=False) as ch:
+async def load_model(pod: records.PodRecord, model: Path) -> str:
+    async with insecure_channel(pod.address, traced=False) as ch:
         stub = flowserve_pb2_grpc.FlowServeServiceStub(ch)
         reply = await stub.LoadModel(
             flowserve_pb2.LoadModelRequest(
@@ -95,8 +99,10 @@ async def restarted(cluster: RunningCluster, service: str, old_pid: int) -> bool
 
 
 async def test_every_service_is_serving_and_status_reports_them(cluster: RunningCluster) -> None:
-    for service in SERVICES:
+    for service in LAUNCHED_SERVICES:
         assert await healthy(cluster, service), service
+    warm = await wait_until(lambda: warm_pods(cluster), 30)
+    assert await check_health(warm[0].address) == "SERVING"
     out = await asyncio.to_thread(
         subprocess.run,
         [sys.executable, "-m", "deepserve.cli", "status", "--run-dir", str(cluster.layout.run_dir)],
@@ -146,7 +152,7 @@ async def test_jobs_survive_a_jobmgr_kill(cluster: RunningCluster) -> None:
 
     old_pid = cluster.pids()["jobmgr"]
     os.kill(old_pid, signal.SIGKILL)
-    for other in ("gateway", "scheduler", "podpool", "flowserve"):
+    for other in ("gateway", "scheduler", "podpool"):
         await wait_until(lambda other=other: healthy(cluster, other), 10)
     await wait_until(lambda: restarted(cluster, "jobmgr", old_pid), 30)
     async with insecure_channel(address, traced=False) as ch:
@@ -159,15 +165,11 @@ async def test_jobs_survive_a_jobmgr_kill(cluster: RunningCluster) -> None:
 async def test_pod_and_instance_vanish_within_lease_ttl_after_sigkill(
     cluster: RunningCluster, tiny_model: Path
 ) -> None:
-    flowserve_pid = cluster.pids()["flowserve"]
-    warm = await wait_until(lambda: _pods_with_pid(cluster, flowserve_pid), timeout_s=30)
-    assert warm[0].state == records.PodState.WARM
+    pod = (await wait_until(lambda: warm_pods(cluster), 30))[0]
     before = await scheduler_view(cluster)
 
-    instance_id = await load_model(cluster, tiny_model)
-    view = await wait_until(
-        lambda: _scheduler_has(cluster, instance_id, present=True), timeout_s=10
-    )
+    instance_id = await load_model(pod, tiny_model)
+    view = await wait_until(lambda: _scheduler_has(cluster, instance_id, present=True), 10)
     assert view.instances_added == before.instances_added + 1
 
     # The gateway lists the model while an instance serves it.
@@ -175,30 +177,34 @@ async def test_pod_and_instance_vanish_within_lease_ttl_after_sigkill(
     listed = [m["id"] for m in json.loads(body)["data"]]
     assert str(tiny_model) in listed
 
-    os.kill(flowserve_pid, signal.SIGKILL)
+    os.kill(pod.pid, signal.SIGKILL)
     killed_at = time.monotonic()
     view = await wait_until(
         lambda: _scheduler_has(cluster, instance_id, present=False), timeout_s=LEASE_TTL_S + 5
     )
     assert view.instances_removed == before.instances_removed + 1
-    assert not await _pods_with_pid(cluster, flowserve_pid)
+    assert not await _pods_with_pid(cluster, pod.pid)
     assert time.monotonic() - killed_at < LEASE_TTL_S + 5
-    # The launcher restarts the pod: a new warm pod registers.
-    await wait_until(lambda: restarted(cluster, "flowserve", flowserve_pid), 60)
+    # podpool refills: a new warm pod registers.
+    await wait_until(lambda: _warm_pods_except(cluster, pod.pod_id), 60)
 
 
 async def test_scheduler_restart_restores_its_view_from_etcd(
     cluster: RunningCluster, tiny_model: Path
 ) -> None:
-    await wait_until(lambda: healthy(cluster, "flowserve"), 60)
-    instance_id = await load_model(cluster, tiny_model)
+    pod = (await wait_until(lambda: warm_pods(cluster), 60))[0]
+    instance_id = await load_model(pod, tiny_model)
     await wait_until(lambda: _scheduler_has(cluster, instance_id, present=True), timeout_s=10)
     old_pid = cluster.pids()["scheduler"]
     os.kill(old_pid, signal.SIGKILL)
-    await wait_until(lambda: healthy(cluster, "flowserve"), 10)
+    assert await check_health(pod.address) == "SERVING"
     await wait_until(lambda: restarted(cluster, "scheduler", old_pid), 30)
     view = await wait_until(lambda: _scheduler_has(cluster, instance_id, present=True), 10)
     assert view.instances_added >= 1  # learned from etcd by the new process, not pushed again
+
+
+async def _warm_pods_except(cluster: RunningCluster, pod_id: str) -> list[records.PodRecord]:
+    return [p for p in await warm_pods(cluster) if p.pod_id != pod_id]
 
 
 async def _pods_with_pid(cluster: RunningCluster, pid: int) -> list[records.PodRecord]:

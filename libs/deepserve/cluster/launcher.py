@@ -1,26 +1,33 @@
-"""`deepserve up`: etcd, a Redis-protocol server and the five services as supervised processes.
+"""`deepserve up`: etcd, a Redis-protocol server and the services as supervised processes.
 
-Starts the stores, then each service with its ports and endpoints in `DEEPSERVE_*` variables,
-waits until every service's gRPC health says SERVING (and, when a model is asked for, until an
-instance of it registers), prints where the gateway listens, then supervises: a service that
-exits is restarted (it restores its view from etcd). Ctrl-C or SIGTERM stops everything,
-services first, then the stores, leaving no process behind.
+Starts the stores, then scheduler, jobmgr, podpool and gateway with their ports and endpoints in
+`DEEPSERVE_*` variables; podpool starts the flowserve pods (pre-warmed: runtime up, no model).
+Waits until every service's gRPC health says SERVING and a warm pod has registered. With a
+model, deploys it the way a user would — a serving job through jobmgr, whose reconcile loop
+gets a pod from the pool and loads the model — and waits for the instance. Then supervises: a
+service that exits is restarted and restores its view from etcd. Ctrl-C or SIGTERM stops
+everything (services, their pods, then the stores), leaving no process behind.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
+import re
 import signal
+import socket
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import grpc
+
 from deepserve import records
-from deepserve.cluster.health import wait_serving
-from deepserve.cluster.layout import SERVICES, ClusterLayout
+from deepserve.cluster.health import check_health, wait_serving
+from deepserve.cluster.layout import LAUNCHED_SERVICES, ClusterLayout
 from deepserve.cluster.processes import (
     ManagedProcess,
     start_etcd,
@@ -28,7 +35,10 @@ from deepserve.cluster.processes import (
     wait_for_port,
 )
 from deepserve.errors import FailedPrecondition, Unavailable
+from deepserve.rpc.client import insecure_channel
+from deepserve.rpc.errors import error_from_rpc
 from deepserve.store.etcd import EtcdStore
+from deepserve.v1 import jobmgr_pb2, jobmgr_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -36,13 +46,22 @@ log = logging.getLogger(__name__)
 @dataclass
 class LaunchOptions:
     layout: ClusterLayout
-    # Catalog name or directory served by the first flowserve pod; "" starts it warm (no model).
+    # Catalog name or directory deployed as a serving job; "" serves nothing (warm pods only).
     model: str = ""
+    replicas: int = 1
+    # Pre-warmed pods podpool keeps beyond those serving models.
+    warm_pods: int = 1
     lease_ttl_s: int = 5
     startup_timeout_s: float = 60.0
     model_timeout_s: float = 300.0
     auth_open: bool = True
     restart_crashed: bool = True
+
+
+def job_id_for(model: str) -> str:
+    """A stable job id per model, so `up` after a restart finds its deployment again."""
+    slug = re.sub(r"[^a-z0-9]+", "-", os.path.basename(model.rstrip("/")).lower()).strip("-")
+    return f"serve-{slug or 'model'}"
 
 
 class LocalCluster:
@@ -59,10 +78,10 @@ class LocalCluster:
 
     # --- environment -----------------------------------------------------------------------
 
-    def service_env(self, service: str) -> dict[str, str]:
+    def service_env(self) -> dict[str, str]:
         lay = self.layout
         ports = lay.ports
-        env = {
+        return {
             **os.environ,
             "PYTHONUNBUFFERED": "1",
             "DEEPSERVE_ETCD_ENDPOINT": lay.etcd_endpoint,
@@ -78,11 +97,9 @@ class LocalCluster:
             "DEEPSERVE_JOBMGR_PODPOOL_ADDRESS": lay.address("podpool"),
             "DEEPSERVE_SCHEDULER_GRPC_PORT": str(ports.scheduler),
             "DEEPSERVE_PODPOOL_GRPC_PORT": str(ports.podpool),
-            "DEEPSERVE_FLOWSERVE_GRPC_PORT": str(ports.flowserve),
+            "DEEPSERVE_PODPOOL_WARM_PODS": str(self.options.warm_pods),
+            "DEEPSERVE_PODPOOL_POD_LOG_DIR": str(lay.pod_log_dir),
         }
-        if service == "flowserve":
-            env["DEEPSERVE_FLOWSERVE_MODEL"] = self.options.model
-        return env
 
     # --- start -----------------------------------------------------------------------------
 
@@ -112,17 +129,19 @@ class LocalCluster:
             service,
             [sys.executable, "-m", f"deepserve.{service}"],
             self.layout.log_dir / f"{service}.log",
-            env=self.service_env(service),
+            env=self.service_env(),
         ).start()
         self.services[service] = proc
         return proc
 
     async def start(self) -> None:
         self.start_stores()
-        for service in SERVICES:
+        for service in LAUNCHED_SERVICES:
             self.start_service(service)
         await self.wait_healthy()
+        await self.wait_warm_pod()
         if self.options.model:
+            await self.deploy(self.options.model)
             await self.wait_model(self.options.model)
         self.layout.save(self.pids())
 
@@ -132,7 +151,7 @@ class LocalCluster:
             name: asyncio.create_task(
                 wait_serving(self.layout.address(name), self.options.startup_timeout_s)
             )
-            for name in SERVICES
+            for name in LAUNCHED_SERVICES
         }
         while checks:
             done, _ = await asyncio.wait(
@@ -153,6 +172,45 @@ class LocalCluster:
                         other.cancel()
                     raise Unavailable(f"{name} exited during start-up:\n{proc.tail()}")
 
+    async def wait_warm_pod(self) -> None:
+        """flowserve is up once podpool's first pod serves (skipped when no pods are kept)."""
+        if self.options.warm_pods <= 0:
+            return
+        started = time.monotonic()
+        async with EtcdStore(self.layout.etcd_endpoint) as etcd:
+            while time.monotonic() - started < self.options.startup_timeout_s:
+                pods, _ = await records.pods(etcd).list()
+                for pod in pods:
+                    if await check_health(pod.record.address) == "SERVING":
+                        self.say(
+                            f"[up] flowserve SERVING on {pod.record.address} "
+                            f"(pod {pod.record.pod_id}, {time.monotonic() - started:.1f}s)"
+                        )
+                        return
+                self._check_alive("podpool")
+                await asyncio.sleep(0.2)
+        raise Unavailable(f"no flowserve pod came up; see {self.layout.pod_log_dir}")
+
+    async def deploy(self, model: str) -> None:
+        job_id = job_id_for(model)
+        spec = jobmgr_pb2.JobSpec(
+            kind=jobmgr_pb2.JOB_KIND_SERVING,
+            serving=jobmgr_pb2.ServingSpec(
+                model=model, replicas=self.options.replicas, max_replicas=self.options.replicas
+            ),
+        )
+        async with insecure_channel(self.layout.address("jobmgr"), traced=False) as channel:
+            stub = jobmgr_pb2_grpc.JobManagerServiceStub(channel)
+            try:
+                await stub.CreateJob(
+                    jobmgr_pb2.CreateJobRequest(spec=spec, job_id=job_id), timeout=10
+                )
+                self.say(f"[up] deployed {model} as job {job_id}")
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() != grpc.StatusCode.ALREADY_EXISTS:
+                    raise error_from_rpc(exc) from None
+                self.say(f"[up] job {job_id} for {model} exists (kept from the last run)")
+
     async def wait_model(self, model: str) -> None:
         self.say(f"[up] loading model {model} ...")
         started = time.monotonic()
@@ -163,12 +221,18 @@ class LocalCluster:
                 if any(v.record.model == model for v in found):
                     self.say(f"[up] model {model} serving ({time.monotonic() - started:.1f}s)")
                     return
-                if not self.services["flowserve"].alive():
-                    raise FailedPrecondition(
-                        f"flowserve exited while loading {model}:\n{self.services['flowserve'].tail()}"
-                    )
+                self._check_alive("jobmgr", "podpool")
                 await asyncio.sleep(0.25)
-        raise Unavailable(f"model {model} did not come up in {self.options.model_timeout_s:.0f}s")
+        raise Unavailable(
+            f"model {model} did not come up in {self.options.model_timeout_s:.0f}s; "
+            f"see `deepserve job {job_id_for(model)}` and {self.layout.pod_log_dir}"
+        )
+
+    def _check_alive(self, *names: str) -> None:
+        for name in names:
+            proc = self.services[name]
+            if not proc.alive():
+                raise FailedPrecondition(f"{name} exited:\n{proc.tail()}")
 
     def pids(self) -> dict[str, int]:
         procs = [*self.stores, *self.services.values()]
@@ -185,13 +249,10 @@ class LocalCluster:
                     continue
                 now = time.monotonic()
                 if name not in next_start:
-                    count = self._restarts.get(name, 0)
-                    delay = min(2.0**count, 10.0)
+                    delay = min(2.0 ** self._restarts.get(name, 0), 10.0)
                     next_start[name] = now + delay
-                    self.say(
-                        f"[up] {name} exited (code {proc.popen.returncode if proc.popen else '?'});"
-                        f" restarting in {delay:.0f}s"
-                    )
+                    code = proc.popen.returncode if proc.popen else "?"
+                    self.say(f"[up] {name} exited (code {code}); restarting in {delay:.0f}s")
                 elif now >= next_start[name] and self.options.restart_crashed:
                     del next_start[name]
                     self._restarts[name] = self._restarts.get(name, 0) + 1
@@ -201,22 +262,53 @@ class LocalCluster:
                 if not proc.alive():
                     self.say(f"[up] {proc.name} exited; stopping the cluster:\n{proc.tail()}")
                     stop.set()
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 0.5)
-            except TimeoutError:
-                pass
+
+    async def stop_pods(self) -> None:
+        """Ends pods still registered on this host (a podpool that was killed leaves its pods)."""
+        host = socket.gethostname()
+        try:
+            async with EtcdStore(self.layout.etcd_endpoint, timeout_s=2) as etcd:
+                await etcd.connect(wait_s=2)
+                pods, _ = await records.pods(etcd).list()
+        except Exception:
+            return
+        for pod in pods:
+            if pod.record.host == host and pod.record.pid > 0:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(pod.record.pid, signal.SIGTERM)
+        for _ in range(100):  # up to 10 s for a graceful exit
+            if not any(_alive(pod.record.pid) for pod in pods):
+                break
+            await asyncio.sleep(0.1)
+        for pod in pods:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pod.record.pid, signal.SIGKILL)
 
     def stop(self) -> None:
         if self._stopping:
             return
         self._stopping = True
-        for name in reversed(SERVICES):
+        for name in reversed(LAUNCHED_SERVICES):
             proc = self.services.get(name)
             if proc is not None:
                 proc.stop(timeout_s=15)
+        if self.stores and self.stores[0].alive():
+            asyncio.run(self.stop_pods())
         for proc in reversed(self.stores):
             proc.stop(timeout_s=10)
         self.layout.state_file.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 async def run_cluster(options: LaunchOptions, say: Callable[[str], None] = print) -> int:

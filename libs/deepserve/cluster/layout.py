@@ -15,6 +15,8 @@ from pathlib import Path
 from deepserve.cluster.processes import free_port
 
 SERVICES = ("scheduler", "jobmgr", "podpool", "gateway", "flowserve")
+# Started by the launcher itself; flowserve pods are started by podpool.
+LAUNCHED_SERVICES = ("scheduler", "jobmgr", "podpool", "gateway")
 
 
 def default_run_dir() -> Path:
@@ -33,7 +35,6 @@ class ClusterPorts:
     jobmgr: int = 50051
     scheduler: int = 50052
     podpool: int = 50053
-    flowserve: int = 50060
 
     @classmethod
     def free(cls) -> ClusterPorts:
@@ -60,6 +61,10 @@ class ClusterLayout:
 
     def address(self, service: str) -> str:
         return f"{self.host}:{getattr(self.ports, service)}"
+
+    @property
+    def pod_log_dir(self) -> Path:
+        return self.run_dir / "logs" / "pods"
 
     @property
     def log_dir(self) -> Path:

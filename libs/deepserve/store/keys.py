@@ -11,6 +11,8 @@ Keys are built here and nowhere else, so the layout is visible in one place:
     /deepserve/apikeys/<sha256 of key>           API keys (hash only)
     /deepserve/election/<name>                   leader-election candidates (leased)
     /deepserve/heatmaps/<model id>               PD-aware routing heatmaps (profiled per model)
+    /deepserve/demand/<model id>                 requests held for a model at zero replicas
+    /deepserve/kvprofiles/<model id>/<device>    KV capacity profiled once per (model, device)
 """
 
 from __future__ import annotations
@@ -94,6 +96,23 @@ class Keys:
     @staticmethod
     def heatmap(model_id: str) -> str:
         return _join("heatmaps", model_id)
+
+
+    @staticmethod
+    def demand_prefix() -> str:
+        return ROOT + "demand/"
+
+    @staticmethod
+    def demand(model_id: str) -> str:
+        return _join("demand", model_id)
+
+    @staticmethod
+    def kv_profiles_prefix() -> str:
+        return ROOT + "kvprofiles/"
+
+    @staticmethod
+    def kv_profile(model_id: str, device: str) -> str:
+        return _join("kvprofiles", model_id, device)
 
 
 def last_segment(key: str) -> str:

@@ -29,6 +29,13 @@ class FinishReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     FINISH_REASON_LENGTH: _ClassVar[FinishReason]
     FINISH_REASON_ABORT: _ClassVar[FinishReason]
     FINISH_REASON_ERROR: _ClassVar[FinishReason]
+
+class WeightsSource(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    WEIGHTS_SOURCE_UNSPECIFIED: _ClassVar[WeightsSource]
+    WEIGHTS_SOURCE_DISK: _ClassVar[WeightsSource]
+    WEIGHTS_SOURCE_DRAM: _ClassVar[WeightsSource]
+    WEIGHTS_SOURCE_FORK: _ClassVar[WeightsSource]
 INSTANCE_ROLE_UNSPECIFIED: InstanceRole
 INSTANCE_ROLE_COLOCATED: InstanceRole
 INSTANCE_ROLE_PREFILL: InstanceRole
@@ -43,6 +50,10 @@ FINISH_REASON_STOP: FinishReason
 FINISH_REASON_LENGTH: FinishReason
 FINISH_REASON_ABORT: FinishReason
 FINISH_REASON_ERROR: FinishReason
+WEIGHTS_SOURCE_UNSPECIFIED: WeightsSource
+WEIGHTS_SOURCE_DISK: WeightsSource
+WEIGHTS_SOURCE_DRAM: WeightsSource
+WEIGHTS_SOURCE_FORK: WeightsSource
 
 class Instance(_message.Message):
     __slots__ = ("instance_id", "model", "role", "address", "pod_id", "job_id", "task_id", "tensor_parallel_size", "device", "registered_at_unix")
@@ -159,3 +170,13 @@ class TokenLogprobs(_message.Message):
     chosen: TokenLogprob
     top: _containers.RepeatedCompositeFieldContainer[TokenLogprob]
     def __init__(self, chosen: _Optional[_Union[TokenLogprob, _Mapping]] = ..., top: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ...) -> None: ...
+
+class ScaleStepTiming(_message.Message):
+    __slots__ = ("step", "seconds", "detail")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    step: str
+    seconds: float
+    detail: str
+    def __init__(self, step: _Optional[str] = ..., seconds: _Optional[float] = ..., detail: _Optional[str] = ...) -> None: ...

@@ -25,17 +25,17 @@ _sym_db = _symbol_database.Default()
 from deepserve.v1 import common_pb2 as deepserve_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x64\x65\x65pserve/v1/flowserve.proto\x12\x0c\x64\x65\x65pserve.v1\x1a\x19\x64\x65\x65pserve/v1/common.proto\"\x85\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\x05\x12.\n\x08sampling\x18\x04 \x01(\x0b\x32\x1c.deepserve.v1.SamplingParams\x12\x12\n\ndetokenize\x18\x05 \x01(\x08\x12\x0e\n\x06tenant\x18\x06 \x01(\t\x12\x10\n\x08priority\x18\x07 \x01(\x05\x12\x17\n\x0fprefill_address\x18\x08 \x01(\t\x12\x36\n\x10kv_transfer_mode\x18\t \x01(\x0e\x32\x1c.deepserve.v1.KVTransferMode\"\x92\x02\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\x05\x12.\n\x08sampling\x18\x04 \x01(\x0b\x32\x1c.deepserve.v1.SamplingParams\x12\x13\n\x0bskip_blocks\x18\x05 \x01(\x05\x12\x12\n\nblock_size\x18\x06 \x01(\x05\x12*\n\x04mode\x18\x07 \x01(\x0e\x32\x1c.deepserve.v1.KVTransferMode\x12-\n\ntransports\x18\x08 \x03(\x0e\x32\x19.deepserve.v1.KVTransport\x12\x0f\n\x07host_id\x18\t \x01(\t\"j\n\x0fPrefillResponse\x12#\n\x02kv\x18\x01 \x01(\x0b\x32\x15.deepserve.v1.KVChunkH\x00\x12)\n\x04\x64one\x18\x02 \x01(\x0b\x32\x19.deepserve.v1.PrefillDoneH\x00\x42\x07\n\x05\x65vent\"\xe6\x01\n\x07KVChunk\x12\x13\n\x0b\x66irst_block\x18\x01 \x01(\x05\x12\x12\n\nnum_blocks\x18\x02 \x01(\x05\x12\x13\n\x0blayer_start\x18\x03 \x01(\x05\x12\x12\n\nnum_layers\x18\x04 \x01(\x05\x12\x14\n\x0ctotal_layers\x18\x05 \x01(\x05\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\r\n\x05shape\x18\x07 \x03(\x03\x12\x0e\n\x04\x64\x61ta\x18\x08 \x01(\x0cH\x00\x12:\n\rshared_memory\x18\t \x01(\x0b\x32!.deepserve.v1.SharedMemorySegmentH\x00\x42\t\n\x07payload\"3\n\x13SharedMemorySegment\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0e\n\x06nbytes\x18\x02 \x01(\x03\"\x93\x01\n\x0bPrefillDone\x12\x16\n\x0e\x66irst_token_id\x18\x01 \x01(\x05\x12\x15\n\rcached_tokens\x18\x02 \x01(\x05\x12\x13\n\x0b\x62locks_sent\x18\x03 \x01(\x05\x12\x12\n\nbytes_sent\x18\x04 \x01(\x03\x12,\n\ttransport\x18\x05 \x01(\x0e\x32\x19.deepserve.v1.KVTransport\"\xe2\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12-\n\x08logprobs\x18\x04 \x03(\x0b\x32\x1b.deepserve.v1.TokenLogprobs\x12\x31\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x1a.deepserve.v1.FinishReason\x12\"\n\x05usage\x18\x06 \x01(\x0b\x32\x13.deepserve.v1.Usage\x12\x13\n\x0bstop_reason\x18\x07 \x01(\t\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\" \n\rAbortResponse\x12\x0f\n\x07\x61\x62orted\x18\x01 \x01(\x08\"\x11\n\x0fGetStatsRequest\"\xac\x02\n\x10GetStatsResponse\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12(\n\x04role\x18\x03 \x01(\x0e\x32\x1a.deepserve.v1.InstanceRole\x12\x18\n\x10running_requests\x18\x04 \x01(\x05\x12\x18\n\x10waiting_requests\x18\x05 \x01(\x05\x12\x16\n\x0ekv_blocks_used\x18\x06 \x01(\x05\x12\x16\n\x0ekv_blocks_free\x18\x07 \x01(\x05\x12\x17\n\x0fkv_blocks_total\x18\x08 \x01(\x05\x12\x1d\n\x15prefix_cache_hit_rate\x18\t \x01(\x01\x12\x1f\n\x17generation_tokens_per_s\x18\n \x01(\x01\x12\r\n\x05ready\x18\x0b \x01(\x08\"\x8a\x01\n\x10LoadModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12(\n\x04role\x18\x02 \x01(\x0e\x32\x1a.deepserve.v1.InstanceRole\x12\x0e\n\x06job_id\x18\x03 \x01(\t\x12\x0f\n\x07task_id\x18\x04 \x01(\t\x12\x1c\n\x14tensor_parallel_size\x18\x05 \x01(\x05\">\n\x11LoadModelResponse\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x14\n\x0cload_seconds\x18\x02 \x01(\x01\"\x14\n\x12UnloadModelRequest\"\x15\n\x13UnloadModelResponse*v\n\x0eKVTransferMode\x12 \n\x1cKV_TRANSFER_MODE_UNSPECIFIED\x10\x00\x12\"\n\x1eKV_TRANSFER_MODE_WHOLE_REQUEST\x10\x01\x12\x1e\n\x1aKV_TRANSFER_MODE_LAYERWISE\x10\x02*b\n\x0bKVTransport\x12\x1c\n\x18KV_TRANSPORT_UNSPECIFIED\x10\x00\x12\x15\n\x11KV_TRANSPORT_GRPC\x10\x01\x12\x1e\n\x1aKV_TRANSPORT_SHARED_MEMORY\x10\x02\x32\xd8\x03\n\x10\x46lowServeService\x12K\n\x08Generate\x12\x1d.deepserve.v1.GenerateRequest\x1a\x1e.deepserve.v1.GenerateResponse0\x01\x12@\n\x05\x41\x62ort\x12\x1a.deepserve.v1.AbortRequest\x1a\x1b.deepserve.v1.AbortResponse\x12I\n\x08GetStats\x12\x1d.deepserve.v1.GetStatsRequest\x1a\x1e.deepserve.v1.GetStatsResponse\x12L\n\tLoadModel\x12\x1e.deepserve.v1.LoadModelRequest\x1a\x1f.deepserve.v1.LoadModelResponse\x12R\n\x0bUnloadModel\x12 .deepserve.v1.UnloadModelRequest\x1a!.deepserve.v1.UnloadModelResponse\x12H\n\x07Prefill\x12\x1c.deepserve.v1.PrefillRequest\x1a\x1d.deepserve.v1.PrefillResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x64\x65\x65pserve/v1/flowserve.proto\x12\x0c\x64\x65\x65pserve.v1\x1a\x19\x64\x65\x65pserve/v1/common.proto\"\x85\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\x05\x12.\n\x08sampling\x18\x04 \x01(\x0b\x32\x1c.deepserve.v1.SamplingParams\x12\x12\n\ndetokenize\x18\x05 \x01(\x08\x12\x0e\n\x06tenant\x18\x06 \x01(\t\x12\x10\n\x08priority\x18\x07 \x01(\x05\x12\x17\n\x0fprefill_address\x18\x08 \x01(\t\x12\x36\n\x10kv_transfer_mode\x18\t \x01(\x0e\x32\x1c.deepserve.v1.KVTransferMode\"\x92\x02\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\x05\x12.\n\x08sampling\x18\x04 \x01(\x0b\x32\x1c.deepserve.v1.SamplingParams\x12\x13\n\x0bskip_blocks\x18\x05 \x01(\x05\x12\x12\n\nblock_size\x18\x06 \x01(\x05\x12*\n\x04mode\x18\x07 \x01(\x0e\x32\x1c.deepserve.v1.KVTransferMode\x12-\n\ntransports\x18\x08 \x03(\x0e\x32\x19.deepserve.v1.KVTransport\x12\x0f\n\x07host_id\x18\t \x01(\t\"j\n\x0fPrefillResponse\x12#\n\x02kv\x18\x01 \x01(\x0b\x32\x15.deepserve.v1.KVChunkH\x00\x12)\n\x04\x64one\x18\x02 \x01(\x0b\x32\x19.deepserve.v1.PrefillDoneH\x00\x42\x07\n\x05\x65vent\"\xe6\x01\n\x07KVChunk\x12\x13\n\x0b\x66irst_block\x18\x01 \x01(\x05\x12\x12\n\nnum_blocks\x18\x02 \x01(\x05\x12\x13\n\x0blayer_start\x18\x03 \x01(\x05\x12\x12\n\nnum_layers\x18\x04 \x01(\x05\x12\x14\n\x0ctotal_layers\x18\x05 \x01(\x05\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\r\n\x05shape\x18\x07 \x03(\x03\x12\x0e\n\x04\x64\x61ta\x18\x08 \x01(\x0cH\x00\x12:\n\rshared_memory\x18\t \x01(\x0b\x32!.deepserve.v1.SharedMemorySegmentH\x00\x42\t\n\x07payload\"3\n\x13SharedMemorySegment\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0e\n\x06nbytes\x18\x02 \x01(\x03\"\xa6\x01\n\x0bPrefillDone\x12\x16\n\x0e\x66irst_token_id\x18\x01 \x01(\x05\x12\x15\n\rcached_tokens\x18\x02 \x01(\x05\x12\x13\n\x0b\x62locks_sent\x18\x03 \x01(\x05\x12\x12\n\nbytes_sent\x18\x04 \x01(\x03\x12,\n\ttransport\x18\x05 \x01(\x0e\x32\x19.deepserve.v1.KVTransport\x12\x11\n\tlayerwise\x18\x06 \x01(\x08\"\xe2\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12-\n\x08logprobs\x18\x04 \x03(\x0b\x32\x1b.deepserve.v1.TokenLogprobs\x12\x31\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x1a.deepserve.v1.FinishReason\x12\"\n\x05usage\x18\x06 \x01(\x0b\x32\x13.deepserve.v1.Usage\x12\x13\n\x0bstop_reason\x18\x07 \x01(\t\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\" \n\rAbortResponse\x12\x0f\n\x07\x61\x62orted\x18\x01 \x01(\x08\"\x11\n\x0fGetStatsRequest\"\xe0\x02\n\x10GetStatsResponse\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12(\n\x04role\x18\x03 \x01(\x0e\x32\x1a.deepserve.v1.InstanceRole\x12\x18\n\x10running_requests\x18\x04 \x01(\x05\x12\x18\n\x10waiting_requests\x18\x05 \x01(\x05\x12\x16\n\x0ekv_blocks_used\x18\x06 \x01(\x05\x12\x16\n\x0ekv_blocks_free\x18\x07 \x01(\x05\x12\x17\n\x0fkv_blocks_total\x18\x08 \x01(\x05\x12\x1d\n\x15prefix_cache_hit_rate\x18\t \x01(\x01\x12\x1f\n\x17generation_tokens_per_s\x18\n \x01(\x01\x12\r\n\x05ready\x18\x0b \x01(\x08\x12\x32\n\x0bkv_received\x18\x0c \x01(\x0b\x32\x1d.deepserve.v1.KVTransferStats\"\xca\x01\n\x0fKVTransferStats\x12\x11\n\ttransfers\x18\x01 \x01(\x03\x12\x10\n\x08\x66\x61ilures\x18\x02 \x01(\x03\x12\x0e\n\x06\x62locks\x18\x03 \x01(\x03\x12\x16\n\x0eskipped_blocks\x18\x04 \x01(\x03\x12\r\n\x05\x62ytes\x18\x05 \x01(\x03\x12\x18\n\x10transfer_seconds\x18\x06 \x01(\x01\x12\x17\n\x0fprefill_seconds\x18\x07 \x01(\x01\x12\x11\n\tlayerwise\x18\x08 \x01(\x03\x12\x15\n\rshared_memory\x18\t \x01(\x03\"\xe8\x01\n\x10LoadModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12(\n\x04role\x18\x02 \x01(\x0e\x32\x1a.deepserve.v1.InstanceRole\x12\x0e\n\x06job_id\x18\x03 \x01(\t\x12\x0f\n\x07task_id\x18\x04 \x01(\t\x12\x1c\n\x14tensor_parallel_size\x18\x05 \x01(\x05\x12\x33\n\x0eweights_source\x18\x06 \x01(\x0e\x32\x1b.deepserve.v1.WeightsSource\x12\x14\n\x0cweights_path\x18\x07 \x01(\t\x12\x11\n\tfork_from\x18\x08 \x01(\t\"\xa1\x01\n\x11LoadModelResponse\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x14\n\x0cload_seconds\x18\x02 \x01(\x01\x12,\n\x05steps\x18\x03 \x03(\x0b\x32\x1d.deepserve.v1.ScaleStepTiming\x12\x33\n\x0eweights_source\x18\x04 \x01(\x0e\x32\x1b.deepserve.v1.WeightsSource\"\x14\n\x12UnloadModelRequest\"\x15\n\x13UnloadModelResponse\"\\\n\x14StreamWeightsRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x1c\n\x14tensor_parallel_size\x18\x02 \x01(\x05\x12\x17\n\x0fmax_chunk_bytes\x18\x03 \x01(\x05\"\x80\x01\n\x15StreamWeightsResponse\x12\x31\n\x08manifest\x18\x01 \x01(\x0b\x32\x1d.deepserve.v1.WeightsManifestH\x00\x12+\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x1a.deepserve.v1.WeightsChunkH\x00\x42\x07\n\x05\x65vent\"S\n\x0fWeightsManifest\x12+\n\x07tensors\x18\x01 \x03(\x0b\x32\x1a.deepserve.v1.WeightTensor\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x03\"Z\n\x0cWeightTensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0e\n\x06offset\x18\x04 \x01(\x03\x12\x0e\n\x06nbytes\x18\x05 \x01(\x03\",\n\x0cWeightsChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c*v\n\x0eKVTransferMode\x12 \n\x1cKV_TRANSFER_MODE_UNSPECIFIED\x10\x00\x12\"\n\x1eKV_TRANSFER_MODE_WHOLE_REQUEST\x10\x01\x12\x1e\n\x1aKV_TRANSFER_MODE_LAYERWISE\x10\x02*b\n\x0bKVTransport\x12\x1c\n\x18KV_TRANSPORT_UNSPECIFIED\x10\x00\x12\x15\n\x11KV_TRANSPORT_GRPC\x10\x01\x12\x1e\n\x1aKV_TRANSPORT_SHARED_MEMORY\x10\x02\x32\xb4\x04\n\x10\x46lowServeService\x12K\n\x08Generate\x12\x1d.deepserve.v1.GenerateRequest\x1a\x1e.deepserve.v1.GenerateResponse0\x01\x12@\n\x05\x41\x62ort\x12\x1a.deepserve.v1.AbortRequest\x1a\x1b.deepserve.v1.AbortResponse\x12I\n\x08GetStats\x12\x1d.deepserve.v1.GetStatsRequest\x1a\x1e.deepserve.v1.GetStatsResponse\x12L\n\tLoadModel\x12\x1e.deepserve.v1.LoadModelRequest\x1a\x1f.deepserve.v1.LoadModelResponse\x12R\n\x0bUnloadModel\x12 .deepserve.v1.UnloadModelRequest\x1a!.deepserve.v1.UnloadModelResponse\x12H\n\x07Prefill\x12\x1c.deepserve.v1.PrefillRequest\x1a\x1d.deepserve.v1.PrefillResponse0\x01\x12Z\n\rStreamWeights\x12\".deepserve.v1.StreamWeightsRequest\x1a#.deepserve.v1.StreamWeightsResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'deepserve.v1.flowserve_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_KVTRANSFERMODE']._serialized_start=2029
-  _globals['_KVTRANSFERMODE']._serialized_end=2147
-  _globals['_KVTRANSPORT']._serialized_start=2149
-  _globals['_KVTRANSPORT']._serialized_end=2247
+  _globals['_KVTRANSFERMODE']._serialized_start=2947
+  _globals['_KVTRANSFERMODE']._serialized_end=3065
+  _globals['_KVTRANSPORT']._serialized_start=3067
+  _globals['_KVTRANSPORT']._serialized_end=3165
   _globals['_GENERATEREQUEST']._serialized_start=74
   _globals['_GENERATEREQUEST']._serialized_end=335
   _globals['_PREFILLREQUEST']._serialized_start=338
@@ -47,25 +47,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SHAREDMEMORYSEGMENT']._serialized_start=955
   _globals['_SHAREDMEMORYSEGMENT']._serialized_end=1006
   _globals['_PREFILLDONE']._serialized_start=1009
-  _globals['_PREFILLDONE']._serialized_end=1156
-  _globals['_GENERATERESPONSE']._serialized_start=1159
-  _globals['_GENERATERESPONSE']._serialized_end=1385
-  _globals['_ABORTREQUEST']._serialized_start=1387
-  _globals['_ABORTREQUEST']._serialized_end=1421
-  _globals['_ABORTRESPONSE']._serialized_start=1423
-  _globals['_ABORTRESPONSE']._serialized_end=1455
-  _globals['_GETSTATSREQUEST']._serialized_start=1457
-  _globals['_GETSTATSREQUEST']._serialized_end=1474
-  _globals['_GETSTATSRESPONSE']._serialized_start=1477
-  _globals['_GETSTATSRESPONSE']._serialized_end=1777
-  _globals['_LOADMODELREQUEST']._serialized_start=1780
-  _globals['_LOADMODELREQUEST']._serialized_end=1918
-  _globals['_LOADMODELRESPONSE']._serialized_start=1920
-  _globals['_LOADMODELRESPONSE']._serialized_end=1982
-  _globals['_UNLOADMODELREQUEST']._serialized_start=1984
-  _globals['_UNLOADMODELREQUEST']._serialized_end=2004
-  _globals['_UNLOADMODELRESPONSE']._serialized_start=2006
-  _globals['_UNLOADMODELRESPONSE']._serialized_end=2027
-  _globals['_FLOWSERVESERVICE']._serialized_start=2250
-  _globals['_FLOWSERVESERVICE']._serialized_end=2722
+  _globals['_PREFILLDONE']._serialized_end=1175
+  _globals['_GENERATERESPONSE']._serialized_start=1178
+  _globals['_GENERATERESPONSE']._serialized_end=1404
+  _globals['_ABORTREQUEST']._serialized_start=1406
+  _globals['_ABORTREQUEST']._serialized_end=1440
+  _globals['_ABORTRESPONSE']._serialized_start=1442
+  _globals['_ABORTRESPONSE']._serialized_end=1474
+  _globals['_GETSTATSREQUEST']._serialized_start=1476
+  _globals['_GETSTATSREQUEST']._serialized_end=1493
+  _globals['_GETSTATSRESPONSE']._serialized_start=1496
+  _globals['_GETSTATSRESPONSE']._serialized_end=1848
+  _globals['_KVTRANSFERSTATS']._serialized_start=1851
+  _globals['_KVTRANSFERSTATS']._serialized_end=2053
+  _globals['_LOADMODELREQUEST']._serialized_start=2056
+  _globals['_LOADMODELREQUEST']._serialized_end=2288
+  _globals['_LOADMODELRESPONSE']._serialized_start=2291
+  _globals['_LOADMODELRESPONSE']._serialized_end=2452
+  _globals['_UNLOADMODELREQUEST']._serialized_start=2454
+  _globals['_UNLOADMODELREQUEST']._serialized_end=2474
+  _globals['_UNLOADMODELRESPONSE']._serialized_start=2476
+  _globals['_UNLOADMODELRESPONSE']._serialized_end=2497
+  _globals['_STREAMWEIGHTSREQUEST']._serialized_start=2499
+  _globals['_STREAMWEIGHTSREQUEST']._serialized_end=2591
+  _globals['_STREAMWEIGHTSRESPONSE']._serialized_start=2594
+  _globals['_STREAMWEIGHTSRESPONSE']._serialized_end=2722
+  _globals['_WEIGHTSMANIFEST']._serialized_start=2724
+  _globals['_WEIGHTSMANIFEST']._serialized_end=2807
+  _globals['_WEIGHTTENSOR']._serialized_start=2809
+  _globals['_WEIGHTTENSOR']._serialized_end=2899
+  _globals['_WEIGHTSCHUNK']._serialized_start=2901
+  _globals['_WEIGHTSCHUNK']._serialized_end=2945
+  _globals['_FLOWSERVESERVICE']._serialized_start=3168
+  _globals['_FLOWSERVESERVICE']._serialized_end=3732
 # @@protoc_insertion_point(module_scope)

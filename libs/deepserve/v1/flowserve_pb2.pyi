@@ -109,18 +109,20 @@ class SharedMemorySegment(_message.Message):
     def __init__(self, path: _Optional[str] = ..., nbytes: _Optional[int] = ...) -> None: ...
 
 class PrefillDone(_message.Message):
-    __slots__ = ("first_token_id", "cached_tokens", "blocks_sent", "bytes_sent", "transport")
+    __slots__ = ("first_token_id", "cached_tokens", "blocks_sent", "bytes_sent", "transport", "layerwise")
     FIRST_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     BLOCKS_SENT_FIELD_NUMBER: _ClassVar[int]
     BYTES_SENT_FIELD_NUMBER: _ClassVar[int]
     TRANSPORT_FIELD_NUMBER: _ClassVar[int]
+    LAYERWISE_FIELD_NUMBER: _ClassVar[int]
     first_token_id: int
     cached_tokens: int
     blocks_sent: int
     bytes_sent: int
     transport: KVTransport
-    def __init__(self, first_token_id: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., blocks_sent: _Optional[int] = ..., bytes_sent: _Optional[int] = ..., transport: _Optional[_Union[KVTransport, str]] = ...) -> None: ...
+    layerwise: bool
+    def __init__(self, first_token_id: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., blocks_sent: _Optional[int] = ..., bytes_sent: _Optional[int] = ..., transport: _Optional[_Union[KVTransport, str]] = ..., layerwise: _Optional[bool] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("request_id", "token_ids", "text", "logprobs", "finish_reason", "usage", "stop_reason")
@@ -157,7 +159,7 @@ class GetStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetStatsResponse(_message.Message):
-    __slots__ = ("instance_id", "model", "role", "running_requests", "waiting_requests", "kv_blocks_used", "kv_blocks_free", "kv_blocks_total", "prefix_cache_hit_rate", "generation_tokens_per_s", "ready")
+    __slots__ = ("instance_id", "model", "role", "running_requests", "waiting_requests", "kv_blocks_used", "kv_blocks_free", "kv_blocks_total", "prefix_cache_hit_rate", "generation_tokens_per_s", "ready", "kv_received")
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
@@ -169,6 +171,7 @@ class GetStatsResponse(_message.Message):
     PREFIX_CACHE_HIT_RATE_FIELD_NUMBER: _ClassVar[int]
     GENERATION_TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
     READY_FIELD_NUMBER: _ClassVar[int]
+    KV_RECEIVED_FIELD_NUMBER: _ClassVar[int]
     instance_id: str
     model: str
     role: _common_pb2.InstanceRole
@@ -180,29 +183,62 @@ class GetStatsResponse(_message.Message):
     prefix_cache_hit_rate: float
     generation_tokens_per_s: float
     ready: bool
-    def __init__(self, instance_id: _Optional[str] = ..., model: _Optional[str] = ..., role: _Optional[_Union[_common_pb2.InstanceRole, str]] = ..., running_requests: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., prefix_cache_hit_rate: _Optional[float] = ..., generation_tokens_per_s: _Optional[float] = ..., ready: _Optional[bool] = ...) -> None: ...
+    kv_received: KVTransferStats
+    def __init__(self, instance_id: _Optional[str] = ..., model: _Optional[str] = ..., role: _Optional[_Union[_common_pb2.InstanceRole, str]] = ..., running_requests: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., prefix_cache_hit_rate: _Optional[float] = ..., generation_tokens_per_s: _Optional[float] = ..., ready: _Optional[bool] = ..., kv_received: _Optional[_Union[KVTransferStats, _Mapping]] = ...) -> None: ...
+
+class KVTransferStats(_message.Message):
+    __slots__ = ("transfers", "failures", "blocks", "skipped_blocks", "bytes", "transfer_seconds", "prefill_seconds", "layerwise", "shared_memory")
+    TRANSFERS_FIELD_NUMBER: _ClassVar[int]
+    FAILURES_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    SKIPPED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    TRANSFER_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    LAYERWISE_FIELD_NUMBER: _ClassVar[int]
+    SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
+    transfers: int
+    failures: int
+    blocks: int
+    skipped_blocks: int
+    bytes: int
+    transfer_seconds: float
+    prefill_seconds: float
+    layerwise: int
+    shared_memory: int
+    def __init__(self, transfers: _Optional[int] = ..., failures: _Optional[int] = ..., blocks: _Optional[int] = ..., skipped_blocks: _Optional[int] = ..., bytes: _Optional[int] = ..., transfer_seconds: _Optional[float] = ..., prefill_seconds: _Optional[float] = ..., layerwise: _Optional[int] = ..., shared_memory: _Optional[int] = ...) -> None: ...
 
 class LoadModelRequest(_message.Message):
-    __slots__ = ("model", "role", "job_id", "task_id", "tensor_parallel_size")
+    __slots__ = ("model", "role", "job_id", "task_id", "tensor_parallel_size", "weights_source", "weights_path", "fork_from")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     TENSOR_PARALLEL_SIZE_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_SOURCE_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_PATH_FIELD_NUMBER: _ClassVar[int]
+    FORK_FROM_FIELD_NUMBER: _ClassVar[int]
     model: str
     role: _common_pb2.InstanceRole
     job_id: str
     task_id: str
     tensor_parallel_size: int
-    def __init__(self, model: _Optional[str] = ..., role: _Optional[_Union[_common_pb2.InstanceRole, str]] = ..., job_id: _Optional[str] = ..., task_id: _Optional[str] = ..., tensor_parallel_size: _Optional[int] = ...) -> None: ...
+    weights_source: _common_pb2.WeightsSource
+    weights_path: str
+    fork_from: str
+    def __init__(self, model: _Optional[str] = ..., role: _Optional[_Union[_common_pb2.InstanceRole, str]] = ..., job_id: _Optional[str] = ..., task_id: _Optional[str] = ..., tensor_parallel_size: _Optional[int] = ..., weights_source: _Optional[_Union[_common_pb2.WeightsSource, str]] = ..., weights_path: _Optional[str] = ..., fork_from: _Optional[str] = ...) -> None: ...
 
 class LoadModelResponse(_message.Message):
-    __slots__ = ("instance_id", "load_seconds")
+    __slots__ = ("instance_id", "load_seconds", "steps", "weights_source")
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     LOAD_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_SOURCE_FIELD_NUMBER: _ClassVar[int]
     instance_id: str
     load_seconds: float
-    def __init__(self, instance_id: _Optional[str] = ..., load_seconds: _Optional[float] = ...) -> None: ...
+    steps: _containers.RepeatedCompositeFieldContainer[_common_pb2.ScaleStepTiming]
+    weights_source: _common_pb2.WeightsSource
+    def __init__(self, instance_id: _Optional[str] = ..., load_seconds: _Optional[float] = ..., steps: _Optional[_Iterable[_Union[_common_pb2.ScaleStepTiming, _Mapping]]] = ..., weights_source: _Optional[_Union[_common_pb2.WeightsSource, str]] = ...) -> None: ...
 
 class UnloadModelRequest(_message.Message):
     __slots__ = ()
@@ -211,3 +247,51 @@ class UnloadModelRequest(_message.Message):
 class UnloadModelResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class StreamWeightsRequest(_message.Message):
+    __slots__ = ("model", "tensor_parallel_size", "max_chunk_bytes")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_PARALLEL_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MAX_CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    tensor_parallel_size: int
+    max_chunk_bytes: int
+    def __init__(self, model: _Optional[str] = ..., tensor_parallel_size: _Optional[int] = ..., max_chunk_bytes: _Optional[int] = ...) -> None: ...
+
+class StreamWeightsResponse(_message.Message):
+    __slots__ = ("manifest", "chunk")
+    MANIFEST_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    manifest: WeightsManifest
+    chunk: WeightsChunk
+    def __init__(self, manifest: _Optional[_Union[WeightsManifest, _Mapping]] = ..., chunk: _Optional[_Union[WeightsChunk, _Mapping]] = ...) -> None: ...
+
+class WeightsManifest(_message.Message):
+    __slots__ = ("tensors", "total_bytes")
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    tensors: _containers.RepeatedCompositeFieldContainer[WeightTensor]
+    total_bytes: int
+    def __init__(self, tensors: _Optional[_Iterable[_Union[WeightTensor, _Mapping]]] = ..., total_bytes: _Optional[int] = ...) -> None: ...
+
+class WeightTensor(_message.Message):
+    __slots__ = ("name", "dtype", "shape", "offset", "nbytes")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    NBYTES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    dtype: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    offset: int
+    nbytes: int
+    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., offset: _Optional[int] = ..., nbytes: _Optional[int] = ...) -> None: ...
+
+class WeightsChunk(_message.Message):
+    __slots__ = ("offset", "data")
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    offset: int
+    data: bytes
+    def __init__(self, offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...

@@ -65,6 +65,11 @@ class FlowServeServiceStub:
                 request_serializer=deepserve_dot_v1_dot_flowserve__pb2.PrefillRequest.SerializeToString,
                 response_deserializer=deepserve_dot_v1_dot_flowserve__pb2.PrefillResponse.FromString,
                 _registered_method=True)
+        self.StreamWeights = channel.unary_stream(
+                '/deepserve.v1.FlowServeService/StreamWeights',
+                request_serializer=deepserve_dot_v1_dot_flowserve__pb2.StreamWeightsRequest.SerializeToString,
+                response_deserializer=deepserve_dot_v1_dot_flowserve__pb2.StreamWeightsResponse.FromString,
+                _registered_method=True)
 
 
 class FlowServeServiceServicer:
@@ -115,6 +120,14 @@ class FlowServeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StreamWeights(self, request, context):
+        """Fork (scale-up step 3): streams this instance's loaded weights to a new instance of the
+        same model while this one keeps serving. Many targets may stream at once.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FlowServeServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -147,6 +160,11 @@ def add_FlowServeServiceServicer_to_server(servicer, server):
                     servicer.Prefill,
                     request_deserializer=deepserve_dot_v1_dot_flowserve__pb2.PrefillRequest.FromString,
                     response_serializer=deepserve_dot_v1_dot_flowserve__pb2.PrefillResponse.SerializeToString,
+            ),
+            'StreamWeights': grpc.unary_stream_rpc_method_handler(
+                    servicer.StreamWeights,
+                    request_deserializer=deepserve_dot_v1_dot_flowserve__pb2.StreamWeightsRequest.FromString,
+                    response_serializer=deepserve_dot_v1_dot_flowserve__pb2.StreamWeightsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -312,6 +330,33 @@ class FlowServeService:
             '/deepserve.v1.FlowServeService/Prefill',
             deepserve_dot_v1_dot_flowserve__pb2.PrefillRequest.SerializeToString,
             deepserve_dot_v1_dot_flowserve__pb2.PrefillResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamWeights(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/deepserve.v1.FlowServeService/StreamWeights',
+            deepserve_dot_v1_dot_flowserve__pb2.StreamWeightsRequest.SerializeToString,
+            deepserve_dot_v1_dot_flowserve__pb2.StreamWeightsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -81,7 +81,7 @@ TASK_STATE_FAILED: TaskState
 TASK_STATE_TERMINATING: TaskState
 
 class ServingSpec(_message.Message):
-    __slots__ = ("model", "replicas", "min_replicas", "max_replicas", "mode", "prefill_instances", "decode_instances", "policy", "tensor_parallel_size")
+    __slots__ = ("model", "replicas", "min_replicas", "max_replicas", "mode", "prefill_instances", "decode_instances", "policy", "tensor_parallel_size", "autoscaling")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
     MIN_REPLICAS_FIELD_NUMBER: _ClassVar[int]
@@ -91,6 +91,7 @@ class ServingSpec(_message.Message):
     DECODE_INSTANCES_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
     TENSOR_PARALLEL_SIZE_FIELD_NUMBER: _ClassVar[int]
+    AUTOSCALING_FIELD_NUMBER: _ClassVar[int]
     model: str
     replicas: int
     min_replicas: int
@@ -100,7 +101,28 @@ class ServingSpec(_message.Message):
     decode_instances: int
     policy: RoutingPolicy
     tensor_parallel_size: int
-    def __init__(self, model: _Optional[str] = ..., replicas: _Optional[int] = ..., min_replicas: _Optional[int] = ..., max_replicas: _Optional[int] = ..., mode: _Optional[_Union[ServingMode, str]] = ..., prefill_instances: _Optional[int] = ..., decode_instances: _Optional[int] = ..., policy: _Optional[_Union[RoutingPolicy, str]] = ..., tensor_parallel_size: _Optional[int] = ...) -> None: ...
+    autoscaling: AutoscalingPolicy
+    def __init__(self, model: _Optional[str] = ..., replicas: _Optional[int] = ..., min_replicas: _Optional[int] = ..., max_replicas: _Optional[int] = ..., mode: _Optional[_Union[ServingMode, str]] = ..., prefill_instances: _Optional[int] = ..., decode_instances: _Optional[int] = ..., policy: _Optional[_Union[RoutingPolicy, str]] = ..., tensor_parallel_size: _Optional[int] = ..., autoscaling: _Optional[_Union[AutoscalingPolicy, _Mapping]] = ...) -> None: ...
+
+class AutoscalingPolicy(_message.Message):
+    __slots__ = ("enabled", "target_requests_per_instance", "target_kv_usage", "ttft_slo_ms", "tpot_slo_ms", "scale_to_zero_after_s", "scale_up_cooldown_s", "scale_down_cooldown_s")
+    ENABLED_FIELD_NUMBER: _ClassVar[int]
+    TARGET_REQUESTS_PER_INSTANCE_FIELD_NUMBER: _ClassVar[int]
+    TARGET_KV_USAGE_FIELD_NUMBER: _ClassVar[int]
+    TTFT_SLO_MS_FIELD_NUMBER: _ClassVar[int]
+    TPOT_SLO_MS_FIELD_NUMBER: _ClassVar[int]
+    SCALE_TO_ZERO_AFTER_S_FIELD_NUMBER: _ClassVar[int]
+    SCALE_UP_COOLDOWN_S_FIELD_NUMBER: _ClassVar[int]
+    SCALE_DOWN_COOLDOWN_S_FIELD_NUMBER: _ClassVar[int]
+    enabled: bool
+    target_requests_per_instance: float
+    target_kv_usage: float
+    ttft_slo_ms: float
+    tpot_slo_ms: float
+    scale_to_zero_after_s: float
+    scale_up_cooldown_s: float
+    scale_down_cooldown_s: float
+    def __init__(self, enabled: _Optional[bool] = ..., target_requests_per_instance: _Optional[float] = ..., target_kv_usage: _Optional[float] = ..., ttft_slo_ms: _Optional[float] = ..., tpot_slo_ms: _Optional[float] = ..., scale_to_zero_after_s: _Optional[float] = ..., scale_up_cooldown_s: _Optional[float] = ..., scale_down_cooldown_s: _Optional[float] = ...) -> None: ...
 
 class JobSpec(_message.Message):
     __slots__ = ("kind", "serving")
@@ -239,7 +261,7 @@ class DeleteJobResponse(_message.Message):
     def __init__(self, job: _Optional[_Union[Job, _Mapping]] = ...) -> None: ...
 
 class Task(_message.Message):
-    __slots__ = ("task_id", "job_id", "slot", "role", "model", "state", "pod_id", "instance_id", "address", "cold_start", "events", "created_at_unix", "message", "revision")
+    __slots__ = ("task_id", "job_id", "slot", "role", "model", "state", "pod_id", "instance_id", "address", "cold_start", "events", "created_at_unix", "message", "revision", "scale_steps", "weights_source")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     SLOT_FIELD_NUMBER: _ClassVar[int]
@@ -254,6 +276,8 @@ class Task(_message.Message):
     CREATED_AT_UNIX_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
+    SCALE_STEPS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_SOURCE_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     job_id: str
     slot: str
@@ -268,7 +292,9 @@ class Task(_message.Message):
     created_at_unix: float
     message: str
     revision: int
-    def __init__(self, task_id: _Optional[str] = ..., job_id: _Optional[str] = ..., slot: _Optional[str] = ..., role: _Optional[_Union[_common_pb2.InstanceRole, str]] = ..., model: _Optional[str] = ..., state: _Optional[_Union[TaskState, str]] = ..., pod_id: _Optional[str] = ..., instance_id: _Optional[str] = ..., address: _Optional[str] = ..., cold_start: _Optional[bool] = ..., events: _Optional[_Iterable[_Union[JobEvent, _Mapping]]] = ..., created_at_unix: _Optional[float] = ..., message: _Optional[str] = ..., revision: _Optional[int] = ...) -> None: ...
+    scale_steps: _containers.RepeatedCompositeFieldContainer[_common_pb2.ScaleStepTiming]
+    weights_source: _common_pb2.WeightsSource
+    def __init__(self, task_id: _Optional[str] = ..., job_id: _Optional[str] = ..., slot: _Optional[str] = ..., role: _Optional[_Union[_common_pb2.InstanceRole, str]] = ..., model: _Optional[str] = ..., state: _Optional[_Union[TaskState, str]] = ..., pod_id: _Optional[str] = ..., instance_id: _Optional[str] = ..., address: _Optional[str] = ..., cold_start: _Optional[bool] = ..., events: _Optional[_Iterable[_Union[JobEvent, _Mapping]]] = ..., created_at_unix: _Optional[float] = ..., message: _Optional[str] = ..., revision: _Optional[int] = ..., scale_steps: _Optional[_Iterable[_Union[_common_pb2.ScaleStepTiming, _Mapping]]] = ..., weights_source: _Optional[_Union[_common_pb2.WeightsSource, str]] = ...) -> None: ...
 
 class ListTasksRequest(_message.Message):
     __slots__ = ("job_id",)

@@ -22,18 +22,22 @@ class AcquirePodRequest(_message.Message):
     def __init__(self, task_id: _Optional[str] = ..., model: _Optional[str] = ..., role: _Optional[_Union[_common_pb2.InstanceRole, str]] = ..., job_id: _Optional[str] = ..., tensor_parallel_size: _Optional[int] = ...) -> None: ...
 
 class AcquirePodResponse(_message.Message):
-    __slots__ = ("pod", "cold_start", "instance_id", "load_seconds", "claim_seconds")
+    __slots__ = ("pod", "cold_start", "instance_id", "load_seconds", "claim_seconds", "steps", "weights_source")
     POD_FIELD_NUMBER: _ClassVar[int]
     COLD_START_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     LOAD_SECONDS_FIELD_NUMBER: _ClassVar[int]
     CLAIM_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_SOURCE_FIELD_NUMBER: _ClassVar[int]
     pod: _common_pb2.Pod
     cold_start: bool
     instance_id: str
     load_seconds: float
     claim_seconds: float
-    def __init__(self, pod: _Optional[_Union[_common_pb2.Pod, _Mapping]] = ..., cold_start: _Optional[bool] = ..., instance_id: _Optional[str] = ..., load_seconds: _Optional[float] = ..., claim_seconds: _Optional[float] = ...) -> None: ...
+    steps: _containers.RepeatedCompositeFieldContainer[_common_pb2.ScaleStepTiming]
+    weights_source: _common_pb2.WeightsSource
+    def __init__(self, pod: _Optional[_Union[_common_pb2.Pod, _Mapping]] = ..., cold_start: _Optional[bool] = ..., instance_id: _Optional[str] = ..., load_seconds: _Optional[float] = ..., claim_seconds: _Optional[float] = ..., steps: _Optional[_Iterable[_Union[_common_pb2.ScaleStepTiming, _Mapping]]] = ..., weights_source: _Optional[_Union[_common_pb2.WeightsSource, str]] = ...) -> None: ...
 
 class ReleasePodRequest(_message.Message):
     __slots__ = ("pod_id", "terminate")
@@ -54,13 +58,31 @@ class ListPodsRequest(_message.Message):
     def __init__(self, state: _Optional[_Union[_common_pb2.PodState, str]] = ...) -> None: ...
 
 class ListPodsResponse(_message.Message):
-    __slots__ = ("pods", "warm_target", "cold_starts", "warm_hits")
+    __slots__ = ("pods", "warm_target", "cold_starts", "warm_hits", "dram_copies")
     PODS_FIELD_NUMBER: _ClassVar[int]
     WARM_TARGET_FIELD_NUMBER: _ClassVar[int]
     COLD_STARTS_FIELD_NUMBER: _ClassVar[int]
     WARM_HITS_FIELD_NUMBER: _ClassVar[int]
+    DRAM_COPIES_FIELD_NUMBER: _ClassVar[int]
     pods: _containers.RepeatedCompositeFieldContainer[_common_pb2.Pod]
     warm_target: int
     cold_starts: int
     warm_hits: int
-    def __init__(self, pods: _Optional[_Iterable[_Union[_common_pb2.Pod, _Mapping]]] = ..., warm_target: _Optional[int] = ..., cold_starts: _Optional[int] = ..., warm_hits: _Optional[int] = ...) -> None: ...
+    dram_copies: _containers.RepeatedCompositeFieldContainer[DramCopy]
+    def __init__(self, pods: _Optional[_Iterable[_Union[_common_pb2.Pod, _Mapping]]] = ..., warm_target: _Optional[int] = ..., cold_starts: _Optional[int] = ..., warm_hits: _Optional[int] = ..., dram_copies: _Optional[_Iterable[_Union[DramCopy, _Mapping]]] = ...) -> None: ...
+
+class DramCopy(_message.Message):
+    __slots__ = ("model", "host", "path", "nbytes", "pinned", "ready")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    HOST_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    NBYTES_FIELD_NUMBER: _ClassVar[int]
+    PINNED_FIELD_NUMBER: _ClassVar[int]
+    READY_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    host: str
+    path: str
+    nbytes: int
+    pinned: bool
+    ready: bool
+    def __init__(self, model: _Optional[str] = ..., host: _Optional[str] = ..., path: _Optional[str] = ..., nbytes: _Optional[int] = ..., pinned: _Optional[bool] = ..., ready: _Optional[bool] = ...) -> None: ...

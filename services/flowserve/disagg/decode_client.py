@@ -6,10 +6,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
+from dataclasses import dataclass
 
 import grpc
 
 from deepserve.errors import (
+    Cancelled,
     DeepServeError,
     InvalidArgument,
     ResourceExhausted,
@@ -46,6 +49,23 @@ class PeerChannels:
             await channel.close()
 
 
+@dataclass(slots=True)
+class TransferStats:
+    """Running totals of the KV this instance received from prefill instances."""
+
+    transfers: int = 0
+    failures: int = 0
+    blocks: int = 0
+    bytes: int = 0
+    layerwise: int = 0
+    shared_memory: int = 0
+    # Wall time from the Prefill call to its last message, summed (includes prefill compute).
+    seconds: float = 0.0
+    # Wall time from the first KV message to the last, summed (the transfer itself).
+    transfer_seconds: float = 0.0
+    skipped_blocks: int = 0
+
+
 class GrpcPrefillSource:
     """A RemotePrefillSource that calls FlowServeService.Prefill on a prefill instance."""
 
@@ -59,6 +79,7 @@ class GrpcPrefillSource:
         sampling: common_pb2.SamplingParams,
         settings: TransferSettings,
         layerwise: bool,
+        stats: TransferStats | None = None,
     ) -> None:
         self.peers = peers
         self.address = address
@@ -67,6 +88,7 @@ class GrpcPrefillSource:
         self.sampling = sampling
         self.settings = settings
         self.layerwise = layerwise
+        self.stats = stats if stats is not None else TransferStats()
         # Figures of the last transfer (for stats and the benchmark).
         self.done: flowserve_pb2.PrefillDone | None = None
 
@@ -90,11 +112,17 @@ class GrpcPrefillSource:
             host_id=local_host_id(),
         )
 
+    async def _receive(self, assembler: KVAssembler, msg: flowserve_pb2.KVChunk) -> None:
+        await _receive_chunk(self.address, assembler, msg)
+
     async def prefill(self, reservation: KVReservation, sink: KVSink) -> PrefillResult:
         assembler = KVAssembler(sink, reservation.num_held_blocks, len(reservation.block_ids))
         call = self.peers.stub(self.address).Prefill(
             self._request(reservation), timeout=self.settings.prefill_timeout_s
         )
+        started = time.monotonic()
+        first_kv: float | None = None
+        ok = False
         try:
             while True:
                 try:
@@ -109,7 +137,9 @@ class GrpcPrefillSource:
                         f"prefill instance {self.address} ended the transfer without a result"
                     )
                 if msg.HasField("kv"):
-                    await assembler.add(chunk_from_proto(msg.kv))
+                    if first_kv is None:
+                        first_kv = time.monotonic()
+                    await self._receive(assembler, msg.kv)
                     continue
                 done = msg.done
                 if not assembler.complete:
@@ -118,13 +148,39 @@ class GrpcPrefillSource:
                         f"{assembler.missing_blocks}"
                     )
                 self.done = done
+                ok = True
+                now = time.monotonic()
+                stats = self.stats
+                stats.transfers += 1
+                stats.blocks += reservation.num_missing_blocks
+                stats.skipped_blocks += reservation.num_held_blocks
+                stats.bytes += assembler.bytes_received
+                stats.layerwise += int(done.layerwise)
+                stats.shared_memory += int(
+                    done.transport == flowserve_pb2.KV_TRANSPORT_SHARED_MEMORY
+                )
+                stats.seconds += now - started
+                stats.transfer_seconds += now - first_kv if first_kv is not None else 0.0
                 return PrefillResult(done.first_token_id, done.cached_tokens)
         except grpc.aio.AioRpcError as exc:
             raise _prefill_failed(self.address, exc) from None
         finally:
+            if not ok:
+                self.stats.failures += 1
             # A no-op once the stream ended; otherwise it tells the prefill side to free its KV.
             with contextlib.suppress(Exception):
                 call.cancel()
+
+
+async def _receive_chunk(address: str, assembler: KVAssembler, msg: flowserve_pb2.KVChunk) -> None:
+    try:
+        chunk = chunk_from_proto(msg)
+        await assembler.add(chunk)
+    except Cancelled:
+        raise  # this request was aborted here: not the prefill side's fault
+    except DeepServeError as exc:
+        # A segment the failing sender already removed, a malformed or mismatched chunk.
+        raise Unavailable(f"KV transfer from prefill instance {address} failed: {exc}") from exc
 
 
 def _prefill_failed(address: str, exc: grpc.aio.AioRpcError) -> DeepServeError:

@@ -63,6 +63,7 @@ async def serve_prefill(
                         blocks_sent=event.blocks_sent,
                         bytes_sent=event.bytes_sent,
                         transport=transport,
+                        layerwise=event.layerwise,
                     )
                 )
                 continue

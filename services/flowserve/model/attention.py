@@ -25,6 +25,9 @@ class DecodeGroup:
     max_context_len: int
     # [seqs, 1, 1, max_context_len] bool, True where a key is real; None when no padding.
     key_mask: torch.Tensor | None
+    # Gathered K and V of the group, made by the first layer and refilled by the others: a
+    # fresh multi-MB tensor per layer costs page faults that rival the gather itself on CPU.
+    gather_buffers: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 @dataclass(slots=True)
@@ -121,15 +124,19 @@ def _decode_attention(
     group: int,
 ) -> torch.Tensor:
     seqs, num_heads, head_dim = q.shape
-    _, block_size, kv_heads, _ = key_cache.shape
+    num_blocks, block_size, kv_heads, _ = key_cache.shape
     max_blocks = decode.block_ids.shape[1]
     flat_ids = decode.block_ids.reshape(-1)
     length = decode.max_context_len
+    if decode.gather_buffers is None:
+        shape = (flat_ids.numel(), block_size * kv_heads * head_dim)
+        decode.gather_buffers = (key_cache.new_empty(shape), value_cache.new_empty(shape))
+    key_buffer, value_buffer = decode.gather_buffers
+    torch.index_select(key_cache.view(num_blocks, -1), 0, flat_ids, out=key_buffer)
+    torch.index_select(value_cache.view(num_blocks, -1), 0, flat_ids, out=value_buffer)
     # [seqs, kv_heads, len, d]; padding beyond each sequence's length is masked out.
-    k = key_cache.index_select(0, flat_ids).view(seqs, max_blocks * block_size, kv_heads, head_dim)
-    v = value_cache.index_select(0, flat_ids).view(
-        seqs, max_blocks * block_size, kv_heads, head_dim
-    )
+    k = key_buffer.view(seqs, max_blocks * block_size, kv_heads, head_dim)
+    v = value_buffer.view(seqs, max_blocks * block_size, kv_heads, head_dim)
     k = k[:, :length].transpose(1, 2)
     v = v[:, :length].transpose(1, 2)
     # One query token per sequence: fold the heads sharing a kv head into the query axis, so GQA

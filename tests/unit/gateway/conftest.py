@@ -1,9 +1,9 @@
-"""An in-process gateway (HTTP + gRPC) in front of an echo engine, with the real scheduler
-servicer, a real etcd and a real Redis-protocol server (the session fixtures)."""
+"""An in-process gateway (HTTP + gRPC) in front of an echo engine and a static scheduler, with
+a real etcd and a real Redis-protocol server (the session fixtures)."""
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -19,17 +19,15 @@ from deepserve.gateway.http_app import create_app
 from deepserve.gateway.http_server import HttpServer
 from deepserve.gateway.servicer import GatewayServicer
 from deepserve.records import InstanceRecord, Role
-from deepserve.rpc.server import GrpcService, start_grpc_server
-from deepserve.scheduler.instance_table import InstanceTable
-from deepserve.scheduler.router import Router
-from deepserve.scheduler.servicer import SchedulerServicer
+from deepserve.rpc.server import start_grpc_server
 from deepserve.store.etcd import EtcdStore
 from deepserve.store.redis_store import RedisStore
 from deepserve.tenancy.api_keys import ApiKeys, hash_api_key
 from deepserve.tenancy.tenants import TenantLimits, Tenants
 from deepserve.tokenizer import Tokenizer
-from deepserve.v1 import gateway_pb2_grpc, scheduler_pb2_grpc
+from deepserve.v1 import common_pb2, gateway_pb2_grpc
 from tests.unit.gateway.fake_engine import EchoEngine
+from tests.unit.gateway.fake_scheduler import StaticScheduler
 
 MAX_MODEL_LEN = 512
 
@@ -47,6 +45,7 @@ class GatewayHarness:
     redis: RedisStore
     model: str
     instance_id: str
+    scheduler: StaticScheduler
 
     async def new_key(self, limits: TenantLimits | None = None) -> tuple[str, str]:
         """A fresh tenant (with `limits`) and an API key for it, visible to the gateway."""
@@ -65,10 +64,12 @@ def smollm_tokenizer(model_cache_dir: Path) -> Tokenizer:
     return Tokenizer.from_model_dir(model_cache_dir / "smollm2-135m")
 
 
-@pytest_asyncio.fixture(scope="module")
-async def harness(
-    etcd_endpoint: str, redis_url: str, smollm_tokenizer: Tokenizer
+@contextlib.asynccontextmanager
+async def running_harness(
+    etcd_endpoint: str, redis_url: str, tokenizer: Tokenizer
 ) -> AsyncIterator[GatewayHarness]:
+    """Starts the whole in-process stack on the running event loop."""
+    smollm_tokenizer = tokenizer
     etcd = EtcdStore(etcd_endpoint)
     await etcd.connect()
     redis = RedisStore(redis_url)
@@ -77,22 +78,12 @@ async def harness(
     engine = EchoEngine(smollm_tokenizer)
     engine_address = await engine.start()
 
-    table = InstanceTable(etcd)
-    table.start()
-    scheduler: GrpcService = await start_grpc_server(
-        [
-            lambda s: scheduler_pb2_grpc.add_SchedulerServiceServicer_to_server(
-                SchedulerServicer(Router(table), table), s
-            )
-        ],
-        ["deepserve.v1.SchedulerService"],
-        host="127.0.0.1",
-        port=0,
-    )
+    scheduler = StaticScheduler()
+    scheduler_address = await scheduler.start()
 
     settings = GatewaySettings(
         common=CommonSettings(etcd_endpoint=etcd_endpoint, redis_url=redis_url),
-        scheduler_address=f"127.0.0.1:{scheduler.port}",
+        scheduler_address=scheduler_address,
         auth_open=False,
         request_timeout_s=30,
     )
@@ -114,10 +105,7 @@ async def harness(
         ),
     )
     assert await gateway.models.instances.wait_for(lambda items: instance_id in items, 10)
-    for _ in range(200):
-        if table.of_model(model):
-            break
-        await asyncio.sleep(0.02)
+    scheduler.add(common_pb2.Instance(instance_id=instance_id, model=model, address=engine_address))
 
     http = HttpServer(create_app(gateway), "127.0.0.1", 0)
     http_port = await http.start()
@@ -141,13 +129,21 @@ async def harness(
         redis=redis,
         model=model,
         instance_id=instance_id,
+        scheduler=scheduler,
     )
     await grpc_service.server.stop(0)
     await http.stop()
     await gateway.stop()
     await records.instances(etcd).delete(instance_id)
-    await scheduler.server.stop(0)
-    await table.stop()
+    await scheduler.stop()
     await engine.stop()
     await redis.close()
     await etcd.close()
+
+
+@pytest_asyncio.fixture(scope="module")
+async def harness(
+    etcd_endpoint: str, redis_url: str, smollm_tokenizer: Tokenizer
+) -> AsyncIterator[GatewayHarness]:
+    async with running_harness(etcd_endpoint, redis_url, smollm_tokenizer) as h:
+        yield h

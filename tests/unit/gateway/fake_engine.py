@@ -46,6 +46,7 @@ class EchoEngine(flowserve_pb2_grpc.FlowServeServiceServicer):
         self.behaviour = EchoBehaviour()
         self.record = EchoRecord()
         self.service: GrpcService | None = None
+        self.address = ""
 
     async def start(self) -> str:
         self.service = await start_grpc_server(
@@ -54,7 +55,8 @@ class EchoEngine(flowserve_pb2_grpc.FlowServeServiceServicer):
             host="127.0.0.1",
             port=0,
         )
-        return f"127.0.0.1:{self.service.port}"
+        self.address = f"127.0.0.1:{self.service.port}"
+        return self.address
 
     async def stop(self) -> None:
         if self.service is not None:

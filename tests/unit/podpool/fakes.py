@@ -6,7 +6,7 @@ import asyncio
 import socket
 
 from deepserve import records
-from deepserve.errors import FailedPrecondition
+from deepserve.errors import FailedPrecondition, NotFound, Unavailable
 from deepserve.podpool.pod_agent import LoadResult
 from deepserve.records import PodRecord, PodState, Role
 from deepserve.store.etcd import EtcdStore, KeepAliveLease
@@ -24,6 +24,7 @@ class FakeBackend:
         self.leases: dict[str, KeepAliveLease] = {}
         self.created: list[str] = []
         self.deleted: list[str] = []
+        self.unknown_models: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def create_pod(self, pod_id: str) -> None:
@@ -45,6 +46,10 @@ class FakeBackend:
             backend=self.name,
         )
         await records.pods(self.store).put(pod_id, record, lease_id=lease.id)
+
+    def check_model(self, model: str) -> None:
+        if model in self.unknown_models:
+            raise NotFound(f"no model {model}", field="model")
 
     def is_starting(self, pod_id: str) -> bool:
         return pod_id in self.leases
@@ -77,6 +82,7 @@ class FakeAgent:
     def __init__(self, store: EtcdStore) -> None:
         self.store = store
         self.fail_models: set[str] = set()
+        self.hang_models: set[str] = set()
         self.loads: list[tuple[str, str]] = []
         self.unloads: list[str] = []
 
@@ -99,6 +105,8 @@ class FakeAgent:
         pod, lease_id = await self._pod_at(address)
         if model in self.fail_models:
             raise FailedPrecondition(f"cannot load {model}")
+        if model in self.hang_models:
+            raise Unavailable("pod did not answer")
         self.loads.append((pod.pod_id, task_id))
         updated = pod.model_copy(
             update={"state": PodState.ASSIGNED, "model": model, "role": role, "task_id": task_id}

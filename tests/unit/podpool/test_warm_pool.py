@@ -7,10 +7,10 @@ from collections.abc import AsyncIterator, Callable
 
 import pytest
 
-from deepserve.errors import FailedPrecondition
+from deepserve.errors import FailedPrecondition, NotFound, Unavailable
 from deepserve.podpool.pod_view import PodView
 from deepserve.podpool.warm_pool import PodRequest, WarmPodPool
-from deepserve.records import PodRecord, PodState, Role
+from deepserve.records import PodState, Role
 from deepserve.store.etcd import EtcdStore
 from deepserve.store.keys import Keys
 
@@ -23,9 +23,6 @@ async def etcd(etcd_endpoint: str) -> AsyncIterator[EtcdStore]:
         await store.delete_prefix(Keys.pods_prefix())
         yield store
         await store.delete_prefix(Keys.pods_prefix())
-
-
-PoolFactory = Callable[..., "asyncio.Future[tuple[WarmPodPool, FakeBackend, FakeAgent]]"]
 
 
 @pytest.fixture
@@ -102,22 +99,36 @@ async def test_acquire_is_idempotent_per_task(make_pool) -> None:  # type: ignor
     pool, _, agent = await make_pool(warm_target=1)
     await warm_count(pool, 1)
     first = await pool.acquire(ask("t1"))
-    await pool.view.wait_for(
-        lambda pods: pods[first.pod.pod_id].task_id == "t1", timeout_s=5
-    )
+    await pool.view.wait_for(lambda pods: pods[first.pod.pod_id].task_id == "t1", timeout_s=5)
     again = await pool.acquire(ask("t1"))
     assert again.pod.pod_id == first.pod.pod_id
     assert [load[0] for load in agent.loads] == [first.pod.pod_id] * 2
 
 
-async def test_failed_load_ends_the_pod_and_raises(make_pool) -> None:  # type: ignore[no-untyped-def]
+async def test_refused_load_keeps_the_pod_and_a_silent_pod_is_ended(make_pool) -> None:  # type: ignore[no-untyped-def]
     pool, backend, agent = await make_pool(warm_target=1)
     await warm_count(pool, 1)
     agent.fail_models.add("broken")
-    victim = pool.view.list(PodState.WARM)[0].pod_id
+    pod_id = pool.view.list(PodState.WARM)[0].pod_id
     with pytest.raises(FailedPrecondition):
         await pool.acquire(ask("t1", model="broken"))
-    assert victim in backend.deleted
+    await warm_count(pool, 1)
+    assert pool.view.list(PodState.WARM)[0].pod_id == pod_id  # back in the pool
+    assert pod_id not in backend.deleted
+    agent.hang_models.add("hangs")
+    with pytest.raises(Unavailable):
+        await pool.acquire(ask("t2", model="hangs"))
+    assert pod_id in backend.deleted
+
+
+async def test_an_unknown_model_fails_before_any_pod_is_touched(make_pool) -> None:  # type: ignore[no-untyped-def]
+    pool, backend, agent = await make_pool(warm_target=1)
+    await warm_count(pool, 1)
+    backend.unknown_models.add("nope")
+    with pytest.raises(NotFound):
+        await pool.acquire(ask("t1", model="nope"))
+    assert agent.loads == []
+    assert len(backend.created) == 1  # only the warm pod
 
 
 async def test_release_returns_to_the_pool_or_ends_the_pod(make_pool) -> None:  # type: ignore[no-untyped-def]
@@ -145,8 +156,3 @@ async def test_surplus_warm_pods_this_pool_started_are_trimmed(make_pool) -> Non
     await pool.refill_once()
     await warm_count(pool, 1)
     assert len(backend.deleted) == 2
-
-
-def test_pod_record_defaults_are_warm_ready() -> None:
-    pod = PodRecord(pod_id="p", state=PodState.WARM, address="a:1", host="h", pid=1)
-    assert (pod.model, pod.task_id) == ("", "")

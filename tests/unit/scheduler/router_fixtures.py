@@ -6,6 +6,7 @@ from deepserve.jobmgr.job_records import RoutingPolicy
 from deepserve.records import InstanceRecord, Role
 from deepserve.scheduler.decode_predictor import DecodeLengthPredictor
 from deepserve.scheduler.heatmap_table import HeatmapTable
+from deepserve.scheduler.instance_table import RoleGroups
 from deepserve.scheduler.load_tracker import InstanceLoad, LoadTracker
 from deepserve.scheduler.policy_table import PolicyTable
 from deepserve.scheduler.prefix_index import PrefixIndex
@@ -20,8 +21,8 @@ class StaticTable:
     def __init__(self, instances: list[InstanceRecord]) -> None:
         self.instances = instances
 
-    def of_model(self, model: str) -> list[InstanceRecord]:
-        return sorted((i for i in self.instances if i.model == model), key=lambda i: i.instance_id)
+    def groups(self, model: str) -> RoleGroups:
+        return RoleGroups.of(i for i in self.instances if i.model == model)
 
 
 def instance(instance_id: str, role: Role = Role.COLOCATED, model: str = MODEL) -> InstanceRecord:

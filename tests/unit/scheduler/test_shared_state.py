@@ -31,8 +31,11 @@ async def test_loads_are_read_from_reports_and_routed_counts_are_shared(
     redis: RedisStore,
 ) -> None:
     a, b = ids("a", "b")
-    await redis.publish_load(a, {"running": 2, "waiting": 3, "kv_blocks_used": 5,
-                                 "kv_blocks_total": 10, "at": 100.0}, ttl_s=30)
+    await redis.publish_load(
+        a,
+        {"running": 2, "waiting": 3, "kv_blocks_used": 5, "kv_blocks_total": 10, "at": 100.0},
+        ttl_s=30,
+    )
     one = LoadTracker(redis, lambda: [a, b])
     two = LoadTracker(redis, lambda: [a, b])
     await one.refresh()
