@@ -152,9 +152,9 @@ def shutdown_telemetry() -> None:
 
 
 def grpc_server_interceptors() -> list[Any]:
-    from opentelemetry.instrumentation.grpc import aio_server_interceptor
+    from deepserve.rpc.tracing import TracingServerInterceptor
 
-    return [aio_server_interceptor()]
+    return [TracingServerInterceptor()]
 
 
 def grpc_client_interceptors() -> list[Any]:

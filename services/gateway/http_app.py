@@ -102,8 +102,9 @@ def create_app(gateway: Gateway) -> FastAPI:
     )
     app.add_middleware(RequestIdMiddleware)  # type: ignore[arg-type]
 
-    def caller(authorization: str | None = Header(default=None)) -> Caller:
-        # A dependency, so a bad key is refused (401) before the body is looked at.
+    async def caller(authorization: str | None = Header(default=None)) -> Caller:
+        # A dependency, so a bad key is refused (401) before the body is looked at; async, so
+        # FastAPI does not hop to its thread pool for a dict lookup.
         return gateway.authenticate(authorization)
 
     @app.exception_handler(DeepServeError)

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import grpc
+from opentelemetry import trace
 
 from deepserve.errors import InvalidArgument
 from deepserve.scheduler.history_sync import HistorySync
 from deepserve.scheduler.instance_table import InstanceTable
-from deepserve.scheduler.router import RouteFacts, Router
+from deepserve.scheduler.route_metrics import ROUTE_DECISIONS
+from deepserve.scheduler.router import RouteDecision, RouteFacts, Router
 from deepserve.v1 import scheduler_pb2, scheduler_pb2_grpc
 from deepserve.wire import instance_to_proto
+
+_tracer = trace.get_tracer(__name__)
 
 _BRANCHES = {
     "locality": scheduler_pb2.ROUTE_BRANCH_LOCALITY,
@@ -31,17 +35,20 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
     async def Route(
         self, request: scheduler_pb2.RouteRequest, context: grpc.aio.ServicerContext
     ) -> scheduler_pb2.RouteResponse:
-        decision = self._router.route(
-            RouteFacts(
-                request_id=request.request_id,
-                model=request.model,
-                tenant=request.tenant,
-                prompt_tokens=request.prompt_tokens,
-                max_tokens=request.max_tokens,
-                prefix_block_hashes=list(request.prefix_block_hashes),
-                exclude_instance_ids=set(request.exclude_instance_ids),
-            )
-        )
+        with _tracer.start_as_current_span("route") as span:
+            decision = self._route(request)
+            span.set_attribute("request_id", request.request_id)
+            span.set_attribute("model", request.model)
+            span.set_attribute("route.policy", decision.policy)
+            span.set_attribute("route.branch", decision.branch)
+            span.set_attribute("route.reason", decision.reason)
+            span.set_attribute("route.disaggregated", decision.disaggregated)
+            span.set_attribute("route.instances", [i.instance_id for i in decision.instances])
+            for instance_id, score in list(decision.scores.items())[:8]:
+                span.set_attribute(f"route.score.{instance_id}", score)
+        ROUTE_DECISIONS.labels(
+            request.model, decision.policy, decision.branch, str(decision.disaggregated).lower()
+        ).inc()
         return scheduler_pb2.RouteResponse(
             instances=[instance_to_proto(i) for i in decision.instances],
             disaggregated=decision.disaggregated,
@@ -51,6 +58,19 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
             predicted_decode_tokens=decision.predicted_decode_tokens,
             policy=decision.policy,
             pd_reason=decision.pd_reason,
+        )
+
+    def _route(self, request: scheduler_pb2.RouteRequest) -> RouteDecision:
+        return self._router.route(
+            RouteFacts(
+                request_id=request.request_id,
+                model=request.model,
+                tenant=request.tenant,
+                prompt_tokens=request.prompt_tokens,
+                max_tokens=request.max_tokens,
+                prefix_block_hashes=list(request.prefix_block_hashes),
+                exclude_instance_ids=set(request.exclude_instance_ids),
+            )
         )
 
     async def ListInstances(

@@ -60,12 +60,13 @@ async def start_grpc_server(
     metrics_label: str = "",
 ) -> GrpcService:
     """Starts a server with the given servicers plus health and reflection; port 0 picks one."""
-    # Outermost first: tracing sees the whole call, metrics see the mapped status code.
+    # Outermost first. Metrics see the mapped status code; domain errors are mapped outside the
+    # tracing relay so a stream's last messages reach the client before its error status.
     server = grpc.aio.server(
         interceptors=[
-            *grpc_server_interceptors(),
             RpcMetricsInterceptor(metrics_label or "unknown"),
             DomainErrorInterceptor(),
+            *grpc_server_interceptors(),
         ],
         options=CHANNEL_OPTIONS,
     )

@@ -97,7 +97,6 @@ class Keys:
     def heatmap(model_id: str) -> str:
         return _join("heatmaps", model_id)
 
-
     @staticmethod
     def demand_prefix() -> str:
         return ROOT + "demand/"

@@ -1,0 +1,139 @@
+"""Server-side tracing for grpc.aio: one SERVER span per call, parented by the caller's W3C
+trace context from the metadata.
+
+A server-streaming handler is an async generator that grpc resumes from different contexts, so
+attaching the span to the generator's own context breaks ("failed to detach context"). Instead
+the handler runs in a task of its own, created inside a context where the span is current, and
+its messages are relayed through a queue; anything the handler starts (engine requests, calls
+to other services) then inherits the span.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+from opentelemetry import context as otel_context
+from opentelemetry import propagate, trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+_tracer = trace.get_tracer("deepserve.rpc")
+_DONE = object()
+
+
+def _parent_context(context: grpc.aio.ServicerContext) -> otel_context.Context:
+    carrier = {key: value for key, value in (context.invocation_metadata() or ())}
+    return propagate.extract(carrier)
+
+
+def _finish(
+    span: trace.Span, context: grpc.aio.ServicerContext, failed: BaseException | None
+) -> None:
+    code = context.code()
+    if isinstance(code, grpc.StatusCode):
+        span.set_attribute("rpc.grpc.status_code", code.value[0])
+        if code != grpc.StatusCode.OK:
+            span.set_status(Status(StatusCode.ERROR, code.name))
+    elif failed is not None and not isinstance(failed, asyncio.CancelledError):
+        span.set_status(Status(StatusCode.ERROR, type(failed).__name__))
+    if isinstance(failed, asyncio.CancelledError):
+        span.set_attribute("rpc.cancelled", True)
+    span.end()
+
+
+class TracingServerInterceptor(grpc.aio.ServerInterceptor):
+    """Starts a SERVER span per call; the servicer runs with that span current."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None:
+            return handler
+        full_method = details.method
+        service, _, method = full_method.lstrip("/").rpartition("/")
+
+        def start(context: grpc.aio.ServicerContext) -> trace.Span:
+            span = _tracer.start_span(
+                full_method.lstrip("/"), context=_parent_context(context), kind=SpanKind.SERVER
+            )
+            span.set_attribute("rpc.system", "grpc")
+            span.set_attribute("rpc.service", service)
+            span.set_attribute("rpc.method", method)
+            return span
+
+        if handler.unary_unary is not None:
+            inner_uu = handler.unary_unary
+
+            async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                span = start(context)
+                failed: BaseException | None = None
+                token = otel_context.attach(trace.set_span_in_context(span))
+                try:
+                    return await inner_uu(request, context)
+                except BaseException as exc:
+                    failed = exc
+                    raise
+                finally:
+                    otel_context.detach(token)
+                    _finish(span, context, failed)
+
+            return grpc.unary_unary_rpc_method_handler(
+                unary_unary,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream is not None:
+            inner_us = handler.unary_stream
+
+            async def unary_stream(
+                request: Any, context: grpc.aio.ServicerContext
+            ) -> AsyncIterator[Any]:
+                span = start(context)
+                queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=64)
+                failed: BaseException | None = None
+
+                async def produce() -> None:
+                    try:
+                        async for item in inner_us(request, context):
+                            await queue.put(item)
+                        await queue.put(_DONE)
+                    except BaseException as exc:
+                        await queue.put(exc)
+                        if isinstance(exc, asyncio.CancelledError):
+                            raise
+
+                token = otel_context.attach(trace.set_span_in_context(span))
+                try:
+                    task = asyncio.create_task(produce())  # copies the context with the span
+                finally:
+                    otel_context.detach(token)
+                try:
+                    while True:
+                        item = await queue.get()
+                        if item is _DONE:
+                            break
+                        if isinstance(item, BaseException):
+                            raise item
+                        yield item
+                except BaseException as exc:
+                    failed = exc
+                    raise
+                finally:
+                    if not task.done():
+                        task.cancel()  # the caller went away: cancel the handler (aborts work)
+                        with contextlib.suppress(BaseException):
+                            await task
+                    _finish(span, context, failed)
+
+            return grpc.unary_stream_rpc_method_handler(
+                unary_stream,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler
