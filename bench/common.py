@@ -74,7 +74,6 @@ def measure_bandwidth(
     read_s = min(timed(src.sum, device) for _ in range(repeats))
     copy_s = min(timed(lambda: dst.copy_(src), device) for _ in range(repeats))
     size = numel * 4
-    del src, dst
     return Bandwidth(nbytes=size, read_gbps=size / read_s / 1e9, copy_gbps=2 * size / copy_s / 1e9)
 
 

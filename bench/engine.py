@@ -18,7 +18,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import gc
+import itertools
+import math
+import os
 import random
 import statistics
 import time
@@ -74,6 +78,8 @@ class RunResult:
     generated_tokens: int
     ttft_s: list[float] = field(default_factory=list)
     tpot_s: list[float] = field(default_factory=list)
+    # CPU time of this process over the run: on a shared host it moves less than wall time.
+    cpu_s: float = math.nan
     note: str = ""
 
     @property
@@ -162,7 +168,9 @@ def run_flowserve(engine: AsyncEngine, workload: Workload, tag: str) -> RunResul
         start = time.perf_counter()
         return start, list(await asyncio.gather(*(one(i) for i in range(num))))
 
+    cpu_start = time.process_time()
     start, all_times = asyncio.run(run_all())
+    cpu_s = time.process_time() - cpu_start
     wall = max(times[-1] for times in all_times) - start
     tokens = sum(len(times) for times in all_times)
     if tokens != workload.num_output_tokens:
@@ -174,6 +182,7 @@ def run_flowserve(engine: AsyncEngine, workload: Workload, tag: str) -> RunResul
         generated_tokens=tokens,
         ttft_s=[times[0] - start for times in all_times],
         tpot_s=[(times[-1] - times[0]) / (len(times) - 1) for times in all_times if len(times) > 1],
+        cpu_s=cpu_s,
         note="all requests submitted at t=0; continuous batching",
     )
 
@@ -203,7 +212,7 @@ def measure_decode_step(
     finally:
         if runner is not None:
             del runner.execute
-    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(times)]
     # Drop the first gap (the pipeline filling) and the prefill forward.
     return DecodeStep(context_len=context_len, step_s=gaps[1:], forward_s=forward_s[2:])
 
@@ -249,6 +258,7 @@ def run_transformers(
     ttft: list[float] = []
     tpot: list[float] = []
     generated = 0
+    cpu_start = time.process_time()
     start = time.perf_counter()
     for n, batch in enumerate(batches):
         prompts = [workload.prompts[i] for i in batch]
@@ -283,6 +293,7 @@ def run_transformers(
             f"({len(batch)} x {width} prompt, {max_new} new) done"
         )
     wall = time.perf_counter() - start
+    cpu_s = time.process_time() - cpu_start
     return RunResult(
         system=f"transformers bs={batch_size}",
         wall_s=wall,
@@ -290,6 +301,7 @@ def run_transformers(
         generated_tokens=generated,
         ttft_s=ttft,
         tpot_s=tpot,
+        cpu_s=cpu_s,
         note="static batches by output length; TTFT = end of its batch's prefill (streamer)",
     )
 
@@ -311,6 +323,8 @@ def throughput_table(results: list[RunResult]) -> str:
                 percentile(r.ttft_s, 99) * 1e3,
                 percentile(r.tpot_s, 50) * 1e3,
                 percentile(r.tpot_s, 99) * 1e3,
+                r.cpu_s,
+                r.useful_tokens / r.cpu_s,
             ]
         )
     headers = [
@@ -323,6 +337,8 @@ def throughput_table(results: list[RunResult]) -> str:
         "TTFT p99 ms",
         "TPOT p50 ms",
         "TPOT p99 ms",
+        "CPU s",
+        "output tok/CPU s",
     ]
     return markdown_table(headers, rows)
 
@@ -377,111 +393,179 @@ def resolve(model: str) -> Path:
     return pull_model(model, default_cache_dir(), progress=progress)
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """What one run measures: workload shape, transformers batch sizes, decode probe length."""
+
+    num_requests: int
+    prompt_range: tuple[int, int]
+    output_range: tuple[int, int]
+    hf_batch_sizes: list[int]
+    decode_tokens: int
+
+
+def make_plan(args: argparse.Namespace) -> Plan:
     if args.quick:
-        num, prompt_range, output_range, sizes, decode_tokens = 16, (16, 256), (16, 64), "8,16", 32
+        plan = Plan(16, (16, 256), (16, 64), [8, 16], 32)
     else:
-        num, prompt_range, output_range, sizes, decode_tokens = (
-            64,
-            (16, 512),
-            (16, 128),
-            "16,64",
-            64,
-        )
-    num = args.requests or num
-    batch_sizes = [int(s) for s in (args.hf_batch_sizes or sizes).split(",")]
-    model_dir = resolve(args.model)
+        # bs=64 was tried too: a 64 x 491 padded prefill made it 3-4x slower than bs=16.
+        plan = Plan(64, (16, 512), (16, 128), [8, 16], 64)
+    if args.requests:
+        plan = dataclasses.replace(plan, num_requests=args.requests)
+    if args.hf_batch_sizes:
+        sizes = [int(s) for s in args.hf_batch_sizes.split(",")]
+        plan = dataclasses.replace(plan, hf_batch_sizes=sizes)
+    return plan
 
-    settings = FlowServeSettings(device=args.device, max_num_seqs=max(64, num))
-    if args.max_num_batched_tokens:
-        settings.max_num_batched_tokens = args.max_num_batched_tokens
-    config = ModelConfig.from_model_dir(model_dir)
-    workload = make_workload(num, prompt_range, output_range, config.vocab_size, args.seed)
-    # Room for every request at once, plus the warm-up and decode probes: no preemption.
-    blocks = sum(
-        -(-(len(p) + n) // settings.block_size)
-        for p, n in zip(workload.prompts, workload.output_lens, strict=True)
-    )
-    settings.kv_cache_blocks = blocks + 64
-    progress(
-        f"model {model_dir.name}, {torch.get_num_threads()} threads, device {device}; "
-        f"{num} requests, prompts {min(map(len, workload.prompts))}-"
-        f"{max(map(len, workload.prompts))} tok (total {sum(map(len, workload.prompts))}), "
-        f"outputs {min(workload.output_lens)}-{max(workload.output_lens)} tok "
-        f"(total {workload.num_output_tokens})"
-    )
 
+@dataclass(slots=True)
+class FlowServeFigures:
+    """Everything measured on FlowServe in one engine lifetime."""
+
+    run: RunResult
+    decode: DecodeStep
+    weight_bytes: int
+    bandwidths: list[Bandwidth]
+    dtype: torch.dtype
+
+
+def bench_flowserve(
+    model_dir: Path, settings: FlowServeSettings, workload: Workload, plan: Plan, vocab_size: int
+) -> tuple[FlowServeFigures, Workload, Any]:
+    """Throughput run, then the batch-1 decode probe between two bandwidth probes."""
     engine, tokenizer, _ = build_engine(model_dir, settings, tp_size=1)
     try:
         runner = engine.core.executor.runner  # type: ignore[attr-defined]
         weight_bytes = decode_weight_bytes(runner.model.weights)
-        dtype = runner.dtype
+        device = runner.device
         progress(f"flowserve: engine up ({settings.kv_cache_blocks} KV blocks); warming up")
-        warm = make_workload(4, (16, 64), (4, 8), config.vocab_size, args.seed + 1)
+        warm = make_workload(4, (16, 64), (4, 8), vocab_size, seed=12345)
         run_flowserve(engine, warm, "warm")
         progress("flowserve: throughput run")
-        flowserve = run_flowserve(engine, workload, "bench")
-        progress(f"flowserve: {flowserve.tokens_per_s:.1f} output tok/s")
-
+        run = run_flowserve(engine, workload, "bench")
+        progress(f"flowserve: {run.tokens_per_s:.1f} output tok/s")
+        # Bandwidth just before and after the decode probe, so both see the same host load.
         bandwidths = [measure_bandwidth(weight_bytes, device)]
         progress(f"bandwidth over {weight_bytes / 1e6:.0f} MB: {bandwidths[0]}")
-        progress(f"flowserve: batch-1 decode, {decode_tokens} tokens")
-        decode = measure_decode_step(engine, 100, decode_tokens, config.vocab_size)
+        progress(f"flowserve: batch-1 decode, {plan.decode_tokens} tokens")
+        decode = measure_decode_step(engine, 100, plan.decode_tokens, vocab_size)
         bandwidths.append(measure_bandwidth(weight_bytes, device))
         progress(f"bandwidth over {weight_bytes / 1e6:.0f} MB: {bandwidths[1]}")
+        figures = FlowServeFigures(run, decode, weight_bytes, bandwidths, runner.dtype)
     finally:
         engine.shutdown()
-    del engine, runner
-    gc.collect()
-    # A buffer well beyond any cache, for the record.
-    dram = measure_bandwidth(4 * weight_bytes, device, repeats=4)
-    progress(f"bandwidth over {dram.nbytes / 1e6:.0f} MB: {dram}")
+    return figures, warm, tokenizer
 
-    results = [flowserve]
-    if not args.skip_transformers:
-        model = load_transformers(model_dir, device, dtype)
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        run_transformers(model, warm, 4, device, pad_id, log=lambda _line: None)
-        for size in batch_sizes:
-            progress(f"transformers: batch size {size}")
-            results.append(run_transformers(model, workload, size, device, pad_id))
-            progress(f"transformers bs={size}: {results[-1].tokens_per_s:.1f} output tok/s")
-        del model
 
-    print()
+def bench_transformers(
+    model_dir: Path,
+    workload: Workload,
+    warm: Workload,
+    plan: Plan,
+    device: torch.device,
+    dtype: torch.dtype,
+    pad_id: int,
+) -> list[RunResult]:
+    model = load_transformers(model_dir, device, dtype)
+    run_transformers(model, warm, 4, device, pad_id, log=lambda _line: None)
+    results = []
+    for size in plan.hf_batch_sizes:
+        progress(f"transformers: batch size {size}")
+        results.append(run_transformers(model, workload, size, device, pad_id))
+        progress(f"transformers bs={size}: {results[-1].tokens_per_s:.1f} output tok/s")
+    return results
+
+
+def print_report(
+    plan: Plan,
+    model_dir: Path,
+    device: torch.device,
+    flowserve: FlowServeFigures,
+    transformers_runs: list[RunResult],
+    dram: Bandwidth,
+    load: tuple[float, float],
+) -> None:
     print(
-        f"## FlowServe vs transformers: {num} requests, prompts {prompt_range[0]}-"
-        f"{prompt_range[1]} tok, outputs {output_range[0]}-{output_range[1]} tok, "
-        f"{model_dir.name}, {device}, {torch.get_num_threads()} threads, {dtype}"
+        f"\n## FlowServe vs transformers: {plan.num_requests} requests, prompts "
+        f"{plan.prompt_range[0]}-{plan.prompt_range[1]} tok, outputs {plan.output_range[0]}-"
+        f"{plan.output_range[1]} tok, {model_dir.name}, {device}, "
+        f"{torch.get_num_threads()} threads, {flowserve.dtype}"
     )
+    print(f"(1-min load average {load[0]:.1f} at the start, {load[1]:.1f} at the end)")
+    if max(load) > (os.cpu_count() or 1):
+        print("WARNING: other processes competed for the CPUs; wall-clock figures are unreliable")
     print()
-    print(throughput_table(results))
-    if len(results) > 1:
-        best = max(results[1:], key=lambda r: r.tokens_per_s)
-        ratio = flowserve.tokens_per_s / best.tokens_per_s
+    run = flowserve.run
+    print(throughput_table([run, *transformers_runs]))
+    if transformers_runs:
+        best = max(transformers_runs, key=lambda r: r.tokens_per_s)
+        ratio = run.tokens_per_s / best.tokens_per_s
+        cpu_ratio = (run.useful_tokens / run.cpu_s) / (best.useful_tokens / best.cpu_s)
         met = "met" if ratio >= THROUGHPUT_GOAL else "NOT met"
-        print()
         print(
-            f"throughput ratio FlowServe / best transformers ({best.system}): {ratio:.2f}x "
-            f"(goal >= {THROUGHPUT_GOAL:g}x: {met})"
+            f"\nthroughput FlowServe / best transformers ({best.system}): {ratio:.2f}x "
+            f"(goal >= {THROUGHPUT_GOAL:g}x: {met}); per CPU second: {cpu_ratio:.2f}x"
         )
     print()
-    print(decode_table(decode, weight_bytes, bandwidths))
-    read_gbps = max(b.read_gbps for b in bandwidths)
-    step_ratio = statistics.median(decode.step_s) / (weight_bytes / (read_gbps * 1e9))
+    print(decode_table(flowserve.decode, flowserve.weight_bytes, flowserve.bandwidths))
+    read_gbps = max(b.read_gbps for b in flowserve.bandwidths)
+    bound_s = flowserve.weight_bytes / (read_gbps * 1e9)
+    step_ratio = statistics.median(flowserve.decode.step_s) / bound_s
     met = "met" if step_ratio <= DECODE_BOUND_GOAL else "NOT met"
-    print()
     print(
-        f"decode step / bandwidth bound: {step_ratio:.2f}x (goal <= {DECODE_BOUND_GOAL:g}x: {met})"
+        f"\ndecode step (p50) / bandwidth bound: {step_ratio:.2f}x "
+        f"(goal <= {DECODE_BOUND_GOAL:g}x: {met}); fastest step / bound: "
+        f"{min(flowserve.decode.step_s) / bound_s:.2f}x"
     )
     print(
         f"(read bandwidth over a {dram.nbytes / 1e6:.0f} MB buffer, beyond the caches: "
         f"{dram.read_gbps:.1f} GB/s sum, {dram.copy_gbps:.1f} GB/s copy)"
     )
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    load_start = os.getloadavg()[0]
+    device = torch.device(args.device)
+    plan = make_plan(args)
+    model_dir = resolve(args.model)
+    config = ModelConfig.from_model_dir(model_dir)
+    workload = make_workload(
+        plan.num_requests, plan.prompt_range, plan.output_range, config.vocab_size, args.seed
+    )
+    settings = FlowServeSettings(device=args.device, max_num_seqs=max(64, plan.num_requests))
+    if args.max_num_batched_tokens:
+        settings.max_num_batched_tokens = args.max_num_batched_tokens
+    # Room for every request at once, plus the warm-up and decode probes: no preemption.
+    settings.kv_cache_blocks = 64 + sum(
+        -(-(len(p) + n) // settings.block_size)
+        for p, n in zip(workload.prompts, workload.output_lens, strict=True)
+    )
+    prompt_lens = [len(p) for p in workload.prompts]
+    progress(
+        f"model {model_dir.name}, {torch.get_num_threads()} threads, device {device}; "
+        f"{plan.num_requests} requests, prompts {min(prompt_lens)}-{max(prompt_lens)} tok "
+        f"(total {sum(prompt_lens)}), outputs {min(workload.output_lens)}-"
+        f"{max(workload.output_lens)} tok (total {workload.num_output_tokens})"
+    )
+
+    flowserve, warm, tokenizer = bench_flowserve(
+        model_dir, settings, workload, plan, config.vocab_size
+    )
+    gc.collect()
+    # A buffer well beyond any cache, for the record.
+    dram = measure_bandwidth(4 * flowserve.weight_bytes, device, repeats=4)
+    progress(f"bandwidth over {dram.nbytes / 1e6:.0f} MB: {dram}")
+    transformers_runs = []
+    if not args.skip_transformers:
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        transformers_runs = bench_transformers(
+            model_dir, workload, warm, plan, device, flowserve.dtype, pad_id
+        )
+    load = (load_start, os.getloadavg()[0])
+    print_report(plan, model_dir, device, flowserve, transformers_runs, dram, load)
 
 
 if __name__ == "__main__":

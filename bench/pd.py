@@ -302,6 +302,7 @@ def summarize(
         tpot_p99=percentile(tpot, 99),
         slo_attained=met / len(results) if results else 0.0,
         goodput_rps=met / duration if duration else 0.0,
+        extra={"errors": sorted({r.error for r in results if r.error})},
     )
 
 

@@ -98,6 +98,13 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_parser(name, help=f"run the {name} service in this process (DEEPSERVE_* settings)")
     models = sub.add_parser("models", help="list, pull and locate models", add_help=False)
     models.add_argument("args", nargs=argparse.REMAINDER)
+    for name, help_text in (
+        ("keys", "create, list and revoke API keys (etcd keeps only their hash)"),
+        ("tenants", "set and list per-tenant limits"),
+        ("usage", "prompt and completion tokens per tenant and model"),
+    ):
+        tenancy = sub.add_parser(name, help=help_text, add_help=False)
+        tenancy.add_argument("args", nargs=argparse.REMAINDER)
     _add_jobs(sub)
     return parser
 
@@ -181,6 +188,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         from deepserve.models.cli import main as models_main
 
         return models_main(raw[1:])
+    from deepserve.tenancy.cli import COMMANDS as TENANCY_COMMANDS
+
+    if raw[:1] and raw[0] in TENANCY_COMMANDS:
+        from deepserve.tenancy.cli import main as tenancy_main
+
+        return tenancy_main(raw)
     args = parser.parse_args(raw)
     try:
         if args.command == "up":

@@ -79,6 +79,9 @@ class GatewaySettings(ServiceSettings):
     model_cache_dir: Path | None = None
     # Token block size of the engines' prefix cache, for the prefix hashes sent to Route.
     prefix_block_size: int = 16
+    # Scale from zero: how long a request for an autoscaled model with no live instance waits
+    # for the first one before a 503 with Retry-After (0 disables holding).
+    scale_from_zero_timeout_s: float = 60.0
 
 
 class JobMgrSettings(ServiceSettings):
@@ -95,6 +98,12 @@ class JobMgrSettings(ServiceSettings):
     # First retry delay for a task whose start failed; doubles per failure up to the cap.
     retry_backoff_s: float = 1.0
     retry_backoff_max_s: float = 30.0
+    # Seconds between autoscaler passes (held demand wakes it at once).
+    autoscale_interval_s: float = 1.0
+    # A gateway's demand record counts for this long after its last refresh.
+    demand_ttl_s: float = 30.0
+    # Recent requests whose latencies count against a deployment's SLOs.
+    slo_window_s: float = 30.0
 
 
 class SchedulerSettings(ServiceSettings):
@@ -138,6 +147,20 @@ class PodPoolSettings(ServiceSettings):
     pod_device: str = ""
     # Where the local backend writes each pod's log; empty uses a temporary folder.
     pod_log_dir: Path | None = None
+    # DRAM pre-loading: models whose weights this host always keeps in shared memory
+    # (comma-separated names or paths), plus this many recently scaled-up models.
+    dram_models: str = ""
+    dram_recent_models: int = 2
+    # Upper bound on the shared memory the copies may take (0: no bound beyond the host's).
+    dram_budget_mb: int = 0
+    # The host's weights cache (the pods' DEEPSERVE_FLOWSERVE_WEIGHTS_CACHE_DIR); empty disables
+    # DRAM pre-loading.
+    weights_cache_dir: Path | None = Path("/dev/shm/deepserve-weights")
+    # Fork: let a new instance stream its weights from a running one of the same model.
+    fork: bool = True
+    # How pods start: "process" (a new Python process each) or "zygote" (forked from one
+    # process that imported the runtime once: faster, and pods share its memory pages).
+    pod_start: str = "process"
 
 
 class FlowServeSettings(ServiceSettings):
@@ -165,3 +188,11 @@ class FlowServeSettings(ServiceSettings):
     max_queue_len: int = 1024
     # Seconds between load reports to Redis.
     load_report_interval_s: float = 0.5
+    # This host's weights cache (DRAM pre-loading): prepared copies that new instances map.
+    weights_cache_dir: Path = Path("/dev/shm/deepserve-weights")
+    # Look for a DRAM copy when LoadModel names no weights source.
+    use_weights_cache: bool = True
+    # Longest a fork (weights streamed from a running instance) may take before disk is used.
+    fork_timeout_s: float = 120.0
+    # Run one dummy request before the instance registers (scale-up step 4).
+    warmup_request: bool = True

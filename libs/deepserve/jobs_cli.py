@@ -10,8 +10,8 @@ import grpc
 
 from deepserve.rpc.client import insecure_channel
 from deepserve.rpc.errors import error_from_rpc
+from deepserve.v1 import common_pb2, jobmgr_pb2_grpc
 from deepserve.v1 import jobmgr_pb2 as pb
-from deepserve.v1 import jobmgr_pb2_grpc
 
 _MODES = {"colocated": pb.SERVING_MODE_COLOCATED, "disaggregated": pb.SERVING_MODE_DISAGGREGATED}
 _POLICIES = {
@@ -44,11 +44,25 @@ def _print_job(job: pb.Job, tasks: Sequence[pb.Task] = ()) -> None:
         where = f"{task.instance_id} at {task.address}" if task.instance_id else task.message
         cold = " (cold start)" if task.cold_start else ""
         print(f"    {task.slot:<16} {state:<11} {task.pod_id:<16} {where}{cold}")
+        for line in _scale_up_lines(task):
+            print(f"      {line}")
     if job.events:
         print("  events:")
     for event in job.events:
         at = time.strftime("%H:%M:%S", time.localtime(event.at_unix))
         print(f"    {at}  {event.reason:<15} {event.message}")
+
+
+def _scale_up_lines(task: pb.Task) -> list[str]:
+    """The task's scale-up: each of the five steps with its duration and how it was done."""
+    if not task.scale_steps:
+        return []
+    total = sum(s.seconds for s in task.scale_steps)
+    source = common_pb2.WeightsSource.Name(task.weights_source).removeprefix("WEIGHTS_SOURCE_")
+    lines = [f"scale-up {total:.2f}s (weights: {source.lower()}):"]
+    for n, step in enumerate(task.scale_steps, 1):
+        lines.append(f"  {n} {step.step:<15} {step.seconds:7.3f}s  {step.detail}")
+    return lines
 
 
 async def run(args: argparse.Namespace, address: str) -> int:

@@ -175,8 +175,10 @@ class EngineCore:
         self._remote: dict[str, Request] = {}
         # Prefill side: finished hold_kv requests whose blocks wait to be sent.
         self._held: dict[str, Request] = {}
+        self.scheduler.blocks_held_elsewhere = lambda: len(self._remote) + len(self._held)
         # The submitted step: its batch, the request behind each logits row, its logits.
         self._in_flight: tuple[ScheduledBatch, list[Request], Future[torch.Tensor]] | None = None
+        self._in_flight_started_ns = 0
         self._generated = ThroughputMeter()
         self._computed = ThroughputMeter()
         self._num_steps = 0
@@ -355,7 +357,10 @@ class EngineCore:
         if not batch.is_empty:
             rows = self._logit_rows(batch)
             self.last_step_ran = True
-            sampled = self._sample(rows, self.executor.execute(batch))
+            started_ns = time.time_ns()
+            logits = self.executor.execute(batch)
+            self._note_step_timing(batch, started_ns, time.time_ns())
+            sampled = self._sample(rows, logits)
             self._computed.add(batch.num_tokens)
         outputs.extend(self._emit(sampled))
         return outputs
@@ -369,17 +374,32 @@ class EngineCore:
         if self._in_flight is not None:
             previous, rows, future = self._in_flight
             self._in_flight = None
-            sampled = self._sample(rows, future.result())
+            logits = future.result()
+            self._note_step_timing(previous, self._in_flight_started_ns, time.time_ns())
+            sampled = self._sample(rows, logits)
             self._computed.add(previous.num_tokens)
         # After the previous step finished: host copies may read blocks it wrote.
         batch = self.scheduler.finalize_batch(batch)
         self.kv_cache.flush_transfers()
         if not batch.is_empty:
             self.last_step_ran = True
+            self._in_flight_started_ns = time.time_ns()
             self._in_flight = (batch, self._logit_rows(batch), self.executor.submit(batch))
         # Detokenizing overlaps the step just submitted.
         outputs.extend(self._emit(sampled))
         return outputs
+
+    def _note_step_timing(self, batch: ScheduledBatch, started_ns: int, ended_ns: int) -> None:
+        """Marks queue exit and prompt chunks on each request's timeline (read by tracing)."""
+        for seq in batch.sequences:
+            request = self.scheduler.get_request(seq.request_id)
+            if request is None:
+                continue
+            timeline = request.timeline
+            if timeline.first_scheduled_ns is None:
+                timeline.first_scheduled_ns = started_ns
+            if seq.start_pos < request.num_prompt_tokens:
+                timeline.prefill_chunks.append((started_ns, ended_ns, len(seq.token_ids)))
 
     def _logit_rows(self, batch: ScheduledBatch) -> list[Request]:
         rows = []
@@ -479,6 +499,11 @@ class EngineCore:
         if result is not None and result.logprob is not None:
             top = tuple(result.top_logprobs or ())
             logprobs = [TokenLogprobs(result.token_id, result.logprob, top)]
+        timeline = request.timeline
+        if token_ids and timeline.first_token_ns is None:
+            timeline.first_token_ns = time.time_ns()
+        if request.is_finished and timeline.finished_ns is None:
+            timeline.finished_ns = time.time_ns()
         return GenerationOutput(
             request_id=request.request_id,
             new_token_ids=token_ids,
@@ -490,6 +515,7 @@ class EngineCore:
             stop_reason=request.stop_reason,
             logprobs=logprobs,
             error=error,
+            timeline=timeline if request.is_finished else None,
         )
 
     # ----- figures ----------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from deepserve.errors import DeepServeError
+from deepserve.flowserve.request import RequestTimeline
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +36,8 @@ class GenerationOutput:
     logprobs: list[TokenLogprobs] | None = None
     # Set with finish_reason "error"; AsyncEngine.generate raises it.
     error: DeepServeError | None = None
+    # On the last output: when the request queued, ran its prompt chunks, got tokens (tracing).
+    timeline: RequestTimeline | None = None
 
     @property
     def finished(self) -> bool:

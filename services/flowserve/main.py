@@ -9,8 +9,10 @@ from __future__ import annotations
 import asyncio
 
 from deepserve.config import FlowServeSettings
+from deepserve.flowserve.engine_metrics import EngineStatsCollector
 from deepserve.flowserve.servicer import FlowServeServicer
 from deepserve.flowserve.shell import TaskExecutorShell
+from deepserve.metrics import registry
 from deepserve.records import Role
 from deepserve.runtime import ServiceRuntime
 from deepserve.v1 import flowserve_pb2, flowserve_pb2_grpc
@@ -22,6 +24,13 @@ async def serve(settings: FlowServeSettings) -> None:
     async with ServiceRuntime("flowserve", settings, use_redis=True) as rt:
         assert rt.redis is not None
         shell = TaskExecutorShell(settings, rt.etcd, rt.redis)
+        registry().register(
+            EngineStatsCollector(
+                lambda: (
+                    (shell.engine, shell.instance_id, shell.model_name) if shell.engine else None
+                )
+            )
+        )
         servicer = FlowServeServicer(shell)
         await rt.start(
             [

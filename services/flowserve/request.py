@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,6 +44,18 @@ _FINISHED = {
 }
 
 
+@dataclass(slots=True)
+class RequestTimeline:
+    """Wall-clock marks (ns since the epoch) of one request's life in the engine, for tracing."""
+
+    arrived_ns: int = field(default_factory=time.time_ns)
+    first_scheduled_ns: int | None = None
+    # (start, end, tokens) of each prompt chunk computed.
+    prefill_chunks: list[tuple[int, int, int]] = field(default_factory=list)
+    first_token_ns: int | None = None
+    finished_ns: int | None = None
+
+
 @dataclass(eq=False)
 class Request:
     """A prompt, its generated tokens so far, and how much of it has KV on the device."""
@@ -74,6 +87,7 @@ class Request:
     stop_reason: int | str | None = None
     error: str | None = None
     block_hashes: list[BlockHash] = field(default_factory=list)
+    timeline: RequestTimeline = field(default_factory=RequestTimeline)
     _all_token_ids: list[int] = field(init=False, repr=False, default_factory=list)
 
     def __post_init__(self) -> None:

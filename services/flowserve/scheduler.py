@@ -17,7 +17,7 @@ runs: each sequence expecting a sampled token gets a placeholder, resolved by
 from __future__ import annotations
 
 import bisect
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from deepserve.errors import InvalidArgument
@@ -63,6 +63,9 @@ class Scheduler:
         self.num_preemptions = 0
         # Requests the scheduler itself had to fail (they can never fit); the engine reports them.
         self._failed: list[Request] = []
+        # How many requests outside the queues hold blocks (KV hand-offs in progress): while
+        # any do, a request that cannot grow waits for them instead of failing.
+        self.blocks_held_elsewhere: Callable[[], int] = lambda: 0
 
     # ----- queue management -------------------------------------------------------------------
 
@@ -170,7 +173,11 @@ class Scheduler:
                 victim = max(
                     (r for r in self.running if r.request_id not in scheduled), key=_arrival
                 )
-                if victim is request and len(self.running) == 1:
+                if (
+                    victim is request
+                    and len(self.running) == 1
+                    and not self.blocks_held_elsewhere()
+                ):
                     # Nothing else holds blocks: it can never grow; fail instead of looping.
                     self._fail(request, "the KV cache is too small to hold this request")
                     break
@@ -201,7 +208,7 @@ class Scheduler:
             )
             num_new = min(request.num_tokens - match.num_tokens, budget)
             if not self.kv_cache.alloc(request, num_new, match):
-                if not self.running:
+                if not self.running and not self.blocks_held_elsewhere():
                     self.waiting.pop(0)
                     self._fail(request, "the KV cache is too small to hold this request")
                     continue

@@ -3,18 +3,25 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator
 
 import grpc
 
 from deepserve.errors import InvalidArgument
+from deepserve.flowserve.engine_metrics import RequestLatency
 from deepserve.flowserve.engine_outputs import GenerationOutput
+from deepserve.flowserve.engine_tracing import record_engine_spans
 from deepserve.flowserve.sampling.params import SamplingParams
+from deepserve.flowserve.scale_up_wire import load_model_reply, weights_plan_from_proto
 from deepserve.flowserve.shell import TaskExecutorShell
 from deepserve.v1 import common_pb2, flowserve_pb2, flowserve_pb2_grpc
 from deepserve.wire import role_from_proto, role_to_proto
 
 log = logging.getLogger(__name__)
+
+# Timing events on the decode span stop here (a long generation keeps its totals).
+MAX_TOKEN_EVENTS = 512
 
 _FINISH = {
     "stop": common_pb2.FINISH_REASON_STOP,
@@ -106,7 +113,24 @@ class FlowServeServicer(flowserve_pb2_grpc.FlowServeServiceServicer):
             outputs = engine.generate(request.request_id, prompt, params)
         # Leaving the loop early (the caller went away: grpc cancels this coroutine) closes the
         # engine's generator, which aborts the request and frees its KV blocks.
+        latency = RequestLatency(request.model or self._shell.model_name)
+        token_times: list[int] = []
         async for out in outputs:
+            if out.new_token_ids:
+                latency.on_tokens(len(out.new_token_ids))
+                if len(token_times) < MAX_TOKEN_EVENTS:
+                    token_times.append(time.time_ns())
+            if out.finish_reason is not None:
+                latency.on_finish(out.finish_reason)
+                if out.timeline is not None:
+                    record_engine_spans(
+                        out.timeline,
+                        request_id=request.request_id,
+                        prompt_tokens=out.num_prompt_tokens,
+                        cached_tokens=out.num_cached_tokens,
+                        output_tokens=out.num_output_tokens,
+                        token_times_ns=token_times,
+                    )
             yield self._to_proto(out)
 
     async def Prefill(
@@ -170,8 +194,18 @@ class FlowServeServicer(flowserve_pb2_grpc.FlowServeServiceServicer):
             job_id=request.job_id,
             task_id=request.task_id,
             tp_size=request.tensor_parallel_size or 1,
+            weights=weights_plan_from_proto(request),
         )
-        return flowserve_pb2.LoadModelResponse(instance_id=instance_id, load_seconds=seconds)
+        return load_model_reply(instance_id, seconds, self._shell.last_timeline)
+
+    async def StreamWeights(
+        self, request: flowserve_pb2.StreamWeightsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[flowserve_pb2.StreamWeightsResponse]:
+        # Fork: this instance's weights to a new one of the same model, while it keeps serving.
+        from deepserve.flowserve.fork import stream_weights
+
+        async for reply in stream_weights(self._shell, request):
+            yield reply
 
     async def UnloadModel(
         self, request: flowserve_pb2.UnloadModelRequest, context: grpc.aio.ServicerContext

@@ -44,16 +44,26 @@ class TaskExecutorShell:
         self._reporter: asyncio.Task[None] | None = None
         self._kv_events: list[dict[str, Any]] = []
         self._load_lock = asyncio.Lock()
+        # deepserve.flowserve.startup.RuntimeWarmth: what the model-agnostic start took.
+        self.warmth: Any | None = None
+        # deepserve.scaling.ScaleTimeline of the last load (scale-up steps 2-5).
+        self.last_timeline: Any | None = None
+        # Set once start() registered the pod: a LoadModel that arrives earlier waits for it.
+        self._started = asyncio.Event()
 
     async def start(self, address: str) -> None:
         # Importing torch and probing the device here is what makes a pod "warm".
         from deepserve.flowserve.device import detect_platform
 
         self.device = str(detect_platform(self.settings.device or None).device())
+        from deepserve.flowserve.startup import prewarm_runtime
+
+        self.warmth = await asyncio.to_thread(prewarm_runtime, self.settings)
         self.pod = PodRegistration(
             self.etcd, self.settings.pod_id, address, self.settings.common.lease_ttl_s, self.device
         )
         await self.pod.register()
+        self._started.set()
 
     @property
     def ready(self) -> bool:
@@ -69,11 +79,19 @@ class TaskExecutorShell:
         return self.engine
 
     async def load_model(
-        self, model: str, role: Role, *, job_id: str = "", task_id: str = "", tp_size: int = 1
+        self,
+        model: str,
+        role: Role,
+        *,
+        job_id: str = "",
+        task_id: str = "",
+        tp_size: int = 1,
+        weights: Any | None = None,
     ) -> tuple[str, float]:
         """Loads `model` into this warm pod and registers the instance; returns (id, seconds)."""
         if not model:
             raise InvalidArgument("a model is required", field="model")
+        await self._started.wait()
         async with self._load_lock:
             if self.engine is not None:
                 if model == self.model_name:
@@ -86,12 +104,26 @@ class TaskExecutorShell:
             model_dir = self._resolve(model)
             await self.pod.set_pod(state=PodState.ASSIGNED, model=model, role=role, task_id=task_id)
             from deepserve.flowserve.engine_builder import build_engine
+            from deepserve.flowserve.scale_up import ModelLoadSteps
+            from deepserve.scaling.timeline import ScaleStep
 
+            # Scale-up steps 3-5 (weights from fork / DRAM / disk, warm-up, visible), timed.
+            steps = ModelLoadSteps(self.settings, self.etcd, self.warmth)
             try:
-                engine, tokenizer, max_model_len = await asyncio.to_thread(
-                    build_engine, model_dir, self.settings, tp_size, self._on_kv_event
+                engine, tokenizer, max_model_len = await steps.load_engine(
+                    model,
+                    model_dir,
+                    tp_size,
+                    weights,
+                    lambda d, s: build_engine(d, s, tp_size, self._on_kv_event),
                 )
             except Exception:
+                await self.pod.set_pod(state=PodState.WARM, model="", task_id="")
+                raise
+            try:
+                await steps.warm_up(engine, model_dir)
+            except Exception:
+                await asyncio.to_thread(engine.shutdown)
                 await self.pod.set_pod(state=PodState.WARM, model="", task_id="")
                 raise
             from deepserve.flowserve.disagg.endpoint import DisaggEndpoint
@@ -100,20 +132,22 @@ class TaskExecutorShell:
             self.disagg = DisaggEndpoint(engine)
             self.model_name, self.role = model, role
             self.instance_id = f"inst-{uuid.uuid4().hex[:10]}"
-            await self.pod.register_instance(
-                InstanceRecord(
-                    instance_id=self.instance_id,
-                    model=model,
-                    role=role,
-                    address=self.pod.pod.address,
-                    pod_id=self.pod.pod.pod_id,
-                    job_id=job_id,
-                    task_id=task_id,
-                    tensor_parallel_size=tp_size,
-                    device=self.device,
-                    max_model_len=max_model_len,
+            with steps.step(ScaleStep.VISIBLE, "instance registered in etcd"):
+                await self.pod.register_instance(
+                    InstanceRecord(
+                        instance_id=self.instance_id,
+                        model=model,
+                        role=role,
+                        address=self.pod.pod.address,
+                        pod_id=self.pod.pod.pod_id,
+                        job_id=job_id,
+                        task_id=task_id,
+                        tensor_parallel_size=tp_size,
+                        device=self.device,
+                        max_model_len=max_model_len,
+                    )
                 )
-            )
+            self.last_timeline = steps.timeline
             self._reporter = asyncio.create_task(self._report_load(), name="load-reporter")
             seconds = time.monotonic() - started
             log.info(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
@@ -65,6 +66,9 @@ class ApiCall:
         self._first: ChoiceDelta | None = None
         self._closed = False
         self.choices = [ChoiceProgress() for _ in range(job.fanout)]
+        # Monotonic times of the request's arrival and first token (for latency metrics).
+        self.opened_at = time.monotonic()
+        self.first_token_at: float | None = None
 
     async def start(self) -> None:
         """Waits for the first delta (errors before the first token surface here)."""

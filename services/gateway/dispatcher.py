@@ -54,6 +54,19 @@ class ChoiceDelta:
     cached_tokens: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class Target:
+    """Where one engine request runs: the instance that streams tokens, and for a
+    disaggregated pair the prefill instance it pulls the prompt's KV from."""
+
+    instance: common_pb2.Instance
+    prefill: common_pb2.Instance | None = None
+
+
+# The decode instance names its prefill peer this way when the hand-off failed there.
+_PREFILL_FAILURE = "prefill instance"
+
+
 @dataclass(slots=True)
 class _Done:
     index: int
@@ -117,7 +130,7 @@ class Dispatcher:
 
     async def route(
         self, job: GenerationJob, prompt: Prompt, exclude: Sequence[str] = ()
-    ) -> common_pb2.Instance:
+    ) -> Target:
         instances = await self._scheduler.route(
             scheduler_pb2.RouteRequest(
                 request_id=job.request_id,
@@ -131,26 +144,42 @@ class Dispatcher:
             timeout_s=self._remaining(job),
             metadata=self._metadata(job),
         )
-        # Disaggregated: the decode instance streams the tokens. Until the engines hand KV
-        # over, it runs the prefill itself, so the answer is the same, only slower.
-        return instances[-1]
+        if len(instances) > 1:
+            # Disaggregated: the decode instance pulls the prompt's KV and first token from the
+            # prefill instance, then streams the rest.
+            return Target(instances[-1], prefill=instances[0])
+        return Target(instances[0])
 
-    async def route_all(self, job: GenerationJob) -> list[common_pb2.Instance]:
+    async def report_completion(
+        self, job: GenerationJob, prompt: Prompt, completion_tokens: int
+    ) -> None:
+        """Feeds the scheduler's decode-length predictor; a lost report only costs accuracy."""
+        with contextlib.suppress(DeepServeError):
+            await self._scheduler.report_completion(
+                scheduler_pb2.ReportCompletionRequest(
+                    request_id=job.request_id,
+                    model=job.model,
+                    tenant=job.tenant,
+                    prompt_tokens=len(prompt.token_ids),
+                    completion_tokens=completion_tokens,
+                    max_tokens=job.sampling.max_tokens or 0,
+                )
+            )
+
+    async def route_all(self, job: GenerationJob) -> list[Target]:
         """One instance per prompt; the n choices of a prompt share it (and its cached prefix)."""
         if len(job.prompts) == 1:
             return [await self.route(job, job.prompts[0])]
         return list(await asyncio.gather(*(self.route(job, p) for p in job.prompts)))
 
-    def stream(
-        self, job: GenerationJob, instances: Sequence[common_pb2.Instance]
-    ) -> AsyncIterator[ChoiceDelta]:
+    def stream(self, job: GenerationJob, instances: Sequence[Target]) -> AsyncIterator[ChoiceDelta]:
         """Deltas of every choice in arrival order; close it to cancel what still runs."""
         if job.fanout == 1:
             return self._generate(job, 0, instances[0])
         return self._merged(job, instances)
 
     async def _generate(
-        self, job: GenerationJob, index: int, instance: common_pb2.Instance
+        self, job: GenerationJob, index: int, target: Target
     ) -> AsyncIterator[ChoiceDelta]:
         prompt = job.prompts[index // job.n]
         request = flowserve_pb2.GenerateRequest(
@@ -164,12 +193,16 @@ class Dispatcher:
         )
         tried: list[str] = []
         while True:
+            instance = target.instance
+            request.prefill_address = target.prefill.address if target.prefill else ""
             call = self._engines.get(instance.address).Generate(
                 request, timeout=self._remaining(job), metadata=self._metadata(job)
             )
-            started = False
+            started = finished = False
             try:
                 async for msg in call:
+                    if finished:
+                        continue  # the engine sends nothing after the last delta
                     started = True
                     delta = ChoiceDelta(index, msg.text, list(msg.token_ids), msg.logprobs)
                     if msg.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED:
@@ -182,9 +215,12 @@ class Dispatcher:
                         delta.prompt_tokens = msg.usage.prompt_tokens
                         delta.completion_tokens = msg.usage.completion_tokens
                         delta.cached_tokens = msg.usage.cached_tokens
-                        yield delta
-                        return
+                        finished = True
                     yield delta
+                # Read to the end of the stream (not stopping at the last delta), so the call
+                # completes normally and its client span ends and is exported.
+                if finished:
+                    return
                 raise Unavailable(
                     f"instance {instance.instance_id} ended the stream before finishing"
                 )
@@ -195,15 +231,22 @@ class Dispatcher:
                 )
                 if started or not retryable or len(tried) >= self._retries:
                     raise engine_error(exc, instance.instance_id, started) from exc
-                tried.append(instance.instance_id)
+                prefill_failed = target.prefill is not None and _PREFILL_FAILURE in (
+                    exc.details() or ""
+                )
+                tried.append(
+                    target.prefill.instance_id
+                    if prefill_failed and target.prefill is not None
+                    else instance.instance_id
+                )
             finally:
                 # A no-op after a clean finish; otherwise the engine sees the cancellation
                 # and aborts the request (frees its KV blocks) at once.
                 call.cancel()
-            instance = await self.route(job, prompt, exclude=tried)
+            target = await self.route(job, prompt, exclude=tried)
 
     async def _merged(
-        self, job: GenerationJob, instances: Sequence[common_pb2.Instance]
+        self, job: GenerationJob, instances: Sequence[Target]
     ) -> AsyncIterator[ChoiceDelta]:
         queue: asyncio.Queue[ChoiceDelta | _Done] = asyncio.Queue()
 

@@ -32,6 +32,8 @@ from deepserve.gateway.openai_protocol import ChatCompletionRequest, CompletionR
 log = logging.getLogger(__name__)
 
 UNAVAILABLE_RETRY_AFTER_S = 5
+# Names pydantic puts in an error's location for the branches of a union type.
+_TYPE_LABELS = frozenset({"str", "int", "float", "bool", "list", "dict", "none"})
 
 
 def _model_json(card: ModelCard) -> dict[str, Any]:
@@ -116,7 +118,7 @@ def create_app(gateway: Gateway) -> FastAPI:
         first = exc.errors()[0] if exc.errors() else {}
         loc = [str(p) for p in first.get("loc", ())[1:]]
         # Drop pydantic's union-branch labels ("str", "list[int]") so the field path stays clean.
-        path = [p for p in loc if not any(c in p for c in "[]") and p not in ("str", "int")]
+        path = [p for p in loc if not any(c in p for c in "[]") and p not in _TYPE_LABELS]
         param = ".".join(path) or None
         message = (
             f"{param}: {first.get('msg', 'invalid request')}" if param else "invalid request body"

@@ -9,14 +9,19 @@ import contextlib
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any, TypeVar
 
+from opentelemetry import context as otel_context
+from opentelemetry import propagate, trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from deepserve.errors import Cancelled
+from deepserve.gateway.gateway_metrics import HTTP_REQUESTS
 from deepserve.gateway.request_ids import request_id_from
 
 T = TypeVar("T")
+_tracer = trace.get_tracer(__name__)
 
 
 class RequestIdMiddleware:
@@ -41,13 +46,37 @@ class RequestIdMiddleware:
         request_id = request_id_from(given)
         scope.setdefault("state", {})["request_id"] = request_id
         header = (b"x-request-id", request_id.encode())
+        status = 500
 
         async def send_with_id(message: Message) -> None:
+            nonlocal status
             if message["type"] == "http.response.start":
+                status = message["status"]
                 message["headers"] = [*message.get("headers", []), header]
             await send(message)
 
-        await self.app(scope, receive, send_with_id)
+        # The request's root span (its trace continues through Route and Generate); it carries
+        # the request id, so `deepserve trace <request id>` finds the whole tree.
+        carrier = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        span = _tracer.start_span(
+            f"{scope['method']} {scope['path']}",
+            context=propagate.extract(carrier),
+            kind=SpanKind.SERVER,
+            attributes={"request_id": request_id, "http.method": scope["method"]},
+        )
+        token = otel_context.attach(trace.set_span_in_context(span))
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            otel_context.detach(token)
+            route = scope.get("route")
+            template = getattr(route, "path", None) or "unmatched"
+            span.set_attribute("http.route", template)
+            span.set_attribute("http.status_code", status)
+            if status >= 500:
+                span.set_status(Status(StatusCode.ERROR))
+            span.end()
+            HTTP_REQUESTS.labels(template, str(status)).inc()
 
 
 async def _disconnected(receive: Receive) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from pathlib import Path
 
 from deepserve.errors import DeepServeError, Unavailable
@@ -17,6 +18,7 @@ class TokenizerRegistry:
         self._cache_dir = cache_dir or default_cache_dir()
         self._loaded: dict[str, Tokenizer] = {}
         self._loading: dict[str, asyncio.Future[Tokenizer]] = {}
+        self._preloads: set[asyncio.Future[None]] = set()
 
     def put(self, model: str, tokenizer: Tokenizer) -> None:
         self._loaded[model] = tokenizer
@@ -34,6 +36,19 @@ class TokenizerRegistry:
         tokenizer = await asyncio.shield(pending)
         self._loaded[model] = tokenizer
         return tokenizer
+
+    def preload(self, model: str) -> None:
+        """Starts loading in the background, so the model's first request finds it ready."""
+        if model in self._loaded or model in self._loading:
+            return
+
+        async def load() -> None:
+            with contextlib.suppress(DeepServeError):
+                await self.get(model)
+
+        task = asyncio.ensure_future(load())
+        self._preloads.add(task)
+        task.add_done_callback(self._preloads.discard)
 
     def _load(self, model: str) -> Tokenizer:
         try:

@@ -9,9 +9,6 @@ from deepserve.rpc.client import insecure_channel
 from deepserve.rpc.errors import error_from_rpc
 from deepserve.v1 import common_pb2, flowserve_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 
-# Seconds a client is told to wait when no instance can take a request now.
-NO_INSTANCE_RETRY_AFTER_S = 5.0
-
 
 class SchedulerClient:
     """Asks the scheduler which instance(s) serve a request."""
@@ -48,6 +45,12 @@ class SchedulerClient:
         if not reply.instances:
             raise Unavailable(f"the scheduler found no instance for model {request.model!r}")
         return list(reply.instances)
+
+    async def report_completion(self, request: scheduler_pb2.ReportCompletionRequest) -> None:
+        try:
+            await self._stub.ReportCompletion(request, timeout=self._timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            raise error_from_rpc(exc) from exc
 
     async def close(self) -> None:
         await self._channel.close()

@@ -14,6 +14,7 @@ import contextlib
 import logging
 
 from deepserve import records
+from deepserve.jobmgr.autoscaler_loop import Autoscaler
 from deepserve.jobmgr.job_store import JobStore
 from deepserve.jobmgr.pod_provider import PodProvider
 from deepserve.jobmgr.reconciler import Reconciler
@@ -42,8 +43,11 @@ class JobController:
         acquire_timeout_s: float = 300.0,
         backoff_s: float = 1.0,
         backoff_max_s: float = 30.0,
+        autoscaler: Autoscaler | None = None,
     ) -> None:
         self._store = store
+        # Runs only while this replica leads, like the reconciler.
+        self.autoscaler = autoscaler
         self.candidate_id = candidate_id
         self._election_ttl_s = election_ttl_s
         self._resync_interval_s = resync_interval_s
@@ -72,6 +76,8 @@ class JobController:
         for mirror in (self.pod_mirror, self.instance_mirror):
             mirror.add_handler(self._on_change)
             mirror.start()
+        if self.autoscaler is not None:
+            self.autoscaler.start()
         self._task = asyncio.create_task(self._run(), name="jobmgr-controller")
 
     async def stop(self) -> None:
@@ -82,6 +88,8 @@ class JobController:
         await self.reconciler.stop()
         for mirror in (self.pod_mirror, self.instance_mirror):
             await mirror.stop()
+        if self.autoscaler is not None:
+            await self.autoscaler.stop()
         if self.election is not None:
             with contextlib.suppress(Exception):
                 await self.election.resign()
@@ -112,6 +120,8 @@ class JobController:
             asyncio.create_task(self._watch(Keys.jobs_prefix())),
             asyncio.create_task(self._watch(Keys.tasks_prefix())),
         ]
+        if self.autoscaler is not None:
+            watchers.append(asyncio.create_task(self.autoscaler.run(), name="jobmgr-autoscaler"))
         try:
             for mirror in (self.pod_mirror, self.instance_mirror):
                 await mirror.ready.wait()

@@ -42,6 +42,44 @@ class RoutingPolicy(StrEnum):
     LEAST_LOADED = "least_loaded"
 
 
+class AutoscalingPolicy(BaseModel):
+    """How the autoscaler sizes a deployment within [min_replicas, max_replicas]."""
+
+    enabled: bool = False
+    # Queued plus running requests one instance should carry.
+    target_requests_per_instance: float = 4.0
+    # KV cache use (0..1) above which a group gets another instance.
+    target_kv_usage: float = 0.8
+    # Latency objectives (0: none); misses above the tolerated fraction add a replica.
+    ttft_slo_ms: float = 0.0
+    tpot_slo_ms: float = 0.0
+    # Seconds without traffic before scaling to zero (0: never; needs min_replicas 0).
+    scale_to_zero_after_s: float = 0.0
+    # After a scale-up, no further scale-up for this long (new instances absorb load first);
+    # after any change, no scale-down for the down cooldown (against flapping).
+    scale_up_cooldown_s: float = 5.0
+    scale_down_cooldown_s: float = 30.0
+
+    def normalized(self) -> AutoscalingPolicy:
+        for name in (
+            "target_requests_per_instance",
+            "target_kv_usage",
+            "ttft_slo_ms",
+            "tpot_slo_ms",
+            "scale_to_zero_after_s",
+            "scale_up_cooldown_s",
+            "scale_down_cooldown_s",
+        ):
+            if getattr(self, name) < 0:
+                raise InvalidArgument("must be >= 0", field=f"autoscaling.{name}")
+        policy = self.model_copy()
+        if policy.target_requests_per_instance == 0:
+            policy.target_requests_per_instance = 4.0
+        if policy.target_kv_usage == 0 or policy.target_kv_usage > 1:
+            policy.target_kv_usage = min(policy.target_kv_usage or 0.8, 1.0)
+        return policy
+
+
 class ServingSpec(BaseModel):
     """A model deployment: desired replicas within [min, max]."""
 
@@ -54,6 +92,7 @@ class ServingSpec(BaseModel):
     decode_instances: int = 1
     policy: RoutingPolicy = RoutingPolicy.DEEPSERVE
     tensor_parallel_size: int = 1
+    autoscaling: AutoscalingPolicy = Field(default_factory=AutoscalingPolicy)
 
     def normalized(self) -> ServingSpec:
         """Fills defaults (max from replicas) and checks every bound, naming the bad field."""
@@ -83,6 +122,7 @@ class ServingSpec(BaseModel):
                 raise InvalidArgument("must be >= 1 when disaggregated", field="decode_instances")
         if spec.tensor_parallel_size < 1:
             raise InvalidArgument("must be >= 1", field="tensor_parallel_size")
+        spec.autoscaling = spec.autoscaling.normalized()
         return spec
 
 

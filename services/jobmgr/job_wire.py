@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from deepserve.errors import InvalidArgument
 from deepserve.jobmgr.job_records import (
+    AutoscalingPolicy,
     JobKind,
     JobPhase,
     JobRecord,
@@ -12,6 +13,7 @@ from deepserve.jobmgr.job_records import (
     ServingSpec,
 )
 from deepserve.jobmgr.task_records import TaskRecord, TaskState
+from deepserve.scaling.wire import steps_to_proto, weights_source_to_proto
 from deepserve.store.etcd import Versioned
 from deepserve.v1 import jobmgr_pb2 as pb
 from deepserve.wire import role_to_proto
@@ -69,7 +71,28 @@ def serving_spec_from_proto(msg: pb.ServingSpec) -> ServingSpec:
         decode_instances=msg.decode_instances or 1,
         policy=POLICY_FROM_PROTO.get(msg.policy, RoutingPolicy.DEEPSERVE),
         tensor_parallel_size=msg.tensor_parallel_size or 1,
+        autoscaling=autoscaling_from_proto(msg.autoscaling),
     )
+
+
+def autoscaling_from_proto(msg: pb.AutoscalingPolicy) -> AutoscalingPolicy:
+    """Zeros mean the defaults (proto3 cannot tell unset from zero)."""
+    defaults = AutoscalingPolicy()
+    return AutoscalingPolicy(
+        enabled=msg.enabled,
+        target_requests_per_instance=msg.target_requests_per_instance
+        or defaults.target_requests_per_instance,
+        target_kv_usage=msg.target_kv_usage or defaults.target_kv_usage,
+        ttft_slo_ms=msg.ttft_slo_ms,
+        tpot_slo_ms=msg.tpot_slo_ms,
+        scale_to_zero_after_s=msg.scale_to_zero_after_s,
+        scale_up_cooldown_s=msg.scale_up_cooldown_s or defaults.scale_up_cooldown_s,
+        scale_down_cooldown_s=msg.scale_down_cooldown_s or defaults.scale_down_cooldown_s,
+    )
+
+
+def autoscaling_to_proto(policy: AutoscalingPolicy) -> pb.AutoscalingPolicy:
+    return pb.AutoscalingPolicy(**policy.model_dump())
 
 
 def serving_spec_to_proto(spec: ServingSpec) -> pb.ServingSpec:
@@ -83,6 +106,7 @@ def serving_spec_to_proto(spec: ServingSpec) -> pb.ServingSpec:
         decode_instances=spec.decode_instances,
         policy=POLICY_TO_PROTO[spec.policy],
         tensor_parallel_size=spec.tensor_parallel_size,
+        autoscaling=autoscaling_to_proto(spec.autoscaling),
     )
 
 
@@ -124,4 +148,6 @@ def task_to_proto(task: Versioned[TaskRecord]) -> pb.Task:
         created_at_unix=r.created_at,
         message=r.message,
         revision=task.mod_revision,
+        scale_steps=steps_to_proto(r.scale_up) if r.scale_up else [],
+        weights_source=weights_source_to_proto(r.scale_up.weights_source) if r.scale_up else 0,
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from deepserve.config import JobMgrSettings
+from deepserve.jobmgr.autoscaler_loop import Autoscaler
 from deepserve.jobmgr.controller import JobController
 from deepserve.jobmgr.job_store import JobStore
 from deepserve.jobmgr.podpool_client import PodPoolClient
@@ -18,8 +19,16 @@ SERVICE_NAME = jobmgr_pb2.DESCRIPTOR.services_by_name["JobManagerService"].full_
 
 
 async def serve(settings: JobMgrSettings) -> None:
-    async with ServiceRuntime("jobmgr", settings) as rt:
+    async with ServiceRuntime("jobmgr", settings, use_redis=True) as rt:
         pods = PodPoolClient(settings.podpool_address, acquire_timeout_s=settings.acquire_timeout_s)
+        autoscaler = Autoscaler(
+            rt.etcd,
+            lambda: controller.instance_mirror.items,
+            rt.redis,
+            interval_s=settings.autoscale_interval_s,
+            demand_ttl_s=settings.demand_ttl_s,
+            slo_window_s=settings.slo_window_s,
+        )
         controller = JobController(
             rt.etcd,
             pods,
@@ -29,6 +38,7 @@ async def serve(settings: JobMgrSettings) -> None:
             acquire_timeout_s=settings.acquire_timeout_s,
             backoff_s=settings.retry_backoff_s,
             backoff_max_s=settings.retry_backoff_max_s,
+            autoscaler=autoscaler,
         )
         controller.start()
         servicer = JobManagerServicer(JobStore(rt.etcd), TaskStore(rt.etcd))

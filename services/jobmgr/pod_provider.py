@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from deepserve.records import Role
+from deepserve.scaling.timeline import ScaleTimeline
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,6 +30,8 @@ class PodGrant:
     cold_start: bool
     claim_seconds: float
     load_seconds: float
+    # The scale-up's five steps and their durations (empty from an older pool).
+    timeline: ScaleTimeline = field(default_factory=ScaleTimeline)
 
 
 class PodProvider(Protocol):

@@ -7,6 +7,7 @@ import grpc
 from deepserve.jobmgr.pod_provider import PodAsk, PodGrant
 from deepserve.rpc.client import insecure_channel
 from deepserve.rpc.errors import error_from_rpc
+from deepserve.scaling.wire import timeline_from_proto
 from deepserve.v1 import podpool_pb2, podpool_pb2_grpc
 from deepserve.wire import role_to_proto
 
@@ -38,6 +39,7 @@ class PodPoolClient:
             cold_start=reply.cold_start,
             claim_seconds=reply.claim_seconds,
             load_seconds=reply.load_seconds,
+            timeline=timeline_from_proto(reply.steps, reply.weights_source),
         )
 
     async def release(self, pod_id: str, *, terminate: bool = False) -> None:

@@ -20,6 +20,8 @@ from collections import defaultdict
 from collections.abc import Callable, Coroutine, Mapping
 from typing import Any, Protocol
 
+from opentelemetry import trace
+
 from deepserve.errors import Conflict, DeepServeError
 from deepserve.jobmgr.job_records import JobKind, JobPhase, JobRecord
 from deepserve.jobmgr.job_store import JobStore
@@ -30,6 +32,7 @@ from deepserve.records import InstanceRecord, PodRecord, PodState
 from deepserve.store.etcd import Versioned
 
 log = logging.getLogger(__name__)
+tracer = trace.get_tracer(__name__)
 
 
 class Mirror(Protocol):
@@ -288,7 +291,16 @@ class Reconciler:
             return
         ask = PodAsk(task_id, job_id, task.model, task.role, task.tensor_parallel_size)
         try:
-            grant = await asyncio.wait_for(self._pods.acquire(ask), self._acquire_timeout_s)
+            # One trace per scale-up: jobmgr -> podpool (step 1) -> the pod (steps 2-5).
+            with tracer.start_as_current_span(
+                "scale_up",
+                attributes={
+                    "deepserve.job_id": job_id,
+                    "deepserve.task_id": task_id,
+                    "deepserve.model": task.model,
+                },
+            ):
+                grant = await asyncio.wait_for(self._pods.acquire(ask), self._acquire_timeout_s)
         except (DeepServeError, TimeoutError) as exc:
             message = str(exc) or type(exc).__name__
             await self._set_state(task, TaskState.FAILED, "StartFailed", message)
@@ -308,8 +320,11 @@ class Reconciler:
             t.state = TaskState.RUNNING
             t.pod_id, t.instance_id, t.address = grant.pod_id, grant.instance_id, grant.address
             t.cold_start = grant.cold_start
+            t.scale_up = grant.timeline if grant.timeline.steps else None
             t.message = ""
             t.record_event("ColdStart" if grant.cold_start else "PodAssigned", detail)
+            if grant.timeline.steps:
+                t.record_event("ScaledUp", grant.timeline.summary())
             t.record_event("Running", f"instance {grant.instance_id} at {grant.address}")
             return t
 

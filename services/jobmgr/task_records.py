@@ -15,6 +15,7 @@ from pydantic import BaseModel, Field
 
 from deepserve.jobmgr.job_records import MAX_EVENTS, JobEvent, ServingMode, ServingSpec
 from deepserve.records import Role
+from deepserve.scaling.timeline import ScaleTimeline
 
 
 class TaskState(StrEnum):
@@ -65,6 +66,8 @@ class TaskRecord(BaseModel):
     instance_id: str = ""
     address: str = ""
     cold_start: bool = False
+    # The scale-up that placed it: the paper's five steps with their durations.
+    scale_up: ScaleTimeline | None = None
     message: str = ""
     # The jobmgr replica (leader) that created it.
     created_by: str = ""

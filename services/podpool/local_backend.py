@@ -48,6 +48,11 @@ class LocalProcessBackend:
         }
         if self._settings.pod_device:
             env["DEEPSERVE_FLOWSERVE_DEVICE"] = self._settings.pod_device
+        # The pods map the DRAM copies this pool keeps (and publish what they fork) here.
+        if self._settings.weights_cache_dir is not None:
+            env["DEEPSERVE_FLOWSERVE_WEIGHTS_CACHE_DIR"] = str(self._settings.weights_cache_dir)
+        else:
+            env["DEEPSERVE_FLOWSERVE_USE_WEIGHTS_CACHE"] = "false"
         if common.telemetry_dir is not None:
             env["DEEPSERVE_TELEMETRY_DIR"] = str(common.telemetry_dir)
         return env

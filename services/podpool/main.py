@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
+from deepserve import records
 from deepserve.config import PodPoolSettings
 from deepserve.errors import InvalidArgument
 from deepserve.podpool.backend import PodBackend
+from deepserve.podpool.dram_cache import DramPreloader, ModelResolver
 from deepserve.podpool.local_backend import LocalProcessBackend
 from deepserve.podpool.pod_agent import GrpcPodAgent
 from deepserve.podpool.pod_view import PodView
 from deepserve.podpool.servicer import PodPoolServicer
 from deepserve.podpool.warm_pool import WarmPodPool
+from deepserve.podpool.weights_planner import WeightsPlanner
+from deepserve.podpool.zygote_backend import ZygoteBackend
 from deepserve.runtime import ServiceRuntime
+from deepserve.scaling.weights_cache import WeightsCacheLayout
+from deepserve.store.informer import Informer
 from deepserve.v1 import podpool_pb2, podpool_pb2_grpc
 
 SERVICE_NAME = podpool_pb2.DESCRIPTOR.services_by_name["PodPoolService"].full_name
@@ -20,9 +27,24 @@ SERVICE_NAME = podpool_pb2.DESCRIPTOR.services_by_name["PodPoolService"].full_na
 
 def make_backend(settings: PodPoolSettings) -> PodBackend:
     if settings.backend == "local":
+        if settings.pod_start == "zygote":
+            return ZygoteBackend(settings, settings.pod_start_timeout_s)
         return LocalProcessBackend(settings)
     raise InvalidArgument(
         f"unknown pod backend {settings.backend!r} (only 'local' exists so far)", field="backend"
+    )
+
+
+def make_dram(settings: PodPoolSettings) -> DramPreloader | None:
+    if settings.weights_cache_dir is None:
+        return None
+    return DramPreloader(
+        WeightsCacheLayout(settings.weights_cache_dir),
+        ModelResolver(),
+        pinned=[m.strip() for m in settings.dram_models.split(",") if m.strip()],
+        recent=settings.dram_recent_models,
+        budget_bytes=settings.dram_budget_mb * 1024 * 1024,
+        device=settings.pod_device,
     )
 
 
@@ -30,6 +52,22 @@ async def serve(settings: PodPoolSettings) -> None:
     async with ServiceRuntime("podpool", settings) as rt:
         view = PodView(rt.etcd)
         view.start()
+        # Running instances: the fork sources for new ones.
+        instances = Informer(records.instances(rt.etcd))
+        instances.start()
+        dram = make_dram(settings)
+        dram_loop = asyncio.create_task(dram.run()) if dram is not None else None
+        planner = WeightsPlanner(lambda: instances.items, dram=dram, fork=settings.fork)
+
+        async def stop_scaling() -> None:
+            if dram_loop is not None:
+                dram_loop.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await dram_loop
+            if dram is not None:
+                await dram.close()
+            await instances.stop()
+
         pool = WarmPodPool(
             view,
             make_backend(settings),
@@ -37,6 +75,7 @@ async def serve(settings: PodPoolSettings) -> None:
             warm_target=settings.warm_pods,
             max_pods=settings.max_pods,
             start_timeout_s=settings.pod_start_timeout_s,
+            planner=planner,
         )
         pool.start()
         servicer = PodPoolServicer(view, pool)
@@ -47,7 +86,7 @@ async def serve(settings: PodPoolSettings) -> None:
                 )
             ],
             [SERVICE_NAME],
-            on_shutdown=[pool.close, view.stop],
+            on_shutdown=[pool.close, stop_scaling, view.stop],
         )
 
 

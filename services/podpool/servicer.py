@@ -7,6 +7,7 @@ import grpc
 from deepserve.errors import InvalidArgument
 from deepserve.podpool.pod_view import PodView
 from deepserve.podpool.warm_pool import PodRequest, WarmPodPool
+from deepserve.scaling.wire import steps_to_proto, weights_source_to_proto
 from deepserve.v1 import podpool_pb2, podpool_pb2_grpc
 from deepserve.wire import pod_state_from_proto, pod_to_proto, role_from_proto
 
@@ -25,7 +26,24 @@ class PodPoolServicer(podpool_pb2_grpc.PodPoolServiceServicer):
             warm_target=self._pool.warm_target,
             cold_starts=self._pool.cold_starts,
             warm_hits=self._pool.warm_hits,
+            dram_copies=self._dram_copies(),
         )
+
+    def _dram_copies(self) -> list[podpool_pb2.DramCopy]:
+        planner = self._pool.planner
+        if planner is None or planner.dram is None:
+            return []
+        return [
+            podpool_pb2.DramCopy(
+                model=c.model,
+                host=planner.host,
+                path=c.path,
+                nbytes=c.nbytes,
+                pinned=c.pinned,
+                ready=c.ready,
+            )
+            for c in planner.dram.copies()
+        ]
 
     async def AcquirePod(
         self, request: podpool_pb2.AcquirePodRequest, context: grpc.aio.ServicerContext
@@ -49,6 +67,8 @@ class PodPoolServicer(podpool_pb2_grpc.PodPoolServiceServicer):
             instance_id=acquired.instance_id,
             load_seconds=acquired.load_seconds,
             claim_seconds=acquired.claim_seconds,
+            steps=steps_to_proto(acquired.timeline),
+            weights_source=weights_source_to_proto(acquired.timeline.weights_source),
         )
 
     async def ReleasePod(

@@ -13,8 +13,10 @@ import contextlib
 import logging
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
+
+from opentelemetry import trace
 
 from deepserve.errors import (
     Conflict,
@@ -28,9 +30,13 @@ from deepserve.errors import (
 from deepserve.podpool.backend import PodBackend
 from deepserve.podpool.pod_agent import LoadResult
 from deepserve.podpool.pod_view import PodView
+from deepserve.podpool.weights_planner import WeightsPlanner
 from deepserve.records import PodRecord, PodState, Role
+from deepserve.scaling.timeline import ScaleStep, ScaleTimeline
+from deepserve.scaling.weights_plan import WeightsPlan
 
 log = logging.getLogger(__name__)
+tracer = trace.get_tracer(__name__)
 
 
 def new_pod_id() -> str:
@@ -49,6 +55,7 @@ class PodAgent(Protocol):
         job_id: str,
         task_id: str,
         tensor_parallel_size: int,
+        weights: WeightsPlan | None = None,
     ) -> LoadResult: ...
 
     async def unload(self, address: str) -> None: ...
@@ -74,6 +81,8 @@ class AcquiredPod:
     instance_id: str
     load_seconds: float
     claim_seconds: float
+    # The scale-up's five steps with their durations, and the weights' source.
+    timeline: ScaleTimeline = field(default_factory=ScaleTimeline)
 
 
 class WarmPodPool:
@@ -88,8 +97,11 @@ class WarmPodPool:
         warm_target: int,
         max_pods: int = 64,
         start_timeout_s: float = 120.0,
+        planner: WeightsPlanner | None = None,
     ) -> None:
         self.view = view
+        # Picks each load's weights source (DRAM copy, fork, disk); None lets the pod pick.
+        self.planner = planner
         self.backend = backend
         self.agent = agent
         self.warm_target = warm_target
@@ -126,12 +138,15 @@ class WarmPodPool:
         started = time.monotonic()
         cold = False
         self.backend.check_model(request.model)
-        pod = self._assigned_to(request.task_id)
-        if pod is None:
-            pod = await self._claim_warm(request)
-        if pod is None:
-            cold = True
-            pod = await self._start_cold(request)
+        with tracer.start_as_current_span("scale_up.pod_acquired") as span:
+            pod = self._assigned_to(request.task_id)
+            if pod is None:
+                pod = await self._claim_warm(request)
+            if pod is None:
+                cold = True
+                pod = await self._start_cold(request)
+            span.set_attribute("deepserve.pod_id", pod.pod_id)
+            span.set_attribute("deepserve.cold_start", cold)
         claim_seconds = time.monotonic() - started
         if cold:
             self.cold_starts += 1
@@ -139,14 +154,16 @@ class WarmPodPool:
             self.warm_hits += 1
         self._wake.set()  # a warm pod was used up: refill in the background
         try:
-            result = await self.agent.load(
-                pod.address,
-                model=request.model,
-                role=request.role,
-                job_id=request.job_id,
-                task_id=request.task_id,
-                tensor_parallel_size=request.tensor_parallel_size,
-            )
+            async with self._weights_plan(pod, request) as plan:
+                result = await self.agent.load(
+                    pod.address,
+                    model=request.model,
+                    role=request.role,
+                    job_id=request.job_id,
+                    task_id=request.task_id,
+                    tensor_parallel_size=request.tensor_parallel_size,
+                    weights=plan,
+                )
         except DeepServeError as exc:
             # A refusal (bad model, wrong state) leaves the pod intact and warm again; a pod
             # that did not answer is in an unknown state and is ended.
@@ -167,8 +184,21 @@ class WarmPodPool:
             else:
                 await self._end(pod)
             raise
+        if self.planner is not None and self.planner.dram is not None:
+            # Recent demand: keep (or make) this model's DRAM copy for the next scale-up.
+            self.planner.dram.note_demand(request.model, request.tensor_parallel_size)
         current = self.view.get(pod.pod_id) or pod
-        return AcquiredPod(current, cold, result.instance_id, result.load_seconds, claim_seconds)
+        timeline = scale_up_timeline(result.timeline, pod.pod_id, cold, claim_seconds)
+        return AcquiredPod(
+            current, cold, result.instance_id, result.load_seconds, claim_seconds, timeline
+        )
+
+    def _weights_plan(
+        self, pod: PodRecord, request: PodRequest
+    ) -> contextlib.AbstractAsyncContextManager[WeightsPlan | None]:
+        if self.planner is None:
+            return contextlib.nullcontext(None)
+        return self.planner.plan(pod, request.model, request.tensor_parallel_size)
 
     async def release(self, pod_id: str, *, terminate: bool = False) -> str:
         """Returns the pod to the warm pool, or ends it; says which ("returned", "ended", "gone")."""
@@ -357,3 +387,29 @@ class WarmPodPool:
             surplus = [p for p in self._claimable() if self.backend.started_here(p.pod_id)]
             for pod in surplus[::-1][: supply - self.warm_target]:
                 await self._end(pod)
+
+
+def scale_up_timeline(
+    pod_steps: ScaleTimeline, pod_id: str, cold: bool, claim_seconds: float
+) -> ScaleTimeline:
+    """Adds step 1 to the pod's steps 2-5. A warm pod's engine start happened before the
+    scale-up (off its critical path, so 0s here); a cold pod's start is part of the claim."""
+    timeline = ScaleTimeline()
+    timeline.merge(pod_steps)
+    started_in = timeline.seconds(ScaleStep.ENGINE_STARTED) or 0.0
+    if cold:
+        timeline.record(
+            ScaleStep.POD_ACQUIRED,
+            claim_seconds - started_in,
+            f"cold start: no warm pod was free, started {pod_id}",
+        )
+        if started_in:
+            timeline.record(ScaleStep.ENGINE_STARTED, started_in, "new process: imports, device")
+    else:
+        timeline.record(ScaleStep.POD_ACQUIRED, claim_seconds, f"warm pod {pod_id}")
+        timeline.record(
+            ScaleStep.ENGINE_STARTED,
+            0.0,
+            f"pre-warmed (its runtime start took {started_in:.2f}s, before the scale-up)",
+        )
+    return timeline

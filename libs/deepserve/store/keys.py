@@ -9,6 +9,7 @@ Keys are built here and nowhere else, so the layout is visible in one place:
     /deepserve/tasks/<job id>/<task id>          tasks of a job
     /deepserve/models/<model id>                 registered models
     /deepserve/apikeys/<sha256 of key>           API keys (hash only)
+    /deepserve/tenants/<tenant>                  tenants and their limits
     /deepserve/election/<name>                   leader-election candidates (leased)
     /deepserve/heatmaps/<model id>               PD-aware routing heatmaps (profiled per model)
     /deepserve/demand/<model id>                 requests held for a model at zero replicas
@@ -82,8 +83,20 @@ class Keys:
         return _join("models", model_id)
 
     @staticmethod
+    def api_keys_prefix() -> str:
+        return ROOT + "apikeys/"
+
+    @staticmethod
     def api_key(key_hash: str) -> str:
         return _join("apikeys", key_hash)
+
+    @staticmethod
+    def tenants_prefix() -> str:
+        return ROOT + "tenants/"
+
+    @staticmethod
+    def tenant(tenant: str) -> str:
+        return _join("tenants", tenant)
 
     @staticmethod
     def election_prefix(name: str) -> str:

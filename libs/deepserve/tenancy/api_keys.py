@@ -15,9 +15,9 @@ from pydantic import BaseModel, Field
 
 from deepserve.errors import InvalidArgument, NotFound
 from deepserve.store.etcd import EtcdStore, TypedPrefix
-from deepserve.store.keys import ROOT, Keys
+from deepserve.store.keys import Keys
 
-API_KEYS_PREFIX = ROOT + "apikeys/"
+API_KEYS_PREFIX = Keys.api_keys_prefix()
 KEY_PREFIX = "ds-"
 KEY_ID_LENGTH = 12
 

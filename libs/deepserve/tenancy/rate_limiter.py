@@ -9,18 +9,23 @@ the seconds until the limit that refused it frees up.
 Tokens are charged up front with an estimate (prompt + max_tokens, as OpenAI does) and
 corrected to the real count when the request finishes. Concurrency slots carry a deadline, so a
 gateway that dies mid-request cannot leak them forever. Times come from the Redis server's
-clock (TIME), never from the gateways', so replicas with skewed clocks still agree.
+clock (TIME), never from the gateways', so replicas with skewed clocks still agree. If Redis
+cannot be reached, requests are let in unchecked (logged): Redis is lossy-tolerable state.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
+from redis.exceptions import RedisError
 
 from deepserve.errors import ResourceExhausted
 from deepserve.tenancy.tenants import TenantLimits
+
+log = logging.getLogger(__name__)
 
 # KEYS: requests zset, tokens zset, tokens hash (id -> tokens), concurrency zset
 # ARGV: request id, rpm, tpm, max concurrent, estimated tokens, window ms, slot ttl ms
@@ -152,18 +157,25 @@ class RateLimiter:
         admission = Admission(tenant, request_id, limits, max(0, estimated_tokens))
         if limits.unlimited:
             return admission
-        code, wait_ms = await self._admit(
-            keys=_keys(tenant),
-            args=[
-                request_id,
-                limits.requests_per_min,
-                limits.tokens_per_min,
-                limits.max_concurrent,
-                admission.estimated_tokens,
-                self.window_ms,
-                self.slot_ttl_ms,
-            ],
-        )
+        try:
+            code, wait_ms = await self._admit(
+                keys=_keys(tenant),
+                args=[
+                    request_id,
+                    limits.requests_per_min,
+                    limits.tokens_per_min,
+                    limits.max_concurrent,
+                    admission.estimated_tokens,
+                    self.window_ms,
+                    self.slot_ttl_ms,
+                ],
+            )
+        except RedisError as exc:
+            # Redis holds lossy state: without it, serve unlimited rather than refuse everyone
+            # (the engines' own queue bounds still protect them).
+            log.warning("rate limiter unavailable, admitting %s unchecked: %s", request_id, exc)
+            admission.finished = True
+            return admission
         code, wait_ms = int(code), int(wait_ms)
         if code == 0:
             return admission
@@ -186,4 +198,7 @@ class RateLimiter:
         if admission.limits.unlimited:
             return
         _req, _tok, tokens_hash, conc = _keys(admission.tenant)
-        await self._finish(keys=[tokens_hash, conc], args=[admission.request_id, actual_tokens])
+        try:
+            await self._finish(keys=[tokens_hash, conc], args=[admission.request_id, actual_tokens])
+        except RedisError as exc:  # the slot expires by itself (slot_ttl_s)
+            log.warning("rate limiter could not release %s: %s", admission.request_id, exc)

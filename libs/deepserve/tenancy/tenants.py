@@ -3,21 +3,20 @@
 from __future__ import annotations
 
 import time
-from urllib.parse import quote
 
 from pydantic import BaseModel, Field
 
 from deepserve.errors import Conflict, InvalidArgument
 from deepserve.store.etcd import EtcdStore, TypedPrefix
-from deepserve.store.keys import ROOT
+from deepserve.store.keys import Keys
 
-TENANTS_PREFIX = ROOT + "tenants/"
+TENANTS_PREFIX = Keys.tenants_prefix()
 
 
 def tenant_key(tenant: str) -> str:
     if not tenant:
         raise InvalidArgument("a tenant name is required", field="tenant")
-    return TENANTS_PREFIX + quote(tenant, safe="")
+    return Keys.tenant(tenant)
 
 
 class TenantLimits(BaseModel):

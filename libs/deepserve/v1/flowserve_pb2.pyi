@@ -71,12 +71,18 @@ class PrefillRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., skip_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., mode: _Optional[_Union[KVTransferMode, str]] = ..., transports: _Optional[_Iterable[_Union[KVTransport, str]]] = ..., host_id: _Optional[str] = ...) -> None: ...
 
 class PrefillResponse(_message.Message):
-    __slots__ = ("kv", "done")
+    __slots__ = ("kv", "done", "heartbeat")
     KV_FIELD_NUMBER: _ClassVar[int]
     DONE_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
     kv: KVChunk
     done: PrefillDone
-    def __init__(self, kv: _Optional[_Union[KVChunk, _Mapping]] = ..., done: _Optional[_Union[PrefillDone, _Mapping]] = ...) -> None: ...
+    heartbeat: PrefillHeartbeat
+    def __init__(self, kv: _Optional[_Union[KVChunk, _Mapping]] = ..., done: _Optional[_Union[PrefillDone, _Mapping]] = ..., heartbeat: _Optional[_Union[PrefillHeartbeat, _Mapping]] = ...) -> None: ...
+
+class PrefillHeartbeat(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
 
 class KVChunk(_message.Message):
     __slots__ = ("first_block", "num_blocks", "layer_start", "num_layers", "total_layers", "dtype", "shape", "data", "shared_memory")

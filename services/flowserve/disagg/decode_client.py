@@ -115,6 +115,16 @@ class GrpcPrefillSource:
     async def _receive(self, assembler: KVAssembler, msg: flowserve_pb2.KVChunk) -> None:
         await _receive_chunk(self.address, assembler, msg)
 
+    async def _flush(self, assembler: KVAssembler) -> None:
+        try:
+            await assembler.flush()
+        except Cancelled:
+            raise
+        except DeepServeError as exc:
+            raise Unavailable(
+                f"KV transfer from prefill instance {self.address} failed: {exc}"
+            ) from exc
+
     async def prefill(self, reservation: KVReservation, sink: KVSink) -> PrefillResult:
         assembler = KVAssembler(sink, reservation.num_held_blocks, len(reservation.block_ids))
         call = self.peers.stub(self.address).Prefill(
@@ -136,12 +146,15 @@ class GrpcPrefillSource:
                     raise Unavailable(
                         f"prefill instance {self.address} ended the transfer without a result"
                     )
+                if msg.HasField("heartbeat"):
+                    continue
                 if msg.HasField("kv"):
                     if first_kv is None:
                         first_kv = time.monotonic()
                     await self._receive(assembler, msg.kv)
                     continue
                 done = msg.done
+                await self._flush(assembler)
                 if not assembler.complete:
                     raise Unavailable(
                         f"prefill instance {self.address} finished without blocks "

@@ -23,7 +23,11 @@ class DisaggEndpoint:
     def __init__(self, engine: Any, settings: TransferSettings | None = None) -> None:
         self.settings = settings if settings is not None else TransferSettings()
         self.engine = engine
-        self.prefill_server = PrefillServer(engine, max_chunk_bytes=self.settings.max_chunk_bytes)
+        self.prefill_server = PrefillServer(
+            engine,
+            max_chunk_bytes=self.settings.max_chunk_bytes,
+            heartbeat_interval_s=self.settings.heartbeat_interval_s,
+        )
         self.peers = PeerChannels()
         self.received = TransferStats()
         self.shared_memory = SharedMemoryPool(

@@ -33,6 +33,11 @@ class PrefillJob:
 
 
 @dataclass(frozen=True, slots=True)
+class Heartbeat:
+    """Nothing to send yet: the prompt is still queued or computing."""
+
+
+@dataclass(frozen=True, slots=True)
 class PrefillOutcome:
     """The last event of a prefill: the first token and what was sent."""
 
@@ -46,16 +51,23 @@ class PrefillOutcome:
 class PrefillServer:
     """Runs PrefillJobs on one engine; yields KV chunks, then a PrefillOutcome."""
 
-    def __init__(self, engine: Any, *, max_chunk_bytes: int = 4 * 1024 * 1024) -> None:
+    def __init__(
+        self,
+        engine: Any,
+        *,
+        max_chunk_bytes: int = 4 * 1024 * 1024,
+        heartbeat_interval_s: float = 2.0,
+    ) -> None:
         self.engine = engine
         self.max_chunk_bytes = max_chunk_bytes
+        self.heartbeat_interval_s = heartbeat_interval_s
         self.layer_tap = LayerTap.attach(engine.core.executor)
 
     @property
     def supports_layerwise(self) -> bool:
         return self.layer_tap is not None
 
-    async def run(self, job: PrefillJob) -> AsyncIterator[KVChunk | PrefillOutcome]:
+    async def run(self, job: PrefillJob) -> AsyncIterator[KVChunk | PrefillOutcome | Heartbeat]:
         """Stream the job's KV; the blocks are freed when this generator ends, however it ends."""
         if job.block_size != self.engine.config.block_size:
             raise FailedPrecondition(
@@ -83,7 +95,11 @@ class PrefillServer:
         blocks_sent = bytes_sent = 0
         try:
             while True:
-                event = await events.get()
+                try:
+                    event = await asyncio.wait_for(events.get(), self.heartbeat_interval_s)
+                except TimeoutError:
+                    yield Heartbeat()
+                    continue
                 if isinstance(event, BaseException):
                     raise event
                 if isinstance(event, KVChunk):

@@ -5,7 +5,12 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 
-from deepserve.flowserve.disagg.prefill_flow import PrefillJob, PrefillOutcome, PrefillServer
+from deepserve.flowserve.disagg.prefill_flow import (
+    Heartbeat,
+    PrefillJob,
+    PrefillOutcome,
+    PrefillServer,
+)
 from deepserve.flowserve.transfer.host import local_host_id
 from deepserve.flowserve.transfer.settings import TransferSettings
 from deepserve.flowserve.transfer.shared_memory import SharedMemoryPool
@@ -54,6 +59,9 @@ async def serve_prefill(
     completed = False
     try:
         async for event in server.run(job):
+            if isinstance(event, Heartbeat):
+                yield flowserve_pb2.PrefillResponse(heartbeat=flowserve_pb2.PrefillHeartbeat())
+                continue
             if isinstance(event, PrefillOutcome):
                 completed = True
                 yield flowserve_pb2.PrefillResponse(

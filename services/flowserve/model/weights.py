@@ -123,6 +123,15 @@ def load_llama_weights(
     if not 0 <= tp_rank < tp_size:
         raise InvalidArgument(f"tp_rank {tp_rank} outside [0, {tp_size})", field="tp_rank")
 
+    # A prepared copy (DRAM pre-load or fork) is mapped as is: fused and in the device dtype.
+    from deepserve.flowserve.weights_source import open_prepared
+
+    prepared = open_prepared(
+        model_dir, config, device=device, dtype=dtype, tp_rank=tp_rank, tp_size=tp_size
+    )
+    if prepared is not None:
+        return prepared
+
     def place(t: torch.Tensor) -> torch.Tensor:
         return t.to(device=device, dtype=dtype).contiguous()
 

@@ -18,11 +18,12 @@ class _Partial:
 
 
 class KVAssembler:
-    """Writes complete (all-layer) block runs to a sink; buffers layer-partial ones.
+    """Gathers received chunks into complete (all-layer) block runs and writes them at flush.
 
-    Whole-request chunks carry every layer and pass straight through. Layer-by-layer chunks
-    of the same block run are stacked once the last layer arrives, so the sink (and the
-    device) sees one write per block run.
+    Layer-by-layer chunks of one block run are stacked once its last layer arrives. Complete
+    runs are buffered in host memory and written by `flush` as one tensor per contiguous
+    range: each sink write waits for the engine thread between two steps, so one write per
+    transfer instead of one per chunk keeps the hand-off from queueing behind decode steps.
     """
 
     def __init__(self, sink: KVSink, first_expected_block: int, end_block: int) -> None:
@@ -30,13 +31,14 @@ class KVAssembler:
         self._start = first_expected_block
         self._end = end_block
         self._partial: dict[tuple[int, int], _Partial] = {}
+        self._ready: list[tuple[int, torch.Tensor]] = []
         self._done: set[int] = set()
         self.bytes_received = 0
 
     @property
     def complete(self) -> bool:
         """Every expected block written, nothing buffered."""
-        return not self._partial and len(self._done) == self._end - self._start
+        return not self._partial and not self._ready and len(self._done) == self._end - self._start
 
     @property
     def missing_blocks(self) -> list[int]:
@@ -63,6 +65,21 @@ class KVAssembler:
             tensor = torch.cat([partial.layers[i] for i in range(partial.total_layers)], LAYER_DIM)
             await self._write(chunk.first_block, tensor)
 
+    async def flush(self) -> None:
+        """Write every complete block run, merging neighbours into one write."""
+        ready, self._ready = sorted(self._ready, key=lambda item: item[0]), []
+        groups: list[tuple[int, list[torch.Tensor]]] = []
+        for first_block, tensor in ready:
+            if groups and groups[-1][0] + sum(t.shape[BLOCK_DIM] for t in groups[-1][1]) == (
+                first_block
+            ):
+                groups[-1][1].append(tensor)
+            else:
+                groups.append((first_block, [tensor]))
+        for first_block, tensors in groups:
+            merged = tensors[0] if len(tensors) == 1 else torch.cat(tensors, BLOCK_DIM)
+            await self._sink.write(first_block, merged)
+            self._done.update(range(first_block, first_block + int(merged.shape[BLOCK_DIM])))
+
     async def _write(self, first_block: int, tensor: torch.Tensor) -> None:
-        await self._sink.write(first_block, tensor)
-        self._done.update(range(first_block, first_block + int(tensor.shape[BLOCK_DIM])))
+        self._ready.append((first_block, tensor))

@@ -24,8 +24,10 @@ class TransferSettings(BaseSettings):
     max_chunk_bytes: int = 4 * 1024 * 1024
     # The whole prefill + transfer, seen from the decode side; then the request fails.
     prefill_timeout_s: float = 120.0
-    # Longest silence between two messages of a transfer (a hung prefill instance).
+    # Longest silence between two messages of a transfer (a hung prefill instance); the prefill
+    # side sends heartbeats while a prompt waits in its queue or computes.
     idle_timeout_s: float = 30.0
+    heartbeat_interval_s: float = 2.0
     # How long a decode instance waits for free KV blocks before refusing the request.
     reserve_timeout_s: float = 30.0
     # Unclaimed shared-memory segments older than this are removed by their creator.

@@ -71,7 +71,10 @@ async def test_chunks_reassemble_into_the_right_blocks(layerwise: bool) -> None:
     for chunk in reversed(chunks):  # arrival order does not matter
         assert not assembler.complete
         await assembler.add(chunk)
+    assert sink.writes == []  # buffered until the transfer ends
+    await assembler.flush()
     assert assembler.complete and assembler.missing_blocks == []
+    assert sink.writes == [(first, 5)]  # neighbouring runs merged into one write
     assert torch.equal(sink.data[:, :, first:], tensor)
     assert sink.data[:, :, :first].isnan().all()  # held blocks untouched
     assert assembler.bytes_received == tensor.numel() * 4
@@ -86,6 +89,7 @@ async def test_incomplete_layerwise_transfer_is_not_complete() -> None:
     assembler = KVAssembler(sink, 0, 5)
     for chunk in chunks[:-1]:
         await assembler.add(chunk)
+    await assembler.flush()
     assert not assembler.complete and sink.writes == []
     assert assembler.missing_blocks == [0, 1, 2, 3, 4]
 

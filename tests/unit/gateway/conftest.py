@@ -52,10 +52,10 @@ class GatewayHarness:
         tenant = f"t-{uuid.uuid4().hex[:8]}"
         if limits is not None:
             await Tenants(self.etcd).set_limits(tenant, limits)
-            assert await self.gateway.auth.tenants.wait_for(lambda items: tenant in items, 10)
+            assert await self.gateway.auth.tenants.wait_for(lambda items: tenant in items, 30)
         key, _ = await ApiKeys(self.etcd).create(tenant)
         digest = hash_api_key(key)
-        assert await self.gateway.auth.keys.wait_for(lambda items: digest in items, 10)
+        assert await self.gateway.auth.keys.wait_for(lambda items: digest in items, 30)
         return tenant, key
 
 
@@ -104,7 +104,7 @@ async def running_harness(
             max_model_len=MAX_MODEL_LEN,
         ),
     )
-    assert await gateway.models.instances.wait_for(lambda items: instance_id in items, 10)
+    assert await gateway.models.instances.wait_for(lambda items: instance_id in items, 30)
     scheduler.add(common_pb2.Instance(instance_id=instance_id, model=model, address=engine_address))
 
     http = HttpServer(create_app(gateway), "127.0.0.1", 0)

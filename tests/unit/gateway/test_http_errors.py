@@ -138,8 +138,12 @@ async def test_concurrency_limit_and_slot_release(harness: GatewayHarness) -> No
     _, key = await harness.new_key(TenantLimits(max_concurrent=1))
     harness.engine.behaviour.token_delay_s = 0.05
     body = {"model": harness.model, "prompt": "one two three four", "max_tokens": 4}
+    seen = len(harness.engine.record.seen)
     first = asyncio.create_task(post(harness, key, "/v1/completions", body))
-    await asyncio.sleep(0.1)
+    for _ in range(3000):  # once the engine sees it, the first holds the slot
+        if len(harness.engine.record.seen) > seen:
+            break
+        await asyncio.sleep(0.01)
     second = await post(harness, key, "/v1/completions", body)
     assert second.status_code == 429
     assert (await first).status_code == 200
@@ -153,7 +157,7 @@ async def test_no_serving_instance_is_503(harness: GatewayHarness) -> None:
     harness.gateway.tokenizers.put(model, harness.tokenizer)
     await records.models(harness.etcd).put(model, ModelRecord(model_id=model))
     try:
-        assert await harness.gateway.models.registered.wait_for(lambda m: model in m, 10)
+        assert await harness.gateway.models.registered.wait_for(lambda m: model in m, 30)
         resp = await post(harness, key, "/v1/completions", {"model": model, "prompt": "x"})
         assert resp.status_code == 503
         assert resp.headers["retry-after"]
@@ -208,7 +212,7 @@ async def test_request_timeout_ends_the_request(harness: GatewayHarness) -> None
 
 
 async def _wait_cancelled(harness: GatewayHarness, request_id: str) -> None:
-    for _ in range(200):
+    for _ in range(1000):
         if f"{request_id}-0" in harness.engine.record.cancelled:
             return
         await asyncio.sleep(0.01)

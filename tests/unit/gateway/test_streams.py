@@ -48,7 +48,7 @@ async def add_instance(
         ),
     )
     added.append(instance_id)
-    assert await h.gateway.models.instances.wait_for(lambda items: instance_id in items, 10)
+    assert await h.gateway.models.instances.wait_for(lambda items: instance_id in items, 30)
     instance = common_pb2.Instance(instance_id=instance_id, model=model, address=address)
     h.scheduler.add(instance)
     return instance

@@ -32,7 +32,8 @@ async def etcd(etcd_endpoint: str) -> AsyncIterator[EtcdStore]:
 @pytest_asyncio.fixture
 async def redis_clients(redis_url: str) -> AsyncIterator[list[aioredis.Redis]]:
     """Two independent clients: two gateway replicas as far as Redis can tell."""
-    clients = [aioredis.Redis.from_url(redis_url) for _ in range(2)]
+    # A generous socket timeout: this shared 2-core machine sometimes stalls for seconds.
+    clients = [aioredis.Redis.from_url(redis_url, socket_timeout=30) for _ in range(2)]
     yield clients
     for c in clients:
         await c.aclose()
@@ -64,10 +65,10 @@ async def test_authenticator_modes(etcd: EtcdStore) -> None:
     opened = Authenticator(etcd, GatewaySettings(auth_open=True, open_tenant="demo"))
     for auth in (closed, opened):
         auth.start()
-        await auth.wait_ready()
+        await asyncio.wait_for(auth.wait_ready(), 30)
     try:
-        assert await closed.keys.wait_for(lambda k: hash_api_key(key) in k, 5)
-        assert await closed.tenants.wait_for(lambda t: name in t, 5)
+        assert await closed.keys.wait_for(lambda k: hash_api_key(key) in k, 30)
+        assert await closed.tenants.wait_for(lambda t: name in t, 30)
         caller = closed.authenticate(f"Bearer {key}")
         assert (caller.tenant, caller.limits.requests_per_min) == (name, 5)
         with pytest.raises(Unauthenticated):
@@ -189,4 +190,14 @@ def test_cli_keys_limits_and_usage(
 async def _record_usage(redis_url: str, name: str) -> None:
     client = aioredis.Redis.from_url(redis_url)
     await UsageMeter(client).record(name, "smollm2-135m", 12, 3)
+    await client.aclose()
+
+
+async def test_unreachable_redis_admits_unchecked() -> None:
+    from deepserve.cluster.processes import free_port
+
+    client = aioredis.Redis.from_url(f"redis://127.0.0.1:{free_port()}/0", socket_timeout=1)
+    limiter = RateLimiter(client)
+    admission = await limiter.admit(tenant(), "r", TenantLimits(requests_per_min=1), 1)
+    await limiter.finish(admission, 1)
     await client.aclose()

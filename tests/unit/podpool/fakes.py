@@ -9,6 +9,7 @@ from deepserve import records
 from deepserve.errors import FailedPrecondition, NotFound, Unavailable
 from deepserve.podpool.pod_agent import LoadResult
 from deepserve.records import PodRecord, PodState, Role
+from deepserve.scaling.weights_plan import WeightsPlan
 from deepserve.store.etcd import EtcdStore, KeepAliveLease
 
 
@@ -85,6 +86,7 @@ class FakeAgent:
         self.hang_models: set[str] = set()
         self.loads: list[tuple[str, str]] = []
         self.unloads: list[str] = []
+        self.plans: list[WeightsPlan | None] = []
 
     async def _pod_at(self, address: str) -> tuple[PodRecord, int]:
         for pod in (await records.pods(self.store).list())[0]:
@@ -101,8 +103,10 @@ class FakeAgent:
         job_id: str,
         task_id: str,
         tensor_parallel_size: int,
+        weights: WeightsPlan | None = None,
     ) -> LoadResult:
         pod, lease_id = await self._pod_at(address)
+        self.plans.append(weights)
         if model in self.fail_models:
             raise FailedPrecondition(f"cannot load {model}")
         if model in self.hang_models:

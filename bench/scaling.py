@@ -1,0 +1,411 @@
+"""Fast scaling in one run: time from "scale up" to a new instance's first token, four ways, and
+a burst from 0 to N instances through the whole control plane.
+
+Part 1, one instance of the model (default: smollm2-135m), median of `--reps` runs each:
+  (a) cold: a new pod process (imports, device) that loads the weights from disk;
+  (b) warm pod (runtime already up, no model), weights from disk;
+  (c) warm pod, weights mapped from a DRAM copy in host shared memory;
+  (d) warm pod, weights forked (streamed) from a running instance of the model.
+Each is timed from the request to start the instance (process spawn or LoadModel) to the first
+token of a 1-token request on it, and shown as a ratio to (a). Pods run on etcd + valkey
+started here; the pod's own five-step timeline of the last run is printed too.
+
+Part 2, `deepserve up` with `--burst` warm pods forked from the pod zygote, the model pinned in
+DRAM, and an autoscaled deployment at zero replicas: ScaleJob(0 -> N), then the time until every
+instance has served a request (each one is sent a request the moment it registers); then, back
+at zero, the time to first token of a request sent to the gateway (scale from zero: held,
+autoscaled, loaded, released).
+
+    .venv/bin/python -m bench.scaling                 # full run (3 reps, burst of 64)
+    .venv/bin/python -m bench.scaling --quick         # 1 rep, burst of 16
+    .venv/bin/python -m bench.scaling --burst-model tiny   # burst with a tiny random Llama
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from bench.common import markdown_table, progress
+from deepserve.cluster.layout import ClusterLayout
+from deepserve.cluster.processes import free_port, start_etcd, start_redis_server, wait_for_port
+from deepserve.models.catalog import default_cache_dir, resolve_model
+from deepserve.rpc.client import insecure_channel
+from deepserve.scaling.weights_cache import WeightsCacheLayout
+from deepserve.store.etcd import EtcdStore
+from deepserve.store.keys import Keys
+from deepserve.v1 import (
+    common_pb2,
+    flowserve_pb2,
+    flowserve_pb2_grpc,
+    jobmgr_pb2_grpc,
+    podpool_pb2,
+    podpool_pb2_grpc,
+)
+from deepserve.v1 import jobmgr_pb2 as jpb
+
+KV_BLOCKS = "64"
+
+
+@dataclass
+class Stores:
+    etcd: str
+    redis: str
+    root: Path
+
+
+@contextlib.contextmanager
+def stores() -> Iterator[Stores]:
+    root = Path(tempfile.mkdtemp(prefix="bench-scaling-"))
+    port, peer, rport = free_port(), free_port(), free_port()
+    etcd = start_etcd(root / "etcd", "127.0.0.1", port, peer, root / "etcd.log")
+    redis = start_redis_server(root / "redis", "127.0.0.1", rport, root / "redis.log")
+    try:
+        assert wait_for_port("127.0.0.1", port, 30) and wait_for_port("127.0.0.1", rport, 30)
+        yield Stores(f"127.0.0.1:{port}", f"redis://127.0.0.1:{rport}/0", root)
+    finally:
+        etcd.stop()
+        redis.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+class Pod:
+    """A `python -m deepserve.flowserve` process on a known port."""
+
+    def __init__(self, st: Stores, name: str, *, model: str = "", cache: Path) -> None:
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.cache = cache
+        env = {
+            **os.environ,
+            "PYTHONUNBUFFERED": "1",
+            "DEEPSERVE_ETCD_ENDPOINT": st.etcd,
+            "DEEPSERVE_REDIS_URL": st.redis,
+            "DEEPSERVE_FLOWSERVE_GRPC_PORT": str(self.port),
+            "DEEPSERVE_FLOWSERVE_POD_ID": name,
+            "DEEPSERVE_FLOWSERVE_MODEL": model,
+            "DEEPSERVE_FLOWSERVE_KV_CACHE_BLOCKS": KV_BLOCKS,
+            "DEEPSERVE_FLOWSERVE_WEIGHTS_CACHE_DIR": str(cache),
+            # Only the DRAM run maps a copy, and only the one it is told to.
+            "DEEPSERVE_FLOWSERVE_USE_WEIGHTS_CACHE": "false",
+        }
+        self.log = st.root / f"{name}.log"
+        with self.log.open("wb") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "deepserve.flowserve"], env=env, stdout=out, stderr=out
+            )
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+async def wait_record(etcd: EtcdStore, prefix: str, match: str, timeout_s: float = 180) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        kvs, _ = await etcd.list(prefix)
+        if any(match in kv.value.decode() for kv in kvs):
+            return
+        await asyncio.sleep(0.005)
+    raise TimeoutError(f"no record matching {match!r} under {prefix}")
+
+
+async def first_token(address: str, model: str, request_id: str) -> None:
+    async with insecure_channel(address, traced=False) as channel:
+        stub = flowserve_pb2_grpc.FlowServeServiceStub(channel)
+        request = flowserve_pb2.GenerateRequest(
+            request_id=request_id,
+            model=model,
+            prompt_token_ids=[1, 2, 3, 4],
+            sampling=common_pb2.SamplingParams(max_tokens=1, ignore_eos=True),
+        )
+        async for _ in stub.Generate(request, timeout=60):
+            return
+
+
+async def load(address: str, model: str, **weights: object) -> flowserve_pb2.LoadModelResponse:
+    async with insecure_channel(address, traced=False) as channel:
+        stub = flowserve_pb2_grpc.FlowServeServiceStub(channel)
+        request = flowserve_pb2.LoadModelRequest(model=model, **weights)  # type: ignore[arg-type]
+        return await stub.LoadModel(request, timeout=300)
+
+
+async def unload(address: str) -> None:
+    async with insecure_channel(address, traced=False) as channel:
+        stub = flowserve_pb2_grpc.FlowServeServiceStub(channel)
+        await stub.UnloadModel(flowserve_pb2.UnloadModelRequest(), timeout=60)
+
+
+def steps_text(reply: flowserve_pb2.LoadModelResponse | None) -> str:
+    if reply is None:
+        return "(process start: no LoadModel)"
+    return ", ".join(f"{s.step} {s.seconds:.3f}s" for s in reply.steps)
+
+
+async def part1(model: str, reps: int) -> tuple[dict[str, float], dict[str, str]]:
+    model_dir = resolve_model(model, default_cache_dir())
+    times: dict[str, list[float]] = {"cold": [], "disk": [], "dram": [], "fork": []}
+    steps: dict[str, str] = {}
+    with stores() as st:
+        async with EtcdStore(st.etcd) as etcd:
+            dram_root = st.root / "dram"
+            progress("[scaling] preparing the DRAM copy")
+            from deepserve.flowserve.device import detect_platform
+            from deepserve.flowserve.weights_source import prepare_copy
+
+            entry = await asyncio.to_thread(
+                prepare_copy, model, model_dir, WeightsCacheLayout(dram_root),
+                dtype=detect_platform(None).default_dtype,
+            )  # fmt: skip
+            progress("[scaling] starting warm pods")
+            warm = [Pod(st, f"warm-{i}", cache=st.root / f"cache-{i}") for i in range(3)]
+            try:
+                for pod in warm:
+                    await wait_record(etcd, Keys.pods_prefix(), pod.address)
+                source, target, dram_pod = warm
+                await load(source.address, model)  # the running instance forks come from
+                for rep in range(reps):
+                    progress(f"[scaling] rep {rep + 1}/{reps}: cold")
+                    started = time.monotonic()
+                    cold = Pod(st, f"cold-{rep}", model=model, cache=st.root / "cache-cold")
+                    try:
+                        await wait_record(etcd, Keys.instances_prefix(), cold.address)
+                        await first_token(cold.address, model, f"cold-{rep}")
+                        times["cold"].append(time.monotonic() - started)
+                    finally:
+                        cold.stop()
+                    for kind, pod, weights in (
+                        ("disk", target, {"weights_source": common_pb2.WEIGHTS_SOURCE_DISK}),
+                        ("dram", dram_pod, {"weights_source": common_pb2.WEIGHTS_SOURCE_DRAM,
+                                            "weights_path": str(entry.path)}),
+                        ("fork", target, {"weights_source": common_pb2.WEIGHTS_SOURCE_FORK,
+                                          "fork_from": source.address}),
+                    ):  # fmt: skip
+                        progress(f"[scaling] rep {rep + 1}/{reps}: {kind}")
+                        shutil.rmtree(pod.cache, ignore_errors=True)  # no copy left by a fork
+                        started = time.monotonic()
+                        reply = await load(pod.address, model, **weights)
+                        await first_token(pod.address, model, f"{kind}-{rep}")
+                        times[kind].append(time.monotonic() - started)
+                        steps[kind] = steps_text(reply)
+                        await unload(pod.address)
+            finally:
+                for pod in warm:
+                    pod.stop()
+    steps["cold"] = steps_text(None)
+    return {k: statistics.median(v) for k, v in times.items()}, steps
+
+
+# --- part 2: burst through the control plane -------------------------------------------------
+
+
+@contextlib.contextmanager
+def cluster(run_dir: Path, warm_pods: int, pinned: str, cache: Path) -> Iterator[ClusterLayout]:
+    env = {
+        **os.environ,
+        "DEEPSERVE_PODPOOL_POD_START": "zygote",
+        "DEEPSERVE_PODPOOL_MAX_PODS": str(warm_pods + 4),
+        "DEEPSERVE_PODPOOL_DRAM_MODELS": pinned,
+        "DEEPSERVE_PODPOOL_WEIGHTS_CACHE_DIR": str(cache),
+        "DEEPSERVE_FLOWSERVE_KV_CACHE_BLOCKS": KV_BLOCKS,
+        "DEEPSERVE_FLOWSERVE_LOAD_REPORT_INTERVAL_S": "2",
+        "DEEPSERVE_JOBMGR_AUTOSCALE_INTERVAL_S": "0.5",
+        "DEEPSERVE_GATEWAY_SCALE_FROM_ZERO_TIMEOUT_S": "120",
+        "DEEPSERVE_LOG_LEVEL": "WARNING",
+    }
+    argv = [sys.executable, "-m", "deepserve.cli", "up", "--free-ports", "--run-dir", str(run_dir),
+            "--model", "none", "--warm-pods", str(warm_pods), "--lease-ttl", "5"]  # fmt: skip
+    out = (
+        (run_dir / "up.out").open("wb")
+        if run_dir.mkdir(parents=True, exist_ok=True) is None
+        else None
+    )
+    proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline = time.monotonic() + 300
+        while not (run_dir / "cluster.json").exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError((run_dir / "up.out").read_text()[-3000:])
+            time.sleep(0.2)
+        yield ClusterLayout.load(run_dir)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        if out is not None:
+            out.close()
+
+
+async def wait_pool(layout: ClusterLayout, warm: int, timeout_s: float = 300) -> None:
+    async with insecure_channel(layout.address("podpool"), traced=False) as channel:
+        stub = podpool_pb2_grpc.PodPoolServiceStub(channel)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            reply = await stub.ListPods(podpool_pb2.ListPodsRequest())
+            warm_now = sum(p.state == common_pb2.POD_STATE_WARM for p in reply.pods)
+            if warm_now >= warm and any(c.ready for c in reply.dram_copies):
+                return
+            await asyncio.sleep(0.5)
+    raise TimeoutError("the pool did not fill or the DRAM copy is missing")
+
+
+async def burst(layout: ClusterLayout, model: str, n: int) -> dict[str, float | str]:
+    results: dict[str, float | str] = {}
+    async with (
+        insecure_channel(layout.address("jobmgr"), traced=False) as channel,
+        EtcdStore(layout.etcd_endpoint) as etcd,
+    ):
+        jobs = jobmgr_pb2_grpc.JobManagerServiceStub(channel)
+        spec = jpb.JobSpec(
+            kind=jpb.JOB_KIND_SERVING,
+            serving=jpb.ServingSpec(
+                model=model, replicas=0, min_replicas=0, max_replicas=n,
+                autoscaling=jpb.AutoscalingPolicy(enabled=True, scale_down_cooldown_s=3600),
+            ),
+        )  # fmt: skip
+        await jobs.CreateJob(jpb.CreateJobRequest(spec=spec, job_id="burst"))
+        progress(f"[scaling] burst 0 -> {n}")
+        served: dict[str, float] = {}
+        pending: set[asyncio.Task[None]] = set()
+        started = time.monotonic()
+        await jobs.ScaleJob(jpb.ScaleJobRequest(job_id="burst", replicas=n))
+
+        async def serve_one(instance_id: str, address: str) -> None:
+            await first_token(address, model, f"burst-{instance_id}")
+            served[instance_id] = time.monotonic() - started
+
+        seen: set[str] = set()
+        while len(served) < n and time.monotonic() - started < 300:
+            kvs, _ = await etcd.list(Keys.instances_prefix())
+            for kv in kvs:
+                record = json.loads(kv.value)
+                if record.get("job_id") == "burst" and record["instance_id"] not in seen:
+                    seen.add(record["instance_id"])
+                    pending.add(
+                        asyncio.create_task(serve_one(record["instance_id"], record["address"]))
+                    )
+            await asyncio.sleep(0.01)
+        await asyncio.gather(*pending)
+        if len(served) < n:
+            raise TimeoutError(f"only {len(served)} of {n} instances served within 300s")
+        times = sorted(served.values())
+        results["first_served_s"] = times[0]
+        results["half_served_s"] = times[len(times) // 2]
+        results["all_served_s"] = times[-1]
+        tasks = (await jobs.GetJob(jpb.GetJobRequest(job_id="burst"))).tasks
+        sources = [common_pb2.WeightsSource.Name(t.weights_source) for t in tasks]
+        results["weights"] = ", ".join(
+            f"{s.removeprefix('WEIGHTS_SOURCE_').lower()} x{sources.count(s)}"
+            for s in sorted(set(sources))
+        )
+        load_s = [
+            next((s.seconds for s in t.scale_steps if s.step == "weights_loaded"), 0.0)
+            for t in tasks
+        ]
+        results["median_weights_loaded_s"] = statistics.median(load_s) if load_s else 0.0
+
+        progress("[scaling] back to zero")
+        await jobs.ScaleJob(jpb.ScaleJobRequest(job_id="burst", replicas=0))
+        deadline = time.monotonic() + 300
+        while (await jobs.GetJob(jpb.GetJobRequest(job_id="burst"))).tasks:
+            if time.monotonic() > deadline:
+                raise TimeoutError("the burst did not scale down")
+            await asyncio.sleep(0.2)
+        await wait_pool(layout, 1)
+        progress("[scaling] first request at zero replicas (through the gateway)")
+        started = time.monotonic()
+        async with httpx.AsyncClient(base_url=layout.gateway_url, timeout=300) as http:
+            reply = await http.post(
+                "/v1/completions",
+                json={"model": model, "prompt": "Hello", "max_tokens": 1, "stream": True},
+            )
+            reply.raise_for_status()
+        results["ttft_at_zero_s"] = time.monotonic() - started
+        job = (await jobs.GetJob(jpb.GetJobRequest(job_id="burst"))).job
+        results["from_zero_event"] = next(
+            (e.message for e in reversed(job.events) if e.reason == "Autoscaled"), ""
+        )
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--burst", type=int, default=64, help="instances in the burst")
+    parser.add_argument("--burst-model", default="", help="model for the burst; 'tiny' for a "
+                        "tiny random Llama (default: --model)")  # fmt: skip
+    parser.add_argument("--quick", action="store_true", help="1 rep, burst of 16")
+    parser.add_argument("--skip-burst", action="store_true")
+    args = parser.parse_args()
+    if args.quick:
+        args.reps, args.burst = 1, min(args.burst, 16)
+
+    medians, steps = asyncio.run(part1(args.model, args.reps))
+    cold = medians["cold"]
+    labels = {
+        "cold": "(a) cold: new process, weights from disk",
+        "disk": "(b) warm pod, weights from disk",
+        "dram": "(c) warm pod, DRAM pre-loaded",
+        "fork": "(d) warm pod, fork from a running instance",
+    }
+    rows = [[labels[k], medians[k], cold / medians[k], steps[k]] for k in labels]
+    print(f"\n## Scale-up to first token, {args.model}, median of {args.reps}\n")
+    print(markdown_table(["path", "seconds", "speed-up vs (a)", "pod's steps (last run)"], rows))
+
+    if args.skip_burst:
+        return
+    burst_model = args.burst_model or args.model
+    work = Path(tempfile.mkdtemp(prefix="bench-burst-"))
+    try:
+        if burst_model == "tiny":
+            from tests.tiny_model import make_tiny_llama
+
+            burst_model = str(make_tiny_llama(work / "tiny-llama"))
+        cache = Path("/dev/shm") / f"bench-burst-weights-{os.getpid()}"
+        with cluster(work / "run", args.burst, burst_model, cache) as layout:
+            progress(f"[scaling] waiting for {args.burst} warm pods and the DRAM copy")
+            t = time.monotonic()
+            asyncio.run(wait_pool(layout, args.burst))
+            pool_s = time.monotonic() - t
+            result = asyncio.run(burst(layout, burst_model, args.burst))
+        shutil.rmtree(cache, ignore_errors=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    name = "tiny random Llama" if args.burst_model == "tiny" else burst_model
+    print(f"\n## Burst 0 -> {args.burst} instances ({name}, pods forked from the zygote)\n")
+    print(markdown_table(["figure", "value"], [
+        [f"{args.burst} warm pods + DRAM copy ready (s, from `up`)", pool_s],
+        ["first instance served (s)", result["first_served_s"]],
+        ["half served (s)", result["half_served_s"]],
+        [f"all {args.burst} served (s)", result["all_served_s"]],
+        ["median weights_loaded step (s)", result["median_weights_loaded_s"]],
+        ["weights sources", result["weights"]],
+        ["TTFT of a request at zero replicas (s)", result["ttft_at_zero_s"]],
+        ["autoscaler event", result["from_zero_event"]],
+    ]))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
