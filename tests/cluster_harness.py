@@ -31,7 +31,11 @@ class RunningCluster:
 
 @contextmanager
 def local_cluster(
-    run_dir: Path, model: str = "none", lease_ttl_s: int = 2, timeout_s: float = 120.0
+    run_dir: Path,
+    model: str = "none",
+    lease_ttl_s: int = 2,
+    timeout_s: float = 120.0,
+    extra_args: tuple[str, ...] = (),
 ) -> Iterator[RunningCluster]:
     """`deepserve up --free-ports`, waiting until it reports ready (cluster.json written)."""
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -39,7 +43,7 @@ def local_cluster(
     argv = [
         sys.executable, "-m", "deepserve.cli", "up",
         "--free-ports", "--run-dir", str(run_dir), "--model", model,
-        "--lease-ttl", str(lease_ttl_s),
+        "--lease-ttl", str(lease_ttl_s), *extra_args,
     ]  # fmt: skip
     with log_path.open("wb") as out:
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ))

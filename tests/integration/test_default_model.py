@@ -65,7 +65,9 @@ def chat(tokenizer: Tokenizer, question: str) -> list[int]:
     return tokenizer.encode_chat([{"role": "user", "content": question}])
 
 
-async def collect(engine: AsyncEngine, request_id: str, prompt: list[int], params: SamplingParams):
+async def collect(
+    engine: AsyncEngine, request_id: str, prompt: list[int], params: SamplingParams
+) -> tuple[list[int], str, str | None]:
     tokens: list[int] = []
     text = ""
     finish_reason = None
