@@ -194,5 +194,7 @@ class FlowServeSettings(ServiceSettings):
     use_weights_cache: bool = True
     # Longest a fork (weights streamed from a running instance) may take before disk is used.
     fork_timeout_s: float = 120.0
+    # A fork source on this host writes the weights into shared memory instead of streaming.
+    fork_shared_memory: bool = True
     # Run one dummy request before the instance registers (scale-up step 4).
     warmup_request: bool = True

@@ -2,7 +2,9 @@
 
 The source streams its loaded, prepared weights (one rank file's worth: manifest, then chunks)
 over gRPC `StreamWeights` while it keeps serving; the tensors themselves are the snapshot, so any
-number of targets stream at once without the source copying its weights first. Each target
+number of targets stream at once without the source copying its weights first. A target on the
+source's own host skips the network: the source writes its weights once into a shared-memory
+file in the target's folder and answers only its path (one memory copy). Each target
 writes the chunks straight into a prepared-weights file in its host's weights cache and
 publishes it there, so later instances on that host map it instead of forking again (a fork
 seeds the host's DRAM copy). Podpool picks the source per target among the running instances,
@@ -11,7 +13,9 @@ new ones included, which makes a burst a relay tree rather than one source feedi
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
 import shutil
 import time
 from collections.abc import AsyncIterator, Callable
@@ -24,6 +28,7 @@ import torch
 
 from deepserve.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, Unavailable
 from deepserve.flowserve.model.weights import LlamaWeights
+from deepserve.flowserve.transfer.host import local_host_id
 from deepserve.flowserve.weights_source import (
     RankFileWriter,
     TensorSlot,
@@ -31,6 +36,7 @@ from deepserve.flowserve.weights_source import (
     flatten_llama_weights,
     plan_layout,
     tensor_bytes,
+    write_rank_file,
 )
 from deepserve.rpc.client import insecure_channel
 from deepserve.rpc.errors import error_from_rpc
@@ -39,7 +45,8 @@ from deepserve.v1 import flowserve_pb2, flowserve_pb2_grpc
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CHUNK_BYTES = 8 * 1024 * 1024
+# Measured on localhost: larger messages were slower (more copying per message).
+DEFAULT_CHUNK_BYTES = 1024 * 1024
 
 
 def loaded_weights(engine: Any) -> LlamaWeights:
@@ -62,10 +69,21 @@ class WeightsBroadcaster:
         self.bytes_sent = 0
 
     async def stream(
-        self, max_chunk_bytes: int = 0
+        self, max_chunk_bytes: int = 0, shared_memory_dir: str = ""
     ) -> AsyncIterator[flowserve_pb2.StreamWeightsResponse]:
         chunk = max_chunk_bytes if max_chunk_bytes > 0 else DEFAULT_CHUNK_BYTES
         named = flatten_llama_weights(self._weights_of())
+        if shared_memory_dir:
+            # Same host: one file the target maps (its folder, a name of our choosing).
+            self.active_streams += 1
+            try:
+                path, nbytes = await asyncio.to_thread(_write_into, shared_memory_dir, named)
+            finally:
+                self.active_streams -= 1
+            self.bytes_sent += nbytes
+            self.streams_served += 1
+            yield flowserve_pb2.StreamWeightsResponse(shared_memory_file=str(path))
+            return
         slots, total = plan_layout(named)
         manifest = flowserve_pb2.WeightsManifest(total_bytes=total)
         for slot in slots:
@@ -92,6 +110,13 @@ class WeightsBroadcaster:
             self.active_streams -= 1
 
 
+def _write_into(folder: str, named: dict[str, torch.Tensor]) -> tuple[Path, int]:
+    if not os.path.isdir(folder):
+        raise InvalidArgument("no such folder on this host", field="shared_memory_dir")
+    path = Path(folder) / rank_file_name(0, 1)
+    return path, write_rank_file(path, named)
+
+
 _broadcasters: dict[int, WeightsBroadcaster] = {}
 
 
@@ -113,7 +138,9 @@ async def stream_weights(
     tp_size = request.tensor_parallel_size or 1
     if tp_size != 1:
         raise FailedPrecondition("fork is supported for tensor_parallel_size 1 only")
-    async for message in broadcaster_for(engine).stream(request.max_chunk_bytes):
+    same_host = bool(request.host_id) and request.host_id == local_host_id()
+    shm_dir = request.shared_memory_dir if same_host else ""
+    async for message in broadcaster_for(engine).stream(request.max_chunk_bytes, shm_dir):
         yield message
 
 
@@ -124,6 +151,8 @@ class ForkResult:
     entry: WeightsEntry
     nbytes: int
     seconds: float
+    # "stream" (gRPC) or "shared memory" (a source on this host wrote the file).
+    via: str = "stream"
 
 
 async def receive_weights(
@@ -135,23 +164,34 @@ async def receive_weights(
     dtype: torch.dtype,
     timeout_s: float = 120.0,
     max_chunk_bytes: int = 0,
+    shared_memory: bool = True,
 ) -> ForkResult:
-    """Streams a running instance's weights into this host's cache; returns the published copy."""
+    """Streams a running instance's weights into this host's cache; returns the published copy.
+
+    With `shared_memory`, a source on this host writes the file itself instead of streaming.
+    """
     started = time.monotonic()
     staging = layout.new_staging_dir()
     writer: RankFileWriter | None = None
+    shared_file = ""
     try:
         async with insecure_channel(address) as channel:
             stub = flowserve_pb2_grpc.FlowServeServiceStub(channel)
             call = stub.StreamWeights(
                 flowserve_pb2.StreamWeightsRequest(
-                    model=model, tensor_parallel_size=1, max_chunk_bytes=max_chunk_bytes
+                    model=model,
+                    tensor_parallel_size=1,
+                    max_chunk_bytes=max_chunk_bytes,
+                    host_id=local_host_id() if shared_memory else "",
+                    shared_memory_dir=str(staging) if shared_memory else "",
                 ),
                 timeout=timeout_s,
             )
             try:
                 async for message in call:
-                    if message.HasField("manifest"):
+                    if message.HasField("shared_memory_file"):
+                        shared_file = message.shared_memory_file
+                    elif message.HasField("manifest"):
                         slots = _slots(message.manifest, dtype)
                         writer = RankFileWriter(
                             staging / rank_file_name(0, 1), slots, message.manifest.total_bytes
@@ -164,13 +204,20 @@ async def receive_weights(
                 if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
                     raise DeadlineExceeded(f"fork from {address} took over {timeout_s}s") from None
                 raise error_from_rpc(exc) from None
-        if writer is None:
+        if shared_file:
+            if Path(shared_file) != staging / rank_file_name(0, 1):
+                raise Unavailable(f"fork source {address} wrote {shared_file}, not into {staging}")
+            nbytes = os.stat(shared_file).st_size
+        elif writer is None:
             raise Unavailable(f"fork source {address} sent no weights")
-        nbytes = writer.written
-        if nbytes != writer.total_bytes:
-            raise Unavailable(f"fork source {address} sent {nbytes} of {writer.total_bytes} bytes")
-        writer.close()
-        writer = None
+        else:
+            nbytes = writer.written
+            if nbytes != writer.total_bytes:
+                raise Unavailable(
+                    f"fork source {address} sent {nbytes} of {writer.total_bytes} bytes"
+                )
+            writer.close()
+            writer = None
         entry = layout.publish(
             staging,
             model=model,
@@ -190,7 +237,8 @@ async def receive_weights(
         "weights forked",
         extra={"fields": {"source": address, "bytes": nbytes, "seconds": round(seconds, 3)}},
     )
-    return ForkResult(entry, nbytes, seconds)
+    via = "shared memory" if shared_file else "stream"
+    return ForkResult(entry, nbytes, seconds, via)
 
 
 def _slots(manifest: flowserve_pb2.WeightsManifest, dtype: torch.dtype) -> list[TensorSlot]:

@@ -132,6 +132,7 @@ class ModelLoadSteps:
                         layout=self.layout,
                         dtype=dtype,
                         timeout_s=self.settings.fork_timeout_s,
+                        shared_memory=self.settings.fork_shared_memory,
                     )
                 except DeepServeError as exc:
                     log.warning("fork from %s failed (%s); reading the disk", plan.fork_from, exc)
@@ -139,8 +140,8 @@ class ModelLoadSteps:
                 else:
                     rate = forked.nbytes / max(forked.seconds, 1e-6) / 1e9
                     how = (
-                        f"fork from {plan.fork_from} ({forked.nbytes / 1e6:.0f} MB in "
-                        f"{forked.seconds:.2f}s, {rate:.2f} GB/s)"
+                        f"fork from {plan.fork_from} via {forked.via} "
+                        f"({forked.nbytes / 1e6:.0f} MB in {forked.seconds:.2f}s, {rate:.2f} GB/s)"
                     )
                     return forked.entry.path, WeightsSource.FORK, how
         how = "disk" + (f" ({'; '.join(notes)})" if notes else "")

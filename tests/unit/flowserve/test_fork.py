@@ -63,8 +63,9 @@ async def source(model_dir: Path) -> AsyncIterator[tuple[str, LlamaWeights]]:
     await server.stop(None)
 
 
+@pytest.mark.parametrize("shared_memory", [False, True], ids=["stream", "shared-memory"])
 async def test_one_source_feeds_many_targets_at_once(
-    source: tuple[str, LlamaWeights], model_dir: Path, tmp_path: Path
+    source: tuple[str, LlamaWeights], model_dir: Path, tmp_path: Path, shared_memory: bool
 ) -> None:
     address, weights = source
     layout = WeightsCacheLayout(tmp_path / "cache")
@@ -72,13 +73,14 @@ async def test_one_source_feeds_many_targets_at_once(
         *(
             receive_weights(
                 address, model=str(model_dir), model_dir=model_dir, layout=layout,
-                dtype=torch.float32, max_chunk_bytes=4096,
+                dtype=torch.float32, max_chunk_bytes=4096, shared_memory=shared_memory,
             )
             for _ in range(4)
         )
     )  # fmt: skip
     expected = sum(t.numel() * t.element_size() for t in flatten_llama_weights(weights).values())
     assert all(r.nbytes >= expected for r in results)
+    assert {r.via for r in results} == {"shared memory" if shared_memory else "stream"}
     # Every target published the same copy: one per host, the first writer's.
     [entry] = layout.entries()
     assert entry.origin == "fork" and {r.entry.path for r in results} == {entry.path}
