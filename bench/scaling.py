@@ -87,7 +87,9 @@ def stores() -> Iterator[Stores]:
 class Pod:
     """A `python -m deepserve.flowserve` process on a known port."""
 
-    def __init__(self, st: Stores, name: str, *, model: str = "", cache: Path) -> None:
+    def __init__(
+        self, st: Stores, name: str, *, model: str = "", cache: Path, fork_shm: bool = True
+    ) -> None:
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.cache = cache
@@ -103,6 +105,8 @@ class Pod:
             "DEEPSERVE_FLOWSERVE_WEIGHTS_CACHE_DIR": str(cache),
             # Only the DRAM run maps a copy, and only the one it is told to.
             "DEEPSERVE_FLOWSERVE_USE_WEIGHTS_CACHE": "false",
+            # false: fork over the gRPC stream even from this host (as across hosts).
+            "DEEPSERVE_FLOWSERVE_FORK_SHARED_MEMORY": "true" if fork_shm else "false",
         }
         self.log = st.root / f"{name}.log"
         with self.log.open("wb") as out:
@@ -158,12 +162,16 @@ async def unload(address: str) -> None:
 def steps_text(reply: flowserve_pb2.LoadModelResponse | None) -> str:
     if reply is None:
         return "(process start: no LoadModel)"
-    return ", ".join(f"{s.step} {s.seconds:.3f}s" for s in reply.steps)
+    parts = []
+    for s in reply.steps:
+        how = f" ({s.detail.split(';')[0]})" if s.step == "weights_loaded" else ""
+        parts.append(f"{s.step} {s.seconds:.3f}s{how}")
+    return ", ".join(parts)
 
 
 async def part1(model: str, reps: int) -> tuple[dict[str, float], dict[str, str]]:
     model_dir = resolve_model(model, default_cache_dir())
-    times: dict[str, list[float]] = {"cold": [], "disk": [], "dram": [], "fork": []}
+    times: dict[str, list[float]] = {k: [] for k in ("cold", "disk", "dram", "fork", "stream")}
     steps: dict[str, str] = {}
     with stores() as st:
         async with EtcdStore(st.etcd) as etcd:
@@ -178,10 +186,11 @@ async def part1(model: str, reps: int) -> tuple[dict[str, float], dict[str, str]
             )  # fmt: skip
             progress("[scaling] starting warm pods")
             warm = [Pod(st, f"warm-{i}", cache=st.root / f"cache-{i}") for i in range(3)]
+            warm.append(Pod(st, "warm-stream", cache=st.root / "cache-s", fork_shm=False))
             try:
                 for pod in warm:
                     await wait_record(etcd, Keys.pods_prefix(), pod.address)
-                source, target, dram_pod = warm
+                source, target, dram_pod, stream_pod = warm
                 await load(source.address, model)  # the running instance forks come from
                 for rep in range(reps):
                     progress(f"[scaling] rep {rep + 1}/{reps}: cold")
@@ -199,6 +208,8 @@ async def part1(model: str, reps: int) -> tuple[dict[str, float], dict[str, str]
                                             "weights_path": str(entry.path)}),
                         ("fork", target, {"weights_source": common_pb2.WEIGHTS_SOURCE_FORK,
                                           "fork_from": source.address}),
+                        ("stream", stream_pod, {"weights_source": common_pb2.WEIGHTS_SOURCE_FORK,
+                                                "fork_from": source.address}),
                     ):  # fmt: skip
                         progress(f"[scaling] rep {rep + 1}/{reps}: {kind}")
                         shutil.rmtree(pod.cache, ignore_errors=True)  # no copy left by a fork
@@ -368,7 +379,8 @@ def main() -> None:
         "cold": "(a) cold: new process, weights from disk",
         "disk": "(b) warm pod, weights from disk",
         "dram": "(c) warm pod, DRAM pre-loaded",
-        "fork": "(d) warm pod, fork from a running instance",
+        "fork": "(d) warm pod, fork from a running instance (same host: shared memory)",
+        "stream": "(d') warm pod, fork over the gRPC stream (what another host gets)",
     }
     rows = [[labels[k], medians[k], cold / medians[k], steps[k]] for k in labels]
     print(f"\n## Scale-up to first token, {args.model}, median of {args.reps}\n")

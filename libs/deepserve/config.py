@@ -27,6 +27,8 @@ class CommonSettings(BaseSettings):
     redis_url: str = "redis://127.0.0.1:6379/0"
     # Pool size per process; callers beyond it wait for a connection instead of failing.
     redis_max_connections: int = 64
+    # Seconds one Redis command may take before it counts as failed (hot state: callers degrade).
+    redis_socket_timeout_s: float = 30.0
     # Seconds a registration (pod, instance, service) outlives its process's last keep-alive.
     lease_ttl_s: int = 5
     # Where this host's processes listen and advertise themselves.
@@ -36,6 +38,10 @@ class CommonSettings(BaseSettings):
     telemetry_dir: Path | None = None
     log_level: str = "INFO"
     log_dir: Path | None = None
+    # Uploaded files and training artifacts (content-addressed); None: ~/.deepserve/files.
+    files_root: Path | None = None
+    # Largest file one upload may carry.
+    files_max_bytes: int = 512 * 1024 * 1024
 
 
 class ServiceSettings(BaseSettings):

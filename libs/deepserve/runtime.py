@@ -38,7 +38,11 @@ class ServiceRuntime:
         self.common = settings.common
         self.etcd = EtcdStore(self.common.etcd_endpoint)
         self.redis = (
-            RedisStore(self.common.redis_url, max_connections=self.common.redis_max_connections)
+            RedisStore(
+                self.common.redis_url,
+                max_connections=self.common.redis_max_connections,
+                socket_timeout_s=self.common.redis_socket_timeout_s,
+            )
             if use_redis
             else None
         )

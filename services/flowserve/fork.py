@@ -114,7 +114,13 @@ def _write_into(folder: str, named: dict[str, torch.Tensor]) -> tuple[Path, int]
     if not os.path.isdir(folder):
         raise InvalidArgument("no such folder on this host", field="shared_memory_dir")
     path = Path(folder) / rank_file_name(0, 1)
-    return path, write_rank_file(path, named)
+    started = time.monotonic()
+    nbytes = write_rank_file(path, named)
+    log.info(
+        "weights written for a fork target on this host",
+        extra={"fields": {"bytes": nbytes, "seconds": round(time.monotonic() - started, 3)}},
+    )
+    return path, nbytes
 
 
 _broadcasters: dict[int, WeightsBroadcaster] = {}

@@ -212,3 +212,12 @@ class FlowServeServicer(flowserve_pb2_grpc.FlowServeServiceServicer):
     ) -> flowserve_pb2.UnloadModelResponse:
         await self._shell.unload_model()
         return flowserve_pb2.UnloadModelResponse()
+
+    async def RunTraining(
+        self, request: flowserve_pb2.RunTrainingRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[flowserve_pb2.RunTrainingResponse]:
+        # Fine-tuning's train stage; imported here so serving-only pods never load peft.
+        from deepserve.flowserve.training.training_service import training_service_for
+
+        async for reply in training_service_for(self._shell).run(request):
+            yield reply

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
-from fastapi import Depends, FastAPI, Header, Request
+from fastapi import APIRouter, Depends, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -96,7 +96,11 @@ async def _collect(call: ApiCall) -> dict[str, Any]:
     return ResponseFormatter(call).response(deltas)
 
 
-def create_app(gateway: Gateway) -> FastAPI:
+# Builds a router of further routes (files, fine-tuning, batches) given the auth dependency.
+RouterFactory = Callable[[Callable[..., Awaitable[Caller]]], APIRouter]
+
+
+def create_app(gateway: Gateway, routers: Sequence[RouterFactory] = ()) -> FastAPI:
     app = FastAPI(
         title="DeepServe",
         version="0.1.0",
@@ -173,4 +177,6 @@ def create_app(gateway: Gateway) -> FastAPI:
     ) -> Any:
         return await run(body, request, who)
 
+    for build_router in routers:
+        app.include_router(build_router(caller))
     return app

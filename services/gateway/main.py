@@ -8,6 +8,7 @@ from deepserve.config import GatewaySettings
 from deepserve.gateway.gateway import Gateway
 from deepserve.gateway.http_app import create_app
 from deepserve.gateway.http_server import HttpServer
+from deepserve.gateway.platform_routes import platform_routers
 from deepserve.gateway.servicer import GatewayServicer
 from deepserve.runtime import ServiceRuntime
 from deepserve.v1 import gateway_pb2, gateway_pb2_grpc
@@ -21,7 +22,11 @@ async def serve(settings: GatewaySettings) -> None:
         gateway = Gateway.build(settings, rt.etcd, rt.redis.client)
         await gateway.start()
         servicer = GatewayServicer(gateway)
-        http = HttpServer(create_app(gateway), rt.common.host, settings.http_port)
+        http = HttpServer(
+            create_app(gateway, platform_routers(rt.etcd, rt.common)),
+            rt.common.host,
+            settings.http_port,
+        )
         http_port = await http.start()
         await rt.serve(
             [

@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Sequence
+from typing import Protocol
 
 from deepserve import records
 from deepserve.jobmgr.autoscaler_loop import Autoscaler
@@ -29,6 +31,16 @@ log = logging.getLogger(__name__)
 ELECTION_NAME = "jobmgr"
 
 
+class Workload(Protocol):
+    """A controller of another job kind (fine-tuning, batch) run by the leader's loop."""
+
+    wake: asyncio.Event
+
+    async def reconcile(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
 class JobController:
     """Leader-elected reconcile loop of one jobmgr replica."""
 
@@ -44,8 +56,10 @@ class JobController:
         backoff_s: float = 1.0,
         backoff_max_s: float = 30.0,
         autoscaler: Autoscaler | None = None,
+        workloads: Sequence[Workload] = (),
     ) -> None:
         self._store = store
+        self.workloads = list(workloads)
         # Runs only while this replica leads, like the reconciler.
         self.autoscaler = autoscaler
         self.candidate_id = candidate_id
@@ -85,7 +99,7 @@ class JobController:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        await self.reconciler.stop()
+        await self._stop_operations()
         for mirror in (self.pod_mirror, self.instance_mirror):
             await mirror.stop()
         if self.autoscaler is not None:
@@ -110,7 +124,7 @@ class JobController:
                 log.exception("controller failed; campaigning again")
                 await asyncio.sleep(1.0)
             finally:
-                await self.reconciler.stop()
+                await self._stop_operations()
             with contextlib.suppress(Exception):
                 await election.resign()
             log.warning("lost leadership", extra={"fields": {"candidate": self.candidate_id}})
@@ -129,6 +143,9 @@ class JobController:
                 self._wake.clear()
                 self.reconciler.wake.clear()
                 await self.reconciler.reconcile_all()
+                for workload in self.workloads:
+                    workload.wake.clear()
+                    await workload.reconcile()
                 timeout = self._resync_interval_s
                 retry_in = self.reconciler.next_retry_in()
                 if retry_in is not None:
@@ -143,12 +160,18 @@ class JobController:
             asyncio.create_task(self._wake.wait()),
             asyncio.create_task(self.reconciler.wake.wait()),
             asyncio.create_task(election.deposed.wait()),
+            *(asyncio.create_task(w.wake.wait()) for w in self.workloads),
         ]
         try:
             await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
         finally:
             for waiter in waiters:
                 waiter.cancel()
+
+    async def _stop_operations(self) -> None:
+        await self.reconciler.stop()
+        for workload in self.workloads:
+            await workload.stop()
 
     def _on_change(self, *_: object) -> None:
         self._wake.set()

@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 
 from deepserve.config import JobMgrSettings
+from deepserve.files import FileService, LocalFileStore
 from deepserve.jobmgr.autoscaler_loop import Autoscaler
 from deepserve.jobmgr.controller import JobController
+from deepserve.jobmgr.fine_tuning.controller import FineTuningController
 from deepserve.jobmgr.job_store import JobStore
 from deepserve.jobmgr.podpool_client import PodPoolClient
 from deepserve.jobmgr.servicer import JobManagerServicer
@@ -39,6 +41,18 @@ async def serve(settings: JobMgrSettings) -> None:
             backoff_s=settings.retry_backoff_s,
             backoff_max_s=settings.retry_backoff_max_s,
             autoscaler=autoscaler,
+            workloads=[
+                FineTuningController(
+                    rt.etcd,
+                    pods,
+                    lambda: controller.pod_mirror.items,
+                    FileService(
+                        rt.etcd,
+                        LocalFileStore(rt.common.files_root),
+                        max_bytes=rt.common.files_max_bytes,
+                    ),
+                )
+            ],
         )
         controller.start()
         servicer = JobManagerServicer(JobStore(rt.etcd), TaskStore(rt.etcd))

@@ -89,7 +89,10 @@ class Reconciler:
         # so a pod whose task is missing from the (later) task list really is an orphan.
         pods: dict[str, PodRecord] = dict(self._pod_mirror.items)
         instances: dict[str, InstanceRecord] = dict(self._instance_mirror.items)
-        jobs = await self._jobs.list(JobKind.SERVING)
+        every_job = await self._jobs.list()
+        jobs = [j for j in every_job if j.record.kind == JobKind.SERVING]
+        # Fine-tuning and batch jobs' tasks belong to their own controllers.
+        other_jobs = {j.record.job_id for j in every_job if j.record.kind != JobKind.SERVING}
         tasks = await self._tasks.list()
         by_job: dict[str, list[Versioned[TaskRecord]]] = defaultdict(list)
         for task in tasks:
@@ -101,6 +104,8 @@ class Reconciler:
             except Conflict:
                 log.info("job %s changed during the pass; next pass", job.record.job_id)
         for job_id, leftovers in by_job.items():  # tasks whose job record is gone
+            if job_id in other_jobs:
+                continue
             for task in leftovers:
                 self._spawn(task.record.task_id, self._remove(task, pods, f"job {job_id} is gone"))
         task_ids = {t.record.task_id for t in tasks}
@@ -315,6 +320,13 @@ class Reconciler:
         detail = f"{how} (claimed in {grant.claim_seconds:.2f}s, model loaded in {grant.load_seconds:.2f}s)"
 
         def placed(t: TaskRecord) -> TaskRecord | None:
+            if t.state == TaskState.RUNNING and t.instance_id == grant.instance_id:
+                # A pass saw the instance register before this reply came: keep the timeline.
+                if t.scale_up is not None or not grant.timeline.steps:
+                    return None
+                t.scale_up = grant.timeline
+                t.record_event("ScaledUp", grant.timeline.summary())
+                return t
             if t.state != TaskState.STARTING:
                 return None
             t.state = TaskState.RUNNING

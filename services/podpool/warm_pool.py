@@ -13,6 +13,7 @@ import contextlib
 import logging
 import time
 import uuid
+import zlib
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -275,7 +276,13 @@ class WarmPodPool:
         self._wake.set()
 
     async def _claim_warm(self, request: PodRequest) -> PodRecord | None:
-        for candidate in self._claimable():
+        candidates = self._claimable()
+        if len(candidates) > 1:
+            # Concurrent acquires start at different pods (by task), so a burst of N does not
+            # race N ways for the same first pod and retry down the list.
+            start = zlib.crc32(request.task_id.encode()) % len(candidates)
+            candidates = candidates[start:] + candidates[:start]
+        for candidate in candidates:
             claimed = await self._claim(candidate.pod_id, request)
             if claimed is not None:
                 return claimed

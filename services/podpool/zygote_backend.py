@@ -49,6 +49,7 @@ class ZygoteBackend(LocalProcessBackend):
         if self._zygote is not None and self._zygote.returncode is None:
             return self._zygote
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self._log_dir.mkdir(parents=True, exist_ok=True)
         stderr = (self._log_dir / "zygote.log").open("ab")
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "deepserve.podpool.zygote",

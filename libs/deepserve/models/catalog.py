@@ -85,6 +85,8 @@ def resolve_model(name_or_path: str, cache_dir: Path) -> Path:
             return as_path
         raise NotFound(f"directory {name_or_path} holds no config.json", field="model")
     model = find_catalog_model(name_or_path)
+    if model is None and "/" not in name_or_path and is_model_dir(cache_dir / name_or_path):
+        return cache_dir / name_or_path  # a model the platform made (e.g. fine-tuned)
     if model is None:
         raise NotFound(
             f"{name_or_path!r} is neither a model directory nor a known model "

@@ -126,6 +126,14 @@ class Keys:
     def kv_profile(model_id: str, device: str) -> str:
         return _join("kvprofiles", model_id, device)
 
+    @staticmethod
+    def files_prefix() -> str:
+        return ROOT + "files/"
+
+    @staticmethod
+    def file(file_id: str) -> str:
+        return _join("files", file_id)
+
 
 def last_segment(key: str) -> str:
     return unquote(key.rsplit("/", 1)[-1])

@@ -23,11 +23,19 @@ class RedisStore:
     """One process's Redis access; share the instance (it owns the pool)."""
 
     def __init__(
-        self, url: str, *, max_connections: int = 64, pool_timeout_s: float = 10.0
+        self,
+        url: str,
+        *,
+        max_connections: int = 64,
+        pool_timeout_s: float = 10.0,
+        socket_timeout_s: float = 30.0,
     ) -> None:
         self.url = url
         self.pool = aioredis.BlockingConnectionPool.from_url(
-            url, max_connections=max_connections, timeout=pool_timeout_s
+            url,
+            max_connections=max_connections,
+            timeout=pool_timeout_s,
+            socket_timeout=socket_timeout_s,
         )
         self.client: aioredis.Redis = aioredis.Redis(connection_pool=self.pool)
 

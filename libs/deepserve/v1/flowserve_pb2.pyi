@@ -307,3 +307,95 @@ class WeightsChunk(_message.Message):
     offset: int
     data: bytes
     def __init__(self, offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class RunTrainingRequest(_message.Message):
+    __slots__ = ("job_id", "base_model", "dataset_artifact", "output_model", "n_epochs", "batch_size", "learning_rate", "lora_rank", "lora_alpha", "seed", "checkpoint_every_steps", "checkpoint_prefix", "resume_checkpoint")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
+    DATASET_ARTIFACT_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_MODEL_FIELD_NUMBER: _ClassVar[int]
+    N_EPOCHS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
+    LORA_RANK_FIELD_NUMBER: _ClassVar[int]
+    LORA_ALPHA_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_EVERY_STEPS_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_PREFIX_FIELD_NUMBER: _ClassVar[int]
+    RESUME_CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    base_model: str
+    dataset_artifact: str
+    output_model: str
+    n_epochs: int
+    batch_size: int
+    learning_rate: float
+    lora_rank: int
+    lora_alpha: int
+    seed: int
+    checkpoint_every_steps: int
+    checkpoint_prefix: str
+    resume_checkpoint: str
+    def __init__(self, job_id: _Optional[str] = ..., base_model: _Optional[str] = ..., dataset_artifact: _Optional[str] = ..., output_model: _Optional[str] = ..., n_epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., lora_rank: _Optional[int] = ..., lora_alpha: _Optional[int] = ..., seed: _Optional[int] = ..., checkpoint_every_steps: _Optional[int] = ..., checkpoint_prefix: _Optional[str] = ..., resume_checkpoint: _Optional[str] = ...) -> None: ...
+
+class RunTrainingResponse(_message.Message):
+    __slots__ = ("step", "checkpoint", "evaluation", "done")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
+    EVALUATION_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    step: TrainingStep
+    checkpoint: TrainingCheckpoint
+    evaluation: TrainingEvaluation
+    done: TrainingDone
+    def __init__(self, step: _Optional[_Union[TrainingStep, _Mapping]] = ..., checkpoint: _Optional[_Union[TrainingCheckpoint, _Mapping]] = ..., evaluation: _Optional[_Union[TrainingEvaluation, _Mapping]] = ..., done: _Optional[_Union[TrainingDone, _Mapping]] = ...) -> None: ...
+
+class TrainingStep(_message.Message):
+    __slots__ = ("step", "total_steps", "train_loss", "tokens", "trained_tokens", "seconds", "learning_rate")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_STEPS_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_LOSS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TRAINED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    total_steps: int
+    train_loss: float
+    tokens: int
+    trained_tokens: int
+    seconds: float
+    learning_rate: float
+    def __init__(self, step: _Optional[int] = ..., total_steps: _Optional[int] = ..., train_loss: _Optional[float] = ..., tokens: _Optional[int] = ..., trained_tokens: _Optional[int] = ..., seconds: _Optional[float] = ..., learning_rate: _Optional[float] = ...) -> None: ...
+
+class TrainingCheckpoint(_message.Message):
+    __slots__ = ("step", "artifact", "train_loss")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    ARTIFACT_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_LOSS_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    artifact: str
+    train_loss: float
+    def __init__(self, step: _Optional[int] = ..., artifact: _Optional[str] = ..., train_loss: _Optional[float] = ...) -> None: ...
+
+class TrainingEvaluation(_message.Message):
+    __slots__ = ("when", "valid_loss", "examples")
+    WHEN_FIELD_NUMBER: _ClassVar[int]
+    VALID_LOSS_FIELD_NUMBER: _ClassVar[int]
+    EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    when: str
+    valid_loss: float
+    examples: int
+    def __init__(self, when: _Optional[str] = ..., valid_loss: _Optional[float] = ..., examples: _Optional[int] = ...) -> None: ...
+
+class TrainingDone(_message.Message):
+    __slots__ = ("model_dir", "model", "trained_tokens", "steps")
+    MODEL_DIR_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    TRAINED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    model_dir: str
+    model: str
+    trained_tokens: int
+    steps: int
+    def __init__(self, model_dir: _Optional[str] = ..., model: _Optional[str] = ..., trained_tokens: _Optional[int] = ..., steps: _Optional[int] = ...) -> None: ...

@@ -70,6 +70,11 @@ class FlowServeServiceStub:
                 request_serializer=deepserve_dot_v1_dot_flowserve__pb2.StreamWeightsRequest.SerializeToString,
                 response_deserializer=deepserve_dot_v1_dot_flowserve__pb2.StreamWeightsResponse.FromString,
                 _registered_method=True)
+        self.RunTraining = channel.unary_stream(
+                '/deepserve.v1.FlowServeService/RunTraining',
+                request_serializer=deepserve_dot_v1_dot_flowserve__pb2.RunTrainingRequest.SerializeToString,
+                response_deserializer=deepserve_dot_v1_dot_flowserve__pb2.RunTrainingResponse.FromString,
+                _registered_method=True)
 
 
 class FlowServeServiceServicer:
@@ -128,6 +133,14 @@ class FlowServeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RunTraining(self, request, context):
+        """Runs a LoRA fine-tuning on this pod, streaming progress; cancelling the call stops it
+        within one optimizer step.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FlowServeServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -165,6 +178,11 @@ def add_FlowServeServiceServicer_to_server(servicer, server):
                     servicer.StreamWeights,
                     request_deserializer=deepserve_dot_v1_dot_flowserve__pb2.StreamWeightsRequest.FromString,
                     response_serializer=deepserve_dot_v1_dot_flowserve__pb2.StreamWeightsResponse.SerializeToString,
+            ),
+            'RunTraining': grpc.unary_stream_rpc_method_handler(
+                    servicer.RunTraining,
+                    request_deserializer=deepserve_dot_v1_dot_flowserve__pb2.RunTrainingRequest.FromString,
+                    response_serializer=deepserve_dot_v1_dot_flowserve__pb2.RunTrainingResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -357,6 +375,33 @@ class FlowServeService:
             '/deepserve.v1.FlowServeService/StreamWeights',
             deepserve_dot_v1_dot_flowserve__pb2.StreamWeightsRequest.SerializeToString,
             deepserve_dot_v1_dot_flowserve__pb2.StreamWeightsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RunTraining(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/deepserve.v1.FlowServeService/RunTraining',
+            deepserve_dot_v1_dot_flowserve__pb2.RunTrainingRequest.SerializeToString,
+            deepserve_dot_v1_dot_flowserve__pb2.RunTrainingResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -125,12 +125,36 @@ class AutoscalingPolicy(_message.Message):
     def __init__(self, enabled: _Optional[bool] = ..., target_requests_per_instance: _Optional[float] = ..., target_kv_usage: _Optional[float] = ..., ttft_slo_ms: _Optional[float] = ..., tpot_slo_ms: _Optional[float] = ..., scale_to_zero_after_s: _Optional[float] = ..., scale_up_cooldown_s: _Optional[float] = ..., scale_down_cooldown_s: _Optional[float] = ...) -> None: ...
 
 class JobSpec(_message.Message):
-    __slots__ = ("kind", "serving")
+    __slots__ = ("kind", "serving", "fine_tuning")
     KIND_FIELD_NUMBER: _ClassVar[int]
     SERVING_FIELD_NUMBER: _ClassVar[int]
+    FINE_TUNING_FIELD_NUMBER: _ClassVar[int]
     kind: JobKind
     serving: ServingSpec
-    def __init__(self, kind: _Optional[_Union[JobKind, str]] = ..., serving: _Optional[_Union[ServingSpec, _Mapping]] = ...) -> None: ...
+    fine_tuning: FineTuningSpec
+    def __init__(self, kind: _Optional[_Union[JobKind, str]] = ..., serving: _Optional[_Union[ServingSpec, _Mapping]] = ..., fine_tuning: _Optional[_Union[FineTuningSpec, _Mapping]] = ...) -> None: ...
+
+class FineTuningSpec(_message.Message):
+    __slots__ = ("model", "training_file", "validation_file", "n_epochs", "batch_size", "learning_rate_multiplier", "suffix", "seed", "tenant")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    TRAINING_FILE_FIELD_NUMBER: _ClassVar[int]
+    VALIDATION_FILE_FIELD_NUMBER: _ClassVar[int]
+    N_EPOCHS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    LEARNING_RATE_MULTIPLIER_FIELD_NUMBER: _ClassVar[int]
+    SUFFIX_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    training_file: str
+    validation_file: str
+    n_epochs: int
+    batch_size: int
+    learning_rate_multiplier: float
+    suffix: str
+    seed: int
+    tenant: str
+    def __init__(self, model: _Optional[str] = ..., training_file: _Optional[str] = ..., validation_file: _Optional[str] = ..., n_epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate_multiplier: _Optional[float] = ..., suffix: _Optional[str] = ..., seed: _Optional[int] = ..., tenant: _Optional[str] = ...) -> None: ...
 
 class JobEvent(_message.Message):
     __slots__ = ("at_unix", "reason", "message")

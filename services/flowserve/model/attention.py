@@ -1,10 +1,16 @@
 """Attention over a paged KV cache for a flat batch of tokens from many sequences.
 
-Sequences with one new token (decode, or a one-token prefill chunk) are attended together: their
-KV blocks are gathered in one index_select into a padded [seqs, max_len] view and a key mask hides
-the padding, so a decode step costs a handful of kernel calls per layer whatever the batch size.
-Longer prefill chunks run one scaled_dot_product_attention each, with the causal mask offset by
-the number of already-cached positions.
+Sequences with one new token (decode, or a one-token prefill chunk) are attended in buckets of
+similar context length: each bucket's KV blocks are gathered in one index_select into a padded
+[seqs, bucket_len] view and a key mask hides the padding. Bucketing keeps that padding (which
+is gathered and read again like real keys) small when short and long contexts decode together,
+at the price of a few kernel calls per bucket and layer.
+
+Longer prefill chunks run one scaled_dot_product_attention each. A chunk that starts a sequence
+attends to the keys and values computed this step, with no gather; a chunk continuing a cached
+prompt gathers its blocks and uses a causal mask offset by the cached length. All calls pass 4-D
+tensors: CPU SDPA only takes its fused (flash) kernel, GQA included, for 4-D inputs and would
+otherwise fall back to the unfused math path, several times slower for long chunks.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import torch.nn.functional as F
 
 @dataclass(slots=True)
 class DecodeGroup:
-    """Sequences that contribute exactly one query token this step."""
+    """A bucket of sequences that contribute exactly one query token this step."""
 
     # Flat token index of each sequence's token; None when the group is the whole batch in order.
     token_indices: torch.Tensor | None
@@ -25,9 +31,6 @@ class DecodeGroup:
     max_context_len: int
     # [seqs, 1, 1, max_context_len] bool, True where a key is real; None when no padding.
     key_mask: torch.Tensor | None
-    # Gathered K and V of the group, made by the first layer and refilled by the others: a
-    # fresh multi-MB tensor per layer costs page faults that rival the gather itself on CPU.
-    gather_buffers: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 @dataclass(slots=True)
@@ -47,8 +50,12 @@ class AttentionMetadata:
     """Where each token's KV goes and which cached KV each query reads; shared by all layers."""
 
     slot_mapping: torch.Tensor  # [tokens] long: block * block_size + offset
-    decode: DecodeGroup | None = None
+    decodes: list[DecodeGroup] = field(default_factory=list)
     prefills: list[PrefillChunk] = field(default_factory=list)
+    # Gathered K and V of the largest decode bucket, made by the first layer and refilled by
+    # every bucket of every layer: a fresh multi-MB tensor each time costs page faults that
+    # rival the gather itself on CPU, and a reused one stays in cache.
+    gather_buffers: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 def write_kv(
@@ -69,43 +76,48 @@ def paged_attention(
     key_cache: torch.Tensor,
     value_cache: torch.Tensor,
     meta: AttentionMetadata,
+    key: torch.Tensor | None = None,
+    value: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attend q [tokens, heads, head_dim] over cached KV; returns [tokens, heads * head_dim].
 
     key_cache/value_cache are one layer's [num_blocks, block_size, kv_heads, head_dim] tensors that
-    already hold this step's new keys and values.
+    already hold this step's new keys and values. `key`/`value` [tokens, kv_heads, head_dim] are
+    those new keys and values: chunks that start a sequence read them instead of the cache.
     """
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = key_cache.shape[2]
     group = num_heads // num_kv_heads
-    decode = meta.decode
-    if decode is not None and decode.token_indices is None and not meta.prefills:
-        return _decode_attention(q, key_cache, value_cache, decode, group)
+    decodes = meta.decodes
+    if len(decodes) == 1 and decodes[0].token_indices is None:
+        return _decode_attention(q, key_cache, value_cache, decodes[0], meta, group)
 
     out = q.new_empty(num_tokens, num_heads * head_dim)
-    if decode is not None:
+    for decode in decodes:
         assert decode.token_indices is not None
         q_decode = q.index_select(0, decode.token_indices)
         out.index_copy_(
             0,
             decode.token_indices,
-            _decode_attention(q_decode, key_cache, value_cache, decode, group),
+            _decode_attention(q_decode, key_cache, value_cache, decode, meta, group),
         )
     for chunk in meta.prefills:
-        q_chunk = q[chunk.token_start : chunk.token_end].transpose(0, 1)  # [heads, n, d]
-        k = _gather(key_cache, chunk.block_ids, chunk.context_len).transpose(0, 1)
-        v = _gather(value_cache, chunk.block_ids, chunk.context_len).transpose(0, 1)
+        span = slice(chunk.token_start, chunk.token_end)
+        if chunk.mask is None and key is not None and value is not None:
+            k, v = key[span], value[span]
+        else:
+            k = _gather(key_cache, chunk.block_ids, chunk.context_len)
+            v = _gather(value_cache, chunk.block_ids, chunk.context_len)
+        # [1, heads, n, d]: the batch axis is what selects the fused kernel (see module doc).
         o = F.scaled_dot_product_attention(
-            q_chunk,
-            k,
-            v,
+            q[span].transpose(0, 1).unsqueeze(0),
+            k.transpose(0, 1).unsqueeze(0),
+            v.transpose(0, 1).unsqueeze(0),
             attn_mask=chunk.mask,
             is_causal=chunk.mask is None,
             enable_gqa=group > 1,
         )
-        out[chunk.token_start : chunk.token_end] = o.transpose(0, 1).reshape(
-            -1, num_heads * head_dim
-        )
+        out[span] = o[0].transpose(0, 1).reshape(-1, num_heads * head_dim)
     return out
 
 
@@ -121,17 +133,20 @@ def _decode_attention(
     key_cache: torch.Tensor,
     value_cache: torch.Tensor,
     decode: DecodeGroup,
+    meta: AttentionMetadata,
     group: int,
 ) -> torch.Tensor:
     seqs, num_heads, head_dim = q.shape
     num_blocks, block_size, kv_heads, _ = key_cache.shape
     max_blocks = decode.block_ids.shape[1]
     flat_ids = decode.block_ids.reshape(-1)
+    rows = flat_ids.numel()
     length = decode.max_context_len
-    if decode.gather_buffers is None:
-        shape = (flat_ids.numel(), block_size * kv_heads * head_dim)
-        decode.gather_buffers = (key_cache.new_empty(shape), value_cache.new_empty(shape))
-    key_buffer, value_buffer = decode.gather_buffers
+    if meta.gather_buffers is None:
+        most_rows = max(d.block_ids.numel() for d in meta.decodes)
+        shape = (most_rows, block_size * kv_heads * head_dim)
+        meta.gather_buffers = (key_cache.new_empty(shape), value_cache.new_empty(shape))
+    key_buffer, value_buffer = (buffer[:rows] for buffer in meta.gather_buffers)
     torch.index_select(key_cache.view(num_blocks, -1), 0, flat_ids, out=key_buffer)
     torch.index_select(value_cache.view(num_blocks, -1), 0, flat_ids, out=value_buffer)
     # [seqs, kv_heads, len, d]; padding beyond each sequence's length is masked out.

@@ -108,7 +108,7 @@ class LlamaForCausalLM:
             key = qk[:, heads:]
             value = qkv[:, q_size + kv_size :].view(num_tokens, kv_heads, head_dim)
             write_kv(key_cache, value_cache, meta.slot_mapping, key, value)
-            attn = paged_attention(qk[:, :heads], key_cache, value_cache, meta)
+            attn = paged_attention(qk[:, :heads], key_cache, value_cache, meta, key, value)
             hidden = hidden + self._row_parallel(attn, layer.o_proj, layer.o_bias)
 
             x = F.rms_norm(hidden, norm_shape, layer.post_norm, eps)

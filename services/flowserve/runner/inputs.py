@@ -1,8 +1,8 @@
 """Turn a ScheduledBatch into the flat tensors one forward step needs.
 
 Everything here is computed once per step and shared by all layers: token ids, positions, the
-slot each new token's KV is written to, which cached blocks each query reads, and which rows
-need logits.
+slot each new token's KV is written to, which cached blocks each query reads (decodes bucketed
+by context length), and which rows need logits.
 """
 
 from __future__ import annotations
@@ -84,11 +84,12 @@ def build_model_inputs(
         else:
             prefill_rows.append((row, start))
 
-    decode: DecodeGroup | None = None
-    if decode_rows:
-        decode = _decode_group(batch, decode_rows, decode_tokens, block_size, device)
-        if not prefill_rows:
-            decode.token_indices = None  # the whole batch, in order: no scatter needed
+    decodes = [
+        _decode_group(batch, rows, tokens, block_size, device)
+        for rows, tokens in _length_buckets(batch, decode_rows, decode_tokens)
+    ]
+    if len(decodes) == 1 and not prefill_rows:
+        decodes[0].token_indices = None  # the whole batch, in order: no scatter needed
     prefills = [
         _prefill_chunk(batch, row, start, block_size, device) for row, start in prefill_rows
     ]
@@ -98,7 +99,7 @@ def build_model_inputs(
         max_position=max(positions),
         attention=AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.long).to(device),
-            decode=decode,
+            decodes=decodes,
             prefills=prefills,
         ),
         logits_indices=torch.tensor(logits_indices, dtype=torch.long).to(device),
@@ -107,6 +108,39 @@ def build_model_inputs(
 
 def _blocks_for(length: int, block_size: int) -> int:
     return -(-length // block_size)
+
+
+# A decode bucket costs a few kernel calls per layer (two gathers, attention, a scatter), about
+# what gathering and reading this many padded key positions costs; a split must save more.
+_BUCKET_SPLIT_MIN_SAVING = 512
+
+
+def _length_buckets(
+    batch: ScheduledBatch, rows: list[int], tokens: list[int]
+) -> list[tuple[list[int], list[int]]]:
+    """Split decode rows into buckets of similar context length, longest first.
+
+    Walking the rows from the longest context down, a new bucket starts where padding every
+    remaining row to the current bucket's length would waste more than a bucket costs. Rows keep
+    their batch order inside a bucket, so a batch of equal lengths stays one in-order bucket.
+    """
+    if not rows:
+        return []
+    lengths = {r: batch.sequences[r].start_pos + 1 for r in rows}
+    order = sorted(range(len(rows)), key=lambda i: -lengths[rows[i]])
+    buckets: list[list[int]] = [[]]
+    bucket_len = lengths[rows[order[0]]]
+    for rank, i in enumerate(order):
+        length = lengths[rows[i]]
+        remaining = len(order) - rank
+        if buckets[-1] and remaining * (bucket_len - length) > _BUCKET_SPLIT_MIN_SAVING:
+            buckets.append([])
+            bucket_len = length
+        buckets[-1].append(i)
+    return [
+        ([rows[i] for i in sorted(bucket)], [tokens[i] for i in sorted(bucket)])
+        for bucket in buckets
+    ]
 
 
 def _decode_group(

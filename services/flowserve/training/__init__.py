@@ -1,0 +1,1 @@
+"""LoRA fine-tuning on a pod (the train stage of fine-tuning jobs)."""
