@@ -390,20 +390,20 @@ def main() -> None:
         return
     burst_model = args.burst_model or args.model
     work = Path(tempfile.mkdtemp(prefix="bench-burst-"))
+    cache = Path("/dev/shm") / f"bench-burst-weights-{os.getpid()}"
     try:
         if burst_model == "tiny":
             from tests.tiny_model import make_tiny_llama
 
             burst_model = str(make_tiny_llama(work / "tiny-llama"))
-        cache = Path("/dev/shm") / f"bench-burst-weights-{os.getpid()}"
         with cluster(work / "run", args.burst, burst_model, cache) as layout:
             progress(f"[scaling] waiting for {args.burst} warm pods and the DRAM copy")
             t = time.monotonic()
             asyncio.run(wait_pool(layout, args.burst))
             pool_s = time.monotonic() - t
             result = asyncio.run(burst(layout, burst_model, args.burst))
-        shutil.rmtree(cache, ignore_errors=True)
     finally:
+        shutil.rmtree(cache, ignore_errors=True)
         shutil.rmtree(work, ignore_errors=True)
     name = "tiny random Llama" if args.burst_model == "tiny" else burst_model
     print(f"\n## Burst 0 -> {args.burst} instances ({name}, pods forked from the zygote)\n")

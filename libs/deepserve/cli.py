@@ -38,6 +38,12 @@ def _add_up(sub: argparse._SubParsersAction) -> None:
         up.add_argument(f"--{name}-port", type=int, default=default)
     up.add_argument("--replicas", type=int, default=1, help="instances of the model to serve")
     up.add_argument("--warm-pods", type=int, default=1, help="pre-warmed pods kept spare")
+    up.add_argument(
+        "--pod-start",
+        choices=("process", "zygote"),
+        default="process",
+        help="start pods as fresh processes, or fork them from a zygote that imported the runtime",
+    )
     up.add_argument("--lease-ttl", type=int, default=5, help="seconds a dead process stays visible")
     up.add_argument("--startup-timeout", type=float, default=60.0)
 
@@ -61,6 +67,15 @@ def _add_jobs(sub: argparse._SubParsersAction) -> None:
         default="deepserve",
     )
     deploy.add_argument("--job-id", default="")
+    deploy.add_argument("--autoscale", action="store_true", help="scale on load within [min, max]")
+    deploy.add_argument(
+        "--scale-to-zero-after",
+        type=float,
+        default=0.0,
+        help="idle seconds before scaling to zero (needs --min 0)",
+    )
+    deploy.add_argument("--ttft-slo-ms", type=float, default=0.0)
+    deploy.add_argument("--tpot-slo-ms", type=float, default=0.0)
     jobmgr_flag(deploy)
     jobs = sub.add_parser("jobs", help="list jobs")
     jobmgr_flag(jobs)
@@ -137,6 +152,7 @@ def _run_up(args: argparse.Namespace) -> int:
         model=model,
         replicas=args.replicas,
         warm_pods=args.warm_pods,
+        pod_start=args.pod_start,
         lease_ttl_s=args.lease_ttl,
         startup_timeout_s=args.startup_timeout,
     )

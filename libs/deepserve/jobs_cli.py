@@ -53,6 +53,16 @@ def _print_job(job: pb.Job, tasks: Sequence[pb.Task] = ()) -> None:
         print(f"    {at}  {event.reason:<15} {event.message}")
 
 
+def _autoscaling(args: argparse.Namespace) -> pb.AutoscalingPolicy:
+    """From `deploy --autoscale [--scale-to-zero-after S] [--ttft-slo-ms M] [--tpot-slo-ms M]`."""
+    return pb.AutoscalingPolicy(
+        enabled=bool(getattr(args, "autoscale", False)),
+        scale_to_zero_after_s=getattr(args, "scale_to_zero_after", 0.0) or 0.0,
+        ttft_slo_ms=getattr(args, "ttft_slo_ms", 0.0) or 0.0,
+        tpot_slo_ms=getattr(args, "tpot_slo_ms", 0.0) or 0.0,
+    )
+
+
 def _scale_up_lines(task: pb.Task) -> list[str]:
     """The task's scale-up: each of the five steps with its duration and how it was done."""
     if not task.scale_steps:
@@ -81,6 +91,7 @@ async def run(args: argparse.Namespace, address: str) -> int:
                         prefill_instances=args.prefill,
                         decode_instances=args.decode,
                         policy=_POLICIES[args.policy],
+                        autoscaling=_autoscaling(args),
                     ),
                 )
                 reply = await stub.CreateJob(pb.CreateJobRequest(spec=spec, job_id=args.job_id))

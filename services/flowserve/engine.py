@@ -127,6 +127,7 @@ class AsyncEngine:
         sampling_params: SamplingParams | None = None,
         *,
         hold_kv: bool = False,
+        priority: int = 0,
     ) -> AsyncIterator[GenerationOutput]:
         """Stream a request's outputs; the last one has finish_reason set.
 
@@ -137,6 +138,7 @@ class AsyncEngine:
         """
         request = self._build_request(request_id, prompt_token_ids, sampling_params)
         request.hold_kv = hold_kv
+        request.priority = priority
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         with self._wakeup:
             if self._stopping:

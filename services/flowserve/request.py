@@ -71,6 +71,8 @@ class Request:
     sampling_params: Any = None
     # Arrival order; preemption picks the latest arrival, the waiting queue honours it.
     arrival_seq: int = 0
+    # Higher is admitted from the waiting queue first (batch jobs use negative priorities).
+    priority: int = 0
     # Keep the KV blocks after a normal finish until released (a prefill instance hands them
     # to a decode instance first); aborted or failed requests free them as usual.
     hold_kv: bool = False

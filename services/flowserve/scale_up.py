@@ -46,11 +46,20 @@ class ModelLoadSteps:
         self.timeline = ScaleTimeline()
         if warmth is not None:
             before = max(0.0, time.time() - warmth.ready_at)
-            self.timeline.record(
-                ScaleStep.ENGINE_STARTED,
-                warmth.started_in_s,
-                f"runtime ready on {warmth.device} {before:.1f}s before the load",
+            detail = f"runtime ready on {warmth.device} {before:.1f}s before the load"
+            self.timeline.record(ScaleStep.ENGINE_STARTED, warmth.started_in_s, detail)
+            # Step 2 ran when the pod was pre-warmed, before this scale-up began: recorded in
+            # the scale-up's trace with its real (earlier) times.
+            ready_ns = int(warmth.ready_at * 1e9)
+            span = tracer.start_span(
+                f"scale_up.{ScaleStep.ENGINE_STARTED.value}",
+                start_time=ready_ns - int(warmth.started_in_s * 1e9),
+                attributes={
+                    "deepserve.scale_step": ScaleStep.ENGINE_STARTED.value,
+                    "deepserve.detail": detail,
+                },
             )
+            span.end(end_time=ready_ns)
 
     @contextlib.contextmanager
     def step(self, step: ScaleStep, detail: str = "") -> Iterator[dict[str, str]]:

@@ -4,7 +4,8 @@ Pure Python (no torch): it sees requests, token counts and free blocks, and retu
 `ScheduledBatch`. Each step it schedules, in order:
 1. running requests that decode (one token each), oldest first, so a long prompt never stalls them;
 2. running requests still in prefill (the next chunk of their prompt), oldest first;
-3. waiting requests (new or preempted), oldest first, after a prefix-cache lookup.
+3. waiting requests (new or preempted), highest priority first, then oldest first, after a
+   prefix-cache lookup (running requests are never displaced by priority, so none starves).
 All of it under a per-step token budget and a cap on running requests. When blocks run out,
 the latest-arrived unscheduled running request is preempted: its blocks are freed and it waits
 again, to recompute prompt + generated tokens later (its cached full blocks usually survive).
@@ -48,13 +49,18 @@ def _arrival(request: Request) -> int:
     return request.arrival_seq
 
 
+def _admission_order(request: Request) -> tuple[int, int]:
+    return (-request.priority, request.arrival_seq)
+
+
 class Scheduler:
     """Waiting and running queues over a KV cache manager; produces one batch per step."""
 
     def __init__(self, config: SchedulerConfig, kv_cache: KVCacheManager) -> None:
         self.config = config
         self.kv_cache = kv_cache
-        # Both kept sorted by arrival: FCFS admission, latest arrival preempted first.
+        # Waiting: by priority then arrival (admission order); running: by arrival (latest
+        # arrival preempted first).
         self.waiting: list[Request] = []
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
@@ -107,7 +113,7 @@ class Scheduler:
         self._next_arrival += 1
         request.status = RequestStatus.WAITING
         self.requests[request.request_id] = request
-        bisect.insort(self.waiting, request, key=_arrival)
+        bisect.insort(self.waiting, request, key=_admission_order)
 
     def add_prefilled(self, request: Request) -> None:
         """Admit a request whose prompt KV already sits in its blocks (sent by a prefill instance).
@@ -298,7 +304,7 @@ class Scheduler:
         request.num_computed_tokens = 0
         request.num_preemptions += 1
         self.num_preemptions += 1
-        bisect.insort(self.waiting, request, key=_arrival)
+        bisect.insort(self.waiting, request, key=_admission_order)
 
     def _fail(self, request: Request, message: str) -> None:
         request.error = message

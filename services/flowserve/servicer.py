@@ -110,7 +110,7 @@ class FlowServeServicer(flowserve_pb2_grpc.FlowServeServiceServicer):
                 reserve_timeout_s=disagg.settings.reserve_timeout_s,
             )
         else:
-            outputs = engine.generate(request.request_id, prompt, params)
+            outputs = engine.generate(request.request_id, prompt, params, priority=request.priority)
         # Leaving the loop early (the caller went away: grpc cancels this coroutine) closes the
         # engine's generator, which aborts the request and frees its KV blocks.
         latency = RequestLatency(request.model or self._shell.model_name)

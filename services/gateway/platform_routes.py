@@ -6,6 +6,7 @@ import functools
 
 from deepserve.config import CommonSettings
 from deepserve.files import FileService, LocalFileStore
+from deepserve.gateway.batches_api import batches_router
 from deepserve.gateway.files_api import files_router
 from deepserve.gateway.fine_tuning_api import fine_tuning_router
 from deepserve.gateway.http_app import RouterFactory
@@ -22,4 +23,5 @@ def platform_routers(etcd: EtcdStore, common: CommonSettings) -> list[RouterFact
     return [
         functools.partial(files_router, files),
         functools.partial(fine_tuning_router, etcd, files),
+        functools.partial(batches_router, etcd, files),
     ]

@@ -8,6 +8,7 @@ from enum import StrEnum
 from pydantic import BaseModel, Field
 
 from deepserve.errors import InvalidArgument
+from deepserve.jobmgr.batch.spec import BatchJob
 from deepserve.jobmgr.fine_tuning.spec import FineTuningJob
 
 MAX_EVENTS = 200
@@ -150,6 +151,7 @@ class JobRecord(BaseModel):
     kind: JobKind
     serving: ServingSpec | None = None
     fine_tuning: FineTuningJob | None = None
+    batch: BatchJob | None = None
     status: JobStatus = Field(default_factory=JobStatus)
     events: list[JobEvent] = Field(default_factory=list)
     created_at: float = Field(default_factory=time.time)

@@ -7,6 +7,9 @@ import asyncio
 from deepserve.config import JobMgrSettings
 from deepserve.files import FileService, LocalFileStore
 from deepserve.jobmgr.autoscaler_loop import Autoscaler
+from deepserve.jobmgr.batch.controller import BatchController
+from deepserve.jobmgr.batch.line_runner import BatchLineRunner
+from deepserve.jobmgr.batch.settings import BatchSettings
 from deepserve.jobmgr.controller import JobController
 from deepserve.jobmgr.fine_tuning.controller import FineTuningController
 from deepserve.jobmgr.job_store import JobStore
@@ -22,6 +25,20 @@ SERVICE_NAME = jobmgr_pb2.DESCRIPTOR.services_by_name["JobManagerService"].full_
 
 async def serve(settings: JobMgrSettings) -> None:
     async with ServiceRuntime("jobmgr", settings, use_redis=True) as rt:
+        files = FileService(
+            rt.etcd, LocalFileStore(rt.common.files_root), max_bytes=rt.common.files_max_bytes
+        )
+        batch_settings = BatchSettings()
+
+        def max_model_len(model: str) -> int:
+            lengths = [
+                i.max_model_len
+                for i in controller.instance_mirror.items.values()
+                if i.model == model and i.max_model_len
+            ]
+            return min(lengths, default=0)
+
+        batch_runner = BatchLineRunner(rt.etcd, batch_settings, max_model_len)
         pods = PodPoolClient(settings.podpool_address, acquire_timeout_s=settings.acquire_timeout_s)
         autoscaler = Autoscaler(
             rt.etcd,
@@ -46,12 +63,9 @@ async def serve(settings: JobMgrSettings) -> None:
                     rt.etcd,
                     pods,
                     lambda: controller.pod_mirror.items,
-                    FileService(
-                        rt.etcd,
-                        LocalFileStore(rt.common.files_root),
-                        max_bytes=rt.common.files_max_bytes,
-                    ),
-                )
+                    files,
+                ),
+                BatchController(rt.etcd, files, batch_runner, batch_settings),
             ],
         )
         controller.start()
@@ -63,7 +77,7 @@ async def serve(settings: JobMgrSettings) -> None:
                 )
             ],
             [SERVICE_NAME],
-            on_shutdown=[controller.stop, pods.close],
+            on_shutdown=[controller.stop, pods.close, batch_runner.close],
         )
 
 

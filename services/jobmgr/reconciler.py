@@ -26,6 +26,7 @@ from deepserve.errors import Conflict, DeepServeError
 from deepserve.jobmgr.job_records import JobKind, JobPhase, JobRecord
 from deepserve.jobmgr.job_store import JobStore
 from deepserve.jobmgr.pod_provider import PodAsk, PodProvider
+from deepserve.jobmgr.scaling_metrics import observe_scale_up
 from deepserve.jobmgr.task_records import TaskRecord, TaskSlot, TaskState, desired_slots
 from deepserve.jobmgr.task_store import TaskStore
 from deepserve.records import InstanceRecord, PodRecord, PodState
@@ -312,6 +313,7 @@ class Reconciler:
             await self._job_event(job_id, "TaskStartFailed", f"{task_id}: {message}")
             self._note_failure(job_id, task.slot)
             return
+        observe_scale_up(grant.timeline)
         how = (
             f"cold start: no warm pod was free, started pod {grant.pod_id}"
             if grant.cold_start

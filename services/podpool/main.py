@@ -8,11 +8,13 @@ import contextlib
 from deepserve import records
 from deepserve.config import PodPoolSettings
 from deepserve.errors import InvalidArgument
+from deepserve.metrics import registry
 from deepserve.podpool.backend import PodBackend
 from deepserve.podpool.dram_cache import DramPreloader, ModelResolver
 from deepserve.podpool.local_backend import LocalProcessBackend
 from deepserve.podpool.pod_agent import GrpcPodAgent
 from deepserve.podpool.pod_view import PodView
+from deepserve.podpool.pool_metrics import PoolCollector
 from deepserve.podpool.servicer import PodPoolServicer
 from deepserve.podpool.warm_pool import WarmPodPool
 from deepserve.podpool.weights_planner import WeightsPlanner
@@ -52,6 +54,7 @@ async def serve(settings: PodPoolSettings) -> None:
     async with ServiceRuntime("podpool", settings) as rt:
         view = PodView(rt.etcd)
         view.start()
+        registry().register(PoolCollector(view))
         # Running instances: the fork sources for new ones.
         instances = Informer(records.instances(rt.etcd))
         instances.start()

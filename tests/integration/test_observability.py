@@ -185,3 +185,28 @@ def test_dashboard_only_uses_metrics_the_services_export(cluster: RunningCluster
         if not any(e == name or e.startswith(name) or name.startswith(e) for e in exported)
     }
     assert not missing, f"dashboard uses metrics nobody exports: {sorted(missing)}"
+
+
+def test_a_scale_up_is_one_trace_with_a_span_per_step(cluster: RunningCluster) -> None:
+    # `deepserve up` deployed the model: jobmgr -> podpool -> pod, one trace.
+    deadline = time.monotonic() + 15
+    while True:
+        spans = list(read_spans(cluster.layout.telemetry_dir))
+        roots = [s for s in spans if s["name"] == "scale_up"]
+        trace = [s for s in spans if roots and s["trace_id"] == roots[0]["trace_id"]]
+        steps = {s["name"] for s in trace if s["name"].startswith("scale_up.")}
+        if len(steps) == 5:
+            break
+        assert time.monotonic() < deadline, f"scale-up trace incomplete: {sorted(steps)}"
+        time.sleep(0.25)
+    assert steps == {
+        "scale_up.pod_acquired",
+        "scale_up.engine_started",
+        "scale_up.weights_loaded",
+        "scale_up.warmed_up",
+        "scale_up.visible",
+    }
+    by_name = {s["name"]: s for s in trace}
+    assert by_name["scale_up"]["service"] == "deepserve-jobmgr"
+    assert by_name["scale_up.pod_acquired"]["service"] == "deepserve-podpool"
+    assert by_name["scale_up.visible"]["service"] == "deepserve-flowserve"

@@ -51,6 +51,8 @@ class LaunchOptions:
     replicas: int = 1
     # Pre-warmed pods podpool keeps beyond those serving models.
     warm_pods: int = 1
+    # "process": each pod a fresh interpreter; "zygote": forked from one that imported the runtime.
+    pod_start: str = "process"
     lease_ttl_s: int = 5
     startup_timeout_s: float = 60.0
     model_timeout_s: float = 300.0
@@ -98,6 +100,7 @@ class LocalCluster:
             "DEEPSERVE_SCHEDULER_GRPC_PORT": str(ports.scheduler),
             "DEEPSERVE_PODPOOL_GRPC_PORT": str(ports.podpool),
             "DEEPSERVE_PODPOOL_WARM_PODS": str(self.options.warm_pods),
+            "DEEPSERVE_PODPOOL_POD_START": self.options.pod_start,
             "DEEPSERVE_PODPOOL_POD_LOG_DIR": str(lay.pod_log_dir),
         }
 

@@ -53,8 +53,12 @@ class RotaryEmbedding:
     def _build(self, length: int) -> None:
         positions = torch.arange(length, dtype=torch.float32)
         freqs = positions[:, None] * self._inv_freq[None, :]  # float32, like the reference
-        self._cos = freqs.cos().to(device=self.device, dtype=self.dtype)
-        self._sin = freqs.sin().to(device=self.device, dtype=self.dtype)
+        cos = freqs.cos().to(device=self.device, dtype=self.dtype)
+        sin = freqs.sin().to(device=self.device, dtype=self.dtype)
+        # Full head width, sin negated on the first half: rotating is then x * cos plus the
+        # half-swapped x * sin, three kernels instead of seven, with the same roundings.
+        self._cos = torch.cat((cos, cos), dim=-1)
+        self._sin = torch.cat((-sin, sin), dim=-1)
 
     def ensure_length(self, max_position: int) -> None:
         """Grow the table so that position `max_position` can be looked up."""
@@ -68,7 +72,7 @@ class RotaryEmbedding:
         self._build(max(length, max_position + 1))
 
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin rows for `positions`, shaped [tokens, 1, head_dim // 2] to broadcast."""
+        """cos and signed sin rows for `positions`, [tokens, 1, head_dim], for `rotate`."""
         cos = self._cos.index_select(0, positions).unsqueeze(1)
         sin = self._sin.index_select(0, positions).unsqueeze(1)
         return cos, sin
@@ -76,7 +80,5 @@ class RotaryEmbedding:
     @staticmethod
     def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Rotate x [tokens, heads, head_dim] by half-dim pairs (x1, x2) -> (x1c - x2s, x2c + x1s)."""
-        half = x.shape[-1] // 2
-        x1 = x[..., :half]
-        x2 = x[..., half:]
-        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+        # roll swaps the halves; a - b and a + (-b) round alike, so this matches the HF formula.
+        return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin

@@ -1,0 +1,224 @@
+"""Fine-tuning through the platform vs the same LoRA loop run directly, in one run.
+
+(a) Platform: `deepserve up` (no serving deployment), the dataset uploaded with the Files API
+    and a fine-tuning job created with the official `openai` client; the job runs preprocess ->
+    LoRA training on a pod from the pool. Its step metrics (as the jobmgr recorded them in etcd)
+    give the timings; the tokens of each step come from the job's own tokenized dataset and
+    batch order (the non-padding tokens the pod trained on).
+(b) Direct: the same model, training examples, batch order, batch size, learning rate and LoRA
+    settings, trained in this process with transformers + peft (no checkpoints, no RPCs).
+
+Training tokens/s counts steps 2..N over the time from the end of step 1 to the end of step N
+(both sides skip model load and the first, warm-up step). Also: the job's time from the create
+request to its first training step (preprocess, pod acquisition, model load, the validation
+pass before training, step 1).
+
+    .venv/bin/python -m bench.finetune            # 64 examples, 1 epoch, batch 4
+    .venv/bin/python -m bench.finetune --quick    # 28 examples
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import io
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench.common import markdown_table, progress
+from deepserve.files import LocalFileStore
+from deepserve.flowserve.training.lora_trainer import TrainingPlan, batches, collate
+from deepserve.flowserve.training.training_service import _pad_id as pad_token_id
+from deepserve.jobmgr.fine_tuning.spec import BASE_LEARNING_RATE
+from deepserve.jobmgr.job_records import JobRecord
+from deepserve.jobmgr.job_store import JobStore
+from deepserve.models.catalog import default_cache_dir, resolve_model
+from deepserve.store.etcd import EtcdStore
+from tests.cluster_harness import local_cluster
+
+SUBJECTS = ["rivers", "volcanoes", "owls", "copper", "tides", "glaciers", "comets", "bees"]
+
+
+def dataset(n: int) -> bytes:
+    """Chat examples of a few dozen tokens each (varied lengths, so batches carry padding)."""
+    rows = []
+    for i in range(n):
+        subject = SUBJECTS[i % len(SUBJECTS)]
+        answer = f"Fact {i} about {subject}: " + " ".join(
+            f"{subject} item {j} is notable." for j in range(3 + i % 5)
+        )
+        messages = [
+            {"role": "user", "content": f"Tell me fact number {i} about {subject}."},
+            {"role": "assistant", "content": answer},
+        ]
+        rows.append(json.dumps({"messages": messages}))
+    return ("\n".join(rows) + "\n").encode()
+
+
+def step_tokens(plan: TrainingPlan) -> list[int]:
+    """Non-padding tokens of each step, in the run's batch order."""
+    return [sum(len(e["input_ids"]) for e in examples) for _, examples in batches(plan)]
+
+
+async def job_record(etcd_endpoint: str, job_id: str) -> JobRecord:
+    async with EtcdStore(etcd_endpoint) as etcd:
+        return (await JobStore(etcd).get(job_id)).record
+
+
+def platform_run(work: Path, model: str, data: bytes, batch_size: int, seed: int) -> dict[str, Any]:
+    import openai
+
+    os.environ["DEEPSERVE_FILES_ROOT"] = str(work / "files")
+    progress("[finetune] starting deepserve up")
+    with local_cluster(work / "run", model="none", timeout_s=240) as cluster:
+        client = openai.OpenAI(
+            base_url=f"{cluster.layout.gateway_url}/v1", api_key="EMPTY", max_retries=0
+        )
+        file_id = client.files.create(
+            file=("bench.jsonl", io.BytesIO(data)), purpose="fine-tune"
+        ).id
+        requested = time.time()
+        job = client.fine_tuning.jobs.create(
+            model=model,
+            training_file=file_id,
+            seed=seed,
+            hyperparameters={"n_epochs": 1, "batch_size": batch_size},
+        )
+        progress(f"[finetune] job {job.id} created")
+        deadline = time.monotonic() + 600
+        while True:
+            record = asyncio.run(job_record(cluster.layout.etcd_endpoint, job.id))
+            assert record.fine_tuning is not None
+            ft = record.fine_tuning.progress
+            if record.status.phase.terminal:
+                if record.status.phase.value != "succeeded":
+                    raise RuntimeError(f"the job ended {record.status}")
+                break
+            if ft.total_steps and ft.step >= ft.total_steps:
+                break  # every step is in; merging and registering are not what we measure
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the job is stuck at {ft.stage} step {ft.step}")
+            time.sleep(0.5)
+        with contextlib.suppress(openai.APIError):
+            client.fine_tuning.jobs.cancel(job.id)
+        dataset_json = LocalFileStore(work / "files").get_artifact(ft.dataset_artifact)
+    examples = json.loads(dataset_json)
+    metrics = sorted(ft.metrics, key=lambda m: m.step)
+    assert ft.first_step_at is not None
+    return {
+        "train": examples["train"],
+        "step_at": [m.at for m in metrics],
+        "losses": [m.train_loss for m in metrics],
+        "trained_tokens": ft.trained_tokens,
+        "time_to_first_step_s": ft.first_step_at - requested,
+        "job_created_at": record.created_at,
+        "started_at": ft.started_at,
+    }
+
+
+def direct_run(plan: TrainingPlan, pad_id: int) -> dict[str, Any]:
+    """The same LoRA loop with transformers + peft, in this process."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(plan.seed)
+    base = LlamaForCausalLM.from_pretrained(plan.base_dir, dtype=torch.float32)
+    config = LoraConfig(
+        r=plan.lora_rank,
+        lora_alpha=plan.lora_alpha,
+        lora_dropout=0.0,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+        task_type="CAUSAL_LM",
+    )
+    model = get_peft_model(base, config)
+    model.train()
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=plan.learning_rate, weight_decay=0.0
+    )
+    step_at, losses = [], []
+    for _, examples in batches(plan):
+        batch = collate(examples, pad_id)
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+        step_at.append(time.perf_counter())
+    return {"step_at": step_at, "losses": losses}
+
+
+def tokens_per_s(step_at: list[float], tokens: list[int]) -> float:
+    """Tokens of steps 2..N over the time from the end of step 1 to the end of step N."""
+    return sum(tokens[1:]) / (step_at[-1] - step_at[0])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--examples", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--quick", action="store_true", help="28 examples")
+    args = parser.parse_args()
+    if args.quick:
+        args.examples = 28
+    work = Path(tempfile.mkdtemp(prefix="bench-finetune-"))
+    data = dataset(args.examples)
+
+    platform = platform_run(work, args.model, data, args.batch_size, args.seed)
+    model_dir = resolve_model(args.model, default_cache_dir())
+    plan = TrainingPlan(
+        base_dir=model_dir,
+        train=platform["train"],
+        valid=[],
+        output_dir=work / "direct-out",
+        n_epochs=1,
+        batch_size=args.batch_size,
+        learning_rate=BASE_LEARNING_RATE,
+        seed=args.seed,
+    )
+    tokens = step_tokens(plan)
+    assert sum(tokens) == platform["trained_tokens"], (sum(tokens), platform["trained_tokens"])
+    progress(f"[finetune] direct loop: {plan.total_steps} steps")
+    direct = direct_run(plan, pad_token_id(model_dir))
+
+    platform_tps = tokens_per_s(platform["step_at"], tokens)
+    direct_tps = tokens_per_s(direct["step_at"], tokens)
+    ratio = platform_tps / direct_tps
+    print(
+        f"\n## Fine-tuning, {args.model}, LoRA r={plan.lora_rank}, {len(plan.train)} training "
+        f"examples, batch {args.batch_size}, {plan.total_steps} steps, {sum(tokens)} tokens\n"
+    )
+    print(
+        markdown_table(
+            ["run", "training tok/s (steps 2..N)", "s per step", "loss step 1 -> N"],
+            [
+                [
+                    "platform (job on a pod)",
+                    platform_tps,
+                    (platform["step_at"][-1] - platform["step_at"][0]) / (len(tokens) - 1),
+                    f"{platform['losses'][0]:.3f} -> {platform['losses'][-1]:.3f}",
+                ],
+                [
+                    "direct (transformers + peft)",
+                    direct_tps,
+                    (direct["step_at"][-1] - direct["step_at"][0]) / (len(tokens) - 1),
+                    f"{direct['losses'][0]:.3f} -> {direct['losses'][-1]:.3f}",
+                ],
+            ],
+        )
+    )
+    verdict = "met" if ratio >= 0.9 else "not met"
+    print(f"\nplatform / direct tokens/s: {ratio:.3f} (goal within 10%: {verdict})")
+    print(f"request -> first training step: {platform['time_to_first_step_s']:.1f} s")
+
+
+if __name__ == "__main__":
+    main()
