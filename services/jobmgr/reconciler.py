@@ -30,7 +30,8 @@ from deepserve.jobmgr.scaling_metrics import observe_scale_up
 from deepserve.jobmgr.task_records import TaskRecord, TaskSlot, TaskState, desired_slots
 from deepserve.jobmgr.task_store import TaskStore
 from deepserve.records import InstanceRecord, PodRecord, PodState
-from deepserve.store.etcd import Versioned
+from deepserve.store.etcd import EtcdStore, Versioned
+from deepserve.store.keys import Keys
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer(__name__)
@@ -41,6 +42,9 @@ class Mirror(Protocol):
 
     @property
     def items(self) -> Mapping[str, Any]: ...
+
+    @property
+    def store(self) -> EtcdStore: ...
 
 
 def new_task_id(job_id: str, slot: TaskSlot) -> str:
@@ -115,6 +119,13 @@ class Reconciler:
                 self._spawn(f"orphan:{pod.pod_id}", self._release_orphan(pod))
         self.passes += 1
 
+    async def _instance_registered(self, task: TaskRecord) -> bool:
+        """Asks etcd itself before declaring an instance lost (the watch may not have caught up)."""
+        if not task.instance_id:
+            return False
+        store = self._instance_mirror.store
+        return await store.get(Keys.instance(task.instance_id)) is not None
+
     async def _reconcile_job(
         self,
         job: Versioned[JobRecord],
@@ -150,6 +161,10 @@ class Reconciler:
                     await self._mark_running(rec, instance)
                     rec = rec.model_copy(update={"state": TaskState.RUNNING})
                 self._failures.pop((job_id, rec.slot), None)
+                occupied[rec.slot] = rec
+                continue
+            if rec.state == TaskState.RUNNING and await self._instance_registered(rec):
+                # The mirror lags etcd: the instance registered but its event is not here yet.
                 occupied[rec.slot] = rec
                 continue
             if rec.state == TaskState.RUNNING:
