@@ -13,6 +13,8 @@ Training tokens/s counts steps 2..N over the time from the end of step 1 to the 
 request to its first training step (preprocess, pod acquisition, model load, the validation
 pass before training, step 1).
 
+The direct loop runs before and after the platform run; the ratio uses the faster of the two.
+
     .venv/bin/python -m bench.finetune            # 64 examples, 1 epoch, batch 4
     .venv/bin/python -m bench.finetune --quick    # 28 examples
 """
@@ -36,13 +38,17 @@ from bench.common import markdown_table, progress
 from deepserve.files import LocalFileStore
 from deepserve.flowserve.training.lora_trainer import TrainingPlan, batches, collate
 from deepserve.flowserve.training.training_service import _pad_id as pad_token_id
-from deepserve.jobmgr.fine_tuning.spec import BASE_LEARNING_RATE
+from deepserve.jobmgr.fine_tuning.preprocess import build_dataset
+from deepserve.jobmgr.fine_tuning.spec import BASE_LEARNING_RATE, FineTuningSpec
 from deepserve.jobmgr.job_records import JobRecord
 from deepserve.jobmgr.job_store import JobStore
 from deepserve.models.catalog import default_cache_dir, resolve_model
 from deepserve.store.etcd import EtcdStore
+from deepserve.tokenizer import Tokenizer
 from tests.cluster_harness import local_cluster
 
+# The job holds out this share of the training file for validation (no validation file).
+VALIDATION_SPLIT = FineTuningSpec.model_fields["validation_split"].default
 SUBJECTS = ["rivers", "volcanoes", "owls", "copper", "tides", "glaciers", "comets", "bees"]
 
 
@@ -159,6 +165,13 @@ def tokens_per_s(step_at: list[float], tokens: list[int]) -> float:
     return sum(tokens[1:]) / (step_at[-1] - step_at[0])
 
 
+def local_dataset(model_dir: Path, data: bytes, seed: int) -> list[dict[str, list[int]]]:
+    """The training examples the job's preprocess makes of `data` (same tokenizer and split)."""
+    tokenizer = Tokenizer.from_model_dir(model_dir)
+    built = build_dataset(tokenizer, ("bench", data), None, split=VALIDATION_SPLIT, seed=seed)
+    return built.train
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="smollm2-135m")
@@ -171,12 +184,10 @@ def main() -> None:
         args.examples = 28
     work = Path(tempfile.mkdtemp(prefix="bench-finetune-"))
     data = dataset(args.examples)
-
-    platform = platform_run(work, args.model, data, args.batch_size, args.seed)
     model_dir = resolve_model(args.model, default_cache_dir())
     plan = TrainingPlan(
         base_dir=model_dir,
-        train=platform["train"],
+        train=local_dataset(model_dir, data, args.seed),
         valid=[],
         output_dir=work / "direct-out",
         n_epochs=1,
@@ -185,38 +196,52 @@ def main() -> None:
         seed=args.seed,
     )
     tokens = step_tokens(plan)
-    assert sum(tokens) == platform["trained_tokens"], (sum(tokens), platform["trained_tokens"])
+    pad_id = pad_token_id(model_dir)
+    # The direct loop runs before and after the platform run (the machine is shared: the
+    # better of the two is the baseline).
     progress(f"[finetune] direct loop: {plan.total_steps} steps")
-    direct = direct_run(plan, pad_token_id(model_dir))
+    directs = [direct_run(plan, pad_id)]
+    platform = platform_run(work, args.model, data, args.batch_size, args.seed)
+    if platform["train"] != plan.train:
+        raise RuntimeError("the job trained on other examples than the direct loop")
+    if sum(tokens) != platform["trained_tokens"]:
+        raise RuntimeError(f"token counts differ: {sum(tokens)} vs {platform['trained_tokens']}")
+    progress("[finetune] direct loop again")
+    directs.append(direct_run(plan, pad_id))
 
     platform_tps = tokens_per_s(platform["step_at"], tokens)
-    direct_tps = tokens_per_s(direct["step_at"], tokens)
-    ratio = platform_tps / direct_tps
+    direct_tps = [tokens_per_s(d["step_at"], tokens) for d in directs]
+    # Against the faster direct run: background load only ever slows a run down.
+    ratio = platform_tps / max(direct_tps)
+    steps = len(tokens) - 1
+    rows: list[list[object]] = [
+        [
+            "platform (job on a pod)",
+            platform_tps,
+            (platform["step_at"][-1] - platform["step_at"][0]) / steps,
+            f"{platform['losses'][0]:.3f} -> {platform['losses'][-1]:.3f}",
+        ]
+    ]
+    for name, run, tps in zip(("before", "after"), directs, direct_tps, strict=True):
+        rows.append(
+            [
+                f"direct (transformers + peft), {name}",
+                tps,
+                (run["step_at"][-1] - run["step_at"][0]) / steps,
+                f"{run['losses'][0]:.3f} -> {run['losses'][-1]:.3f}",
+            ]
+        )
     print(
         f"\n## Fine-tuning, {args.model}, LoRA r={plan.lora_rank}, {len(plan.train)} training "
         f"examples, batch {args.batch_size}, {plan.total_steps} steps, {sum(tokens)} tokens\n"
     )
     print(
         markdown_table(
-            ["run", "training tok/s (steps 2..N)", "s per step", "loss step 1 -> N"],
-            [
-                [
-                    "platform (job on a pod)",
-                    platform_tps,
-                    (platform["step_at"][-1] - platform["step_at"][0]) / (len(tokens) - 1),
-                    f"{platform['losses'][0]:.3f} -> {platform['losses'][-1]:.3f}",
-                ],
-                [
-                    "direct (transformers + peft)",
-                    direct_tps,
-                    (direct["step_at"][-1] - direct["step_at"][0]) / (len(tokens) - 1),
-                    f"{direct['losses'][0]:.3f} -> {direct['losses'][-1]:.3f}",
-                ],
-            ],
+            ["run", "training tok/s (steps 2..N)", "s per step", "loss step 1 -> N"], rows
         )
     )
     verdict = "met" if ratio >= 0.9 else "not met"
-    print(f"\nplatform / direct tokens/s: {ratio:.3f} (goal within 10%: {verdict})")
+    print(f"\nplatform / best direct tokens/s: {ratio:.3f} (goal within 10%: {verdict})")
     print(f"request -> first training step: {platform['time_to_first_step_s']:.1f} s")
 
 

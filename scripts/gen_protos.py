@@ -56,7 +56,11 @@ def main() -> int:
         if args.check:
             stale = sorted(
                 (fresh ^ committed)
-                | {f for f in fresh & committed if not filecmp.cmp(tmp_root / f, OUT_ROOT / f, False)}
+                | {
+                    f
+                    for f in fresh & committed
+                    if not filecmp.cmp(tmp_root / f, OUT_ROOT / f, False)
+                }
             )
             if stale:
                 print("generated proto code is stale; run `make protos`:", *stale, sep="\n  ")

@@ -112,7 +112,7 @@ def _blocks_for(length: int, block_size: int) -> int:
 
 # A decode bucket costs a few kernel calls per layer (two gathers, attention, a scatter), about
 # what gathering and reading this many padded key positions costs; a split must save more.
-_BUCKET_SPLIT_MIN_SAVING = 512
+_BUCKET_SPLIT_MIN_SAVING = 1024
 
 
 def _length_buckets(

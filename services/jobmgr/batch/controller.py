@@ -110,13 +110,18 @@ class BatchController:
             if job.batch.progress.cancel_requested:
                 self._cancel_event(job_id).set()
             stage = job.batch.progress.stage
-            if stage == BatchStage.VALIDATING:
-                await self._validate(job)
-            elif stage == BatchStage.IN_PROGRESS:
-                await self._run_lines(job)
-            elif stage == BatchStage.FINALIZING:
-                await self._finalize(job)
-            else:
+            try:
+                if stage == BatchStage.VALIDATING:
+                    await self._validate(job)
+                elif stage == BatchStage.IN_PROGRESS:
+                    await self._run_lines(job)
+                elif stage == BatchStage.FINALIZING:
+                    await self._finalize(job)
+                else:
+                    return
+            except (InvalidArgument, NotFound) as exc:
+                # The input file went away or changed under the batch: its fault, not ours.
+                await self._fail(job_id, exc)
                 return
 
     async def _input_lines(self, job: JobRecord) -> list[dict[str, Any]]:
