@@ -1,11 +1,11 @@
 """Server-side tracing for grpc.aio: one SERVER span per call, parented by the caller's W3C
 trace context from the metadata.
 
-A server-streaming handler is an async generator that grpc resumes from different contexts, so
-attaching the span to the generator's own context breaks ("failed to detach context"). Instead
-the handler runs in a task of its own, created inside a context where the span is current, and
-its messages are relayed through a queue; anything the handler starts (engine requests, calls
-to other services) then inherits the span.
+A server-streaming handler is an async generator that grpc may resume from different contexts,
+so holding the span current across its yields breaks ("failed to detach context"). Instead the
+span is attached around each step of the handler (`anext`) and detached before the message is
+yielded; whatever the handler starts (engine requests, calls to other services, tasks) inherits
+the span, and messages and the final status keep their order.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 _tracer = trace.get_tracer("deepserve.rpc")
-_DONE = object()
 
 
 def _parent_context(context: grpc.aio.ServicerContext) -> otel_context.Context:
@@ -95,40 +94,27 @@ class TracingServerInterceptor(grpc.aio.ServerInterceptor):
                 request: Any, context: grpc.aio.ServicerContext
             ) -> AsyncIterator[Any]:
                 span = start(context)
-                queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=64)
+                span_context = trace.set_span_in_context(span)
                 failed: BaseException | None = None
-
-                async def produce() -> None:
-                    try:
-                        async for item in inner_us(request, context):
-                            await queue.put(item)
-                        await queue.put(_DONE)
-                    except BaseException as exc:
-                        await queue.put(exc)
-                        if isinstance(exc, asyncio.CancelledError):
-                            raise
-
-                token = otel_context.attach(trace.set_span_in_context(span))
-                try:
-                    task = asyncio.create_task(produce())  # copies the context with the span
-                finally:
-                    otel_context.detach(token)
+                messages = inner_us(request, context)
                 try:
                     while True:
-                        item = await queue.get()
-                        if item is _DONE:
+                        # The span is current for each step of the handler, and only then: grpc
+                        # may resume this generator from another context between messages.
+                        token = otel_context.attach(span_context)
+                        try:
+                            item = await anext(messages)
+                        except StopAsyncIteration:
                             break
-                        if isinstance(item, BaseException):
-                            raise item
+                        finally:
+                            otel_context.detach(token)
                         yield item
                 except BaseException as exc:
                     failed = exc
                     raise
                 finally:
-                    if not task.done():
-                        task.cancel()  # the caller went away: cancel the handler (aborts work)
-                        with contextlib.suppress(BaseException):
-                            await task
+                    with contextlib.suppress(BaseException):
+                        await messages.aclose()  # type: ignore[attr-defined]
                     _finish(span, context, failed)
 
             return grpc.unary_stream_rpc_method_handler(

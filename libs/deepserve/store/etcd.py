@@ -204,8 +204,9 @@ class EtcdStore:
             finally:
                 # Closing the iterator early (break, cancel) must also end the server-side watch.
                 if watch is not None:
+                    # Bounded: aetcd's cancel waits on its request stream, which can be stuck.
                     with contextlib.suppress(Exception):
-                        await watch.cancel()
+                        await asyncio.wait_for(watch.cancel(), 2.0)
 
 
 class KeepAliveLease:

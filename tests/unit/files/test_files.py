@@ -100,7 +100,8 @@ async def files(etcd_endpoint: str, tmp_path: Path) -> AsyncIterator[FileService
 
 async def test_service_round_trip_is_tenant_scoped(files: FileService) -> None:
     tenant, other = f"t-{uuid.uuid4().hex[:6]}", f"t-{uuid.uuid4().hex[:6]}"
-    data = (chat_line("q", "a") + "\n").encode()
+    # Unique bytes: the blob store is content-addressed and other tests upload lines too.
+    data = (chat_line(f"q {uuid.uuid4().hex}", "a") + "\n").encode()
     first = await files.upload(data, filename="a.jsonl", purpose="fine-tune", tenant=tenant)
     second = await files.upload(data, filename="b.jsonl", purpose="fine-tune", tenant=tenant)
     assert first.sha256 == second.sha256 and first.lines == 1
