@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+
+from deepserve.rpc.interceptor_base import MethodWrappingInterceptor, StreamBehavior, UnaryBehavior
 
 _REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -56,64 +58,48 @@ def _code_of(context: grpc.aio.ServicerContext, failed: BaseException | None) ->
     return "UNKNOWN" if failed is not None else "OK"
 
 
-class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
+class RpcMetricsInterceptor(MethodWrappingInterceptor):
     """Counts calls by status code and times them, for unary and server-streaming RPCs."""
 
     def __init__(self, service: str) -> None:
+        super().__init__()
         self.service = service
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(details)
-        if handler is None:
-            return handler
-        method = details.method.rsplit("/", 1)[-1]
-        service = self.service
+    def _record(
+        self, method: str, started: float, context: Any, failed: BaseException | None
+    ) -> None:
+        RPC_REQUESTS.labels(self.service, method, _code_of(context, failed)).inc()
+        RPC_LATENCY.labels(self.service, method).observe(time.perf_counter() - started)
 
-        def record(started: float, context: Any, failed: BaseException | None) -> None:
-            RPC_REQUESTS.labels(service, method, _code_of(context, failed)).inc()
-            RPC_LATENCY.labels(service, method).observe(time.perf_counter() - started)
+    def wrap_unary(self, method: str, behavior: UnaryBehavior) -> UnaryBehavior:
+        name = method.rsplit("/", 1)[-1]
 
-        if handler.unary_unary is not None:
-            inner_uu = handler.unary_unary
+        async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            started, failed = time.perf_counter(), None
+            try:
+                return await behavior(request, context)
+            except BaseException as exc:
+                failed = exc
+                raise
+            finally:
+                self._record(name, started, context, failed)
 
-            async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                started, failed = time.perf_counter(), None
-                try:
-                    return await inner_uu(request, context)
-                except BaseException as exc:
-                    failed = exc
-                    raise
-                finally:
-                    record(started, context, failed)
+        return unary_unary
 
-            return grpc.unary_unary_rpc_method_handler(
-                unary_unary,
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.unary_stream is not None:
-            inner_us = handler.unary_stream
+    def wrap_stream(self, method: str, behavior: StreamBehavior) -> StreamBehavior:
+        name = method.rsplit("/", 1)[-1]
 
-            async def unary_stream(
-                request: Any, context: grpc.aio.ServicerContext
-            ) -> AsyncIterator[Any]:
-                started, failed = time.perf_counter(), None
-                try:
-                    async for item in inner_us(request, context):
-                        yield item
-                except BaseException as exc:
-                    failed = exc
-                    raise
-                finally:
-                    record(started, context, failed)
+        async def unary_stream(
+            request: Any, context: grpc.aio.ServicerContext
+        ) -> AsyncIterator[Any]:
+            started, failed = time.perf_counter(), None
+            try:
+                async for item in behavior(request, context):
+                    yield item
+            except BaseException as exc:
+                failed = exc
+                raise
+            finally:
+                self._record(name, started, context, failed)
 
-            return grpc.unary_stream_rpc_method_handler(
-                unary_stream,
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        return handler
+        return unary_stream

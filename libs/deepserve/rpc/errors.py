@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 
 from deepserve import errors
+from deepserve.rpc.interceptor_base import (
+    MethodWrappingInterceptor,
+    StreamBehavior,
+    UnaryBehavior,
+)
 
 log = logging.getLogger(__name__)
 
@@ -75,54 +80,34 @@ def error_from_rpc(exc: grpc.aio.AioRpcError) -> errors.DeepServeError:
     return err
 
 
-class DomainErrorInterceptor(grpc.aio.ServerInterceptor):
+class DomainErrorInterceptor(MethodWrappingInterceptor):
     """Turns DeepServeError raised by a servicer into the matching status code and message."""
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return handler
-        if handler.unary_unary is not None:
-            inner_uu = handler.unary_unary
+    def wrap_unary(self, method: str, behavior: UnaryBehavior) -> UnaryBehavior:
+        async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            try:
+                return await behavior(request, context)
+            except errors.DeepServeError as exc:
+                await _abort(context, exc)
+            except (grpc.aio.AbortError, grpc.aio.BaseError):
+                raise
+            except Exception as exc:
+                await _abort(context, exc)
 
-            async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                try:
-                    return await inner_uu(request, context)
-                except errors.DeepServeError as exc:
-                    await _abort(context, exc)
-                except (grpc.aio.AbortError, grpc.aio.BaseError):
-                    raise
-                except Exception as exc:
-                    await _abort(context, exc)
+        return unary_unary
 
-            return grpc.unary_unary_rpc_method_handler(
-                unary_unary,
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.unary_stream is not None:
-            inner_us = handler.unary_stream
+    def wrap_stream(self, method: str, behavior: StreamBehavior) -> StreamBehavior:
+        async def unary_stream(
+            request: Any, context: grpc.aio.ServicerContext
+        ) -> AsyncIterator[Any]:
+            try:
+                async for item in behavior(request, context):
+                    yield item
+            except errors.DeepServeError as exc:
+                await _abort(context, exc)
+            except (grpc.aio.AbortError, grpc.aio.BaseError):
+                raise
+            except Exception as exc:
+                await _abort(context, exc)
 
-            async def unary_stream(
-                request: Any, context: grpc.aio.ServicerContext
-            ) -> AsyncIterator[Any]:
-                try:
-                    async for item in inner_us(request, context):
-                        yield item
-                except errors.DeepServeError as exc:
-                    await _abort(context, exc)
-                except (grpc.aio.AbortError, grpc.aio.BaseError):
-                    raise
-                except Exception as exc:
-                    await _abort(context, exc)
-
-            return grpc.unary_stream_rpc_method_handler(
-                unary_stream,
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        return handler
+        return unary_stream

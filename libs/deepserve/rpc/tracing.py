@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
+
+from deepserve.rpc.interceptor_base import MethodWrappingInterceptor, StreamBehavior, UnaryBehavior
 
 _tracer = trace.get_tracer("deepserve.rpc")
 
@@ -43,83 +45,71 @@ def _finish(
     span.end()
 
 
-class TracingServerInterceptor(grpc.aio.ServerInterceptor):
+class TracingServerInterceptor(MethodWrappingInterceptor):
     """Starts a SERVER span per call; the servicer runs with that span current."""
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(details)
-        if handler is None:
-            return handler
-        full_method = details.method
-        service, _, method = full_method.lstrip("/").rpartition("/")
+    @staticmethod
+    def _starter(method: str) -> Callable[[grpc.aio.ServicerContext], trace.Span]:
+        full_method = method.lstrip("/")
+        service, _, name = full_method.rpartition("/")
 
         def start(context: grpc.aio.ServicerContext) -> trace.Span:
             span = _tracer.start_span(
-                full_method.lstrip("/"), context=_parent_context(context), kind=SpanKind.SERVER
+                full_method, context=_parent_context(context), kind=SpanKind.SERVER
             )
             span.set_attribute("rpc.system", "grpc")
             span.set_attribute("rpc.service", service)
-            span.set_attribute("rpc.method", method)
+            span.set_attribute("rpc.method", name)
             return span
 
-        if handler.unary_unary is not None:
-            inner_uu = handler.unary_unary
+        return start
 
-            async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                span = start(context)
-                failed: BaseException | None = None
-                token = otel_context.attach(trace.set_span_in_context(span))
-                try:
-                    return await inner_uu(request, context)
-                except BaseException as exc:
-                    failed = exc
-                    raise
-                finally:
-                    otel_context.detach(token)
-                    _finish(span, context, failed)
+    def wrap_unary(self, method: str, behavior: UnaryBehavior) -> UnaryBehavior:
+        start = self._starter(method)
 
-            return grpc.unary_unary_rpc_method_handler(
-                unary_unary,
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.unary_stream is not None:
-            inner_us = handler.unary_stream
+        async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            span = start(context)
+            failed: BaseException | None = None
+            token = otel_context.attach(trace.set_span_in_context(span))
+            try:
+                return await behavior(request, context)
+            except BaseException as exc:
+                failed = exc
+                raise
+            finally:
+                otel_context.detach(token)
+                _finish(span, context, failed)
 
-            async def unary_stream(
-                request: Any, context: grpc.aio.ServicerContext
-            ) -> AsyncIterator[Any]:
-                span = start(context)
-                span_context = trace.set_span_in_context(span)
-                failed: BaseException | None = None
-                messages = inner_us(request, context)
-                try:
-                    while True:
-                        # The span is current for each step of the handler, and only then: grpc
-                        # may resume this generator from another context between messages.
-                        token = otel_context.attach(span_context)
-                        try:
-                            item = await anext(messages)
-                        except StopAsyncIteration:
-                            break
-                        finally:
-                            otel_context.detach(token)
-                        yield item
-                except BaseException as exc:
-                    failed = exc
-                    raise
-                finally:
-                    with contextlib.suppress(BaseException):
-                        await messages.aclose()  # type: ignore[attr-defined]
-                    _finish(span, context, failed)
+        return unary_unary
 
-            return grpc.unary_stream_rpc_method_handler(
-                unary_stream,
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        return handler
+    def wrap_stream(self, method: str, behavior: StreamBehavior) -> StreamBehavior:
+        start = self._starter(method)
+
+        async def unary_stream(
+            request: Any, context: grpc.aio.ServicerContext
+        ) -> AsyncIterator[Any]:
+            span = start(context)
+            span_context = trace.set_span_in_context(span)
+            failed: BaseException | None = None
+            messages = behavior(request, context)
+            try:
+                while True:
+                    # The span is current for each step of the handler, and only then: grpc
+                    # may resume this generator from another context between messages.
+                    token = otel_context.attach(span_context)
+                    try:
+                        item = await anext(messages)
+                    except StopAsyncIteration:
+                        break
+                    finally:
+                        otel_context.detach(token)
+                    yield item
+            except BaseException as exc:
+                failed = exc
+                raise
+            finally:
+                with contextlib.suppress(BaseException):
+                    await messages.aclose()  # type: ignore[attr-defined]
+                _finish(span, context, failed)
+
+        return unary_stream
