@@ -384,6 +384,10 @@ class AsyncEngine:
             self._num_queued -= 1
 
     def _run(self) -> None:
+        # The loop's own torch work (sampling) is small; run it without an OpenMP team of its
+        # own, which on CPU would keep cores spinning while the forward thread computes (a
+        # batch-1 decode step measured 46 -> 34 ms). The setting is per thread.
+        torch.set_num_threads(1)
         while True:
             with self._wakeup:
                 while not self._commands and not self._stopping and not self.core.has_work:

@@ -20,14 +20,14 @@ import threading
 import time
 import traceback
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -43,6 +43,9 @@ from deepserve.flowserve.runner.model_runner import ModelRunner
 # The kv-heads axis of a copy_to_host tensor [layers, 2, blocks, block_size, kv_heads, head_dim];
 # tensor-parallel ranks each hold a contiguous share of it.
 _KV_HEADS_DIM = -2
+
+
+T = TypeVar("T")
 
 
 class ExecutorFailed(Unavailable):
@@ -93,6 +96,18 @@ def _resolve_platform(device: str | torch.device | None) -> DevicePlatform:
     return detect_platform(device)
 
 
+def _build_runner(
+    threads: int,
+    model_dir: str | Path,
+    device: torch.device,
+    dtype: torch.dtype | str | None,
+    num_blocks: int,
+    block_size: int,
+) -> ModelRunner:
+    torch.set_num_threads(threads)  # per thread on OpenMP builds: match the caller's setting
+    return ModelRunner(model_dir, device, dtype, num_blocks, block_size)
+
+
 class UniprocExecutor(Executor):
     """The model runner in this process; steps run on one dedicated thread (torch drops the GIL)."""
 
@@ -106,17 +121,29 @@ class UniprocExecutor(Executor):
         dtype: torch.dtype | str | None = None,
     ) -> None:
         platform = _resolve_platform(device)
-        self.runner = ModelRunner(model_dir, platform.device(), dtype, num_blocks, block_size)
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flowserve-forward")
+        # The model is built on the forward thread too. On CPU every thread that runs torch
+        # ops gets its own OpenMP team; a second team (left by loading the weights on the
+        # caller's thread) keeps cores busy and made batch-1 decode steps ~40% slower.
+        threads = torch.get_num_threads()
+        self.runner = self._thread.submit(
+            _build_runner, threads, model_dir, platform.device(), dtype, num_blocks, block_size
+        ).result()
         self.config = self.runner.config
         self.num_blocks = num_blocks
         self.block_size = block_size
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flowserve-forward")
         self._closed = False
 
     def submit(self, batch: ScheduledBatch) -> Future[torch.Tensor]:
         self._check_open()
         validate_batch(batch, num_blocks=self.num_blocks, block_size=self.block_size)
         return self._thread.submit(self.runner.execute, batch)
+
+    def run_on_forward_thread(self, fn: Callable[..., T], *args: Any) -> T:
+        """Runs `fn` on the thread that runs the model (e.g. a benchmark's bandwidth probe, so
+        it shares the forward's OpenMP team instead of starting a competing one)."""
+        self._check_open()
+        return self._thread.submit(fn, *args).result()
 
     def copy_to_host(self, block_ids: Sequence[int]) -> torch.Tensor:
         self._check_open()
