@@ -15,7 +15,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
 from deepserve.errors import DeepServeError, InvalidArgument, NotFound
@@ -29,6 +29,7 @@ from deepserve.jobmgr.batch.spec import (
     batch_artifacts,
     segment_artifact,
 )
+from deepserve.jobmgr.job_operations import JobOperations
 from deepserve.jobmgr.job_records import JobKind, JobPhase, JobRecord
 from deepserve.jobmgr.job_store import JobStore
 from deepserve.store.etcd import EtcdStore
@@ -56,9 +57,9 @@ class BatchController:
         self._files = files
         self._runner = runner
         self._settings = settings or BatchSettings()
-        self._ops: dict[str, asyncio.Task[None]] = {}
         self._cancels: dict[str, asyncio.Event] = {}
-        self.wake = asyncio.Event()
+        self._ops = JobOperations("batch", on_done=lambda job_id: self._cancels.pop(job_id, None))
+        self.wake = self._ops.wake
 
     # --- passes ----------------------------------------------------------------------------
 
@@ -73,32 +74,13 @@ class BatchController:
             if rec.batch.progress.cancel_requested:
                 self._cancel_event(rec.job_id).set()
             if op is None:
-                self._spawn(rec.job_id, self._drive(rec.job_id))
+                self._ops.spawn(rec.job_id, self._drive(rec.job_id))
 
     def _cancel_event(self, job_id: str) -> asyncio.Event:
         return self._cancels.setdefault(job_id, asyncio.Event())
 
-    def _spawn(self, job_id: str, coro: Coroutine[Any, Any, None]) -> None:
-        op = asyncio.create_task(coro, name=f"batch:{job_id}")
-        self._ops[job_id] = op
-
-        def done(_: asyncio.Task[None]) -> None:
-            self._ops.pop(job_id, None)
-            self._cancels.pop(job_id, None)
-            self.wake.set()
-            if not op.cancelled() and op.exception() is not None:
-                log.error("batch operation %s failed", job_id, exc_info=op.exception())
-
-        op.add_done_callback(done)
-
     async def stop(self) -> None:
-        """Cancels every operation (losing leadership, shutdown); a new leader resumes them."""
-        ops = list(self._ops.values())
-        for op in ops:
-            op.cancel()
-        for op in ops:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await op
+        await self._ops.stop()
 
     # --- stages ----------------------------------------------------------------------------
 

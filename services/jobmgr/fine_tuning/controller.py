@@ -14,9 +14,8 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
 
 from deepserve import records
 from deepserve.errors import (
@@ -35,6 +34,7 @@ from deepserve.jobmgr.fine_tuning.spec import (
     fine_tuned_model_name,
 )
 from deepserve.jobmgr.fine_tuning.trainer_client import run_training
+from deepserve.jobmgr.job_operations import JobOperations
 from deepserve.jobmgr.job_records import JobKind, JobPhase, JobRecord
 from deepserve.jobmgr.job_store import JobStore
 from deepserve.jobmgr.pod_provider import PodAsk, PodProvider
@@ -79,8 +79,8 @@ class FineTuningController:
         self._files = files
         self._actor = actor
         self._cache_dir = model_cache_dir or default_cache_dir()
-        self._ops: dict[str, asyncio.Task[None]] = {}
-        self.wake = asyncio.Event()
+        self._ops = JobOperations("fine-tuning")
+        self.wake = self._ops.wake
 
     # --- passes ----------------------------------------------------------------------------
 
@@ -92,31 +92,13 @@ class FineTuningController:
                 if op is not None:
                     op.cancel()  # cancels RunTraining: the pod stops before its next step
                 elif await self._tasks.list(rec.job_id):
-                    self._spawn(rec.job_id, self._clean_up(rec.job_id))
+                    self._ops.spawn(rec.job_id, self._clean_up(rec.job_id))
                 continue
             if op is None and rec.fine_tuning is not None:
-                self._spawn(rec.job_id, self._drive(rec.job_id))
-
-    def _spawn(self, key: str, coro: Coroutine[Any, Any, None]) -> None:
-        op = asyncio.create_task(coro, name=f"fine-tuning:{key}")
-        self._ops[key] = op
-
-        def done(_: asyncio.Task[None]) -> None:
-            self._ops.pop(key, None)
-            self.wake.set()
-            if not op.cancelled() and op.exception() is not None:
-                log.error("fine-tuning operation %s failed", key, exc_info=op.exception())
-
-        op.add_done_callback(done)
+                self._ops.spawn(rec.job_id, self._drive(rec.job_id))
 
     async def stop(self) -> None:
-        """Cancels every operation (losing leadership, shutdown); a new leader resumes them."""
-        ops = list(self._ops.values())
-        for op in ops:
-            op.cancel()
-        for op in ops:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await op
+        await self._ops.stop()
 
     # --- stages ----------------------------------------------------------------------------
 
