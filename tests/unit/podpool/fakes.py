@@ -18,9 +18,11 @@ class FakeBackend:
 
     name = "fake"
 
-    def __init__(self, store: EtcdStore, *, start_delay_s: float = 0.05, ttl_s: int = 2) -> None:
+    def __init__(self, store: EtcdStore, *, start_delay_s: float = 0.05, ttl_s: int = 10) -> None:
         self.store = store
         self.start_delay_s = start_delay_s
+        # Generous: a loaded CI machine can stall keep-alives for seconds; kill() revokes the
+        # lease at once, so no test waits for the TTL.
         self.ttl_s = ttl_s
         self.leases: dict[str, KeepAliveLease] = {}
         self.created: list[str] = []
