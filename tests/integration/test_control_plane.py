@@ -278,7 +278,10 @@ async def test_prefix_affinity_while_balanced_and_spread_when_not(plane: Plane) 
             prefix_block_hashes=shared,
         )  # fmt: skip
         ok = reply.instances[0].instance_id == holder.instance_id
-        return reply if ok and reply.branch == scheduler_pb2.ROUTE_BRANCH_LOCALITY else None
+        # A positive score: the holder's KV events reached the index (not a tie at zero).
+        cached = reply.scores.get(holder.instance_id, 0.0) > 0
+        locality = reply.branch == scheduler_pb2.ROUTE_BRANCH_LOCALITY
+        return reply if ok and cached and locality else None
 
     affine = await eventually(routed_to_holder, timeout_s=20)
     assert affine.scores[holder.instance_id] == len(hashes)

@@ -73,7 +73,10 @@ async def test_one_request_is_one_trace_across_gateway_scheduler_and_flowserve(
         try:
             spans = find_trace(read_spans(telemetry), "trace-me-1")
             names = {s["name"] for s in spans}
-            if {"engine.decode", "route"} <= names:
+            ids = {s["span_id"] for s in spans}
+            # Complete once every process has flushed: no span's parent is missing.
+            dangling = [s for s in spans if s["parent_span_id"] and s["parent_span_id"] not in ids]
+            if {"engine.decode", "route"} <= names and not dangling:
                 break
         except Exception:
             spans = []
