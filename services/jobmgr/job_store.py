@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
-from deepserve.errors import AlreadyExists, Conflict, FailedPrecondition, InvalidArgument
+from deepserve.errors import (
+    AlreadyExists,
+    Conflict,
+    DeepServeError,
+    FailedPrecondition,
+    InvalidArgument,
+)
 from deepserve.jobmgr.job_records import JobKind, JobPhase, JobRecord, ServingSpec
 from deepserve.store.etcd import EtcdStore, TypedPrefix, Versioned
 from deepserve.store.keys import Keys, last_segment
@@ -103,6 +110,16 @@ class JobStore:
     ) -> Versioned[JobRecord]:
         """CAS read-modify-write of one job (the reconciler's status and event writes)."""
         return await self._jobs.update(job_id, mutate)
+
+    async def add_event(self, job_id: str, reason: str, message: str) -> None:
+        """Appends an event to the job's history; best effort (a gone job just has no event)."""
+
+        def add(job: JobRecord) -> JobRecord:
+            job.record_event(reason, message)
+            return job
+
+        with contextlib.suppress(DeepServeError):
+            await self.update(job_id, add)
 
     async def remove(self, job: Versioned[JobRecord]) -> None:
         """Deletes the record if unchanged since `job` was read (else Conflict)."""

@@ -433,12 +433,7 @@ class Reconciler:
         await self._tasks.update(rec.job_id, rec.task_id, change)
 
     async def _job_event(self, job_id: str, reason: str, message: str) -> None:
-        def add(job: JobRecord) -> JobRecord:
-            job.record_event(reason, message)
-            return job
-
-        with contextlib.suppress(DeepServeError):
-            await self._jobs.update(job_id, add)
+        await self._jobs.add_event(job_id, reason, message)
 
     # --- retry backoff ---------------------------------------------------------------------
 

@@ -271,12 +271,7 @@ class BatchController:
         await self._jobs.update(job_id, apply)
 
     async def _job_event(self, job_id: str, reason: str, message: str) -> None:
-        def add(job: JobRecord) -> JobRecord:
-            job.record_event(reason, message)
-            return job
-
-        with contextlib.suppress(DeepServeError):
-            await self._jobs.update(job_id, add)
+        await self._jobs.add_event(job_id, reason, message)
 
     async def _fail(self, job_id: str, exc: DeepServeError) -> None:
         line = None
