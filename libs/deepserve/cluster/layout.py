@@ -91,7 +91,10 @@ class ClusterLayout:
             "redis_url": self.redis_url,
             "gateway_url": self.gateway_url,
         }
-        self.state_file.write_text(json.dumps(data, indent=2))
+        # Atomic: `deepserve status` and tests read it while the supervisor rewrites it.
+        partial = self.state_file.with_suffix(".json.tmp")
+        partial.write_text(json.dumps(data, indent=2))
+        os.replace(partial, self.state_file)
 
     @classmethod
     def load(cls, run_dir: Path) -> ClusterLayout:

@@ -47,8 +47,12 @@ class Informer(Generic[ModelT]):
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            # Bounded: a cancelled etcd watch can stay stuck inside aetcd's watcher (seen as
+            # an occasional hang on shutdown); the task is abandoned rather than waited on.
+            await asyncio.wait({self._task}, timeout=5.0)
+            if self._task.done() and not self._task.cancelled():
+                with contextlib.suppress(Exception):
+                    self._task.result()
 
     async def wait_for(
         self, predicate: Callable[[dict[str, ModelT]], bool], timeout_s: float
