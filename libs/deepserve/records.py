@@ -23,6 +23,13 @@ class Role(StrEnum):
     DECODE = "decode"
 
 
+class PodPurpose(StrEnum):
+    """What a task claims a pod for: serving loads a model; training leaves the pod bare."""
+
+    SERVING = "serving"
+    TRAINING = "training"
+
+
 class PodState(StrEnum):
     STARTING = "starting"
     WARM = "warm"

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from deepserve.errors import InvalidArgument
-from deepserve.records import InstanceRecord, PodRecord, PodState, Role
-from deepserve.v1 import common_pb2
+from deepserve.records import InstanceRecord, PodPurpose, PodRecord, PodState, Role
+from deepserve.v1 import common_pb2, podpool_pb2
 
 _ROLE_TO_PROTO = {
     Role.COLOCATED: common_pb2.INSTANCE_ROLE_COLOCATED,
@@ -19,6 +19,11 @@ _POD_STATE_TO_PROTO = {
     PodState.TERMINATING: common_pb2.POD_STATE_TERMINATING,
 }
 _POD_STATE_FROM_PROTO = {v: k for k, v in _POD_STATE_TO_PROTO.items()}
+_PURPOSE_TO_PROTO = {
+    PodPurpose.SERVING: podpool_pb2.POD_PURPOSE_SERVING,
+    PodPurpose.TRAINING: podpool_pb2.POD_PURPOSE_TRAINING,
+}
+_PURPOSE_FROM_PROTO = {v: k for k, v in _PURPOSE_TO_PROTO.items()}
 
 
 def role_to_proto(role: Role) -> int:
@@ -32,6 +37,19 @@ def role_from_proto(value: int, *, default: Role = Role.COLOCATED, field: str = 
         return _ROLE_FROM_PROTO[value]
     except KeyError:
         raise InvalidArgument(f"unknown role {value}", field=field) from None
+
+
+def purpose_to_proto(purpose: PodPurpose) -> int:
+    return _PURPOSE_TO_PROTO[purpose]
+
+
+def purpose_from_proto(value: int) -> PodPurpose:
+    if value == podpool_pb2.POD_PURPOSE_UNSPECIFIED:
+        return PodPurpose.SERVING
+    try:
+        return _PURPOSE_FROM_PROTO[value]
+    except KeyError:
+        raise InvalidArgument(f"unknown pod purpose {value}", field="purpose") from None
 
 
 def pod_state_to_proto(state: PodState) -> int:

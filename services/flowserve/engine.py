@@ -386,7 +386,8 @@ class AsyncEngine:
     def _run(self) -> None:
         # The loop's own torch work (sampling) is small; run it without an OpenMP team of its
         # own, which on CPU would keep cores spinning while the forward thread computes (a
-        # batch-1 decode step measured 46 -> 34 ms). The setting is per thread.
+        # batch-1 decode step measured 46 -> 34 ms). The OpenMP team is per thread, but torch
+        # also keeps the value for threads started later: see deepserve.flowserve.cpu_threads.
         torch.set_num_threads(1)
         while True:
             with self._wakeup:

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from deepserve.config import FlowServeSettings
+from deepserve.flowserve.cpu_threads import intraop_threads
 from deepserve.flowserve.device import detect_platform, parse_dtype
 from deepserve.flowserve.engine import AsyncEngine
 from deepserve.flowserve.engine_config import EngineConfig
@@ -55,8 +56,14 @@ def build_engine(
             device=device,
         )
     else:
+        # Explicit: this worker thread may have inherited the engine loop's single thread
+        # (torch applies the last set_num_threads to new threads), e.g. on a pod's second load.
         executor = UniprocExecutor(
-            model_dir, num_blocks=num_blocks, block_size=settings.block_size, device=device
+            model_dir,
+            num_blocks=num_blocks,
+            block_size=settings.block_size,
+            device=device,
+            threads=intraop_threads(),
         )
     max_model_len = config.max_position_embeddings
     engine_config = EngineConfig(

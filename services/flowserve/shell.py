@@ -175,6 +175,10 @@ class TaskExecutorShell:
     async def unload_model(self) -> None:
         async with self._load_lock:
             if self.engine is None:
+                if self.pod is not None:
+                    # Claimed without a model (a training task): the pool's claim marked the
+                    # record assigned; hand it back as warm.
+                    await self.pod.set_pod(state=PodState.WARM, model="", task_id="")
                 return
             assert self.pod is not None
             await self.pod.deregister_instance()  # stop new routing first

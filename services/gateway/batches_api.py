@@ -24,7 +24,6 @@ from deepserve.store.etcd import EtcdStore, TypedPrefix
 from deepserve.store.keys import Keys
 
 CallerDependency = Callable[..., Awaitable[Caller]]
-COMPLETION_WINDOW_S = 24 * 3600
 
 
 class CreateBatchBody(BaseModel):
@@ -41,7 +40,7 @@ def _status(job: JobRecord) -> str:
     phase, progress = job.status.phase, job.batch.progress
     if phase == JobPhase.SUCCEEDED:
         return "completed"
-    if phase in (JobPhase.FAILED, JobPhase.CANCELLED):
+    if phase in (JobPhase.FAILED, JobPhase.CANCELLED, JobPhase.EXPIRED):
         return phase.value
     if progress.cancel_requested:
         return "cancelling"
@@ -71,11 +70,11 @@ def batch_json(job: JobRecord) -> dict[str, Any]:
         "error_file_id": progress.error_file_id or None,
         "created_at": int(job.created_at),
         "in_progress_at": _seconds(progress.in_progress_at),
-        "expires_at": int(job.created_at) + COMPLETION_WINDOW_S,
+        "expires_at": int(spec.expires_at) if spec.expires_at else None,
         "finalizing_at": _seconds(progress.finalizing_at),
         "completed_at": _seconds(progress.completed_at),
         "failed_at": _seconds(progress.failed_at),
-        "expired_at": None,
+        "expired_at": _seconds(progress.expired_at),
         "cancelling_at": _seconds(progress.cancelling_at),
         "cancelled_at": _seconds(progress.cancelled_at),
         "request_counts": {
@@ -140,6 +139,7 @@ def batches_router(etcd: EtcdStore, files: FileService, caller: CallerDependency
             )
         job_id = f"batch_{uuid.uuid4().hex[:24]}"
         job = JobRecord(job_id=job_id, kind=JobKind.BATCH, batch=BatchJob(spec=spec))
+        job.batch.spec = spec.with_deadline(job.created_at)  # type: ignore[union-attr]
         job.batch.progress.total = record.lines  # type: ignore[union-attr]
         job.record_event("Created", f"batch over {spec.input_file_id} ({record.lines} requests)")
         await records.create(job_id, job)

@@ -26,10 +26,12 @@ class JobPhase(StrEnum):
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     CANCELLED = "cancelled"
+    # The deadline passed before the job finished (a batch's completion window).
+    EXPIRED = "expired"
 
     @property
     def terminal(self) -> bool:
-        return self in (JobPhase.SUCCEEDED, JobPhase.FAILED, JobPhase.CANCELLED)
+        return self in (JobPhase.SUCCEEDED, JobPhase.FAILED, JobPhase.CANCELLED, JobPhase.EXPIRED)
 
 
 class ServingMode(StrEnum):

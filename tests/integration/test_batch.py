@@ -8,6 +8,7 @@ batch as cancelled with its partial output.
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import os
@@ -18,6 +19,8 @@ from typing import Any
 import openai
 import pytest
 
+from deepserve.store.redis_store import RedisStore
+from deepserve.tenancy.usage import UsageMeter
 from tests.cluster_harness import RunningCluster, local_cluster
 from tests.tiny_model import make_tiny_llama
 
@@ -113,17 +116,31 @@ def lines(client: openai.OpenAI, file_id: str | None) -> list[dict[str, Any]]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
+def usage_totals(cluster: RunningCluster, model: str) -> tuple[int, int]:
+    """(requests, completion tokens) on `model`, over every tenant."""
+
+    async def read() -> tuple[int, int]:
+        async with RedisStore(cluster.layout.redis_url) as redis:
+            rows = await UsageMeter(redis.client).read(model=model)
+        return sum(r.requests for r in rows), sum(r.completion_tokens for r in rows)
+
+    return asyncio.run(read())
+
+
 def test_batch_of_100_is_answered_while_interactive_requests_are_served(
-    client: openai.OpenAI, model: str
+    cluster: RunningCluster, client: openai.OpenAI, model: str
 ) -> None:
+    requests_before, tokens_before = usage_totals(cluster, model)
     batch = start_batch(client, batch_input(model, 100, max_tokens=24))
     assert batch.status == "validating" and batch.request_counts.total == 100
     # Interactive requests, one after another, for as long as the batch runs; one counts when
     # it completed while the batch was still in progress (not all its lines answered).
     served_during_batch: list[float] = []
+    interactive = 0
     while True:
         started = time.monotonic()
         chat(client, model, "interactive")
+        interactive += 1
         seconds = time.monotonic() - started
         current = client.batches.retrieve(batch.id)
         if current.status in TERMINAL or current.status == "finalizing":
@@ -147,6 +164,10 @@ def test_batch_of_100_is_answered_while_interactive_requests_are_served(
         assert body["usage"]["completion_tokens"] == 24
     assert lines(client, done.error_file_id) == []
     assert done.id in {b.id for b in client.batches.list(limit=100).data}
+    # The batch's tokens count in the tenant's usage, beside the interactive requests'.
+    requests_after, tokens_after = usage_totals(cluster, model)
+    assert requests_after - requests_before == 100 + interactive
+    assert 100 * 24 < tokens_after - tokens_before <= 100 * 24 + interactive * 8
 
 
 def test_validation_errors_are_refused(client: openai.OpenAI, model: str) -> None:

@@ -207,7 +207,8 @@ def step_numbers(client: openai.OpenAI, job_id: str) -> list[int]:
     ]
 
 
-def pods_of(cluster: RunningCluster, task_id: str) -> list[str]:
+def pods_of(cluster: RunningCluster, task_id: str, kind: str = "pods") -> list[str]:
+    """Ids of the pods (or, with kind="instances", the serving instances) of a task."""
     import asyncio
 
     from deepserve import records
@@ -215,6 +216,9 @@ def pods_of(cluster: RunningCluster, task_id: str) -> list[str]:
 
     async def read() -> list[str]:
         async with EtcdStore(cluster.layout.etcd_endpoint) as store:
+            if kind == "instances":
+                found, _ = await records.instances(store).list()
+                return [i.record.instance_id for i in found if i.record.task_id == task_id]
             pods, _ = await records.pods(store).list()
             return [p.record.pod_id for p in pods if p.record.task_id == task_id]
 
@@ -234,6 +238,9 @@ def test_cancel_stops_training_and_frees_the_pod(
 ) -> None:
     job_id = long_job(client)
     wait_for(lambda: len(step_numbers(client, job_id)) >= 2, 180, "training did not start")
+    # The pod trains without a serving engine: no instance of the base model is registered.
+    assert pods_of(cluster, f"{job_id}-train")
+    assert pods_of(cluster, f"{job_id}-train", kind="instances") == []
     assert client.fine_tuning.jobs.cancel(job_id).status == "cancelled"
     wait_for(lambda: not pods_of(cluster, f"{job_id}-train"), 60, "the pod was not released")
     steps = len(step_numbers(client, job_id))

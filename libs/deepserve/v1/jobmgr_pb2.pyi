@@ -23,6 +23,7 @@ class JobPhase(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     JOB_PHASE_SUCCEEDED: _ClassVar[JobPhase]
     JOB_PHASE_FAILED: _ClassVar[JobPhase]
     JOB_PHASE_CANCELLED: _ClassVar[JobPhase]
+    JOB_PHASE_EXPIRED: _ClassVar[JobPhase]
 
 class ServingMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -62,6 +63,7 @@ JOB_PHASE_RUNNING: JobPhase
 JOB_PHASE_SUCCEEDED: JobPhase
 JOB_PHASE_FAILED: JobPhase
 JOB_PHASE_CANCELLED: JobPhase
+JOB_PHASE_EXPIRED: JobPhase
 SERVING_MODE_UNSPECIFIED: ServingMode
 SERVING_MODE_COLOCATED: ServingMode
 SERVING_MODE_DISAGGREGATED: ServingMode

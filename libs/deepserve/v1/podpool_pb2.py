@@ -25,27 +25,29 @@ _sym_db = _symbol_database.Default()
 from deepserve.v1 import common_pb2 as deepserve_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x64\x65\x65pserve/v1/podpool.proto\x12\x0c\x64\x65\x65pserve.v1\x1a\x19\x64\x65\x65pserve/v1/common.proto\"\x8b\x01\n\x11\x41\x63quirePodRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12(\n\x04role\x18\x03 \x01(\x0e\x32\x1a.deepserve.v1.InstanceRole\x12\x0e\n\x06job_id\x18\x04 \x01(\t\x12\x1c\n\x14tensor_parallel_size\x18\x05 \x01(\x05\"\xed\x01\n\x12\x41\x63quirePodResponse\x12\x1e\n\x03pod\x18\x01 \x01(\x0b\x32\x11.deepserve.v1.Pod\x12\x12\n\ncold_start\x18\x02 \x01(\x08\x12\x13\n\x0binstance_id\x18\x03 \x01(\t\x12\x14\n\x0cload_seconds\x18\x04 \x01(\x01\x12\x15\n\rclaim_seconds\x18\x05 \x01(\x01\x12,\n\x05steps\x18\x06 \x03(\x0b\x32\x1d.deepserve.v1.ScaleStepTiming\x12\x33\n\x0eweights_source\x18\x07 \x01(\x0e\x32\x1b.deepserve.v1.WeightsSource\"6\n\x11ReleasePodRequest\x12\x0e\n\x06pod_id\x18\x01 \x01(\t\x12\x11\n\tterminate\x18\x02 \x01(\x08\"\x14\n\x12ReleasePodResponse\"8\n\x0fListPodsRequest\x12%\n\x05state\x18\x01 \x01(\x0e\x32\x16.deepserve.v1.PodState\"\x9d\x01\n\x10ListPodsResponse\x12\x1f\n\x04pods\x18\x01 \x03(\x0b\x32\x11.deepserve.v1.Pod\x12\x13\n\x0bwarm_target\x18\x02 \x01(\x05\x12\x13\n\x0b\x63old_starts\x18\x03 \x01(\x03\x12\x11\n\twarm_hits\x18\x04 \x01(\x03\x12+\n\x0b\x64ram_copies\x18\x05 \x03(\x0b\x32\x16.deepserve.v1.DramCopy\"d\n\x08\x44ramCopy\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04host\x18\x02 \x01(\t\x12\x0c\n\x04path\x18\x03 \x01(\t\x12\x0e\n\x06nbytes\x18\x04 \x01(\x03\x12\x0e\n\x06pinned\x18\x05 \x01(\x08\x12\r\n\x05ready\x18\x06 \x01(\x08\x32\xfd\x01\n\x0ePodPoolService\x12O\n\nAcquirePod\x12\x1f.deepserve.v1.AcquirePodRequest\x1a .deepserve.v1.AcquirePodResponse\x12O\n\nReleasePod\x12\x1f.deepserve.v1.ReleasePodRequest\x1a .deepserve.v1.ReleasePodResponse\x12I\n\x08ListPods\x12\x1d.deepserve.v1.ListPodsRequest\x1a\x1e.deepserve.v1.ListPodsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x64\x65\x65pserve/v1/podpool.proto\x12\x0c\x64\x65\x65pserve.v1\x1a\x19\x64\x65\x65pserve/v1/common.proto\"\xb6\x01\n\x11\x41\x63quirePodRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12(\n\x04role\x18\x03 \x01(\x0e\x32\x1a.deepserve.v1.InstanceRole\x12\x0e\n\x06job_id\x18\x04 \x01(\t\x12\x1c\n\x14tensor_parallel_size\x18\x05 \x01(\x05\x12)\n\x07purpose\x18\x06 \x01(\x0e\x32\x18.deepserve.v1.PodPurpose\"\xed\x01\n\x12\x41\x63quirePodResponse\x12\x1e\n\x03pod\x18\x01 \x01(\x0b\x32\x11.deepserve.v1.Pod\x12\x12\n\ncold_start\x18\x02 \x01(\x08\x12\x13\n\x0binstance_id\x18\x03 \x01(\t\x12\x14\n\x0cload_seconds\x18\x04 \x01(\x01\x12\x15\n\rclaim_seconds\x18\x05 \x01(\x01\x12,\n\x05steps\x18\x06 \x03(\x0b\x32\x1d.deepserve.v1.ScaleStepTiming\x12\x33\n\x0eweights_source\x18\x07 \x01(\x0e\x32\x1b.deepserve.v1.WeightsSource\"6\n\x11ReleasePodRequest\x12\x0e\n\x06pod_id\x18\x01 \x01(\t\x12\x11\n\tterminate\x18\x02 \x01(\x08\"\x14\n\x12ReleasePodResponse\"8\n\x0fListPodsRequest\x12%\n\x05state\x18\x01 \x01(\x0e\x32\x16.deepserve.v1.PodState\"\x9d\x01\n\x10ListPodsResponse\x12\x1f\n\x04pods\x18\x01 \x03(\x0b\x32\x11.deepserve.v1.Pod\x12\x13\n\x0bwarm_target\x18\x02 \x01(\x05\x12\x13\n\x0b\x63old_starts\x18\x03 \x01(\x03\x12\x11\n\twarm_hits\x18\x04 \x01(\x03\x12+\n\x0b\x64ram_copies\x18\x05 \x03(\x0b\x32\x16.deepserve.v1.DramCopy\"d\n\x08\x44ramCopy\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04host\x18\x02 \x01(\t\x12\x0c\n\x04path\x18\x03 \x01(\t\x12\x0e\n\x06nbytes\x18\x04 \x01(\x03\x12\x0e\n\x06pinned\x18\x05 \x01(\x08\x12\r\n\x05ready\x18\x06 \x01(\x08*\\\n\nPodPurpose\x12\x1b\n\x17POD_PURPOSE_UNSPECIFIED\x10\x00\x12\x17\n\x13POD_PURPOSE_SERVING\x10\x01\x12\x18\n\x14POD_PURPOSE_TRAINING\x10\x02\x32\xfd\x01\n\x0ePodPoolService\x12O\n\nAcquirePod\x12\x1f.deepserve.v1.AcquirePodRequest\x1a .deepserve.v1.AcquirePodResponse\x12O\n\nReleasePod\x12\x1f.deepserve.v1.ReleasePodRequest\x1a .deepserve.v1.ReleasePodResponse\x12I\n\x08ListPods\x12\x1d.deepserve.v1.ListPodsRequest\x1a\x1e.deepserve.v1.ListPodsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'deepserve.v1.podpool_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_PODPURPOSE']._serialized_start=894
+  _globals['_PODPURPOSE']._serialized_end=986
   _globals['_ACQUIREPODREQUEST']._serialized_start=72
-  _globals['_ACQUIREPODREQUEST']._serialized_end=211
-  _globals['_ACQUIREPODRESPONSE']._serialized_start=214
-  _globals['_ACQUIREPODRESPONSE']._serialized_end=451
-  _globals['_RELEASEPODREQUEST']._serialized_start=453
-  _globals['_RELEASEPODREQUEST']._serialized_end=507
-  _globals['_RELEASEPODRESPONSE']._serialized_start=509
-  _globals['_RELEASEPODRESPONSE']._serialized_end=529
-  _globals['_LISTPODSREQUEST']._serialized_start=531
-  _globals['_LISTPODSREQUEST']._serialized_end=587
-  _globals['_LISTPODSRESPONSE']._serialized_start=590
-  _globals['_LISTPODSRESPONSE']._serialized_end=747
-  _globals['_DRAMCOPY']._serialized_start=749
-  _globals['_DRAMCOPY']._serialized_end=849
-  _globals['_PODPOOLSERVICE']._serialized_start=852
-  _globals['_PODPOOLSERVICE']._serialized_end=1105
+  _globals['_ACQUIREPODREQUEST']._serialized_end=254
+  _globals['_ACQUIREPODRESPONSE']._serialized_start=257
+  _globals['_ACQUIREPODRESPONSE']._serialized_end=494
+  _globals['_RELEASEPODREQUEST']._serialized_start=496
+  _globals['_RELEASEPODREQUEST']._serialized_end=550
+  _globals['_RELEASEPODRESPONSE']._serialized_start=552
+  _globals['_RELEASEPODRESPONSE']._serialized_end=572
+  _globals['_LISTPODSREQUEST']._serialized_start=574
+  _globals['_LISTPODSREQUEST']._serialized_end=630
+  _globals['_LISTPODSRESPONSE']._serialized_start=633
+  _globals['_LISTPODSRESPONSE']._serialized_end=790
+  _globals['_DRAMCOPY']._serialized_start=792
+  _globals['_DRAMCOPY']._serialized_end=892
+  _globals['_PODPOOLSERVICE']._serialized_start=989
+  _globals['_PODPOOLSERVICE']._serialized_end=1242
 # @@protoc_insertion_point(module_scope)

@@ -1,5 +1,6 @@
 from deepserve.v1 import common_pb2 as _common_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
@@ -7,19 +8,30 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class PodPurpose(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    POD_PURPOSE_UNSPECIFIED: _ClassVar[PodPurpose]
+    POD_PURPOSE_SERVING: _ClassVar[PodPurpose]
+    POD_PURPOSE_TRAINING: _ClassVar[PodPurpose]
+POD_PURPOSE_UNSPECIFIED: PodPurpose
+POD_PURPOSE_SERVING: PodPurpose
+POD_PURPOSE_TRAINING: PodPurpose
+
 class AcquirePodRequest(_message.Message):
-    __slots__ = ("task_id", "model", "role", "job_id", "tensor_parallel_size")
+    __slots__ = ("task_id", "model", "role", "job_id", "tensor_parallel_size", "purpose")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     TENSOR_PARALLEL_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PURPOSE_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     model: str
     role: _common_pb2.InstanceRole
     job_id: str
     tensor_parallel_size: int
-    def __init__(self, task_id: _Optional[str] = ..., model: _Optional[str] = ..., role: _Optional[_Union[_common_pb2.InstanceRole, str]] = ..., job_id: _Optional[str] = ..., tensor_parallel_size: _Optional[int] = ...) -> None: ...
+    purpose: PodPurpose
+    def __init__(self, task_id: _Optional[str] = ..., model: _Optional[str] = ..., role: _Optional[_Union[_common_pb2.InstanceRole, str]] = ..., job_id: _Optional[str] = ..., tensor_parallel_size: _Optional[int] = ..., purpose: _Optional[_Union[PodPurpose, str]] = ...) -> None: ...
 
 class AcquirePodResponse(_message.Message):
     __slots__ = ("pod", "cold_start", "instance_id", "load_seconds", "claim_seconds", "steps", "weights_source")

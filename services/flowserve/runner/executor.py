@@ -104,7 +104,7 @@ def _build_runner(
     num_blocks: int,
     block_size: int,
 ) -> ModelRunner:
-    torch.set_num_threads(threads)  # per thread on OpenMP builds: match the caller's setting
+    torch.set_num_threads(threads)  # this thread's OpenMP team
     return ModelRunner(model_dir, device, dtype, num_blocks, block_size)
 
 
@@ -119,13 +119,15 @@ class UniprocExecutor(Executor):
         block_size: int,
         device: str | torch.device | None = None,
         dtype: torch.dtype | str | None = None,
+        threads: int | None = None,
     ) -> None:
         platform = _resolve_platform(device)
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flowserve-forward")
         # The model is built on the forward thread too. On CPU every thread that runs torch
         # ops gets its own OpenMP team; a second team (left by loading the weights on the
         # caller's thread) keeps cores busy and made batch-1 decode steps ~40% slower.
-        threads = torch.get_num_threads()
+        # `threads` defaults to the caller's own setting.
+        threads = threads or torch.get_num_threads()
         self.runner = self._thread.submit(
             _build_runner, threads, model_dir, platform.device(), dtype, num_blocks, block_size
         ).result()

@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from deepserve.flowserve.cpu_threads import use_intraop_threads
+
 IGNORE_INDEX = -100
 # Model-directory files the merged model keeps from its base (tokenizer and generation defaults).
 CARRIED_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
@@ -161,6 +163,7 @@ def run_lora_training(
     """Trains, checkpoints, evaluates, merges the adapters and writes the merged model."""
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
+    use_intraop_threads()  # not the single thread a serving engine loop left process-wide
     model = load_lora_model(plan)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=plan.learning_rate, weight_decay=0.0)

@@ -5,7 +5,9 @@ per unfinished batch, which continues from the stage recorded in the job. Finish
 saved as result segments in the file store (and counted in the job) every flush interval, so
 a new leader reads them back and sends only the lines not yet answered. A cancel stops
 sending new lines; the lines in flight finish, and the batch ends `cancelled` with the
-partial results in its output and error files.
+partial results in its output and error files. When the completion window closes first, no
+new line is sent either; the batch ends `expired`, and each line never answered gets a
+`batch_expired` line in the error file.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Any, Protocol
 from deepserve.errors import DeepServeError, InvalidArgument, NotFound
 from deepserve.files import FilePurpose, FileService
 from deepserve.files.validation import iter_jsonl, validate_jsonl
-from deepserve.jobmgr.batch.line_runner import LineResult
+from deepserve.jobmgr.batch.line_runner import LineResult, expired_line
 from deepserve.jobmgr.batch.settings import BatchSettings
 from deepserve.jobmgr.batch.spec import (
     BatchJob,
@@ -146,6 +148,7 @@ class BatchController:
         done = {r["index"] for r in saved}
         todo: Iterator[int] = (i for i in range(len(lines)) if i not in done)
         cancel = self._cancel_event(job.job_id)
+        expires_at = spec.expires_at
         pending: list[LineResult] = []
         segments = progress.segments
         counts = [sum(r["ok"] for r in saved), sum(not r["ok"] for r in saved)]
@@ -156,7 +159,7 @@ class BatchController:
 
         async def worker() -> None:
             for index in todo:
-                if cancel.is_set():
+                if cancel.is_set() or (expires_at and time.time() >= expires_at):
                     return
                 pending.append(await self._runner.run(index, lines[index], spec.tenant))
 
@@ -185,6 +188,8 @@ class BatchController:
 
         workers = [asyncio.create_task(worker()) for _ in range(max(1, self._settings.concurrency))]
         running = asyncio.gather(*workers)
+        # Retrieved even when this operation is cancelled mid-run (a leader change).
+        running.add_done_callback(lambda f: f.cancelled() or f.exception())
         try:
             while not running.done():
                 await asyncio.wait([running], timeout=self._settings.flush_interval_s)
@@ -194,10 +199,19 @@ class BatchController:
             for task in workers:
                 task.cancel()
         await flush()
+        answered = sum(counts)  # saved before this run, plus this run's
+        expired = answered < len(lines) and not cancel.is_set() and bool(expires_at)
 
         def finalizing(j: JobRecord, b: BatchJob) -> None:
             b.progress.stage = BatchStage.FINALIZING
             b.progress.finalizing_at = time.time()
+            if expired and not b.progress.cancel_requested:
+                b.progress.expired_at = b.progress.finalizing_at
+                j.record_event(
+                    "Expired",
+                    f"the completion window closed with {len(lines) - answered} of "
+                    f"{len(lines)} requests not sent",
+                )
             j.status.message = "writing the output files"
 
         await self._update(job.job_id, finalizing)
@@ -206,6 +220,14 @@ class BatchController:
         assert job.batch is not None
         spec, progress = job.batch.spec, job.batch.progress
         saved = await asyncio.to_thread(self._read_segments, job.job_id, progress.segments)
+        if progress.expired_at and not progress.cancel_requested:
+            answered = {r["index"] for r in saved}
+            lines = await self._input_lines(job)
+            saved += [
+                {"index": i, "ok": False, "line": expired_line(str(line.get("custom_id", "")))}
+                for i, line in enumerate(lines)
+                if i not in answered
+            ]
         saved.sort(key=lambda r: r["index"])
         outputs = [r["line"] for r in saved if r["ok"]]
         errors = [r["line"] for r in saved if not r["ok"]]
@@ -222,6 +244,9 @@ class BatchController:
                 j.status.message = "cancelled by user"
                 b.progress.cancelled_at = now
                 j.record_event("Cancelled", f"{len(saved)} of {b.progress.total} answered")
+            elif b.progress.expired_at:
+                j.status.phase = JobPhase.EXPIRED
+                j.status.message = "the completion window closed before every request ran"
             else:
                 j.status.phase = JobPhase.SUCCEEDED
                 j.status.message = "completed"

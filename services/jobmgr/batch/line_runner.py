@@ -2,7 +2,8 @@
 
 The same path as the gateway's (chat template, tokenization, routing, Generate, the OpenAI
 response body), reusing its framework-free modules, but at the batch priority and with no
-rate limiting: a batch is admitted once, as a whole, when it is created.
+rate limiting: a batch is admitted once, as a whole, when it is created. Its tokens count in
+the tenant's usage like interactive ones.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from deepserve.gateway.tokenizer_registry import TokenizerRegistry
 from deepserve.gateway.upstream import EngineStubs, SchedulerClient
 from deepserve.jobmgr.batch.settings import BatchSettings
 from deepserve.store.etcd import EtcdStore
+from deepserve.tenancy.usage import UsageMeter
 
 RETRYABLE = (Unavailable, ResourceExhausted)
 
@@ -59,6 +61,19 @@ def result_line(
     }
 
 
+def expired_line(custom_id: str) -> dict[str, Any]:
+    """The error-file line of a request the completion window closed on (OpenAI's shape)."""
+    return {
+        "id": f"batch_req_{uuid.uuid4().hex[:24]}",
+        "custom_id": custom_id,
+        "response": None,
+        "error": {
+            "code": "batch_expired",
+            "message": "This request could not be executed before the completion window expired.",
+        },
+    }
+
+
 class BatchLineRunner:
     """Sends batch lines to the serving instances; one per jobmgr process."""
 
@@ -68,8 +83,10 @@ class BatchLineRunner:
         settings: BatchSettings,
         max_model_len: Callable[[str], int],
         tokenizers: TokenizerRegistry | None = None,
+        usage: UsageMeter | None = None,
     ) -> None:
         self._etcd = etcd
+        self._usage = usage
         self.settings = settings
         self._max_model_len = max_model_len
         self._tokenizers = tokenizers or TokenizerRegistry()
@@ -143,8 +160,12 @@ class BatchLineRunner:
         dispatcher = await self._dispatcher()
         targets = await dispatcher.route_all(job)
 
-        async def finished(_: ApiCall) -> None:
-            return None
+        async def finished(call: ApiCall) -> None:
+            usage = call.usage()
+            if self._usage is not None and usage.total_tokens:
+                await self._usage.record(
+                    tenant, body.model, usage.prompt_tokens, usage.completion_tokens
+                )
 
         async with ApiCall(job, tokenizer, dispatcher.stream(job, targets), finished) as call:
             deltas = [delta async for delta in call]

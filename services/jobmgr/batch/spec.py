@@ -8,7 +8,8 @@ from pydantic import BaseModel, Field
 
 from deepserve.errors import InvalidArgument
 
-COMPLETION_WINDOWS = frozenset({"24h"})
+# OpenAI's completion windows, in seconds.
+COMPLETION_WINDOWS = {"24h": 24 * 3600.0}
 BATCH_ENDPOINTS = frozenset({"/v1/chat/completions"})
 
 
@@ -20,6 +21,9 @@ class BatchSpec(BaseModel):
     completion_window: str = "24h"
     metadata: dict[str, str] | None = None
     tenant: str = ""
+    # When the completion window closes (unix seconds); 0: never. Lines not answered by then
+    # are not sent: they go to the error file as `batch_expired` and the batch ends expired.
+    expires_at: float = 0.0
 
     def normalized(self) -> BatchSpec:
         if not self.input_file_id:
@@ -37,6 +41,12 @@ class BatchSpec(BaseModel):
         if self.metadata is not None and len(self.metadata) > 16:
             raise InvalidArgument("at most 16 metadata pairs", field="metadata")
         return self.model_copy(deep=True)
+
+    def with_deadline(self, created_at: float) -> BatchSpec:
+        """The spec with its window's end fixed, counted from `created_at`."""
+        return self.model_copy(
+            update={"expires_at": created_at + COMPLETION_WINDOWS[self.completion_window]}
+        )
 
 
 class BatchStage(StrEnum):
@@ -69,6 +79,7 @@ class BatchProgress(BaseModel):
     failed_at: float | None = None
     cancelling_at: float | None = None
     cancelled_at: float | None = None
+    expired_at: float | None = None
 
 
 class BatchJob(BaseModel):

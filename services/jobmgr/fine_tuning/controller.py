@@ -41,7 +41,7 @@ from deepserve.jobmgr.pod_provider import PodAsk, PodProvider
 from deepserve.jobmgr.task_records import TaskRecord, TaskState
 from deepserve.jobmgr.task_store import TaskStore
 from deepserve.models.catalog import default_cache_dir, resolve_model
-from deepserve.records import ModelRecord, PodRecord, Role
+from deepserve.records import ModelRecord, PodPurpose, PodRecord, Role
 from deepserve.store.etcd import EtcdStore
 from deepserve.tokenizer import Tokenizer
 from deepserve.v1 import flowserve_pb2
@@ -196,7 +196,13 @@ class FineTuningController:
         address = self._live_pod_address(task)
         if address is None:
             grant = await self._pods.acquire(
-                PodAsk(task.task_id, job.job_id, spec.model, Role.COLOCATED)
+                PodAsk(
+                    task.task_id,
+                    job.job_id,
+                    spec.model,
+                    Role.COLOCATED,
+                    purpose=PodPurpose.TRAINING,
+                )
             )
             address = grant.address
 

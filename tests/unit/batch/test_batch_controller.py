@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -72,11 +73,11 @@ async def env(etcd_endpoint: str, tmp_path: Path) -> AsyncIterator[tuple[EtcdSto
         yield etcd, FileService(etcd, LocalFileStore(tmp_path), max_bytes=1 << 20)
 
 
-async def create(etcd: EtcdStore, files: FileService, n: int) -> str:
+async def create(etcd: EtcdStore, files: FileService, n: int, expires_at: float = 0.0) -> str:
     tenant = f"t-{uuid.uuid4().hex[:6]}"
     record = await files.upload(batch_file(n), filename="in.jsonl", purpose="batch", tenant=tenant)
     job_id = f"batch_{uuid.uuid4().hex[:12]}"
-    spec = BatchSpec(input_file_id=record.file_id, tenant=tenant)
+    spec = BatchSpec(input_file_id=record.file_id, tenant=tenant, expires_at=expires_at)
     job = JobRecord(job_id=job_id, kind=JobKind.BATCH, batch=BatchJob(spec=spec))
     await TypedPrefix(etcd, Keys.jobs_prefix(), JobRecord, Keys.job).create(job_id, job)
     return job_id
@@ -126,6 +127,51 @@ async def test_every_line_is_answered_once_and_matched_by_custom_id(env: Any) ->
         assert out["response"]["status_code"] == 200 and out["error"] is None
         assert out["response"]["body"]["choices"][0]["message"]["content"] == f"q{index}"
     assert all(e["response"]["status_code"] == 400 for e in errors)
+
+
+async def test_a_closed_window_expires_the_batch_with_the_unsent_lines_as_errors(
+    env: Any,
+) -> None:
+    etcd, files = env
+    jobs = JobStore(etcd)
+    runner = FakeRunner()
+    runner.gate, runner.hold_after = asyncio.Event(), 8
+    job_id = await create(etcd, files, 40, expires_at=time.time() + 600)
+    controller = BatchController(etcd, files, runner, SETTINGS)
+
+    def eight_saved(job: JobRecord) -> bool:
+        assert job.batch is not None
+        return job.batch.progress.completed + job.batch.progress.failed >= 8
+
+    try:
+        await drive(controller, jobs, job_id, eight_saved)
+
+        def close_window(job: JobRecord) -> JobRecord:
+            assert job.batch is not None
+            job.batch.spec.expires_at = time.time() - 1
+            return job
+
+        await jobs.update(job_id, close_window)
+        # This leader keeps its spec: a new one (after a restart) reads the closed window.
+        await controller.stop()
+        runner.gate.set()
+        sent_before = len(runner.sent)
+        controller = BatchController(etcd, files, runner, SETTINGS)
+        job = await drive(controller, jobs, job_id, lambda j: j.status.phase.terminal)
+    finally:
+        await controller.stop()
+    assert job.status.phase == JobPhase.EXPIRED and job.batch is not None
+    progress = job.batch.progress
+    assert progress.expired_at is not None
+    outputs = await results(files, progress.output_file_id)
+    errors = await results(files, progress.error_file_id)
+    assert len(outputs) + len(errors) == 40
+    expired = [e for e in errors if e["error"] and e["error"]["code"] == "batch_expired"]
+    assert len(runner.sent) == sent_before  # nothing sent after the window closed
+    assert 40 - sent_before <= len(expired) < 40
+    answered = {r["custom_id"] for r in outputs + errors}
+    assert answered == {f"bad-{i}" if i % 10 == 3 else f"req-{i}" for i in range(40)}
+    assert any(e.reason == "Expired" for e in job.events)
 
 
 async def test_cancel_stops_sending_and_keeps_partial_output(env: Any) -> None:

@@ -10,7 +10,7 @@ import pytest
 from deepserve.errors import FailedPrecondition, NotFound, Unavailable
 from deepserve.podpool.pod_view import PodView
 from deepserve.podpool.warm_pool import PodRequest, WarmPodPool
-from deepserve.records import PodState, Role
+from deepserve.records import PodPurpose, PodState, Role
 from deepserve.store.etcd import EtcdStore
 from deepserve.store.keys import Keys
 
@@ -76,6 +76,21 @@ async def test_acquire_hands_out_a_warm_pod_and_refills(make_pool) -> None:  # t
     await warm_count(pool, 1)  # refilled in the background
     assert len(backend.created) == 2
     assert (pool.warm_hits, pool.cold_starts) == (1, 0)
+
+
+async def test_a_training_claim_loads_nothing_and_registers_no_instance(make_pool) -> None:  # type: ignore[no-untyped-def]
+    pool, _, agent = await make_pool(warm_target=1)
+    await warm_count(pool, 1)
+    warm = pool.view.list(PodState.WARM)[0]
+    training = PodRequest("t1", "m", Role.COLOCATED, "j", purpose=PodPurpose.TRAINING)
+    acquired = await pool.acquire(training)
+    assert acquired.pod.pod_id == warm.pod_id
+    assert acquired.instance_id == ""
+    assert agent.loads == []  # no serving engine beside the training run
+    claimed = await pool.view.records.get(warm.pod_id)
+    assert claimed is not None
+    assert (claimed.record.state, claimed.record.task_id) == (PodState.ASSIGNED, "t1")
+    assert await pool.release(warm.pod_id) in ("returned", "ended")
 
 
 async def test_empty_pool_starts_a_pod_cold(make_pool) -> None:  # type: ignore[no-untyped-def]
