@@ -41,6 +41,7 @@ from bench.common import (
     progress,
 )
 from deepserve.config import FlowServeSettings
+from deepserve.flowserve.cpu_threads import configure_intraop_threads
 from deepserve.flowserve.engine import AsyncEngine
 from deepserve.flowserve.engine_builder import build_engine
 from deepserve.flowserve.model.config import ModelConfig
@@ -530,7 +531,7 @@ def print_report(
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.threads:
-        torch.set_num_threads(args.threads)
+        configure_intraop_threads(args.threads)
     load_start = os.getloadavg()[0]
     device = torch.device(args.device)
     plan = make_plan(args)
