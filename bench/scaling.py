@@ -88,7 +88,14 @@ class Pod:
     """A `python -m deepserve.flowserve` process on a known port."""
 
     def __init__(
-        self, st: Stores, name: str, *, model: str = "", cache: Path, fork_shm: bool = True
+        self,
+        st: Stores,
+        name: str,
+        *,
+        model: str = "",
+        cache: Path,
+        fork_shm: bool = True,
+        preload: str = "",
     ) -> None:
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
@@ -107,6 +114,8 @@ class Pod:
             "DEEPSERVE_FLOWSERVE_USE_WEIGHTS_CACHE": "false",
             # false: fork over the gRPC stream even from this host (as across hosts).
             "DEEPSERVE_FLOWSERVE_FORK_SHARED_MEMORY": "true" if fork_shm else "false",
+            # A warm pod of a pool that expects this model to scale loads its tokenizer early.
+            "DEEPSERVE_FLOWSERVE_PRELOAD_TOKENIZERS": preload,
         }
         self.log = st.root / f"{name}.log"
         with self.log.open("wb") as out:
@@ -185,8 +194,12 @@ async def part1(model: str, reps: int) -> tuple[dict[str, float], dict[str, str]
                 dtype=detect_platform(None).default_dtype,
             )  # fmt: skip
             progress("[scaling] starting warm pods")
-            warm = [Pod(st, f"warm-{i}", cache=st.root / f"cache-{i}") for i in range(3)]
-            warm.append(Pod(st, "warm-stream", cache=st.root / "cache-s", fork_shm=False))
+            warm = [
+                Pod(st, f"warm-{i}", cache=st.root / f"cache-{i}", preload=model) for i in range(3)
+            ]
+            warm.append(
+                Pod(st, "warm-stream", cache=st.root / "cache-s", fork_shm=False, preload=model)
+            )
             try:
                 for pod in warm:
                     await wait_record(etcd, Keys.pods_prefix(), pod.address)

@@ -198,6 +198,9 @@ class FlowServeSettings(ServiceSettings):
     weights_cache_dir: Path = Path("/dev/shm/deepserve-weights")
     # Look for a DRAM copy when LoadModel names no weights source.
     use_weights_cache: bool = True
+    # Models (catalog names or directories, comma-separated) whose tokenizers a warm pod loads
+    # ahead of its LoadModel; the copies in the weights cache are added to them.
+    preload_tokenizers: str = ""
     # Longest a fork (weights streamed from a running instance) may take before disk is used.
     fork_timeout_s: float = 120.0
     # A fork source on this host writes the weights into shared memory instead of streaming.

@@ -17,6 +17,7 @@ from deepserve.flowserve.model.config import ModelConfig
 from deepserve.flowserve.runner.executor import Executor, MultiprocExecutor, UniprocExecutor
 from deepserve.flowserve.runner.kv_cache_tensors import KVCacheTensors
 from deepserve.tokenizer import Tokenizer
+from deepserve.tokenizer.cache import shared_tokenizers
 
 
 def kv_blocks_for(settings: FlowServeSettings, config: ModelConfig, tp_size: int) -> int:
@@ -43,7 +44,7 @@ def build_engine(
     """Returns the started engine, its tokenizer and the context window it serves."""
     config = ModelConfig.from_model_dir(model_dir)
     config.check_tensor_parallel(tp_size)
-    tokenizer = Tokenizer.from_model_dir(model_dir)
+    tokenizer = shared_tokenizers.get(model_dir)  # preloaded by a warm pod, or loaded now
     num_blocks = kv_blocks_for(settings, config, tp_size)
     device = settings.device or None
     executor: Executor

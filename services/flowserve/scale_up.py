@@ -88,8 +88,11 @@ class ModelLoadSteps:
                 model, model_dir, tp_size, plan or WeightsPlan()
             )
             settings, kv = await self._kv_settings(model, model_dir, tp_size)
+            from deepserve.tokenizer.cache import shared_tokenizers
+
+            tokenizer = "preloaded" if shared_tokenizers.contains(weights_dir) else "loaded now"
             built = await asyncio.to_thread(build, weights_dir, settings)
-            note["detail"] = f"{how}; {kv}"
+            note["detail"] = f"{how}; {kv}; tokenizer {tokenizer}"
         self.timeline.weights_source = source
         return built
 

@@ -4,15 +4,21 @@ Everything a model load would otherwise pay first — importing the engine, mode
 transfer modules, probing the device, the allocator's first touch — happens here, before the pod
 registers as warm, so LoadModel pays only for the model itself. Collective communicators are
 model-specific (their world is the tensor-parallel size), so a tp > 1 load still starts them.
+Tokenizers are model-specific too, but cheap to hold: those of the models likely to scale (the
+pool's DRAM list, the copies in this host's weights cache) are loaded here as well.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from deepserve.config import FlowServeSettings
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,7 +45,8 @@ def process_age_s() -> float:
 
 
 def prewarm_runtime(settings: FlowServeSettings) -> RuntimeWarmth:
-    """Imports the engine and touches the device; runs in a worker thread of the shell."""
+    """Imports the engine, touches the device and loads the tokenizers of the models likely to
+    come; runs in a worker thread of the shell, before the pod registers as warm."""
     import torch
 
     import deepserve.flowserve.disagg.endpoint
@@ -51,4 +58,43 @@ def prewarm_runtime(settings: FlowServeSettings) -> RuntimeWarmth:
     device = detect_platform(settings.device or None).device()
     probe = torch.ones(16, device=device)
     (probe * 2).sum().item()  # first kernel launch and allocator use, off the load path
+    preload_tokenizers(settings)
     return RuntimeWarmth(process_age_s(), time.time(), str(device))
+
+
+def tokenizers_to_preload(settings: FlowServeSettings) -> list[Path]:
+    """Model directories whose tokenizers a warm pod loads ahead: the configured models (those
+    likely to scale) and the DRAM copies on this host."""
+    from deepserve.models.catalog import default_cache_dir, resolve_model
+    from deepserve.scaling.weights_cache import WeightsCacheLayout
+
+    dirs: list[Path] = []
+    for name in filter(None, (m.strip() for m in settings.preload_tokenizers.split(","))):
+        try:
+            dirs.append(Path(resolve_model(name, settings.model_cache_dir or default_cache_dir())))
+        except Exception as exc:  # a hint only: a model that is not here is skipped
+            log.warning("not preloading the tokenizer of %s: %s", name, exc)
+    if settings.use_weights_cache:
+        dirs.extend(
+            entry.path for entry in WeightsCacheLayout(settings.weights_cache_dir).entries()
+        )
+    return list(dict.fromkeys(dirs))
+
+
+def preload_tokenizers(settings: FlowServeSettings) -> list[Path]:
+    """Loads the tokenizers `tokenizers_to_preload` names into the process-wide cache."""
+    from deepserve.tokenizer.cache import shared_tokenizers
+
+    started = time.monotonic()
+    loaded = shared_tokenizers.preload(tokenizers_to_preload(settings))
+    if loaded:
+        log.info(
+            "tokenizers preloaded",
+            extra={
+                "fields": {
+                    "models": [p.name for p in loaded],
+                    "seconds": round(time.monotonic() - started, 3),
+                }
+            },
+        )
+    return loaded

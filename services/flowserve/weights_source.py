@@ -18,6 +18,7 @@ it in a subprocess so that its own process never holds weights).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import mmap
@@ -205,6 +206,20 @@ def write_rank_file(path: Path, named: dict[str, torch.Tensor]) -> int:
     return total
 
 
+# madvise(MADV_POPULATE_READ), Linux 5.14+: fills the page tables of a mapping in one call
+# without writing (a copy-on-write mapping stays shared). Python 3.11 lacks the name.
+_MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)
+
+
+def _populate(mapped: mmap.mmap) -> None:
+    """Maps every page now: one bulk call (~30 ms for 538 MB) instead of ~130k first-touch
+    faults during the warm-up forward (~45 ms). Best effort: older kernels refuse it."""
+    if sys.platform != "linux":
+        return
+    with contextlib.suppress(OSError, ValueError):
+        mapped.madvise(_MADV_POPULATE_READ)
+
+
 def map_rank_file(path: Path) -> dict[str, torch.Tensor]:
     """The file's tensors as views of one copy-on-write mapping (no bytes are copied)."""
     with path.open("rb") as f:
@@ -214,6 +229,7 @@ def map_rank_file(path: Path) -> dict[str, torch.Tensor]:
         header = json.loads(f.read(header_len))
         data_start = _align(len(MAGIC) + 8 + header_len)
         mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    _populate(mapped)
     named: dict[str, torch.Tensor] = {}
     for item in header["tensors"]:
         dtype = dtype_from_name(item["dtype"])

@@ -55,6 +55,9 @@ class LocalProcessBackend:
             env["DEEPSERVE_FLOWSERVE_USE_WEIGHTS_CACHE"] = "false"
         if common.telemetry_dir is not None:
             env["DEEPSERVE_TELEMETRY_DIR"] = str(common.telemetry_dir)
+        if self._settings.dram_models:
+            # Models likely to scale: their pods load the tokenizer before being asked.
+            env["DEEPSERVE_FLOWSERVE_PRELOAD_TOKENIZERS"] = self._settings.dram_models
         return env
 
     def check_model(self, model: str) -> None:

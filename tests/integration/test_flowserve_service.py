@@ -48,6 +48,8 @@ def pod(
         "DEEPSERVE_FLOWSERVE_MAX_QUEUE_LEN": str(MAX_QUEUE),
         "DEEPSERVE_FLOWSERVE_MAX_NUM_SEQS": "2",
         "DEEPSERVE_FLOWSERVE_KV_CACHE_BLOCKS": "64",
+        # The warm pod loads this model's tokenizer before it is asked to serve it.
+        "DEEPSERVE_FLOWSERVE_PRELOAD_TOKENIZERS": str(tiny_model),
     }
     with log.open("wb") as out:
         proc = subprocess.Popen(
@@ -100,6 +102,8 @@ async def test_warm_pod_rejects_generate_until_loaded(pod: str, tiny_model: Path
             )
         )
         assert loaded.instance_id
+        weights_step = [s for s in loaded.steps if s.step == "weights_loaded"]
+        assert weights_step and "tokenizer preloaded" in weights_step[0].detail, loaded.steps
         stats = await stub.GetStats(flowserve_pb2.GetStatsRequest())
         assert stats.ready and stats.model == str(tiny_model)
 
