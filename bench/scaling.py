@@ -246,7 +246,6 @@ async def part1(model: str, reps: int) -> tuple[dict[str, float], dict[str, str]
 def cluster(run_dir: Path, warm_pods: int, pinned: str, cache: Path) -> Iterator[ClusterLayout]:
     env = {
         **os.environ,
-        "DEEPSERVE_PODPOOL_POD_START": "zygote",
         "DEEPSERVE_PODPOOL_MAX_PODS": str(warm_pods + 4),
         "DEEPSERVE_PODPOOL_DRAM_MODELS": pinned,
         "DEEPSERVE_PODPOOL_WEIGHTS_CACHE_DIR": str(cache),
@@ -257,7 +256,8 @@ def cluster(run_dir: Path, warm_pods: int, pinned: str, cache: Path) -> Iterator
         "DEEPSERVE_LOG_LEVEL": "WARNING",
     }
     argv = [sys.executable, "-m", "deepserve.cli", "up", "--free-ports", "--run-dir", str(run_dir),
-            "--model", "none", "--warm-pods", str(warm_pods), "--lease-ttl", "5"]  # fmt: skip
+            "--model", "none", "--warm-pods", str(warm_pods), "--lease-ttl", "5",
+            "--pod-start", "zygote"]  # fmt: skip
     out = (
         (run_dir / "up.out").open("wb")
         if run_dir.mkdir(parents=True, exist_ok=True) is None

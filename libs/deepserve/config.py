@@ -167,6 +167,11 @@ class PodPoolSettings(ServiceSettings):
     # How pods start: "process" (a new Python process each) or "zygote" (forked from one
     # process that imported the runtime once: faster, and pods share its memory pages).
     pod_start: str = "process"
+    # GOMP_SPINCOUNT for the pods (0: OpenMP's default, 300k). Many pods on few cores (a burst)
+    # spent their time spinning at OpenMP barriers while their partner thread waited for a core:
+    # 16 DRAM-path loads took 8 s with the default and 2.6 s with 20k, and a lone pod's decode
+    # step did not get slower. A GOMP_SPINCOUNT or OMP_WAIT_POLICY in the environment wins.
+    pod_openmp_spin_count: int = 20000
 
 
 class FlowServeSettings(ServiceSettings):

@@ -69,6 +69,10 @@ class ScalerMemory:
     last_up_at: float = float("-inf")
     last_change_at: float = float("-inf")
     idle_since: float | None = None
+    # The replica count of the last pass (None: not seen yet). A count that changed without the
+    # autoscaler (an operator's ScaleJob, a new deployment, a new leader) restarts the
+    # scale-down cooldown, so a manual scale-up is not undone on the next pass.
+    replicas_seen: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +122,11 @@ def decide(
     if not policy.enabled:
         return None
     lower, upper = spec.min_replicas, max(spec.max_replicas, spec.min_replicas)
+    if memory.replicas_seen != current:
+        memory.last_change_at = signals.now
+        if memory.replicas_seen is not None and current > memory.replicas_seen:
+            memory.last_up_at = signals.now
+        memory.replicas_seen = current
     if signals.busy:
         memory.idle_since = None
     elif memory.idle_since is None:
@@ -150,5 +159,6 @@ def decide(
 def applied(memory: ScalerMemory, before: int, after: int, now: float) -> None:
     """Remembers a change the autoscaler made (for its cooldowns)."""
     memory.last_change_at = now
+    memory.replicas_seen = after
     if after > before:
         memory.last_up_at = now

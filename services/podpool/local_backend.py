@@ -19,6 +19,15 @@ from deepserve.records import PodRecord
 log = logging.getLogger(__name__)
 
 
+def openmp_env(settings: PodPoolSettings) -> dict[str, str]:
+    """OpenMP settings for a pod's environment (read once, when torch loads libgomp)."""
+    if settings.pod_openmp_spin_count <= 0 or {"GOMP_SPINCOUNT", "OMP_WAIT_POLICY"} & set(
+        os.environ
+    ):
+        return {}
+    return {"GOMP_SPINCOUNT": str(settings.pod_openmp_spin_count)}
+
+
 class LocalProcessBackend:
     """Starts pods as child processes (own process group, log file per pod) and ends them."""
 
@@ -55,6 +64,7 @@ class LocalProcessBackend:
             env["DEEPSERVE_FLOWSERVE_USE_WEIGHTS_CACHE"] = "false"
         if common.telemetry_dir is not None:
             env["DEEPSERVE_TELEMETRY_DIR"] = str(common.telemetry_dir)
+        env.update(openmp_env(self._settings))
         if self._settings.dram_models:
             # Models likely to scale: their pods load the tokenizer before being asked.
             env["DEEPSERVE_FLOWSERVE_PRELOAD_TOKENIZERS"] = self._settings.dram_models

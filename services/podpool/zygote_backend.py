@@ -17,7 +17,7 @@ import time
 
 from deepserve.config import PodPoolSettings
 from deepserve.errors import Unavailable
-from deepserve.podpool.local_backend import LocalProcessBackend
+from deepserve.podpool.local_backend import LocalProcessBackend, openmp_env
 from deepserve.records import PodRecord
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,8 @@ class ZygoteBackend(LocalProcessBackend):
     async def _ensure_zygote(self) -> asyncio.subprocess.Process:
         if self._zygote is not None and self._zygote.returncode is None:
             return self._zygote
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        # The zygote loads libgomp (with torch) for all its children: its settings go here.
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **openmp_env(self._settings)}
         self._log_dir.mkdir(parents=True, exist_ok=True)
         stderr = (self._log_dir / "zygote.log").open("ab")
         proc = await asyncio.create_subprocess_exec(

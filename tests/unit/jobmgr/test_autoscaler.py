@@ -69,7 +69,21 @@ def test_full_kv_cache_and_slo_misses_each_add_an_instance() -> None:
     missed = decide(s, 2, slow, ScalerMemory())
     assert missed is not None and missed.replicas == 3 and "SLO" in missed.reason
     tolerated = Signals(now=100, groups={C: GroupLoad(2, requests=1)}, ttft_miss=0.05)
-    assert decide(s, 2, tolerated, ScalerMemory()).replicas == 1  # load alone: one is enough
+    settled = ScalerMemory(replicas_seen=2)  # at 2 replicas since long before
+    assert decide(s, 2, tolerated, settled).replicas == 1  # load alone: one is enough
+
+
+def test_a_count_the_autoscaler_did_not_set_restarts_the_down_cooldown() -> None:
+    s = spec(scale_down_cooldown_s=30)
+    memory = ScalerMemory()
+    quiet = GroupLoad(2, requests=1)
+    # First sight of the deployment (new, or a new leader): no scale-down for one cooldown.
+    assert decide(s, 2, load(now=100.0, colocated=quiet), memory) is None
+    # An operator scales 2 -> 6: held for a cooldown from then, not undone at once.
+    assert decide(s, 6, load(now=125.0, colocated=quiet), memory) is None
+    assert decide(s, 6, load(now=150.0, colocated=quiet), memory) is None
+    down = decide(s, 6, load(now=156.0, colocated=quiet), memory)
+    assert down == Decision(1, "scale down: colocated: 1 requests")
 
 
 def test_cooldowns_hold_back_repeated_ups_and_early_downs() -> None:
