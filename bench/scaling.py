@@ -243,10 +243,13 @@ async def part1(model: str, reps: int) -> tuple[dict[str, float], dict[str, str]
 
 
 @contextlib.contextmanager
-def cluster(run_dir: Path, warm_pods: int, pinned: str, cache: Path) -> Iterator[ClusterLayout]:
+def cluster(
+    run_dir: Path, warm_pods: int, pinned: str, cache: Path, pod_threads: int = 0
+) -> Iterator[ClusterLayout]:
     env = {
         **os.environ,
         "DEEPSERVE_PODPOOL_MAX_PODS": str(warm_pods + 4),
+        "DEEPSERVE_PODPOOL_POD_THREADS": str(pod_threads),
         "DEEPSERVE_PODPOOL_DRAM_MODELS": pinned,
         "DEEPSERVE_PODPOOL_WEIGHTS_CACHE_DIR": str(cache),
         "DEEPSERVE_FLOWSERVE_KV_CACHE_BLOCKS": KV_BLOCKS,
@@ -382,6 +385,10 @@ def main() -> None:
                         "tiny random Llama (default: --model)")  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="1 rep, burst of 16")
     parser.add_argument("--skip-burst", action="store_true")
+    parser.add_argument(
+        "--burst-pod-threads", type=int, default=1,
+        help="CPU threads per pod in the burst (64 pods share this host's cores); 0: all cores",
+    )  # fmt: skip
     args = parser.parse_args()
     if args.quick:
         args.reps, args.burst = 1, min(args.burst, 16)
@@ -409,7 +416,9 @@ def main() -> None:
             from tests.tiny_model import make_tiny_llama
 
             burst_model = str(make_tiny_llama(work / "tiny-llama"))
-        with cluster(work / "run", args.burst, burst_model, cache) as layout:
+        with cluster(
+            work / "run", args.burst, burst_model, cache, args.burst_pod_threads
+        ) as layout:
             progress(f"[scaling] waiting for {args.burst} warm pods and the DRAM copy")
             t = time.monotonic()
             asyncio.run(wait_pool(layout, args.burst))
@@ -419,7 +428,11 @@ def main() -> None:
         shutil.rmtree(cache, ignore_errors=True)
         shutil.rmtree(work, ignore_errors=True)
     name = "tiny random Llama" if args.burst_model == "tiny" else burst_model
-    print(f"\n## Burst 0 -> {args.burst} instances ({name}, pods forked from the zygote)\n")
+    threads = args.burst_pod_threads or "all cores"
+    print(
+        f"\n## Burst 0 -> {args.burst} instances ({name}, pods forked from the zygote, "
+        f"{threads} thread(s) per pod, {os.cpu_count()} cores)\n"
+    )
     print(markdown_table(["figure", "value"], [
         [f"{args.burst} warm pods + DRAM copy ready (s, from `up`)", pool_s],
         ["first instance served (s)", result["first_served_s"]],

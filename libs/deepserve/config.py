@@ -172,6 +172,12 @@ class PodPoolSettings(ServiceSettings):
     # 16 DRAM-path loads took 8 s with the default and 2.6 s with 20k, and a lone pod's decode
     # step did not get slower. A GOMP_SPINCOUNT or OMP_WAIT_POLICY in the environment wins.
     pod_openmp_spin_count: int = 20000
+    # CPU threads per pod (0: one per core). Pods packed many to a core (a burst of 64 on a
+    # small host) run better with 1 each: no OpenMP team waits on a descheduled partner.
+    pod_threads: int = 0
+    # Model loads (LoadModel on a claimed pod) run at once on this host; the rest queue (0: no
+    # bound). Loads share the host's cores: a bound brings the first instances up sooner.
+    max_concurrent_loads: int = 0
 
 
 class FlowServeSettings(ServiceSettings):
@@ -185,6 +191,8 @@ class FlowServeSettings(ServiceSettings):
     role: str = "colocated"
     # npu, cuda or cpu; empty picks the best available.
     device: str = ""
+    # CPU threads of the forward pass and of training (0: torch's default, one per core).
+    threads: int = 0
     model_cache_dir: Path | None = None
     tensor_parallel_size: int = 1
     # KV blocks on the device; 0 sizes the cache from kv_cache_memory_mb.

@@ -55,6 +55,10 @@ def prewarm_runtime(settings: FlowServeSettings) -> RuntimeWarmth:
     import deepserve.flowserve.scale_up  # noqa: F401
     from deepserve.flowserve.device import detect_platform
 
+    if settings.threads > 0:
+        from deepserve.flowserve.cpu_threads import configure_intraop_threads
+
+        configure_intraop_threads(settings.threads)
     device = detect_platform(settings.device or None).device()
     probe = torch.ones(16, device=device)
     (probe * 2).sum().item()  # first kernel launch and allocator use, off the load path

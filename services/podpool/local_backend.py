@@ -65,6 +65,8 @@ class LocalProcessBackend:
         if common.telemetry_dir is not None:
             env["DEEPSERVE_TELEMETRY_DIR"] = str(common.telemetry_dir)
         env.update(openmp_env(self._settings))
+        if self._settings.pod_threads > 0:
+            env["DEEPSERVE_FLOWSERVE_THREADS"] = str(self._settings.pod_threads)
         if self._settings.dram_models:
             # Models likely to scale: their pods load the tokenizer before being asked.
             env["DEEPSERVE_FLOWSERVE_PRELOAD_TOKENIZERS"] = self._settings.dram_models

@@ -79,6 +79,7 @@ async def serve(settings: PodPoolSettings) -> None:
             max_pods=settings.max_pods,
             start_timeout_s=settings.pod_start_timeout_s,
             planner=planner,
+            max_concurrent_loads=settings.max_concurrent_loads,
         )
         pool.start()
         servicer = PodPoolServicer(view, pool)

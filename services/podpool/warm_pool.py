@@ -100,6 +100,7 @@ class WarmPodPool:
         max_pods: int = 64,
         start_timeout_s: float = 120.0,
         planner: WeightsPlanner | None = None,
+        max_concurrent_loads: int = 0,
     ) -> None:
         self.view = view
         # Picks each load's weights source (DRAM copy, fork, disk); None lets the pod pick.
@@ -117,6 +118,11 @@ class WarmPodPool:
         self._reserved: set[str] = set()
         self._wake = asyncio.Event()
         self._refill_task: asyncio.Task[None] | None = None
+        self._load_slots = (
+            asyncio.Semaphore(max_concurrent_loads)
+            if max_concurrent_loads > 0
+            else contextlib.nullcontext()
+        )
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -167,7 +173,7 @@ class WarmPodPool:
             timeline = scale_up_timeline(ScaleTimeline(), pod.pod_id, cold, claim_seconds)
             return AcquiredPod(current, cold, "", 0.0, claim_seconds, timeline)
         try:
-            async with self._weights_plan(pod, request) as plan:
+            async with self._load_slots, self._weights_plan(pod, request) as plan:
                 result = await self.agent.load(
                     pod.address,
                     model=request.model,

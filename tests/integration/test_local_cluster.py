@@ -172,10 +172,13 @@ async def test_pod_and_instance_vanish_within_lease_ttl_after_sigkill(
     view = await wait_until(lambda: _scheduler_has(cluster, instance_id, present=True), 10)
     assert view.instances_added == before.instances_added + 1
 
-    # The gateway lists the model while an instance serves it.
-    body = await asyncio.to_thread(_get, f"{cluster.layout.gateway_url}/v1/models")
-    listed = [m["id"] for m in json.loads(body)["data"]]
-    assert str(tiny_model) in listed
+    # The gateway lists the model while an instance serves it (once its own watch has the
+    # instance: the scheduler's having it says nothing about the gateway's).
+    async def listed() -> bool:
+        body = await asyncio.to_thread(_get, f"{cluster.layout.gateway_url}/v1/models")
+        return str(tiny_model) in [m["id"] for m in json.loads(body)["data"]]
+
+    await wait_until(listed, 10)
 
     os.kill(pod.pid, signal.SIGKILL)
     killed_at = time.monotonic()
