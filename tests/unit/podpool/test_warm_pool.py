@@ -93,6 +93,28 @@ async def test_a_training_claim_loads_nothing_and_registers_no_instance(make_poo
     assert await pool.release(warm.pod_id) in ("returned", "ended")
 
 
+async def test_concurrent_loads_are_bounded_by_max_concurrent_loads(make_pool) -> None:  # type: ignore[no-untyped-def]
+    pool, _, agent = await make_pool(warm_target=4, max_concurrent_loads=2)
+    await warm_count(pool, 4)
+    running, most = 0, 0
+    load = agent.load
+
+    async def slow_load(*args: object, **kw: object):  # type: ignore[no-untyped-def]
+        nonlocal running, most
+        running += 1
+        most = max(most, running)
+        try:
+            await asyncio.sleep(0.1)
+            return await load(*args, **kw)
+        finally:
+            running -= 1
+
+    agent.load = slow_load
+    got = await asyncio.gather(*(pool.acquire(ask(f"t{i}")) for i in range(4)))
+    assert len({a.pod.pod_id for a in got}) == 4
+    assert most == 2
+
+
 async def test_empty_pool_starts_a_pod_cold(make_pool) -> None:  # type: ignore[no-untyped-def]
     pool, backend, _ = await make_pool(warm_target=0)
     acquired = await pool.acquire(ask("t1"))
