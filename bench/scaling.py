@@ -323,16 +323,30 @@ async def burst(layout: ClusterLayout, model: str, n: int) -> dict[str, float | 
             served[instance_id] = time.monotonic() - started
 
         seen: set[str] = set()
-        while len(served) < n and time.monotonic() - started < 300:
-            kvs, _ = await etcd.list(Keys.instances_prefix())
+
+        def on_instance(value: bytes) -> None:
+            record = json.loads(value)
+            if record.get("job_id") == "burst" and record["instance_id"] not in seen:
+                seen.add(record["instance_id"])
+                pending.add(
+                    asyncio.create_task(serve_one(record["instance_id"], record["address"]))
+                )
+
+        async def follow() -> None:
+            # A watch, not polling: the harness should not spend the cores the burst needs.
+            kvs, revision = await etcd.list(Keys.instances_prefix())
             for kv in kvs:
-                record = json.loads(kv.value)
-                if record.get("job_id") == "burst" and record["instance_id"] not in seen:
-                    seen.add(record["instance_id"])
-                    pending.add(
-                        asyncio.create_task(serve_one(record["instance_id"], record["address"]))
-                    )
-            await asyncio.sleep(0.01)
+                on_instance(kv.value)
+            async for event in etcd.watch_prefix(
+                Keys.instances_prefix(), start_revision=revision + 1
+            ):
+                if event.kind == "put":
+                    on_instance(event.value)
+                if len(seen) >= n:
+                    return
+
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(follow(), timeout=300)
         await asyncio.gather(*pending)
         if len(served) < n:
             raise TimeoutError(f"only {len(served)} of {n} instances served within 300s")
