@@ -62,7 +62,10 @@ def prewarm_runtime(settings: FlowServeSettings) -> RuntimeWarmth:
     device = detect_platform(settings.device or None).device()
     probe = torch.ones(16, device=device)
     (probe * 2).sum().item()  # first kernel launch and allocator use, off the load path
-    preload_tokenizers(settings)
+    try:
+        preload_tokenizers(settings)
+    except Exception:  # a preload is an optimisation: it never keeps a pod from starting
+        log.exception("preloading tokenizers failed")
     return RuntimeWarmth(process_age_s(), time.time(), str(device))
 
 
