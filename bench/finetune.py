@@ -39,7 +39,12 @@ import torch
 
 from bench.common import markdown_table, progress
 from deepserve.files import LocalFileStore
-from deepserve.flowserve.training.lora_trainer import TrainingPlan, batches, collate
+from deepserve.flowserve.training.lora_trainer import (
+    TrainingPlan,
+    batches,
+    collate,
+    load_lora_model,
+)
 from deepserve.flowserve.training.training_service import _pad_id as pad_token_id
 from deepserve.jobmgr.fine_tuning.preprocess import build_dataset
 from deepserve.jobmgr.fine_tuning.spec import BASE_LEARNING_RATE, FineTuningSpec
@@ -137,20 +142,8 @@ def platform_run(
 
 
 def direct_run(plan: TrainingPlan, pad_id: int) -> dict[str, Any]:
-    """The same LoRA loop with transformers + peft, in this process."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import LlamaForCausalLM
-
-    torch.manual_seed(plan.seed)
-    base = LlamaForCausalLM.from_pretrained(plan.base_dir, dtype=torch.float32)
-    config = LoraConfig(
-        r=plan.lora_rank,
-        lora_alpha=plan.lora_alpha,
-        lora_dropout=0.0,
-        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
-        task_type="CAUSAL_LM",
-    )
-    model = get_peft_model(base, config)
+    """The same LoRA loop with transformers + peft, in this process (the job's model loader)."""
+    model = load_lora_model(plan)
     model.train()
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad], lr=plan.learning_rate, weight_decay=0.0

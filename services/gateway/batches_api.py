@@ -17,6 +17,7 @@ from pydantic import BaseModel
 from deepserve.errors import FailedPrecondition, InvalidArgument, NotFound
 from deepserve.files import FilePurpose, FileService
 from deepserve.gateway.auth import Caller
+from deepserve.gateway.list_page import list_page
 from deepserve.jobmgr.batch.spec import BatchJob, BatchSpec, BatchStage
 from deepserve.jobmgr.job_records import JobKind, JobPhase, JobRecord
 from deepserve.jobmgr.job_store import JobStore
@@ -86,21 +87,6 @@ def batch_json(job: JobRecord) -> dict[str, Any]:
     }
 
 
-def _page(items: list[dict[str, Any]], after: str | None, limit: int) -> dict[str, Any]:
-    if after:
-        ids = [i["id"] for i in items]
-        items = items[ids.index(after) + 1 :] if after in ids else []
-    limit = max(1, min(limit, 100))
-    page = items[:limit]
-    return {
-        "object": "list",
-        "data": page,
-        "first_id": page[0]["id"] if page else None,
-        "last_id": page[-1]["id"] if page else None,
-        "has_more": len(items) > limit,
-    }
-
-
 def batches_router(etcd: EtcdStore, files: FileService, caller: CallerDependency) -> APIRouter:
     """The /v1/batches routes."""
     router = APIRouter()
@@ -156,7 +142,7 @@ def batches_router(etcd: EtcdStore, files: FileService, caller: CallerDependency
             if j.record.batch is not None and j.record.batch.spec.tenant == who.tenant
         ]
         mine.sort(key=lambda j: (j.created_at, j.job_id), reverse=True)
-        return _page([batch_json(j) for j in mine], after, limit)
+        return list_page([batch_json(j) for j in mine], after, limit, with_ids=True)
 
     @router.get("/v1/batches/{batch_id}")
     async def retrieve_batch(batch_id: str, who: Caller = Depends(caller)) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from pydantic import BaseModel, Field
 from deepserve.errors import InvalidArgument, NotFound
 from deepserve.files import FilePurpose, FileService
 from deepserve.gateway.auth import Caller
+from deepserve.gateway.list_page import list_page
 from deepserve.jobmgr.fine_tuning.spec import FineTuningJob, FineTuningSpec, Hyperparameters, Stage
 from deepserve.jobmgr.job_records import JobKind, JobPhase, JobRecord
 from deepserve.jobmgr.job_store import JobStore
@@ -159,14 +160,6 @@ def checkpoints_json(job: JobRecord) -> list[dict[str, Any]]:
     ]
 
 
-def _page(items: list[dict[str, Any]], after: str | None, limit: int) -> dict[str, Any]:
-    if after:
-        ids = [i["id"] for i in items]
-        items = items[ids.index(after) + 1 :] if after in ids else []
-    limit = max(1, min(limit, 100))
-    return {"object": "list", "data": items[:limit], "has_more": len(items) > limit}
-
-
 def fine_tuning_router(etcd: EtcdStore, files: FileService, caller: CallerDependency) -> APIRouter:
     """The /v1/fine_tuning/jobs routes."""
     router = APIRouter()
@@ -236,7 +229,7 @@ def fine_tuning_router(etcd: EtcdStore, files: FileService, caller: CallerDepend
             if j.record.fine_tuning is not None and j.record.fine_tuning.spec.tenant == who.tenant
         ]
         mine.sort(key=lambda j: j.created_at, reverse=True)
-        return _page([job_json(j) for j in mine], after, limit)
+        return list_page([job_json(j) for j in mine], after, limit)
 
     @router.get("/v1/fine_tuning/jobs/{job_id}")
     async def retrieve_job(job_id: str, who: Caller = Depends(caller)) -> dict[str, Any]:
@@ -251,12 +244,12 @@ def fine_tuning_router(etcd: EtcdStore, files: FileService, caller: CallerDepend
     async def list_events(
         job_id: str, after: str | None = None, limit: int = 20, who: Caller = Depends(caller)
     ) -> dict[str, Any]:
-        return _page(events_json(await owned(job_id, who)), after, limit)
+        return list_page(events_json(await owned(job_id, who)), after, limit)
 
     @router.get("/v1/fine_tuning/jobs/{job_id}/checkpoints")
     async def list_checkpoints(
         job_id: str, after: str | None = None, limit: int = 10, who: Caller = Depends(caller)
     ) -> dict[str, Any]:
-        return _page(checkpoints_json(await owned(job_id, who)), after, limit)
+        return list_page(checkpoints_json(await owned(job_id, who)), after, limit)
 
     return router
