@@ -250,6 +250,8 @@ def cluster(
         **os.environ,
         "DEEPSERVE_PODPOOL_MAX_PODS": str(warm_pods + 4),
         "DEEPSERVE_PODPOOL_POD_THREADS": str(pod_threads),
+        # Pods packed many to a core: OpenMP teams (pod threads > 1) must not spin at barriers.
+        "DEEPSERVE_PODPOOL_POD_OPENMP_SPIN_COUNT": "20000",
         "DEEPSERVE_PODPOOL_DRAM_MODELS": pinned,
         "DEEPSERVE_PODPOOL_WEIGHTS_CACHE_DIR": str(cache),
         "DEEPSERVE_FLOWSERVE_KV_CACHE_BLOCKS": KV_BLOCKS,

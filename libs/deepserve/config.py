@@ -167,11 +167,13 @@ class PodPoolSettings(ServiceSettings):
     # How pods start: "process" (a new Python process each) or "zygote" (forked from one
     # process that imported the runtime once: faster, and pods share its memory pages).
     pod_start: str = "process"
-    # GOMP_SPINCOUNT for the pods (0: OpenMP's default, 300k). Many pods on few cores (a burst)
-    # spent their time spinning at OpenMP barriers while their partner thread waited for a core:
-    # 16 DRAM-path loads took 8 s with the default and 2.6 s with 20k, and a lone pod's decode
-    # step did not get slower. A GOMP_SPINCOUNT or OMP_WAIT_POLICY in the environment wins.
-    pod_openmp_spin_count: int = 20000
+    # GOMP_SPINCOUNT for the pods (0: leave OpenMP's default, 300k). A short spin helps only
+    # where pods with several threads each are packed beyond the cores: 16 concurrent DRAM-path
+    # loads of 2-thread pods on 2 cores took 8 s with the default and 2.6 s with 20k. It costs a
+    # pod that has its cores: a training job ran 5-9% slower with 20k (bench/finetune.py). With
+    # one thread per pod (pod_threads=1, how packed bursts run best) OpenMP never spins. A
+    # GOMP_SPINCOUNT or OMP_WAIT_POLICY in the environment wins.
+    pod_openmp_spin_count: int = 0
     # CPU threads per pod (0: one per core). Pods packed many to a core (a burst of 64 on a
     # small host) run better with 1 each: no OpenMP team waits on a descheduled partner.
     pod_threads: int = 0

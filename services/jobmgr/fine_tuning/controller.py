@@ -375,7 +375,7 @@ def _apply(job: JobRecord, ft: FineTuningJob, reply: flowserve_pb2.RunTrainingRe
         progress.step, progress.total_steps = s.step, s.total_steps
         progress.trained_tokens = s.trained_tokens
         progress.first_step_at = progress.first_step_at or time.time()
-        progress.add_metric(StepMetric(step=s.step, train_loss=s.train_loss))
+        progress.add_metric(StepMetric(step=s.step, train_loss=s.train_loss, seconds=s.seconds))
         job.record_event(
             "TrainingStep", f"Step {s.step}/{s.total_steps}: training loss={s.train_loss:.4f}"
         )

@@ -86,6 +86,8 @@ class StepMetric(BaseModel):
     step: int
     train_loss: float
     at: float = Field(default_factory=time.time)
+    # The step's compute time as the pod measured it (batch to optimizer step, no reporting).
+    seconds: float = 0.0
 
 
 class Checkpoint(BaseModel):

@@ -14,22 +14,29 @@ def test_pod_env_carries_threads_spin_count_and_preloads(
 ) -> None:
     monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
-    settings = PodPoolSettings(pod_threads=1, dram_models="smollm2-135m", pod_log_dir=tmp_path)  # type: ignore[call-arg]
+    settings = PodPoolSettings(  # type: ignore[call-arg]
+        pod_threads=2,
+        pod_openmp_spin_count=20000,
+        dram_models="smollm2-135m",
+        pod_log_dir=tmp_path,
+    )
     env = LocalProcessBackend(settings).pod_env("pod-a")
     assert env["GOMP_SPINCOUNT"] == "20000"
-    assert env["DEEPSERVE_FLOWSERVE_THREADS"] == "1"
+    assert env["DEEPSERVE_FLOWSERVE_THREADS"] == "2"
     assert env["DEEPSERVE_FLOWSERVE_PRELOAD_TOKENIZERS"] == "smollm2-135m"
     defaults = LocalProcessBackend(PodPoolSettings(pod_log_dir=tmp_path)).pod_env("pod-b")  # type: ignore[call-arg]
     assert "DEEPSERVE_FLOWSERVE_THREADS" not in defaults
     assert "DEEPSERVE_FLOWSERVE_PRELOAD_TOKENIZERS" not in defaults
+    assert "GOMP_SPINCOUNT" not in defaults  # a pod with its cores trains faster spinning
 
 
 def test_an_operators_openmp_setting_is_left_alone(
     monkeypatch: pytest.MonkeyPatch, tmp_path: object
 ) -> None:
     monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
-    env = LocalProcessBackend(PodPoolSettings(pod_log_dir=tmp_path)).pod_env("pod-a")  # type: ignore[call-arg]
+    spin = PodPoolSettings(pod_openmp_spin_count=20000, pod_log_dir=tmp_path)  # type: ignore[call-arg]
+    env = LocalProcessBackend(spin).pod_env("pod-a")
     assert env["OMP_WAIT_POLICY"] == "PASSIVE" and "GOMP_SPINCOUNT" not in env
+    monkeypatch.setenv("GOMP_SPINCOUNT", "1000")
     monkeypatch.delenv("OMP_WAIT_POLICY")
-    off = PodPoolSettings(pod_openmp_spin_count=0, pod_log_dir=tmp_path)  # type: ignore[call-arg]
-    assert "GOMP_SPINCOUNT" not in LocalProcessBackend(off).pod_env("pod-b")
+    assert LocalProcessBackend(spin).pod_env("pod-b")["GOMP_SPINCOUNT"] == "1000"
