@@ -379,6 +379,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--hf-batch-sizes", default=None, help="comma-separated, e.g. 16,64")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (FlowServe and transformers)")
+    parser.add_argument(
+        "--dtype", default="", help="float32 or bfloat16, both systems (default: the device's)"
+    )
     parser.add_argument("--max-num-batched-tokens", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-transformers", action="store_true")
@@ -540,7 +543,9 @@ def main(argv: list[str] | None = None) -> None:
     workload = make_workload(
         plan.num_requests, plan.prompt_range, plan.output_range, config.vocab_size, args.seed
     )
-    settings = FlowServeSettings(device=args.device, max_num_seqs=max(64, plan.num_requests))
+    settings = FlowServeSettings(
+        device=args.device, dtype=args.dtype, max_num_seqs=max(64, plan.num_requests)
+    )
     if args.max_num_batched_tokens:
         settings.max_num_batched_tokens = args.max_num_batched_tokens
     # Room for every request at once, plus the warm-up and decode probes: no preemption.

@@ -193,6 +193,9 @@ class FlowServeSettings(ServiceSettings):
     role: str = "colocated"
     # npu, cuda or cpu; empty picks the best available.
     device: str = ""
+    # Weights, activations and KV cache: float32, bfloat16 or float16; empty: the device's
+    # default (float32 on CPU, where bfloat16 pays off only with AMX or avx512_bf16).
+    dtype: str = ""
     # CPU threads of the forward pass and of training (0: torch's default, one per core).
     threads: int = 0
     model_cache_dir: Path | None = None

@@ -6,6 +6,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
+
 from deepserve.config import FlowServeSettings
 from deepserve.flowserve.cpu_threads import intraop_threads
 from deepserve.flowserve.device import detect_platform, parse_dtype
@@ -20,11 +22,15 @@ from deepserve.tokenizer import Tokenizer
 from deepserve.tokenizer.cache import shared_tokenizers
 
 
+def engine_dtype(settings: FlowServeSettings) -> torch.dtype:
+    """The dtype of weights, activations and KV cache: configured, else the device's default."""
+    return parse_dtype(settings.dtype or None, detect_platform(settings.device or None))
+
+
 def kv_blocks_for(settings: FlowServeSettings, config: ModelConfig, tp_size: int) -> int:
     if settings.kv_cache_blocks > 0:
         return settings.kv_cache_blocks
-    platform = detect_platform(settings.device or None)
-    dtype = parse_dtype(None, platform)
+    dtype = engine_dtype(settings)
     return KVCacheTensors.num_blocks_for_memory(
         settings.kv_cache_memory_mb * 1024 * 1024,
         num_layers=config.num_layers,
@@ -55,6 +61,7 @@ def build_engine(
             num_blocks=num_blocks,
             block_size=settings.block_size,
             device=device,
+            dtype=settings.dtype or None,
         )
     else:
         # Explicit: this worker thread may have inherited the engine loop's single thread
@@ -64,6 +71,7 @@ def build_engine(
             num_blocks=num_blocks,
             block_size=settings.block_size,
             device=device,
+            dtype=settings.dtype or None,
             threads=intraop_threads(),
         )
     max_model_len = config.max_position_embeddings

@@ -97,9 +97,9 @@ class ModelLoadSteps:
         return built
 
     def _dtype(self) -> Any:
-        from deepserve.flowserve.device import detect_platform
+        from deepserve.flowserve.engine_builder import engine_dtype
 
-        return detect_platform(self.settings.device or None).default_dtype
+        return engine_dtype(self.settings)
 
     def _usable(self, entry: WeightsEntry | None, tp_size: int) -> bool:
         from deepserve.flowserve.weights_source import dtype_name
@@ -168,12 +168,13 @@ class ModelLoadSteps:
         if settings.kv_cache_blocks > 0:
             return settings, f"KV blocks {settings.kv_cache_blocks} (configured)"
         from deepserve.flowserve.device import detect_platform
-        from deepserve.flowserve.engine_builder import kv_blocks_for
+        from deepserve.flowserve.engine_builder import engine_dtype, kv_blocks_for
         from deepserve.flowserve.model.config import ModelConfig
         from deepserve.flowserve.weights_source import dtype_name
 
         platform = detect_platform(settings.device or None)
         device = platform.kind
+        dtype = dtype_name(engine_dtype(settings))
         profiles = KVProfileStore(self.etcd)
         try:
             profile = await profiles.get(
@@ -182,7 +183,11 @@ class ModelLoadSteps:
         except DeepServeError as exc:  # the profile is an optimisation: never fail a load on it
             log.warning("reading the KV profile failed: %s", exc)
             profile = None
-        if profile is not None and profile.memory_mb == settings.kv_cache_memory_mb:
+        if (
+            profile is not None
+            and profile.memory_mb == settings.kv_cache_memory_mb
+            and profile.dtype == dtype
+        ):
             blocks, how = profile.num_blocks, "profiled earlier"
         else:
             config = ModelConfig.from_model_dir(model_dir)
@@ -196,7 +201,7 @@ class ModelLoadSteps:
                         tp_size=tp_size,
                         block_size=settings.block_size,
                         num_blocks=blocks,
-                        dtype=dtype_name(platform.default_dtype),
+                        dtype=dtype,
                         memory_mb=settings.kv_cache_memory_mb,
                     )
                 )

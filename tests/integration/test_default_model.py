@@ -183,3 +183,34 @@ async def test_capital_of_france_is_paris(served: tuple[AsyncEngine, Tokenizer])
     assert "Paris" in text
     assert finish_reason in ("stop", "length")
     assert text == tokenizer.decode(tokens, skip_special_tokens=True)
+
+
+async def first_token_top5(engine: AsyncEngine, request_id: str, prompt: list[int]) -> list[int]:
+    params = SamplingParams(temperature=0.0, max_tokens=1, logprobs=True, top_logprobs=5)
+    async for output in engine.generate(request_id, prompt, params):
+        if output.logprobs:
+            return [token for token, _ in output.logprobs[0].top]
+    raise AssertionError("no logprobs")
+
+
+async def test_bfloat16_engine_runs_in_bfloat16_close_to_float32(
+    model_dir: Path, served: tuple[AsyncEngine, Tokenizer], prompts: list[list[int]]
+) -> None:
+    """The dtype setting reaches weights and KV cache, and the first token's distribution stays
+    close to the float32 engine's: its choice among bfloat16's top two, four of the top five
+    shared. (Greedy text may differ: the model's top two for "capital of France" are 0.09
+    logits apart in float32, within bfloat16's rounding.)"""
+    settings = FlowServeSettings(device="cpu", dtype="bfloat16", kv_cache_blocks=64, block_size=16)
+    engine, _, _ = build_engine(model_dir, settings, tp_size=1)
+    try:
+        runner = engine.core.executor.runner  # type: ignore[attr-defined]
+        assert runner.dtype == torch.bfloat16
+        assert runner.model.weights.embed.dtype == torch.bfloat16
+        assert runner.kv_cache.dtype == torch.bfloat16
+        for index, prompt in enumerate(prompts):
+            ours = await first_token_top5(engine, f"bf16-{index}", prompt)
+            reference = await first_token_top5(served[0], f"fp32-{index}", prompt)
+            assert reference[0] in ours[:2], QUESTIONS[index]
+            assert len(set(ours) & set(reference)) >= 4, QUESTIONS[index]
+    finally:
+        engine.shutdown()
