@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from deepserve.errors import ResourceExhausted
 from deepserve.tenancy.tenants import TenantLimits
@@ -42,6 +43,13 @@ local est = tonumber(ARGV[5])
 local window = tonumber(ARGV[6])
 local ttl = tonumber(ARGV[7])
 local cutoff = now - window
+-- Already admitted under this id (a retry after a timeout whose first run landed): admitted,
+-- nothing counted twice.
+if (conc > 0 and redis.call('ZSCORE', KEYS[4], id))
+    or (rpm > 0 and redis.call('ZSCORE', KEYS[1], id))
+    or (tpm > 0 and redis.call('HEXISTS', KEYS[3], id) == 1) then
+  return {0, 0}
+end
 if rpm > 0 then
   redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', cutoff)
   local count = redis.call('ZCARD', KEYS[1])
@@ -157,19 +165,25 @@ class RateLimiter:
         admission = Admission(tenant, request_id, limits, max(0, estimated_tokens))
         if limits.unlimited:
             return admission
+        keys = _keys(tenant)
+        args = [
+            request_id,
+            limits.requests_per_min,
+            limits.tokens_per_min,
+            limits.max_concurrent,
+            admission.estimated_tokens,
+            self.window_ms,
+            self.slot_ttl_ms,
+        ]
         try:
-            code, wait_ms = await self._admit(
-                keys=_keys(tenant),
-                args=[
-                    request_id,
-                    limits.requests_per_min,
-                    limits.tokens_per_min,
-                    limits.max_concurrent,
-                    admission.estimated_tokens,
-                    self.window_ms,
-                    self.slot_ttl_ms,
-                ],
-            )
+            try:
+                code, wait_ms = await self._admit(keys=keys, args=args)
+            except RedisTimeoutError as exc:
+                # A stall, not an outage: ask once more before letting the request in
+                # unchecked. Safe to repeat: the script admits an id it already holds without
+                # counting it again, so a first run that did land is found, not doubled.
+                log.warning("rate limiter timed out for %s, asking again: %s", request_id, exc)
+                code, wait_ms = await self._admit(keys=keys, args=args)
         except RedisError as exc:
             # Redis holds lossy state: without it, serve unlimited rather than refuse everyone
             # (the engines' own queue bounds still protect them).

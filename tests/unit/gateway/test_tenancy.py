@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 import pytest
 import pytest_asyncio
 import redis.asyncio as aioredis
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from deepserve.config import GatewaySettings
 from deepserve.errors import NotFound, ResourceExhausted, Unauthenticated
@@ -120,6 +121,45 @@ async def test_concurrency_slots_are_exact_and_released(
     await limiters[1].admit(name, "late", limits, 1)
     with pytest.raises(ResourceExhausted):
         await limiters[1].admit(name, "later", limits, 1)
+
+
+async def test_admitting_the_same_request_again_takes_nothing_more(
+    redis_clients: list[aioredis.Redis],
+) -> None:
+    """A retry after a timeout whose first run landed: admitted, not counted twice."""
+    limiter = RateLimiter(redis_clients[0])
+    name = tenant()
+    limits = TenantLimits(max_concurrent=1, requests_per_min=2, tokens_per_min=100)
+    first = await limiter.admit(name, "a", limits, 60)
+    await limiter.admit(name, "a", limits, 60)  # the retry
+    with pytest.raises(ResourceExhausted) as refused:
+        await limiter.admit(name, "b", limits, 10)
+    assert refused.value.field == "max_concurrent"
+    await limiter.finish(first, 60)
+    await limiter.admit(name, "b", limits, 10)  # one request and 60 tokens counted, not two
+
+
+async def test_a_timeout_is_asked_again_not_let_in_unchecked(
+    redis_clients: list[aioredis.Redis],
+) -> None:
+    limiter = RateLimiter(redis_clients[0])
+    real = limiter._admit
+    calls = 0
+
+    async def landed_then_timed_out(**kwargs: object) -> object:
+        nonlocal calls
+        calls += 1
+        result = await real(**kwargs)
+        if calls == 1:
+            raise RedisTimeoutError("Timeout reading")  # the reply was lost, the slot was not
+        return result
+
+    limiter._admit = landed_then_timed_out  # type: ignore[method-assign]
+    name, limits = tenant(), TenantLimits(max_concurrent=1)
+    admission = await limiter.admit(name, "a", limits, 1)
+    assert calls == 2 and not admission.finished  # checked by Redis, holds a real slot
+    with pytest.raises(ResourceExhausted):
+        await RateLimiter(redis_clients[1]).admit(name, "b", limits, 1)
 
 
 async def test_abandoned_concurrency_slot_expires(redis_clients: list[aioredis.Redis]) -> None:
