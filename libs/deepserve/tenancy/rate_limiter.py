@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
+import uuid
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
@@ -43,8 +44,8 @@ local est = tonumber(ARGV[5])
 local window = tonumber(ARGV[6])
 local ttl = tonumber(ARGV[7])
 local cutoff = now - window
--- Already admitted under this id (a retry after a timeout whose first run landed): admitted,
--- nothing counted twice.
+-- This admission's entries are already here (a retry after a timeout whose first run landed):
+-- admitted, nothing counted twice. Entry ids are unique per admission, never the client's.
 if (conc > 0 and redis.call('ZSCORE', KEYS[4], id))
     or (rpm > 0 and redis.call('ZSCORE', KEYS[1], id))
     or (tpm > 0 and redis.call('HEXISTS', KEYS[3], id) == 1) then
@@ -134,6 +135,9 @@ class Admission:
     request_id: str
     limits: TenantLimits
     estimated_tokens: int
+    # The id of this admission's entries in Redis: the request id made unique per admission,
+    # since the request id can come from the client (x-request-id) and repeat.
+    entry_id: str = ""
     finished: bool = False
 
 
@@ -162,12 +166,13 @@ class RateLimiter:
         self, tenant: str, request_id: str, limits: TenantLimits, estimated_tokens: int
     ) -> Admission:
         """Takes room for one request or raises ResourceExhausted with retry_after_s."""
-        admission = Admission(tenant, request_id, limits, max(0, estimated_tokens))
+        entry_id = f"{request_id}:{uuid.uuid4().hex[:12]}"
+        admission = Admission(tenant, request_id, limits, max(0, estimated_tokens), entry_id)
         if limits.unlimited:
             return admission
         keys = _keys(tenant)
         args = [
-            request_id,
+            entry_id,
             limits.requests_per_min,
             limits.tokens_per_min,
             limits.max_concurrent,
@@ -180,8 +185,8 @@ class RateLimiter:
                 code, wait_ms = await self._admit(keys=keys, args=args)
             except RedisTimeoutError as exc:
                 # A stall, not an outage: ask once more before letting the request in
-                # unchecked. Safe to repeat: the script admits an id it already holds without
-                # counting it again, so a first run that did land is found, not doubled.
+                # unchecked. Safe to repeat: the script admits an entry id it already holds
+                # without counting it again, so a first run that did land is not doubled.
                 log.warning("rate limiter timed out for %s, asking again: %s", request_id, exc)
                 code, wait_ms = await self._admit(keys=keys, args=args)
         except RedisError as exc:
@@ -213,6 +218,6 @@ class RateLimiter:
             return
         _req, _tok, tokens_hash, conc = _keys(admission.tenant)
         try:
-            await self._finish(keys=[tokens_hash, conc], args=[admission.request_id, actual_tokens])
+            await self._finish(keys=[tokens_hash, conc], args=[admission.entry_id, actual_tokens])
         except RedisError as exc:  # the slot expires by itself (slot_ttl_s)
             log.warning("rate limiter could not release %s: %s", admission.request_id, exc)

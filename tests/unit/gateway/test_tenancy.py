@@ -123,20 +123,15 @@ async def test_concurrency_slots_are_exact_and_released(
         await limiters[1].admit(name, "later", limits, 1)
 
 
-async def test_admitting_the_same_request_again_takes_nothing_more(
+async def test_a_repeated_request_id_is_a_new_request(
     redis_clients: list[aioredis.Redis],
 ) -> None:
-    """A retry after a timeout whose first run landed: admitted, not counted twice."""
+    """Request ids can come from clients (x-request-id): reusing one must not get past a limit."""
     limiter = RateLimiter(redis_clients[0])
-    name = tenant()
-    limits = TenantLimits(max_concurrent=1, requests_per_min=2, tokens_per_min=100)
-    first = await limiter.admit(name, "a", limits, 60)
-    await limiter.admit(name, "a", limits, 60)  # the retry
-    with pytest.raises(ResourceExhausted) as refused:
-        await limiter.admit(name, "b", limits, 10)
-    assert refused.value.field == "max_concurrent"
-    await limiter.finish(first, 60)
-    await limiter.admit(name, "b", limits, 10)  # one request and 60 tokens counted, not two
+    name, limits = tenant(), TenantLimits(max_concurrent=1)
+    await limiter.admit(name, "same", limits, 1)
+    with pytest.raises(ResourceExhausted):
+        await limiter.admit(name, "same", limits, 1)
 
 
 async def test_a_timeout_is_asked_again_not_let_in_unchecked(
@@ -155,11 +150,16 @@ async def test_a_timeout_is_asked_again_not_let_in_unchecked(
         return result
 
     limiter._admit = landed_then_timed_out  # type: ignore[method-assign]
-    name, limits = tenant(), TenantLimits(max_concurrent=1)
-    admission = await limiter.admit(name, "a", limits, 1)
+    name = tenant()
+    limits = TenantLimits(max_concurrent=1, requests_per_min=2, tokens_per_min=100)
+    admission = await limiter.admit(name, "a", limits, 60)
     assert calls == 2 and not admission.finished  # checked by Redis, holds a real slot
-    with pytest.raises(ResourceExhausted):
-        await RateLimiter(redis_clients[1]).admit(name, "b", limits, 1)
+    other = RateLimiter(redis_clients[1])
+    with pytest.raises(ResourceExhausted) as refused:
+        await other.admit(name, "b", limits, 10)
+    assert refused.value.field == "max_concurrent"
+    await limiter.finish(admission, 60)
+    await other.admit(name, "b", limits, 10)  # one request and 60 tokens counted, not two
 
 
 async def test_abandoned_concurrency_slot_expires(redis_clients: list[aioredis.Redis]) -> None:
