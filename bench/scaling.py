@@ -367,6 +367,13 @@ async def burst(layout: ClusterLayout, model: str, n: int) -> dict[str, float | 
             for t in tasks
         ]
         results["median_weights_loaded_s"] = statistics.median(load_s) if load_s else 0.0
+        # engine_started happened before the burst (warm pods); the others are the burst's.
+        medians = []
+        for step in ("pod_acquired", "weights_loaded", "warmed_up", "visible"):
+            seconds = [s.seconds for t in tasks for s in t.scale_steps if s.step == step]
+            if seconds:
+                medians.append(f"{step} {statistics.median(seconds):.3f}")
+        results["median_steps"] = ", ".join(medians)
 
         progress("[scaling] back to zero")
         await jobs.ScaleJob(jpb.ScaleJobRequest(job_id="burst", replicas=0))
@@ -402,6 +409,10 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="1 rep, burst of 16")
     parser.add_argument("--skip-burst", action="store_true")
     parser.add_argument(
+        "--shm-dir", type=Path, default=Path("/dev/shm"),
+        help="tmpfs for the burst's DRAM copy, e.g. one mounted with huge=always",
+    )  # fmt: skip
+    parser.add_argument(
         "--burst-pod-threads", type=int, default=1,
         help="CPU threads per pod in the burst (64 pods share this host's cores); 0: all cores",
     )  # fmt: skip
@@ -426,7 +437,7 @@ def main() -> None:
         return
     burst_model = args.burst_model or args.model
     work = Path(tempfile.mkdtemp(prefix="bench-burst-"))
-    cache = Path("/dev/shm") / f"bench-burst-weights-{os.getpid()}"
+    cache = args.shm_dir / f"bench-burst-weights-{os.getpid()}"
     try:
         if burst_model == "tiny":
             from tests.tiny_model import make_tiny_llama
@@ -455,6 +466,7 @@ def main() -> None:
         ["half served (s)", result["half_served_s"]],
         [f"all {args.burst} served (s)", result["all_served_s"]],
         ["median weights_loaded step (s)", result["median_weights_loaded_s"]],
+        ["median step durations (s)", result["median_steps"]],
         ["weights sources", result["weights"]],
         ["TTFT of a request at zero replicas (s)", result["ttft_at_zero_s"]],
         ["autoscaler event", result["from_zero_event"]],

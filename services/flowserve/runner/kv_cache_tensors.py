@@ -8,6 +8,8 @@ KV transfer can treat it as one opaque tensor per block set.
 
 from __future__ import annotations
 
+import math
+import mmap
 from collections.abc import Sequence
 
 import torch
@@ -42,16 +44,11 @@ class KVCacheTensors:
         self.head_dim = head_dim
         self.dtype = dtype
         self.device = torch.device(device)
-        self.data = torch.zeros(
-            num_layers,
-            2,
-            num_blocks,
-            block_size,
-            num_kv_heads,
-            head_dim,
-            dtype=dtype,
-            device=device,
-        )
+        shape = (num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim)
+        if self.device.type == "cpu":
+            self.data = _lazily_zeroed(shape, dtype)
+        else:
+            self.data = torch.zeros(shape, dtype=dtype, device=device)
         self.layers: list[tuple[torch.Tensor, torch.Tensor]] = [
             (self.data[i, 0], self.data[i, 1]) for i in range(num_layers)
         ]
@@ -132,3 +129,22 @@ class KVCacheTensors:
                 raise InvalidArgument(
                     f"block id {block} outside [0, {self.num_blocks})", field="block_ids"
                 )
+
+
+def _lazily_zeroed(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A zero-filled host tensor whose pages the kernel provides on first write.
+
+    The cache must read as zeros (a masked slot times garbage can be NaN), but `torch.zeros`
+    writes every page at start-up: 47 MB for a 64-block cache of the default model, and whole
+    gigabytes at the default memory budget, for blocks that may never be used. An anonymous
+    mapping is zero by definition and costs nothing until a block is written. No huge pages:
+    one token writes a block in every layer, spread over the whole cache, so 2 MiB pages would
+    zero all of it on the first request (measured: a burst spent a quarter of its CPU in the
+    kernel zeroing them).
+    """
+    nbytes = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+    if nbytes == 0:
+        return torch.zeros(shape, dtype=dtype)
+    region = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    # frombuffer keeps `region` alive as long as the tensor (and its views) live.
+    return torch.frombuffer(region, dtype=dtype).view(shape)

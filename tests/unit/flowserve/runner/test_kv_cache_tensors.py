@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
@@ -74,3 +76,31 @@ def test_num_blocks_for_memory() -> None:
         == 10
     )
     assert KVCacheTensors.num_blocks_for_memory(per_block - 1, **shape, dtype=torch.bfloat16) == 0
+
+
+def _resident_kib() -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc/self/status")
+def test_a_cpu_cache_reads_zero_and_takes_memory_only_as_blocks_are_written() -> None:
+    before = _resident_kib()
+    kv = KVCacheTensors(
+        num_layers=4,
+        num_blocks=4096,
+        block_size=16,
+        num_kv_heads=4,
+        head_dim=64,
+        dtype=torch.float32,
+        device="cpu",
+    )  # 256 MiB
+    assert _resident_kib() - before < 32 * 1024  # not written at start-up
+    assert kv.data.is_contiguous() and kv.data.dtype == torch.float32
+    assert float(kv.data[3, 1, 4095].abs().sum()) == 0.0  # reads as zeros, never written
+    kv.data[0, 0, 7].fill_(2.0)
+    assert float(kv.data[0, 0, 7].sum()) == 2.0 * 16 * 4 * 64
+    assert float(kv.data[0, 0, 8].abs().sum()) == 0.0
