@@ -53,6 +53,7 @@ def build_engine(
     tokenizer = shared_tokenizers.get(model_dir)  # preloaded by a warm pod, or loaded now
     num_blocks = kv_blocks_for(settings, config, tp_size)
     device = settings.device or None
+    dtype = engine_dtype(settings)
     executor: Executor
     if tp_size > 1:
         executor = MultiprocExecutor(
@@ -61,7 +62,7 @@ def build_engine(
             num_blocks=num_blocks,
             block_size=settings.block_size,
             device=device,
-            dtype=settings.dtype or None,
+            dtype=dtype,
         )
     else:
         # Explicit: this worker thread may have inherited the engine loop's single thread
@@ -71,7 +72,7 @@ def build_engine(
             num_blocks=num_blocks,
             block_size=settings.block_size,
             device=device,
-            dtype=settings.dtype or None,
+            dtype=dtype,
             threads=intraop_threads(),
         )
     max_model_len = config.max_position_embeddings
