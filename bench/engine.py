@@ -40,13 +40,13 @@ from bench.common import (
     percentile,
     progress,
 )
-from deepserve.config import FlowServeSettings
-from deepserve.flowserve.cpu_threads import configure_intraop_threads
-from deepserve.flowserve.engine import AsyncEngine
-from deepserve.flowserve.engine_builder import build_engine
+from deepserve.flowserve.engine.async_engine import AsyncEngine
 from deepserve.flowserve.model.config import ModelConfig
 from deepserve.flowserve.model.weights import LlamaWeights
+from deepserve.flowserve.pod.engine_builder import build_engine
+from deepserve.flowserve.runner.cpu_threads import configure_intraop_threads
 from deepserve.flowserve.sampling import SamplingParams
+from deepserve.flowserve.settings import FlowServeSettings
 from deepserve.models.catalog import DEFAULT_MODEL, default_cache_dir, find_catalog_model
 from deepserve.models.pull import pull_model
 

@@ -55,9 +55,9 @@ from deepserve.flowserve.training.lora_trainer import (
 )
 from deepserve.flowserve.training.training_service import _pad_id as pad_token_id
 from deepserve.jobmgr.fine_tuning.preprocess import build_dataset
-from deepserve.jobmgr.fine_tuning.spec import BASE_LEARNING_RATE, FineTuningSpec
-from deepserve.jobmgr.job_records import JobRecord
-from deepserve.jobmgr.job_store import JobStore
+from deepserve.jobs.fine_tuning import BASE_LEARNING_RATE, FineTuningSpec
+from deepserve.jobs.records import JobRecord
+from deepserve.jobs.store import JobStore
 from deepserve.models.catalog import default_cache_dir, resolve_model
 from deepserve.store.etcd import EtcdStore
 from deepserve.tokenizer import Tokenizer

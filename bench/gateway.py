@@ -38,16 +38,11 @@ import grpc
 
 from bench.common import markdown_table, percentile, progress
 from deepserve import records
-from deepserve.cluster.health import wait_serving
-from deepserve.cluster.processes import (
-    ManagedProcess,
-    free_port,
-    start_etcd,
-    start_redis_server,
-    wait_for_port,
-)
+from deepserve.cluster.state_stores import start_etcd, start_redis_server
 from deepserve.models.catalog import DEFAULT_MODEL, default_cache_dir, resolve_model
+from deepserve.processes import ManagedProcess, free_port, wait_for_port
 from deepserve.records import InstanceRecord, Role
+from deepserve.rpc.health_check import wait_serving
 from deepserve.store.etcd import EtcdStore
 from deepserve.tokenizer import Tokenizer
 from deepserve.v1 import common_pb2, flowserve_pb2, flowserve_pb2_grpc

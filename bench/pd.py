@@ -42,16 +42,11 @@ import grpc
 import torch
 
 from bench.common import markdown_table, percentile, progress
-from deepserve.cluster.processes import (
-    ManagedProcess,
-    free_port,
-    start_etcd,
-    start_redis_server,
-    wait_for_port,
-)
+from deepserve.cluster.state_stores import start_etcd, start_redis_server
 from deepserve.flowserve.transfer.chunks import split_by_blocks
 from deepserve.flowserve.transfer.shared_memory import SharedMemoryPool
 from deepserve.flowserve.transfer.wire import chunk_from_proto, chunk_to_proto
+from deepserve.processes import ManagedProcess, free_port, wait_for_port
 from deepserve.v1 import common_pb2, flowserve_pb2, flowserve_pb2_grpc
 
 BLOCK_SIZE = 16

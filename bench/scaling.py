@@ -43,8 +43,9 @@ import httpx
 
 from bench.common import markdown_table, progress
 from deepserve.cluster.layout import ClusterLayout
-from deepserve.cluster.processes import free_port, start_etcd, start_redis_server, wait_for_port
+from deepserve.cluster.state_stores import start_etcd, start_redis_server
 from deepserve.models.catalog import default_cache_dir, resolve_model
+from deepserve.processes import free_port, wait_for_port
 from deepserve.rpc.client import insecure_channel
 from deepserve.scaling.weights_cache import WeightsCacheLayout
 from deepserve.store.etcd import EtcdStore
@@ -186,8 +187,8 @@ async def part1(model: str, reps: int) -> tuple[dict[str, float], dict[str, str]
         async with EtcdStore(st.etcd) as etcd:
             dram_root = st.root / "dram"
             progress("[scaling] preparing the DRAM copy")
-            from deepserve.flowserve.device import detect_platform
-            from deepserve.flowserve.weights_source import prepare_copy
+            from deepserve.flowserve.model.prepared_weights import prepare_copy
+            from deepserve.flowserve.runner.device import detect_platform
 
             entry = await asyncio.to_thread(
                 prepare_copy, model, model_dir, WeightsCacheLayout(dram_root),
@@ -260,7 +261,7 @@ def cluster(
         "DEEPSERVE_GATEWAY_SCALE_FROM_ZERO_TIMEOUT_S": "120",
         "DEEPSERVE_LOG_LEVEL": "WARNING",
     }
-    argv = [sys.executable, "-m", "deepserve.cli", "up", "--free-ports", "--run-dir", str(run_dir),
+    argv = [sys.executable, "-m", "deepserve.cli.main", "up", "--free-ports", "--run-dir", str(run_dir),
             "--model", "none", "--warm-pods", str(warm_pods), "--lease-ttl", "5",
             "--pod-start", "zygote"]  # fmt: skip
     out = (

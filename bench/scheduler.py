@@ -36,18 +36,13 @@ import grpc
 
 from bench.common import markdown_table, percentile, progress
 from deepserve import records
-from deepserve.cluster.health import wait_serving
-from deepserve.cluster.processes import (
-    ManagedProcess,
-    free_port,
-    start_etcd,
-    start_redis_server,
-    wait_for_port,
-)
-from deepserve.flowserve.kv_cache.prefix_hash import prompt_block_hashes
-from deepserve.jobmgr.job_records import JobKind, JobPhase, JobRecord, RoutingPolicy, ServingSpec
+from deepserve.cluster.state_stores import start_etcd, start_redis_server
+from deepserve.jobs.records import JobKind, JobPhase, JobRecord, RoutingPolicy, ServingSpec
+from deepserve.prefix_hash import prompt_block_hashes
+from deepserve.processes import ManagedProcess, free_port, wait_for_port
 from deepserve.records import InstanceRecord, Role
 from deepserve.rpc.client import insecure_channel
+from deepserve.rpc.health_check import wait_serving
 from deepserve.store.etcd import EtcdStore, TypedPrefix
 from deepserve.store.keys import Keys
 from deepserve.store.redis_store import RedisStore

@@ -1,22 +1,39 @@
 #!/usr/bin/env bash
-# Creates .venv (if needed) and installs the project with the given extras. Sourced by up.sh and
-# test.sh so both work on a fresh machine. Re-installs only when pyproject.toml/setup.py change.
+# Creates .venv (if needed) and installs every DeepServe unit into it, editable, so the path on
+# disk is the import path. Sourced by up.sh ("all") and test.sh ("dev": plus the dev tools), so
+# both work on a fresh machine. Re-installs only when a pyproject.toml changes.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-EXTRAS="${1:-all}"
+MODE="${1:-all}"
 VENV="${DEEPSERVE_VENV:-$ROOT/.venv}"
 PY="${PYTHON:-python3}"
+
+# Every unit with the extras a full local cluster needs (deepserve up runs them all here).
+UNITS=(
+  "libs[tokenizer,models]"
+  "services/scheduler"
+  "services/jobmgr"
+  "services/podpool[local]"
+  "services/gateway"
+  "services/flowserve"
+  "apps[local]"
+)
 
 if [ ! -x "$VENV/bin/python" ]; then
   echo "[bootstrap] creating virtual environment $VENV"
   "$PY" -m venv "$VENV"
-  "$VENV/bin/python" -m pip install --quiet --upgrade pip
 fi
-stamp="$VENV/.deepserve-$EXTRAS.stamp"
-want="$(cat "$ROOT/pyproject.toml" "$ROOT/setup.py" | sha256sum | cut -d' ' -f1)"
+stamp="$VENV/.deepserve-$MODE.stamp"
+want="$(cat "$ROOT"/pyproject.toml "$ROOT"/libs/pyproject.toml "$ROOT"/apps/pyproject.toml \
+  "$ROOT"/services/*/pyproject.toml | sha256sum | cut -d' ' -f1)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-  echo "[bootstrap] installing deepserve[$EXTRAS] (torch pinned to the 2.13.0 CPU build)"
-  "$VENV/bin/python" -m pip install --progress-bar off -e "$ROOT[$EXTRAS]"
+  # pip 25.1 reads dependency groups (--group); older pips do not.
+  "$VENV/bin/python" -m pip install --quiet --upgrade "pip>=25.1"
+  args=()
+  for unit in "${UNITS[@]}"; do args+=(-e "$ROOT/$unit"); done
+  if [ "$MODE" = dev ]; then args+=(--group "$ROOT/pyproject.toml:dev"); fi
+  echo "[bootstrap] installing the DeepServe units ($MODE; torch pinned to the 2.13.0 CPU build)"
+  "$VENV/bin/python" -m pip install --progress-bar off "${args[@]}"
   echo "$want" > "$stamp"
 fi
 export PATH="$VENV/bin:$PATH"

@@ -41,7 +41,7 @@ def local_cluster(
     run_dir.mkdir(parents=True, exist_ok=True)
     log_path = run_dir / "up.out"
     argv = [
-        sys.executable, "-m", "deepserve.cli", "up",
+        sys.executable, "-m", "deepserve.cli.main", "up",
         "--free-ports", "--run-dir", str(run_dir), "--model", model,
         "--lease-ttl", str(lease_ttl_s), *extra_args,
     ]  # fmt: skip

@@ -8,12 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from deepserve.cluster.processes import (
-    free_port,
-    start_etcd,
-    start_redis_server,
-    wait_for_port,
-)
+from deepserve.cluster.state_stores import start_etcd, start_redis_server
+from deepserve.processes import free_port, wait_for_port
 
 
 @pytest.fixture(scope="session")

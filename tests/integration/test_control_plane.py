@@ -17,12 +17,12 @@ from typing import Any, TypeVar
 import pytest
 
 from deepserve import records
-from deepserve.cluster.health import wait_serving
-from deepserve.cluster.processes import ManagedProcess, free_port
-from deepserve.flowserve.kv_cache.prefix_hash import prompt_block_hashes
 from deepserve.jobmgr.task_store import TaskStore
+from deepserve.prefix_hash import prompt_block_hashes
+from deepserve.processes import ManagedProcess, free_port
 from deepserve.records import PodState
 from deepserve.rpc.client import insecure_channel
+from deepserve.rpc.health_check import wait_serving
 from deepserve.store.election import LeaderElection
 from deepserve.store.etcd import EtcdStore
 from deepserve.store.keys import Keys

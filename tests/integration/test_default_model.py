@@ -15,10 +15,10 @@ import pytest
 import torch
 import transformers
 
-from deepserve.config import FlowServeSettings
-from deepserve.flowserve.engine import AsyncEngine
-from deepserve.flowserve.engine_builder import build_engine
+from deepserve.flowserve.engine.async_engine import AsyncEngine
+from deepserve.flowserve.pod.engine_builder import build_engine
 from deepserve.flowserve.sampling import SamplingParams
+from deepserve.flowserve.settings import FlowServeSettings
 from deepserve.models.catalog import DEFAULT_MODEL, default_cache_dir
 from deepserve.models.pull import pull_model
 from deepserve.tokenizer import Tokenizer

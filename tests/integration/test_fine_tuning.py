@@ -22,8 +22,8 @@ from typing import Any
 import openai
 import pytest
 
-from deepserve.cluster.processes import ManagedProcess, free_port
 from deepserve.models.catalog import default_cache_dir
+from deepserve.processes import ManagedProcess, free_port
 from tests.cluster_harness import RunningCluster, local_cluster
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
@@ -177,7 +177,7 @@ def test_fine_tuned_model_learns_the_fact(client: openai.OpenAI, cluster: Runnin
         [
             sys.executable,
             "-m",
-            "deepserve.cli",
+            "deepserve.cli.main",
             "deploy",
             name,
             "--run-dir",

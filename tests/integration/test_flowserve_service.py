@@ -15,9 +15,9 @@ import grpc
 import pytest
 
 from deepserve import records
-from deepserve.cluster.health import wait_serving
-from deepserve.cluster.processes import free_port
+from deepserve.processes import free_port
 from deepserve.rpc.client import insecure_channel
+from deepserve.rpc.health_check import wait_serving
 from deepserve.store.etcd import EtcdStore
 from deepserve.store.redis_store import RedisStore
 from deepserve.v1 import common_pb2, flowserve_pb2, flowserve_pb2_grpc

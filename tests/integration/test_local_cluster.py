@@ -18,9 +18,9 @@ import grpc
 import pytest
 
 from deepserve import records
-from deepserve.cluster.health import check_health
 from deepserve.cluster.layout import LAUNCHED_SERVICES, SERVICES
 from deepserve.rpc.client import insecure_channel
+from deepserve.rpc.health_check import check_health
 from deepserve.store.etcd import EtcdStore
 from deepserve.v1 import (
     common_pb2,
@@ -105,7 +105,14 @@ async def test_every_service_is_serving_and_status_reports_them(cluster: Running
     assert await check_health(warm[0].address) == "SERVING"
     out = await asyncio.to_thread(
         subprocess.run,
-        [sys.executable, "-m", "deepserve.cli", "status", "--run-dir", str(cluster.layout.run_dir)],
+        [
+            sys.executable,
+            "-m",
+            "deepserve.cli.main",
+            "status",
+            "--run-dir",
+            str(cluster.layout.run_dir),
+        ],
         capture_output=True,
         text=True,
         timeout=30,

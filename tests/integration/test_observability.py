@@ -15,8 +15,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from deepserve import records
+from deepserve.cli.trace_view import find_trace, read_spans
 from deepserve.store.etcd import EtcdStore
-from deepserve.trace_view import find_trace, read_spans
 from tests.cluster_harness import RunningCluster, local_cluster
 from tests.tiny_model import make_tiny_llama
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from deepserve.cluster.processes import ManagedProcess, free_port, wait_for_port
+from deepserve.processes import ManagedProcess, free_port, wait_for_port
 from deepserve.v1 import common_pb2, flowserve_pb2, flowserve_pb2_grpc
 from tests.tiny_model import make_tiny_llama
 from tests.unit.flowserve.runner.tiny_models import save_tiny_model

@@ -141,7 +141,7 @@ async def scenario(cluster: RunningCluster, model: str, cache_dir: Path) -> None
                 assert [c.origin for c in copies] == ["fork"]
         assert sources == {2: common_pb2.WEIGHTS_SOURCE_FORK, 3: common_pb2.WEIGHTS_SOURCE_DRAM}
 
-        argv = [sys.executable, "-m", "deepserve.cli", "job", "fixed",
+        argv = [sys.executable, "-m", "deepserve.cli.main", "job", "fixed",
                 "--run-dir", str(cluster.layout.run_dir)]  # fmt: skip
         done = await asyncio.to_thread(
             subprocess.run, argv, capture_output=True, text=True, timeout=30, check=True

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from deepserve.cli.trace_view import find_trace, read_spans, render_tree
 from deepserve.errors import NotFound
-from deepserve.trace_view import find_trace, read_spans, render_tree
 
 TRACE = "ab" * 16
 

@@ -18,9 +18,9 @@ from deepserve.files import FileService, LocalFileStore
 from deepserve.jobmgr.batch.controller import BatchController
 from deepserve.jobmgr.batch.line_runner import LineResult, result_line
 from deepserve.jobmgr.batch.settings import BatchSettings
-from deepserve.jobmgr.batch.spec import BatchJob, BatchSpec
-from deepserve.jobmgr.job_records import JobKind, JobPhase, JobRecord
-from deepserve.jobmgr.job_store import JobStore
+from deepserve.jobs.batch import BatchJob, BatchSpec
+from deepserve.jobs.records import JobKind, JobPhase, JobRecord
+from deepserve.jobs.store import JobStore
 from deepserve.store.etcd import EtcdStore, TypedPrefix
 from deepserve.store.keys import Keys
 

@@ -13,14 +13,14 @@ import pytest_asyncio
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
+from deepserve.completions.openai_errors import body_for
 from deepserve.errors import DeepServeError
 from deepserve.files import FileService, LocalFileStore
 from deepserve.gateway.auth import Caller
 from deepserve.gateway.batches_api import batches_router
 from deepserve.gateway.files_api import files_router
-from deepserve.gateway.openai_errors import body_for
-from deepserve.jobmgr.job_records import JobPhase, JobRecord
-from deepserve.jobmgr.job_store import JobStore
+from deepserve.jobs.records import JobPhase, JobRecord
+from deepserve.jobs.store import JobStore
 from deepserve.store.etcd import EtcdStore
 from deepserve.tenancy.tenants import TenantLimits
 

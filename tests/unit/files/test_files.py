@@ -12,11 +12,11 @@ import pytest
 import pytest_asyncio
 from fastapi import FastAPI
 
+from deepserve.completions.openai_errors import body_for
 from deepserve.errors import DeepServeError, InvalidArgument, NotFound
 from deepserve.files import FilePurpose, FileService, LocalFileStore, validate_jsonl
 from deepserve.gateway.auth import Caller
 from deepserve.gateway.files_api import files_router
-from deepserve.gateway.openai_errors import body_for
 from deepserve.store.etcd import EtcdStore
 from deepserve.tenancy.tenants import TenantLimits
 

@@ -11,8 +11,8 @@ from typing import Any
 import grpc
 
 from deepserve.flowserve.disagg.endpoint import DisaggEndpoint
-from deepserve.flowserve.engine import AsyncEngine
-from deepserve.flowserve.servicer import FlowServeServicer
+from deepserve.flowserve.engine.async_engine import AsyncEngine
+from deepserve.flowserve.pod.servicer import FlowServeServicer
 from deepserve.flowserve.transfer.settings import TransferSettings
 from deepserve.records import Role
 from deepserve.rpc.errors import DomainErrorInterceptor

@@ -6,7 +6,7 @@ import pytest
 from tokenizers import Tokenizer as BackendTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from deepserve.flowserve.detokenizer import REPLACEMENT_CHAR, IncrementalDetokenizer
+from deepserve.flowserve.engine.detokenizer import REPLACEMENT_CHAR, IncrementalDetokenizer
 from deepserve.tokenizer import Tokenizer
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]

@@ -12,9 +12,9 @@ import grpc
 import pytest
 
 from deepserve.errors import Unavailable
-from deepserve.flowserve.engine import AsyncEngine, EngineConfig
-from deepserve.flowserve.fake_executor import FakeExecutor
-from deepserve.flowserve.servicer import FlowServeServicer
+from deepserve.flowserve.engine.async_engine import AsyncEngine, EngineConfig
+from deepserve.flowserve.pod.servicer import FlowServeServicer
+from deepserve.flowserve.testing.fake_executor import FakeExecutor
 from deepserve.records import Role
 from deepserve.v1 import flowserve_pb2, flowserve_pb2_grpc
 from tests.unit.flowserve.disagg_support import (

@@ -10,7 +10,7 @@ import grpc
 import pytest
 import torch
 
-from deepserve.flowserve.engine import AsyncEngine, EngineConfig
+from deepserve.flowserve.engine.async_engine import AsyncEngine, EngineConfig
 from deepserve.flowserve.runner.executor import UniprocExecutor
 from deepserve.flowserve.sampling import SamplingParams
 from deepserve.records import Role

@@ -10,11 +10,16 @@ import pytest
 import torch
 
 from deepserve.errors import InvalidArgument, ResourceExhausted, Unavailable
-from deepserve.flowserve.engine import AsyncEngine, EngineConfig, EngineCore, GenerationOutput
-from deepserve.flowserve.fake_executor import FakeExecutor
+from deepserve.flowserve.engine.async_engine import (
+    AsyncEngine,
+    EngineConfig,
+    EngineCore,
+    GenerationOutput,
+)
+from deepserve.flowserve.engine.request import Request
 from deepserve.flowserve.kv_cache import KVEventRecorder
-from deepserve.flowserve.request import Request
 from deepserve.flowserve.sampling import SamplingParams
+from deepserve.flowserve.testing.fake_executor import FakeExecutor
 
 VOCAB = 97
 BS = 4
@@ -119,7 +124,7 @@ def test_prefix_hit_reports_cached_tokens_and_same_output() -> None:
 
 
 def test_stop_string_ends_request_and_trims_text() -> None:
-    from deepserve.flowserve.engine_core import detokenizer_factory_for
+    from deepserve.flowserve.engine.core import detokenizer_factory_for
 
     class Letters:
         def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:

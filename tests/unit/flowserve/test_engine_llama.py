@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from deepserve.flowserve.engine import AsyncEngine, EngineConfig
+from deepserve.flowserve.engine.async_engine import AsyncEngine, EngineConfig
 from deepserve.flowserve.runner.executor import UniprocExecutor
 from deepserve.flowserve.sampling import SamplingParams
 from tests.unit.flowserve.runner.tiny_models import PROMPTS, hf_greedy, save_tiny_model

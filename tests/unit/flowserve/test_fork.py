@@ -14,14 +14,14 @@ import grpc
 import pytest
 import torch
 
-from deepserve.config import FlowServeSettings
 from deepserve.errors import InvalidArgument
-from deepserve.flowserve.fork import receive_weights
 from deepserve.flowserve.model.config import ModelConfig
+from deepserve.flowserve.model.prepared_weights import flatten_llama_weights
 from deepserve.flowserve.model.weights import LlamaWeights, load_llama_weights
-from deepserve.flowserve.scale_up import ModelLoadSteps
-from deepserve.flowserve.servicer import FlowServeServicer
-from deepserve.flowserve.weights_source import flatten_llama_weights
+from deepserve.flowserve.pod.fork import receive_weights
+from deepserve.flowserve.pod.scale_up import ModelLoadSteps
+from deepserve.flowserve.pod.servicer import FlowServeServicer
+from deepserve.flowserve.settings import FlowServeSettings
 from deepserve.rpc.errors import DomainErrorInterceptor
 from deepserve.scaling.timeline import ScaleStep, WeightsSource
 from deepserve.scaling.weights_cache import WeightsCacheLayout

@@ -5,12 +5,12 @@ from __future__ import annotations
 import asyncio
 import threading
 
-from deepserve.flowserve.engine import AsyncEngine, EngineConfig, GenerationOutput
-from deepserve.flowserve.fake_executor import FakeExecutor
+from deepserve.flowserve.engine.async_engine import AsyncEngine, EngineConfig, GenerationOutput
+from deepserve.flowserve.engine.request import Request
+from deepserve.flowserve.engine.step_planner import Scheduler, SchedulerConfig
 from deepserve.flowserve.kv_cache import KVCacheManager
-from deepserve.flowserve.request import Request
 from deepserve.flowserve.sampling import SamplingParams
-from deepserve.flowserve.scheduler import Scheduler, SchedulerConfig
+from deepserve.flowserve.testing.fake_executor import FakeExecutor
 
 BS = 4
 VOCAB = 97

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 
 from deepserve.errors import InvalidArgument
-from deepserve.flowserve.batch import ScheduledBatch
-from deepserve.flowserve.fake_executor import FakeExecutor
+from deepserve.flowserve.engine.request import PLACEHOLDER_TOKEN_ID, Request, RequestStatus
+from deepserve.flowserve.engine.step_plan import ScheduledBatch
+from deepserve.flowserve.engine.step_planner import Scheduler, SchedulerConfig
 from deepserve.flowserve.kv_cache import KVCacheManager
-from deepserve.flowserve.request import PLACEHOLDER_TOKEN_ID, Request, RequestStatus
-from deepserve.flowserve.scheduler import Scheduler, SchedulerConfig
+from deepserve.flowserve.testing.fake_executor import FakeExecutor
 
 BS = 4
 VOCAB = 97

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from deepserve.config import FlowServeSettings
-from deepserve.flowserve.startup import preload_tokenizers, tokenizers_to_preload
+from deepserve.flowserve.pod.startup import preload_tokenizers, tokenizers_to_preload
+from deepserve.flowserve.settings import FlowServeSettings
 from deepserve.scaling.weights_cache import WeightsCacheLayout
 from deepserve.tokenizer.cache import shared_tokenizers
 from tests.tiny_model import make_tiny_llama

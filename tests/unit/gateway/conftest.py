@@ -13,11 +13,12 @@ import pytest
 import pytest_asyncio
 
 from deepserve import records
-from deepserve.config import CommonSettings, GatewaySettings
+from deepserve.config import CommonSettings
 from deepserve.gateway.gateway import Gateway
 from deepserve.gateway.http_app import create_app
 from deepserve.gateway.http_server import HttpServer
 from deepserve.gateway.servicer import GatewayServicer
+from deepserve.gateway.settings import GatewaySettings
 from deepserve.records import InstanceRecord, Role
 from deepserve.rpc.server import start_grpc_server
 from deepserve.store.etcd import EtcdStore

@@ -11,7 +11,7 @@ import pytest
 import pytest_asyncio
 
 from deepserve import records
-from deepserve.cluster.processes import free_port
+from deepserve.processes import free_port
 from deepserve.records import InstanceRecord, Role
 from deepserve.v1 import common_pb2
 from tests.unit.gateway.conftest import GatewayHarness

@@ -11,11 +11,11 @@ import pytest_asyncio
 import redis.asyncio as aioredis
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from deepserve.config import GatewaySettings
 from deepserve.errors import NotFound, ResourceExhausted, Unauthenticated
 from deepserve.gateway.auth import Authenticator, bearer_token
+from deepserve.gateway.settings import GatewaySettings
 from deepserve.store.etcd import EtcdStore
-from deepserve.tenancy import cli as tenancy_cli
+from deepserve.cli import tenancy as tenancy_cli
 from deepserve.tenancy.api_keys import ApiKeys, hash_api_key
 from deepserve.tenancy.rate_limiter import RateLimiter
 from deepserve.tenancy.tenants import TenantLimits, Tenants
@@ -234,7 +234,7 @@ async def _record_usage(redis_url: str, name: str) -> None:
 
 
 async def test_unreachable_redis_admits_unchecked() -> None:
-    from deepserve.cluster.processes import free_port
+    from deepserve.processes import free_port
 
     client = aioredis.Redis.from_url(f"redis://127.0.0.1:{free_port()}/0", socket_timeout=1)
     limiter = RateLimiter(client)

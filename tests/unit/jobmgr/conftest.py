@@ -10,10 +10,10 @@ from dataclasses import dataclass
 import pytest
 
 from deepserve import records
-from deepserve.jobmgr.job_store import JobStore
 from deepserve.jobmgr.reconciler import Reconciler
 from deepserve.jobmgr.task_records import TaskRecord
 from deepserve.jobmgr.task_store import TaskStore
+from deepserve.jobs.store import JobStore
 from deepserve.store.etcd import EtcdStore
 from deepserve.store.informer import Informer
 from deepserve.store.keys import Keys

@@ -16,8 +16,8 @@ from deepserve.jobmgr.autoscaler import (
     decide,
 )
 from deepserve.jobmgr.autoscaler_loop import Autoscaler
-from deepserve.jobmgr.job_records import AutoscalingPolicy, ServingMode, ServingSpec
-from deepserve.jobmgr.job_store import JobStore
+from deepserve.jobs.records import AutoscalingPolicy, ServingMode, ServingSpec
+from deepserve.jobs.store import JobStore
 from deepserve.records import InstanceRecord, Role
 from deepserve.scaling.demand import DemandRecord, demands
 from deepserve.scaling.latency import record_latency

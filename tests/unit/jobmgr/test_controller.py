@@ -8,9 +8,9 @@ import contextlib
 import time
 
 from deepserve.jobmgr.controller import JobController
-from deepserve.jobmgr.job_records import ServingSpec
-from deepserve.jobmgr.job_store import JobStore
 from deepserve.jobmgr.task_store import TaskStore
+from deepserve.jobs.records import ServingSpec
+from deepserve.jobs.store import JobStore
 from deepserve.store.etcd import EtcdStore
 
 from .fakes import FakePodProvider

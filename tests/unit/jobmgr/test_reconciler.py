@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from deepserve.jobmgr.job_records import JobPhase, ServingMode, ServingSpec
 from deepserve.jobmgr.task_records import TaskState
+from deepserve.jobs.records import JobPhase, ServingMode, ServingSpec
 from deepserve.records import Role
 
 from .conftest import Harness

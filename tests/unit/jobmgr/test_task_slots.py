@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from deepserve.jobmgr.job_records import ServingMode, ServingSpec
 from deepserve.jobmgr.task_records import TaskSlot, desired_slots
+from deepserve.jobs.records import ServingMode, ServingSpec
 from deepserve.records import Role
 
 

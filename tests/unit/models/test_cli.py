@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from deepserve.models.cli import main
+from deepserve.cli.models import main
 
 
 def test_list_shows_pull_state(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

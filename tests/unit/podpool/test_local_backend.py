@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from deepserve.config import PodPoolSettings
 from deepserve.podpool.local_backend import LocalProcessBackend
+from deepserve.podpool.settings import PodPoolSettings
 
 
 def test_pod_env_carries_threads_spin_count_and_preloads(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from deepserve.jobmgr.job_records import RoutingPolicy
+from deepserve.jobs.records import RoutingPolicy
 from deepserve.records import InstanceRecord, Role
 from deepserve.scheduler.decode_predictor import DecodeLengthPredictor
 from deepserve.scheduler.heatmap_table import HeatmapTable

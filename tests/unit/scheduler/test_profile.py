@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from deepserve.cli.profile import _fit_line, profile_model, store_heatmap
 from deepserve.scheduler.heatmap import CostModel, HeatmapRecord
 from deepserve.scheduler.heatmap_table import HeatmapTable
-from deepserve.scheduler.profile import _fit_line, profile_model, store_heatmap
 from deepserve.store.etcd import EtcdStore
 from deepserve.store.keys import Keys
 from tests.tiny_model import make_tiny_llama

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from deepserve.errors import InvalidArgument, NotFound, Unavailable
-from deepserve.jobmgr.job_records import RoutingPolicy
+from deepserve.jobs.records import RoutingPolicy
 from deepserve.records import Role
 from deepserve.scheduler.router import RouteFacts, RoutingConfig
 

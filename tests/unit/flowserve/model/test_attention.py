@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from deepserve.flowserve.batch import ScheduledBatch, ScheduledSequence
+from deepserve.flowserve.engine.step_plan import ScheduledBatch, ScheduledSequence
 from deepserve.flowserve.model.attention import paged_attention, write_kv
 from deepserve.flowserve.runner.inputs import build_model_inputs
 

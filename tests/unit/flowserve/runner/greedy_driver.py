@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from deepserve.flowserve.batch import ScheduledBatch, ScheduledSequence
+from deepserve.flowserve.engine.step_plan import ScheduledBatch, ScheduledSequence
 
 
 @dataclass

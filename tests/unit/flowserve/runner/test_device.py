@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from deepserve.errors import FailedPrecondition, InvalidArgument
-from deepserve.flowserve.device import (
+from deepserve.flowserve.runner.device import (
     DEVICE_ENV_VAR,
     DevicePlatform,
     detect_platform,

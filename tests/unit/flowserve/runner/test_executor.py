@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from deepserve.errors import FailedPrecondition, InvalidArgument
-from deepserve.flowserve.batch import ScheduledBatch, ScheduledSequence
+from deepserve.flowserve.engine.step_plan import ScheduledBatch, ScheduledSequence
 from deepserve.flowserve.runner.executor import (
     ExecutorFailed,
     MultiprocExecutor,

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from deepserve.errors import InvalidArgument
-from deepserve.flowserve.batch import ScheduledBatch, ScheduledSequence
+from deepserve.flowserve.engine.step_plan import ScheduledBatch, ScheduledSequence
 from deepserve.flowserve.runner.model_runner import ModelRunner
 from tests.unit.flowserve.runner.greedy_driver import GreedyDriver
 from tests.unit.flowserve.runner.tiny_models import PROMPTS, hf_greedy, save_tiny_model

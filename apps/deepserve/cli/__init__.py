@@ -1,0 +1,1 @@
+"""The `deepserve` command and its subcommands."""

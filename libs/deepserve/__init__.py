@@ -1,1 +1,0 @@
-"""DeepServe: serverless LLM serving at scale."""

@@ -1,0 +1,1 @@
+"""The OpenAI completion request path: prepare (chat template, tokenize), dispatch, format."""

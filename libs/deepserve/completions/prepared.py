@@ -1,0 +1,59 @@
+"""A prepared API call: tokenized prompts, validated sampling, who pays for it, and its deadline.
+
+Built once per call (HTTP or gRPC) by `deepserve.completions.prepare`; the dispatcher turns it into
+`len(prompts) * n` engine requests. Choice `i` of prompt `p` has index `p * n + i`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from deepserve.completions.protocol import Endpoint
+from deepserve.sampling_params import SamplingParams
+
+
+@dataclass(frozen=True, slots=True)
+class Prompt:
+    """One prompt as token ids, plus its text when the response echoes it."""
+
+    token_ids: list[int]
+    text: str = ""
+    block_hashes: list[str] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class GenerationJob:
+    """Everything the dispatcher needs to run one API call."""
+
+    request_id: str
+    endpoint: Endpoint
+    tenant: str
+    model: str
+    prompts: list[Prompt]
+    sampling: SamplingParams
+    n: int = 1
+    stream: bool = False
+    include_usage: bool = False
+    echo: bool = False
+    # Completions API: alternatives per token as {token: logprob}; chat: as a list.
+    top_logprobs: int = 0
+    priority: int = 0
+    created: int = 0
+    # Absolute deadline on the event loop's clock.
+    deadline: float = 0.0
+
+    @property
+    def fanout(self) -> int:
+        return len(self.prompts) * self.n
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(len(p.token_ids) for p in self.prompts)
+
+    def sampling_for(self, choice: int) -> SamplingParams:
+        """Per-choice parameters: choices of one seeded call must still differ from each other."""
+        offset = choice % self.n
+        if self.sampling.seed is None or offset == 0:
+            return self.sampling
+        seed = self.sampling.seed + offset
+        return replace(self.sampling, seed=seed if seed < 2**63 else seed - 2**64)

@@ -1,0 +1,211 @@
+"""OpenAI response bodies: whole responses, SSE chunks, usage and logprobs objects.
+
+Token strings in logprobs are decoded here with the model's tokenizer (the engine sends ids and
+raw vocabulary entries); everything else comes straight from the engine's deltas.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from deepserve.completions.call import ApiCall, CallUsage
+from deepserve.completions.dispatcher import ChoiceDelta
+from deepserve.tokenizer import Tokenizer
+from deepserve.v1 import common_pb2
+
+
+def usage_json(usage: CallUsage) -> dict[str, Any]:
+    return {
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.total_tokens,
+        "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
+    }
+
+
+class _TokenText:
+    """Decodes single token ids, memoized (logprobs repeat the same ids a lot)."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self._tokenizer = tokenizer
+        self._cache: dict[int, str] = {}
+
+    def __call__(self, token_id: int) -> str:
+        text = self._cache.get(token_id)
+        if text is None:
+            text = self._cache[token_id] = self._tokenizer.decode([token_id])
+        return text
+
+
+@dataclass(slots=True)
+class _Choice:
+    text: list[str] = field(default_factory=list)
+    logprobs: list[common_pb2.TokenLogprobs] = field(default_factory=list)
+    finish_reason: str | None = None
+
+
+class ResponseFormatter:
+    """Builds the JSON of one call's response (whole or chunked) for its endpoint."""
+
+    def __init__(self, call: ApiCall) -> None:
+        self.call = call
+        self.job = call.job
+        self.chat = call.job.endpoint == "chat"
+        self.id = ("chatcmpl-" if self.chat else "cmpl-") + call.job.request_id
+        self._token_text = _TokenText(call.tokenizer)
+        # Completions: where the next token's text starts, per choice (text_offset).
+        self._offsets = [
+            len(self.job.prompts[i // self.job.n].text) if self.job.echo else 0
+            for i in range(self.job.fanout)
+        ]
+        self._echoed: set[int] = set()
+
+    # --- logprobs ------------------------------------------------------------------------
+
+    def _chat_logprobs(self, entries: Sequence[common_pb2.TokenLogprobs]) -> dict[str, Any]:
+        content = []
+        for entry in entries:
+            token = self._token_text(entry.chosen.token_id)
+            content.append(
+                {
+                    "token": token,
+                    "logprob": entry.chosen.logprob,
+                    "bytes": list(token.encode("utf-8")),
+                    "top_logprobs": [
+                        {
+                            "token": (alt := self._token_text(top.token_id)),
+                            "logprob": top.logprob,
+                            "bytes": list(alt.encode("utf-8")),
+                        }
+                        for top in entry.top[: self.job.top_logprobs]
+                    ],
+                }
+            )
+        return {"content": content}
+
+    def _text_logprobs(self, index: int, entries: Sequence[common_pb2.TokenLogprobs]) -> Any:
+        tokens, token_logprobs, tops, offsets = [], [], [], []
+        for entry in entries:
+            token = self._token_text(entry.chosen.token_id)
+            tokens.append(token)
+            token_logprobs.append(entry.chosen.logprob)
+            tops.append(
+                {
+                    self._token_text(top.token_id): top.logprob
+                    for top in entry.top[: self.job.top_logprobs]
+                }
+            )
+            offsets.append(self._offsets[index])
+            self._offsets[index] += len(token)
+        return {
+            "tokens": tokens,
+            "token_logprobs": token_logprobs,
+            "top_logprobs": tops,
+            "text_offset": offsets,
+        }
+
+    def _logprobs(self, index: int, entries: Sequence[common_pb2.TokenLogprobs]) -> Any:
+        if not self.job.sampling.logprobs:
+            return None
+        return self._chat_logprobs(entries) if self.chat else self._text_logprobs(index, entries)
+
+    def _echo(self, index: int, text: str) -> str:
+        if self.job.echo and index not in self._echoed:
+            self._echoed.add(index)
+            return self.job.prompts[index // self.job.n].text + text
+        return text
+
+    # --- streaming -----------------------------------------------------------------------
+
+    def _envelope(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
+        chunk: dict[str, Any] = {
+            "id": self.id,
+            "object": "chat.completion.chunk" if self.chat else "text_completion",
+            "created": self.job.created,
+            "model": self.job.model,
+            "system_fingerprint": None,
+            "choices": choices,
+        }
+        if self.job.include_usage:
+            chunk["usage"] = None
+        return chunk
+
+    def role_chunk(self) -> dict[str, Any] | None:
+        """Chat streams open with the assistant role for every choice, as OpenAI's do."""
+        if not self.chat:
+            return None
+        return self._envelope(
+            [
+                {
+                    "index": i,
+                    "delta": {"role": "assistant", "content": ""},
+                    "logprobs": None,
+                    "finish_reason": None,
+                }
+                for i in range(self.job.fanout)
+            ]
+        )
+
+    def chunk(self, delta: ChoiceDelta) -> dict[str, Any] | None:
+        """The chunk for one delta, or None when it carries nothing to show."""
+        if not delta.text and delta.finish_reason is None and not delta.logprobs:
+            return None
+        choice: dict[str, Any] = {"index": delta.index}
+        if self.chat:
+            choice["delta"] = {"content": delta.text} if delta.text else {}
+        else:
+            choice["text"] = self._echo(delta.index, delta.text)
+        choice["logprobs"] = self._logprobs(delta.index, delta.logprobs) if delta.logprobs else None
+        choice["finish_reason"] = delta.finish_reason
+        if delta.stop_reason and not self.chat:
+            choice["stop_reason"] = delta.stop_reason
+        return self._envelope([choice])
+
+    def usage_chunk(self) -> dict[str, Any]:
+        chunk = self._envelope([])
+        chunk["usage"] = usage_json(self.call.usage())
+        return chunk
+
+    # --- whole response ------------------------------------------------------------------
+
+    def response(self, deltas: Sequence[ChoiceDelta]) -> dict[str, Any]:
+        choices = [_Choice() for _ in range(self.job.fanout)]
+        for delta in deltas:
+            choice = choices[delta.index]
+            choice.text.append(delta.text)
+            choice.logprobs.extend(delta.logprobs)
+            if delta.finish_reason is not None:
+                choice.finish_reason = delta.finish_reason
+        body_choices = []
+        for index, choice in enumerate(choices):
+            text = "".join(choice.text)
+            logprobs = self._logprobs(index, choice.logprobs)
+            if self.chat:
+                body_choices.append(
+                    {
+                        "index": index,
+                        "message": {"role": "assistant", "content": text},
+                        "logprobs": logprobs,
+                        "finish_reason": choice.finish_reason,
+                    }
+                )
+            else:
+                body_choices.append(
+                    {
+                        "index": index,
+                        "text": self._echo(index, text),
+                        "logprobs": logprobs,
+                        "finish_reason": choice.finish_reason,
+                    }
+                )
+        return {
+            "id": self.id,
+            "object": "chat.completion" if self.chat else "text_completion",
+            "created": self.job.created,
+            "model": self.job.model,
+            "system_fingerprint": None,
+            "choices": body_choices,
+            "usage": usage_json(self.call.usage()),
+        }

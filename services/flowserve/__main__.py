@@ -1,3 +1,0 @@
-from deepserve.flowserve.main import main
-
-main()

@@ -1,0 +1,3 @@
+from deepserve.flowserve.pod.main import main
+
+main()

@@ -1,0 +1,1 @@
+"""The engine: requests, step planning, the step loop and its asyncio face."""

@@ -1,0 +1,130 @@
+"""One generation request as the engine core tracks it: tokens, progress, status."""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from deepserve.prefix_hash import BlockHash
+
+# Stands in for a token sampled by the step still running on the device; the engine writes
+# the real id into the batch just before submitting it (asynchronous scheduling).
+PLACEHOLDER_TOKEN_ID = -1
+
+
+class RequestStatus(enum.Enum):
+    """Where a request is in its life; the FINISHED_* states are terminal."""
+
+    WAITING = "waiting"
+    RUNNING = "running"
+    PREEMPTED = "preempted"
+    FINISHED_STOPPED = "stop"
+    FINISHED_LENGTH = "length"
+    FINISHED_ABORTED = "abort"
+    FINISHED_ERROR = "error"
+
+    @property
+    def is_finished(self) -> bool:
+        return self in _FINISHED
+
+    @property
+    def finish_reason(self) -> str | None:
+        """The OpenAI-style finish reason ("stop", "length", "abort", "error"), None if live."""
+        return self.value if self.is_finished else None
+
+
+_FINISHED = {
+    RequestStatus.FINISHED_STOPPED,
+    RequestStatus.FINISHED_LENGTH,
+    RequestStatus.FINISHED_ABORTED,
+    RequestStatus.FINISHED_ERROR,
+}
+
+
+@dataclass(slots=True)
+class RequestTimeline:
+    """Wall-clock marks (ns since the epoch) of one request's life in the engine, for tracing."""
+
+    arrived_ns: int = field(default_factory=time.time_ns)
+    first_scheduled_ns: int | None = None
+    # (start, end, tokens) of each prompt chunk computed.
+    prefill_chunks: list[tuple[int, int, int]] = field(default_factory=list)
+    first_token_ns: int | None = None
+    finished_ns: int | None = None
+
+
+@dataclass(eq=False)
+class Request:
+    """A prompt, its generated tokens so far, and how much of it has KV on the device."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    max_tokens: int
+    eos_token_ids: frozenset[int] = frozenset()
+    stop_token_ids: frozenset[int] = frozenset()
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    # Opaque to the scheduler; the engine hands it to the sampler and detokenizer.
+    sampling_params: Any = None
+    # Arrival order; preemption picks the latest arrival, the waiting queue honours it.
+    arrival_seq: int = 0
+    # Higher is admitted from the waiting queue first (batch jobs use negative priorities).
+    priority: int = 0
+    # Keep the KV blocks after a normal finish until released (a prefill instance hands them
+    # to a decode instance first); aborted or failed requests free them as usual.
+    hold_kv: bool = False
+
+    output_token_ids: list[int] = field(default_factory=list)
+    status: RequestStatus = RequestStatus.WAITING
+    # Tokens whose KV is computed or scheduled to be (advanced when a step is scheduled).
+    num_computed_tokens: int = 0
+    # Tokens being sampled by steps not yet processed (at most one per step in flight).
+    num_pending_tokens: int = 0
+    # Prompt tokens served from the prefix cache at first admission (for usage accounting).
+    num_cached_tokens: int = -1
+    num_preemptions: int = 0
+    stop_reason: int | str | None = None
+    error: str | None = None
+    block_hashes: list[BlockHash] = field(default_factory=list)
+    timeline: RequestTimeline = field(default_factory=RequestTimeline)
+    _all_token_ids: list[int] = field(init=False, repr=False, default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._all_token_ids = list(self.prompt_token_ids)
+
+    @property
+    def all_token_ids(self) -> Sequence[int]:
+        """Prompt then generated tokens (all known ones; a recompute after preemption uses all)."""
+        return self._all_token_ids
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        """Known tokens (prompt + sampled so far)."""
+        return len(self._all_token_ids)
+
+    @property
+    def num_tokens_with_pending(self) -> int:
+        return len(self._all_token_ids) + self.num_pending_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status.is_finished
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.status.finish_reason
+
+    def append_output_token(self, token_id: int) -> None:
+        self.output_token_ids.append(token_id)
+        self._all_token_ids.append(token_id)

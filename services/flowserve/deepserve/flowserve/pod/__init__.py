@@ -1,0 +1,1 @@
+"""The pod: the task executor shell around one engine (registration, loading, serving, fork)."""

@@ -1,0 +1,108 @@
+"""One rank's model plus its KV cache: executes ScheduledBatches and returns logits."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from deepserve.flowserve.engine.step_plan import ScheduledBatch
+from deepserve.flowserve.model.config import ModelConfig
+from deepserve.flowserve.model.llama import LlamaForCausalLM
+from deepserve.flowserve.runner.device import parse_dtype, platform_of
+from deepserve.flowserve.runner.inputs import build_model_inputs, validate_batch
+from deepserve.flowserve.runner.kv_cache_tensors import KVCacheTensors
+
+
+class ModelRunner:
+    """Loads one rank's weight shard, owns its paged KV cache, and runs forward steps."""
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        device: torch.device | str,
+        dtype: torch.dtype | str | None,
+        num_blocks: int,
+        block_size: int,
+        tp_rank: int = 0,
+        tp_size: int = 1,
+        tp_group: dist.ProcessGroup | None = None,
+    ) -> None:
+        self.device = torch.device(device)
+        self.dtype = parse_dtype(dtype, platform_of(self.device))
+        self.config = ModelConfig.from_model_dir(model_dir)
+        self.config.check_tensor_parallel(tp_size)
+        self.tp_rank = tp_rank
+        self.tp_size = tp_size
+        self.block_size = block_size
+        self.model = LlamaForCausalLM.load(
+            model_dir,
+            self.config,
+            device=self.device,
+            dtype=self.dtype,
+            tp_rank=tp_rank,
+            tp_size=tp_size,
+            tp_group=tp_group,
+        )
+        # Called on the forward thread as (batch, layer index, KV cache) after each layer has
+        # written its KV: the layer-by-layer KV transfer taps it.
+        self.after_layer: Callable[[ScheduledBatch, int, KVCacheTensors], None] | None = None
+        self.kv_cache = KVCacheTensors(
+            num_layers=self.config.num_layers,
+            num_blocks=num_blocks,
+            block_size=block_size,
+            num_kv_heads=self.config.num_kv_heads // tp_size,
+            head_dim=self.config.head_dim,
+            dtype=self.dtype,
+            device=self.device,
+        )
+
+    @property
+    def num_blocks(self) -> int:
+        return self.kv_cache.num_blocks
+
+    @property
+    def computes_logits(self) -> bool:
+        return self.tp_rank == 0
+
+    @torch.inference_mode()
+    def execute(self, batch: ScheduledBatch) -> torch.Tensor:
+        """Apply block copies, run the step, return float32 CPU logits [needs_logits seqs, vocab].
+
+        Rows follow batch order. Ranks other than 0 run the same layers (their all-reduces are
+        needed) but skip lm_head and return an empty [0, vocab] tensor.
+        """
+        validate_batch(batch, num_blocks=self.num_blocks, block_size=self.block_size)
+        self.kv_cache.copy_blocks(batch.block_copies)
+        empty = torch.empty(0, self.config.vocab_size, dtype=torch.float32)
+        if batch.is_empty:
+            return empty
+        inputs = build_model_inputs(batch, block_size=self.block_size, device=self.device)
+        hidden = self.model.forward(
+            inputs.token_ids,
+            inputs.positions,
+            inputs.attention,
+            self.kv_cache.layers,
+            max_position=inputs.max_position,
+            after_layer=self._layer_hook(batch),
+        )
+        if not self.computes_logits or inputs.logits_indices.numel() == 0:
+            return empty
+        logits = self.model.compute_logits(hidden.index_select(0, inputs.logits_indices))
+        return logits.float().cpu()
+
+    def _layer_hook(self, batch: ScheduledBatch) -> Callable[[int], None] | None:
+        hook = self.after_layer
+        if hook is None:
+            return None
+        kv_cache = self.kv_cache
+        return lambda layer: hook(batch, layer, kv_cache)
+
+    def copy_to_host(self, block_ids: Sequence[int]) -> torch.Tensor:
+        """This rank's KV of the blocks, [layers, 2, blocks, block_size, kv_heads/tp, head_dim]."""
+        return self.kv_cache.copy_to_host(block_ids)
+
+    def load_from_host(self, block_ids: Sequence[int], tensor: torch.Tensor) -> None:
+        self.kv_cache.load_from_host(block_ids, tensor)

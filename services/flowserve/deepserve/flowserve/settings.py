@@ -1,0 +1,54 @@
+"""The flowserve service's settings, read from `DEEPSERVE_FLOWSERVE_*` environment variables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic_settings import SettingsConfigDict
+
+from deepserve.config import ServiceSettings
+
+
+class FlowServeSettings(ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="DEEPSERVE_FLOWSERVE_", extra="ignore")
+
+    grpc_port: int = 50060
+    # Pod identity; generated when empty. A pod without a model registers as warm.
+    pod_id: str = ""
+    # Catalog name or model directory to load at start; empty starts a warm, model-less pod.
+    model: str = ""
+    role: str = "colocated"
+    # npu, cuda or cpu; empty picks the best available.
+    device: str = ""
+    # Weights, activations and KV cache: float32, bfloat16 or float16; empty: the device's
+    # default (float32 on CPU, where bfloat16 pays off only with AMX or avx512_bf16).
+    dtype: str = ""
+    # CPU threads of the forward pass and of training (0: torch's default, one per core).
+    threads: int = 0
+    model_cache_dir: Path | None = None
+    tensor_parallel_size: int = 1
+    # KV blocks on the device; 0 sizes the cache from kv_cache_memory_mb.
+    kv_cache_blocks: int = 0
+    kv_cache_memory_mb: int = 256
+    # Host-DRAM tier for evicted prefix blocks (0 disables it).
+    kv_host_blocks: int = 0
+    async_scheduling: bool = True
+    block_size: int = 16
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 1024
+    max_queue_len: int = 1024
+    # Seconds between load reports to Redis.
+    load_report_interval_s: float = 0.5
+    # This host's weights cache (DRAM pre-loading): prepared copies that new instances map.
+    weights_cache_dir: Path = Path("/dev/shm/deepserve-weights")
+    # Look for a DRAM copy when LoadModel names no weights source.
+    use_weights_cache: bool = True
+    # Models (catalog names or directories, comma-separated) whose tokenizers a warm pod loads
+    # ahead of its LoadModel; the copies in the weights cache are added to them.
+    preload_tokenizers: str = ""
+    # Longest a fork (weights streamed from a running instance) may take before disk is used.
+    fork_timeout_s: float = 120.0
+    # A fork source on this host writes the weights into shared memory instead of streaming.
+    fork_shared_memory: bool = True
+    # Run one dummy request before the instance registers (scale-up step 4).
+    warmup_request: bool = True

@@ -1,0 +1,42 @@
+"""The gateway service's settings, read from `DEEPSERVE_GATEWAY_*` environment variables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic_settings import SettingsConfigDict
+
+from deepserve.config import ServiceSettings
+
+
+class GatewaySettings(ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="DEEPSERVE_GATEWAY_", extra="ignore")
+
+    grpc_port: int = 50050
+    http_port: int = 8000
+    scheduler_address: str = "127.0.0.1:50052"
+    # Open mode accepts calls without an API key; meant for the local demo only.
+    auth_open: bool = False
+    # The tenant that keyless (or unknown-key) calls are charged to in open mode.
+    open_tenant: str = "anonymous"
+    request_timeout_s: float = 600.0
+    # Seconds a Route call to the scheduler may take before the request fails with 503.
+    route_timeout_s: float = 5.0
+    # Re-routes (to another instance) when an engine fails before its first token.
+    generate_retries: int = 1
+    # Limits of tenants without a record of their own (0: unlimited).
+    default_requests_per_min: int = 0
+    default_tokens_per_min: int = 0
+    default_max_concurrent: int = 0
+    rate_limit_window_s: float = 60.0
+    # Completion tokens charged up front against tokens/min when a request sets no max_tokens.
+    max_tokens_estimate: int = 256
+    # Upper bound of engine requests one API call may fan out to (n times the prompts).
+    max_fanout: int = 128
+    # Where tokenizers of catalog models are found (the model cache); None: the default cache.
+    model_cache_dir: Path | None = None
+    # Token block size of the engines' prefix cache, for the prefix hashes sent to Route.
+    prefix_block_size: int = 16
+    # Scale from zero: how long a request for an autoscaled model with no live instance waits
+    # for the first one before a 503 with Retry-After (0 disables holding).
+    scale_from_zero_timeout_s: float = 60.0

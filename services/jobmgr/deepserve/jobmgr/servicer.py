@@ -1,0 +1,86 @@
+"""JobManagerService over the JobStore."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+
+from deepserve.errors import InvalidArgument, Unimplemented
+from deepserve.jobmgr.task_store import TaskStore
+from deepserve.jobs.store import JobStore
+from deepserve.jobs.wire import (
+    job_to_proto,
+    kind_from_proto,
+    serving_spec_from_proto,
+    task_to_proto,
+)
+from deepserve.v1 import jobmgr_pb2 as pb
+from deepserve.v1 import jobmgr_pb2_grpc
+
+
+class JobManagerServicer(jobmgr_pb2_grpc.JobManagerServiceServicer):
+    def __init__(self, jobs: JobStore, tasks: TaskStore) -> None:
+        self._jobs = jobs
+        self._tasks = tasks
+
+    async def CreateJob(
+        self, request: pb.CreateJobRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CreateJobResponse:
+        kind = kind_from_proto(request.spec.kind)
+        if kind is None:
+            raise InvalidArgument("a job kind is required", field="spec.kind")
+        if request.spec.WhichOneof("spec") != "serving":
+            raise Unimplemented(
+                f"{kind.value} jobs belong to the post-training and batch issue (#9); "
+                "only serving jobs exist so far"
+            )
+        spec = serving_spec_from_proto(request.spec.serving)
+        job = await self._jobs.create_serving(spec, request.job_id)
+        return pb.CreateJobResponse(job=job_to_proto(job))
+
+    async def GetJob(
+        self, request: pb.GetJobRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetJobResponse:
+        job = await self._jobs.get(request.job_id)
+        tasks = await self._tasks.list(request.job_id)
+        return pb.GetJobResponse(job=job_to_proto(job), tasks=[task_to_proto(t) for t in tasks])
+
+    async def ListJobs(
+        self, request: pb.ListJobsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListJobsResponse:
+        jobs = await self._jobs.list(kind_from_proto(request.kind))
+        return pb.ListJobsResponse(jobs=[job_to_proto(j) for j in jobs])
+
+    async def WatchJobs(
+        self, request: pb.WatchJobsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.WatchJobsResponse]:
+        async for change in self._jobs.watch(kind_from_proto(request.kind)):
+            if change.kind == "delete" or change.job is None:
+                yield pb.WatchJobsResponse(
+                    change=pb.JOB_CHANGE_DELETE, job=pb.Job(job_id=change.job_id)
+                )
+            else:
+                yield pb.WatchJobsResponse(change=pb.JOB_CHANGE_PUT, job=job_to_proto(change.job))
+
+    async def CancelJob(
+        self, request: pb.CancelJobRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CancelJobResponse:
+        return pb.CancelJobResponse(job=job_to_proto(await self._jobs.cancel(request.job_id)))
+
+    async def ScaleJob(
+        self, request: pb.ScaleJobRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ScaleJobResponse:
+        job = await self._jobs.scale(request.job_id, request.replicas)
+        return pb.ScaleJobResponse(job=job_to_proto(job))
+
+    async def DeleteJob(
+        self, request: pb.DeleteJobRequest, context: grpc.aio.ServicerContext
+    ) -> pb.DeleteJobResponse:
+        return pb.DeleteJobResponse(job=job_to_proto(await self._jobs.delete(request.job_id)))
+
+    async def ListTasks(
+        self, request: pb.ListTasksRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListTasksResponse:
+        tasks = await self._tasks.list(request.job_id or None)
+        return pb.ListTasksResponse(tasks=[task_to_proto(t) for t in tasks])

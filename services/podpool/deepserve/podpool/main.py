@@ -1,0 +1,98 @@
+"""Entry point of the podpool process: `python -m deepserve.podpool` / `deepserve podpool`."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+from deepserve import records
+from deepserve.errors import InvalidArgument
+from deepserve.metrics import registry
+from deepserve.podpool.backend import PodBackend
+from deepserve.podpool.dram_cache import DramPreloader, ModelResolver
+from deepserve.podpool.local_backend import LocalProcessBackend
+from deepserve.podpool.pod_agent import GrpcPodAgent
+from deepserve.podpool.pod_view import PodView
+from deepserve.podpool.pool_metrics import PoolCollector
+from deepserve.podpool.servicer import PodPoolServicer
+from deepserve.podpool.settings import PodPoolSettings
+from deepserve.podpool.warm_pool import WarmPodPool
+from deepserve.podpool.weights_planner import WeightsPlanner
+from deepserve.podpool.zygote_backend import ZygoteBackend
+from deepserve.runtime import ServiceRuntime
+from deepserve.scaling.weights_cache import WeightsCacheLayout
+from deepserve.store.informer import Informer
+from deepserve.v1 import podpool_pb2, podpool_pb2_grpc
+
+SERVICE_NAME = podpool_pb2.DESCRIPTOR.services_by_name["PodPoolService"].full_name
+
+
+def make_backend(settings: PodPoolSettings) -> PodBackend:
+    if settings.backend == "local":
+        if settings.pod_start == "zygote":
+            return ZygoteBackend(settings, settings.pod_start_timeout_s)
+        return LocalProcessBackend(settings)
+    raise InvalidArgument(
+        f"unknown pod backend {settings.backend!r} (only 'local' exists so far)", field="backend"
+    )
+
+
+def make_dram(settings: PodPoolSettings) -> DramPreloader | None:
+    if settings.weights_cache_dir is None:
+        return None
+    return DramPreloader(
+        WeightsCacheLayout(settings.weights_cache_dir),
+        ModelResolver(),
+        pinned=[m.strip() for m in settings.dram_models.split(",") if m.strip()],
+        recent=settings.dram_recent_models,
+        budget_bytes=settings.dram_budget_mb * 1024 * 1024,
+        device=settings.pod_device,
+    )
+
+
+async def serve(settings: PodPoolSettings) -> None:
+    async with ServiceRuntime("podpool", settings) as rt:
+        view = PodView(rt.etcd)
+        view.start()
+        registry().register(PoolCollector(view))
+        # Running instances: the fork sources for new ones.
+        instances = Informer(records.instances(rt.etcd))
+        instances.start()
+        dram = make_dram(settings)
+        dram_loop = asyncio.create_task(dram.run()) if dram is not None else None
+        planner = WeightsPlanner(lambda: instances.items, dram=dram, fork=settings.fork)
+
+        async def stop_scaling() -> None:
+            if dram_loop is not None:
+                dram_loop.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await dram_loop
+            if dram is not None:
+                await dram.close()
+            await instances.stop()
+
+        pool = WarmPodPool(
+            view,
+            make_backend(settings),
+            GrpcPodAgent(),
+            warm_target=settings.warm_pods,
+            max_pods=settings.max_pods,
+            start_timeout_s=settings.pod_start_timeout_s,
+            planner=planner,
+            max_concurrent_loads=settings.max_concurrent_loads,
+        )
+        pool.start()
+        servicer = PodPoolServicer(view, pool)
+        await rt.serve(
+            [
+                lambda server: podpool_pb2_grpc.add_PodPoolServiceServicer_to_server(
+                    servicer, server
+                )
+            ],
+            [SERVICE_NAME],
+            on_shutdown=[pool.close, stop_scaling, view.stop],
+        )
+
+
+def main() -> None:
+    asyncio.run(serve(PodPoolSettings()))

@@ -1,0 +1,55 @@
+"""The podpool service's settings, read from `DEEPSERVE_PODPOOL_*` environment variables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic_settings import SettingsConfigDict
+
+from deepserve.config import ServiceSettings
+
+
+class PodPoolSettings(ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="DEEPSERVE_PODPOOL_", extra="ignore")
+
+    grpc_port: int = 50053
+    # Warm (model-less, runtime started) pods the pool keeps ready for the next task. Warm pods
+    # started elsewhere (e.g. `deepserve up`'s first pod) count; 0 starts pods only on demand.
+    warm_pods: int = 0
+    # Upper bound on pods this pool runs at once (warm + assigned + starting).
+    max_pods: int = 64
+    # Where pods run: "local" (processes on this host); "kubernetes" is the production target.
+    backend: str = "local"
+    # Seconds a new pod may take to register as warm before it is given up on.
+    pod_start_timeout_s: float = 120.0
+    # Device for the pods it starts (npu, cuda, cpu; empty picks the best available).
+    pod_device: str = ""
+    # Where the local backend writes each pod's log; empty uses a temporary folder.
+    pod_log_dir: Path | None = None
+    # DRAM pre-loading: models whose weights this host always keeps in shared memory
+    # (comma-separated names or paths), plus this many recently scaled-up models.
+    dram_models: str = ""
+    dram_recent_models: int = 2
+    # Upper bound on the shared memory the copies may take (0: no bound beyond the host's).
+    dram_budget_mb: int = 0
+    # The host's weights cache (the pods' DEEPSERVE_FLOWSERVE_WEIGHTS_CACHE_DIR); empty disables
+    # DRAM pre-loading.
+    weights_cache_dir: Path | None = Path("/dev/shm/deepserve-weights")
+    # Fork: let a new instance stream its weights from a running one of the same model.
+    fork: bool = True
+    # How pods start: "process" (a new Python process each) or "zygote" (forked from one
+    # process that imported the runtime once: faster, and pods share its memory pages).
+    pod_start: str = "process"
+    # GOMP_SPINCOUNT for the pods (0: leave OpenMP's default, 300k). A short spin helps only
+    # where pods with several threads each are packed beyond the cores: 16 concurrent DRAM-path
+    # loads of 2-thread pods on 2 cores took 8 s with the default and 2.6 s with 20k. It costs a
+    # pod that has its cores: a training job ran 5-9% slower with 20k (bench/finetune.py). With
+    # one thread per pod (pod_threads=1, how packed bursts run best) OpenMP never spins. A
+    # GOMP_SPINCOUNT or OMP_WAIT_POLICY in the environment wins.
+    pod_openmp_spin_count: int = 0
+    # CPU threads per pod (0: one per core). Pods packed many to a core (a burst of 64 on a
+    # small host) run better with 1 each: no OpenMP team waits on a descheduled partner.
+    pod_threads: int = 0
+    # Model loads (LoadModel on a claimed pod) run at once on this host; the rest queue (0: no
+    # bound). Loads share the host's cores: a bound brings the first instances up sooner.
+    max_concurrent_loads: int = 0
