@@ -26,5 +26,8 @@ echo "[test] ruff"
 ruff check .
 ruff format --check .
 
+echo "[test] import fence (import-linter: services independent; apps > services > libs)"
+lint-imports --no-cache
+
 echo "[test] pytest"
 exec python -m pytest "$@"

@@ -22,11 +22,11 @@ import openai
 import pytest
 
 from deepserve import records
+from deepserve.cli import tenancy as tenancy_cli
 from deepserve.models.catalog import DEFAULT_MODEL
 from deepserve.processes import ManagedProcess, free_port, wait_for_port
 from deepserve.rpc.client import insecure_channel
 from deepserve.store.etcd import EtcdStore
-from deepserve.cli import tenancy as tenancy_cli
 from deepserve.tenancy.api_keys import ApiKeys
 from deepserve.tenancy.tenants import TenantLimits, Tenants
 from deepserve.tokenizer import Tokenizer

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from deepserve.errors import InvalidArgument
-from deepserve.jobmgr.task_records import TaskRecord, TaskState
 from deepserve.jobs.records import (
     AutoscalingPolicy,
+    JobEvent,
     JobKind,
     JobPhase,
     JobRecord,
@@ -13,10 +13,8 @@ from deepserve.jobs.records import (
     ServingMode,
     ServingSpec,
 )
-from deepserve.scaling.wire import steps_to_proto, weights_source_to_proto
 from deepserve.store.etcd import Versioned
 from deepserve.v1 import jobmgr_pb2 as pb
-from deepserve.wire import role_to_proto
 
 KIND_TO_PROTO = {
     JobKind.SERVING: pb.JOB_KIND_SERVING,
@@ -44,13 +42,6 @@ POLICY_TO_PROTO = {
     RoutingPolicy.LEAST_LOADED: pb.ROUTING_POLICY_LEAST_LOADED,
 }
 POLICY_FROM_PROTO = {v: k for k, v in POLICY_TO_PROTO.items()}
-TASK_STATE_TO_PROTO = {
-    TaskState.PENDING: pb.TASK_STATE_PENDING,
-    TaskState.STARTING: pb.TASK_STATE_STARTING,
-    TaskState.RUNNING: pb.TASK_STATE_RUNNING,
-    TaskState.FAILED: pb.TASK_STATE_FAILED,
-    TaskState.TERMINATING: pb.TASK_STATE_TERMINATING,
-}
 
 
 def kind_from_proto(value: int) -> JobKind | None:
@@ -124,31 +115,11 @@ def job_to_proto(job: Versioned[JobRecord]) -> pb.Job:
             ready_replicas=record.status.ready_replicas,
             message=record.status.message,
         ),
-        events=[
-            pb.JobEvent(at_unix=e.at, reason=e.reason, message=e.message) for e in record.events
-        ],
+        events=[event_to_proto(e) for e in record.events],
         created_at_unix=record.created_at,
         revision=job.mod_revision,
     )
 
 
-def task_to_proto(task: Versioned[TaskRecord]) -> pb.Task:
-    r = task.record
-    return pb.Task(
-        task_id=r.task_id,
-        job_id=r.job_id,
-        slot=r.slot,
-        role=role_to_proto(r.role),
-        model=r.model,
-        state=TASK_STATE_TO_PROTO[r.state],
-        pod_id=r.pod_id,
-        instance_id=r.instance_id,
-        address=r.address,
-        cold_start=r.cold_start,
-        events=[pb.JobEvent(at_unix=e.at, reason=e.reason, message=e.message) for e in r.events],
-        created_at_unix=r.created_at,
-        message=r.message,
-        revision=task.mod_revision,
-        scale_steps=steps_to_proto(r.scale_up) if r.scale_up else [],
-        weights_source=weights_source_to_proto(r.scale_up.weights_source) if r.scale_up else 0,
-    )
+def event_to_proto(event: JobEvent) -> pb.JobEvent:
+    return pb.JobEvent(at_unix=event.at, reason=event.reason, message=event.message)

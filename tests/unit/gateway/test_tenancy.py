@@ -11,11 +11,11 @@ import pytest_asyncio
 import redis.asyncio as aioredis
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from deepserve.cli import tenancy as tenancy_cli
 from deepserve.errors import NotFound, ResourceExhausted, Unauthenticated
 from deepserve.gateway.auth import Authenticator, bearer_token
 from deepserve.gateway.settings import GatewaySettings
 from deepserve.store.etcd import EtcdStore
-from deepserve.cli import tenancy as tenancy_cli
 from deepserve.tenancy.api_keys import ApiKeys, hash_api_key
 from deepserve.tenancy.rate_limiter import RateLimiter
 from deepserve.tenancy.tenants import TenantLimits, Tenants

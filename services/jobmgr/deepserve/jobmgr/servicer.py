@@ -8,12 +8,12 @@ import grpc
 
 from deepserve.errors import InvalidArgument, Unimplemented
 from deepserve.jobmgr.task_store import TaskStore
+from deepserve.jobmgr.task_wire import task_to_proto
 from deepserve.jobs.store import JobStore
 from deepserve.jobs.wire import (
     job_to_proto,
     kind_from_proto,
     serving_spec_from_proto,
-    task_to_proto,
 )
 from deepserve.v1 import jobmgr_pb2 as pb
 from deepserve.v1 import jobmgr_pb2_grpc
