@@ -28,7 +28,7 @@ def _top_level(unit: Path) -> set[str]:
 
 
 def test_every_libs_module_is_in_the_libs_layer() -> None:
-    apps, services, libs = _layers()
+    _apps, services, libs = _layers()
     assert services == set(SERVICES)
     assert _top_level(ROOT / "libs") == libs
 
