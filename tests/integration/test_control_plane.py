@@ -1,6 +1,8 @@
 """The control plane end to end. Starts real processes: etcd and valkey-server (session
 fixtures), one podpool (which starts FlowServe pods as processes), two jobmgr replicas and two
-scheduler replicas; pods serve a tiny random Llama. Tests run in order on one shared plane."""
+scheduler replicas; pods serve a tiny random Llama. The tests share one plane and one colocated
+deployment (the `colocated` fixture creates it on first use), and each passes alone and in any
+order: none assumes what another test did to the shared deployment."""
 
 from __future__ import annotations
 
@@ -190,10 +192,15 @@ def serving_spec(plane: Plane, **kw: Any) -> jobmgr_pb2.JobSpec:
     )
 
 
-async def ready_job(plane: Plane, job_id: str, replicas: int) -> jobmgr_pb2.GetJobResponse:
+async def ready_job(
+    plane: Plane, job_id: str, replicas: int | None = None
+) -> jobmgr_pb2.GetJobResponse:
+    """The job once `replicas` (default: its desired count) are ready."""
+
     async def probe() -> jobmgr_pb2.GetJobResponse | None:
         reply = await jobmgr_call(plane, "GetJob", jobmgr_pb2.GetJobRequest(job_id=job_id))
-        return reply if reply.job.status.ready_replicas == replicas else None
+        want = reply.job.spec.serving.replicas if replicas is None else replicas
+        return reply if reply.job.status.ready_replicas == want else None
 
     return await eventually(probe, timeout_s=120)
 
@@ -208,9 +215,19 @@ async def instance_ids(address: str, model: str) -> set[str]:
 JOB = "cp-colocated"
 
 
-async def test_deploy_two_replicas_serve(plane: Plane, etcd: EtcdStore) -> None:
-    # Deploy once the pool is warm, so one task gets the warm pod and the other starts cold.
-    await eventually(lambda: _has_warm_pod(etcd), timeout_s=90)
+@dataclass(frozen=True)
+class Deployment:
+    """The shared colocated deployment as it stood when it first became ready."""
+
+    first_ready: jobmgr_pb2.GetJobResponse
+
+
+@pytest.fixture(scope="module")
+async def colocated(plane: Plane) -> Deployment:
+    """Deploys JOB (2 replicas, up to 3) once per module, whichever test asks first."""
+    async with EtcdStore(plane.etcd_endpoint) as etcd:
+        # Deploy once the pool is warm, so one task gets the warm pod and the other starts cold.
+        await eventually(lambda: _has_warm_pod(etcd), timeout_s=90)
     await jobmgr_call(
         plane,
         "CreateJob",
@@ -218,16 +235,27 @@ async def test_deploy_two_replicas_serve(plane: Plane, etcd: EtcdStore) -> None:
             job_id=JOB, spec=serving_spec(plane, replicas=2, max_replicas=3)
         ),
     )
-    job = await ready_job(plane, JOB, 2)
+    return Deployment(await ready_job(plane, JOB, 2))
+
+
+async def colocated_instances(plane: Plane) -> int:
+    """How many colocated instances the shared deployment wants now (tests may have scaled it)."""
+    reply = await ready_job(plane, JOB)
+    return reply.job.spec.serving.replicas
+
+
+async def test_deploy_two_replicas_serve(plane: Plane, colocated: Deployment) -> None:
+    job = colocated.first_ready
     assert job.job.status.phase == jobmgr_pb2.JOB_PHASE_RUNNING
     running = [t for t in job.tasks if t.state == jobmgr_pb2.TASK_STATE_RUNNING]
     assert len(running) == 2
     task_events = {e.reason for t in running for e in t.events}
     assert {"PodAssigned", "ColdStart"} <= task_events
-    expected = {t.instance_id for t in running}
+    now = await ready_job(plane, JOB)
+    expected = {t.instance_id for t in now.tasks if t.state == jobmgr_pb2.TASK_STATE_RUNNING}
     for scheduler in plane.schedulers:
         await eventually(lambda s=scheduler: _equals(instance_ids(s, plane.model), expected))
-    for n, task in enumerate(running):
+    for n, task in enumerate(t for t in now.tasks if t.state == jobmgr_pb2.TASK_STATE_RUNNING):
         assert await generate(task.address, f"smoke-{n}", [5, 6, 7, 8], 4) == 4
 
 
@@ -240,7 +268,7 @@ async def _equals(value: Awaitable[Any], expected: Any) -> bool:
     return (await value) == expected
 
 
-async def test_two_schedulers_answer_the_same(plane: Plane) -> None:
+async def test_two_schedulers_answer_the_same(plane: Plane, colocated: Deployment) -> None:
     prompts = [[7] * 48, [9] * 200, list(range(100)), []]
     for n, prompt in enumerate(prompts * 2):
         kw = {
@@ -263,7 +291,9 @@ async def test_two_schedulers_answer_the_same(plane: Plane) -> None:
         assert (a.branch, a.disaggregated) == (b.branch, b.disaggregated)
 
 
-async def test_prefix_affinity_while_balanced_and_spread_when_not(plane: Plane) -> None:
+async def test_prefix_affinity_while_balanced_and_spread_when_not(
+    plane: Plane, colocated: Deployment
+) -> None:
     scheduler = plane.schedulers[0]
     probe = await route(scheduler, request_id="probe", model=plane.model)
     holder = probe.instances[0]
@@ -309,8 +339,11 @@ async def test_prefix_affinity_while_balanced_and_spread_when_not(plane: Plane) 
         await asyncio.gather(*flood, return_exceptions=True)
 
 
-async def test_pd_aware_sends_long_prompt_short_output_to_the_pair(plane: Plane) -> None:
+async def test_pd_aware_sends_long_prompt_short_output_to_the_pair(
+    plane: Plane, colocated: Deployment
+) -> None:
     job_id = "cp-disagg"
+    colocated_count = await colocated_instances(plane)
     await jobmgr_call(
         plane,
         "CreateJob",
@@ -331,7 +364,7 @@ async def test_pd_aware_sends_long_prompt_short_output_to_the_pair(plane: Plane)
     scheduler = plane.schedulers[1]
 
     async def both_groups() -> bool:
-        return len(await instance_ids(scheduler, plane.model)) == 4
+        return len(await instance_ids(scheduler, plane.model)) == colocated_count + 2
 
     await eventually(both_groups)
     long_short = await route(
@@ -356,15 +389,18 @@ async def test_pd_aware_sends_long_prompt_short_output_to_the_pair(plane: Plane)
         return job_id not in {j.job_id for j in jobs.jobs}
 
     await eventually(deleted, timeout_s=60)
-    await eventually(lambda: _len_is(instance_ids(scheduler, plane.model), 2))
+    await eventually(lambda: _len_is(instance_ids(scheduler, plane.model), colocated_count))
 
 
 async def _len_is(value: Awaitable[Any], n: int) -> bool:
     return len(await value) == n
 
 
-async def test_sigkilled_pod_stops_receiving_and_is_replaced(plane: Plane, etcd: EtcdStore) -> None:
-    job = await ready_job(plane, JOB, 2)
+async def test_sigkilled_pod_stops_receiving_and_is_replaced(
+    plane: Plane, etcd: EtcdStore, colocated: Deployment
+) -> None:
+    job = await ready_job(plane, JOB)
+    replicas = job.job.spec.serving.replicas
     victim = job.tasks[0]
     pod = await records.pods(etcd).require(victim.pod_id)
     os.kill(pod.record.pid, signal.SIGKILL)
@@ -380,16 +416,21 @@ async def test_sigkilled_pod_stops_receiving_and_is_replaced(plane: Plane, etcd:
         assert victim.instance_id not in {i.instance_id for i in reply.instances}
 
     async def replaced() -> jobmgr_pb2.GetJobResponse | None:
-        reply = await ready_job(plane, JOB, 2)
+        reply = await ready_job(plane, JOB)
         ids = {t.instance_id for t in reply.tasks}
-        return reply if victim.instance_id not in ids and len(ids) == 2 else None
+        return reply if victim.instance_id not in ids and len(ids) == replicas else None
 
     after = await eventually(replaced, timeout_s=120)
     reasons = [e.reason for e in after.job.events]
     assert "TaskFailed" in reasons and "TaskReplaced" in reasons
 
 
-async def test_jobmgr_leader_dies_and_the_other_takes_over(plane: Plane, etcd: EtcdStore) -> None:
+async def test_jobmgr_leader_dies_and_the_other_takes_over(
+    plane: Plane, etcd: EtcdStore, colocated: Deployment
+) -> None:
+    before = await ready_job(plane, JOB)
+    replicas = before.job.spec.serving.replicas
+    pods_before = await _pod_counts(plane)
     leader_id = await LeaderElection(etcd, "jobmgr", "observer", TTL_S).leader()
     assert leader_id is not None
     leader_pid = int(leader_id.split("-")[-2])
@@ -402,16 +443,25 @@ async def test_jobmgr_leader_dies_and_the_other_takes_over(plane: Plane, etcd: E
         return found if found and found != leader_id else None
 
     successor = await eventually(new_leader, timeout_s=TTL_S + 10)
-    await jobmgr_call(plane, "ScaleJob", jobmgr_pb2.ScaleJobRequest(job_id=JOB, replicas=3))
-    await ready_job(plane, JOB, 3)
-    creators = {t.record.slot: t.record.created_by for t in await TaskStore(etcd).list(JOB)}
-    assert creators["r2-colocated0"] == successor
+    # The successor reconciles: scaling up (or back down, at the deployment's maximum) works.
+    target = replicas + 1 if replicas < 3 else replicas - 1
+    await jobmgr_call(plane, "ScaleJob", jobmgr_pb2.ScaleJobRequest(job_id=JOB, replicas=target))
+    await ready_job(plane, JOB, target)
     instances, _ = await records.instances(etcd).list()
-    assert len([i for i in instances if i.record.job_id == JOB]) == 3
+    assert len([i for i in instances if i.record.job_id == JOB]) == target
+    if target > replicas:
+        creators = {t.record.slot: t.record.created_by for t in await TaskStore(etcd).list(JOB)}
+        assert creators[f"r{replicas}-colocated0"] == successor
+        # The scale-up took exactly one pod from the pool (warm or cold).
+        pods_after = await _pod_counts(plane)
+        assert pods_after.warm_hits + pods_after.cold_starts == (
+            pods_before.warm_hits + pods_before.cold_starts + 1
+        )
+        assert pods_after.warm_target == 1
+
+
+async def _pod_counts(plane: Plane) -> podpool_pb2.ListPodsResponse:
     async with insecure_channel(plane.podpool, traced=False) as channel:
-        pods = await podpool_pb2_grpc.PodPoolServiceStub(channel).ListPods(
+        return await podpool_pb2_grpc.PodPoolServiceStub(channel).ListPods(
             podpool_pb2.ListPodsRequest()
         )
-    # Deploy (2), the pair (2), the replacement (1) and the scale-up (1) each got a pod.
-    assert pods.warm_hits + pods.cold_starts == 6
-    assert pods.warm_target == 1

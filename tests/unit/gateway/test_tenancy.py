@@ -238,6 +238,11 @@ async def test_unreachable_redis_admits_unchecked() -> None:
 
     client = aioredis.Redis.from_url(f"redis://127.0.0.1:{free_port()}/0", socket_timeout=1)
     limiter = RateLimiter(client)
-    admission = await limiter.admit(tenant(), "r", TenantLimits(requests_per_min=1), 1)
-    await limiter.finish(admission, 1)
+    name, limits = tenant(), TenantLimits(requests_per_min=1)
+    # Past the limit of 1 request/min: a checked limiter would refuse the second one.
+    admissions = [await limiter.admit(name, f"r{n}", limits, 1) for n in range(3)]
+    # Admitted unchecked: nothing was taken in Redis, so there is nothing to release.
+    assert all(a.finished for a in admissions)
+    for admission in admissions:
+        await limiter.finish(admission, 1)
     await client.aclose()
