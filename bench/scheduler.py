@@ -45,6 +45,7 @@ from deepserve.rpc.client import insecure_channel
 from deepserve.rpc.health_check import wait_serving
 from deepserve.store.etcd import EtcdStore, TypedPrefix
 from deepserve.store.keys import Keys
+from deepserve.store.redis_messages import KVEventEntry, LoadReport
 from deepserve.store.redis_store import RedisStore
 from deepserve.v1 import (
     common_pb2,
@@ -152,13 +153,14 @@ async def seed_instances(s: Stores, n: int, chains: list[list[str]], rng: random
             )
             await redis.publish_load(
                 instance_id,
-                {
-                    "running": rng.randint(0, 4),
-                    "waiting": rng.randint(0, 2),
-                    "kv_blocks_used": rng.randint(0, 500),
-                    "kv_blocks_total": 1000,
-                    "at": time.time(),
-                },
+                LoadReport(
+                    at=time.time(),
+                    model="bench",
+                    running=rng.randint(0, 4),
+                    waiting=rng.randint(0, 2),
+                    kv_blocks_used=rng.randint(0, 500),
+                    kv_blocks_total=1000,
+                ),
                 ttl_s=3600,
             )
         held: dict[str, list[str]] = {i: [] for i in ids}
@@ -167,7 +169,7 @@ async def seed_instances(s: Stores, n: int, chains: list[list[str]], rng: random
                 held[instance_id].extend(chain)
         for instance_id, hashes in held.items():
             events = [
-                {"kind": "stored", "tier": "device", "hashes": hashes[i : i + 64]}
+                KVEventEntry(kind="stored", tier="device", hashes=tuple(hashes[i : i + 64]))
                 for i in range(0, len(hashes), 64)
             ]
             await redis.append_kv_events(instance_id, events)

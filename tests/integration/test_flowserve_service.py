@@ -281,6 +281,6 @@ async def test_load_reports_and_registration_are_visible(
         while not (loads := await redis.read_loads([stats.instance_id])):
             assert time.monotonic() < deadline
             await asyncio.sleep(0.1)
-        assert loads[stats.instance_id]["kv_blocks_total"] == 64
-        events = await redis.read_kv_events(stats.instance_id)
-    assert any(e["kind"] == "stored" and e["hashes"] for _, e in events)
+        assert loads[stats.instance_id].kv_blocks_total == 64
+        entries = await redis.read_kv_events(stats.instance_id)
+    assert any(e.event and e.event.kind == "stored" and e.event.hashes for e in entries)
