@@ -55,6 +55,7 @@ from deepserve.v1 import (
     scheduler_pb2_grpc,
 )
 
+# Block size of part 1's simulated instances; part 2 hashes with what the real pods register.
 BLOCK = 16
 
 
@@ -148,6 +149,7 @@ async def seed_instances(s: Stores, n: int, chains: list[list[str]], rng: random
                     role=Role.COLOCATED,
                     address="127.0.0.1:1",
                     pod_id=f"pod-{instance_id}",
+                    block_size=BLOCK,
                 ),
                 lease_id=lease.id,
             )
@@ -218,6 +220,7 @@ def route_requests(
                 prompt_tokens=(len(chain) + len(extra)) * BLOCK,
                 max_tokens=rng.choice([16, 64, 256]),
                 prefix_block_hashes=chain + extra,
+                block_size=BLOCK,
             )
         )
     return out
@@ -235,7 +238,12 @@ def in_process_decision_us(chains: list[list[str]], n_instances: int, rng: rando
 
     instances = [
         InstanceRecord(
-            instance_id=f"i{i:03d}", model="bench", role=Role.COLOCATED, address="a", pod_id="p"
+            instance_id=f"i{i:03d}",
+            model="bench",
+            role=Role.COLOCATED,
+            address="a",
+            pod_id="p",
+            block_size=BLOCK,
         )
         for i in range(n_instances)
     ]
@@ -258,7 +266,7 @@ def in_process_decision_us(chains: list[list[str]], n_instances: int, rng: rando
     )  # fmt: skip
     facts = [
         RouteFacts(f"r{i}", "bench", prompt_tokens=384, max_tokens=64,
-                   prefix_block_hashes=rng.choice(chains))
+                   prefix_block_hashes=rng.choice(chains), block_size=BLOCK)
         for i in range(5000)
     ]  # fmt: skip
     started = time.perf_counter()
@@ -386,6 +394,7 @@ async def run_policy(
     prefix_tokens: int,
     concurrency: int,
     seed: int,
+    block_size: int,
 ) -> QualityResult:
     rng = random.Random(seed)
     systems = [[rng.randrange(3, 250) for _ in range(prefix_tokens)] for _ in range(prefixes)]
@@ -413,7 +422,8 @@ async def run_policy(
                         model=model,
                         prompt_tokens=len(prompt),
                         max_tokens=8,
-                        prefix_block_hashes=prompt_block_hashes(prompt, BLOCK),
+                        prefix_block_hashes=prompt_block_hashes(prompt, block_size),
+                        block_size=block_size,
                     )
                 )
                 target = decision.instances[0]
@@ -464,7 +474,8 @@ def run_quality(
     results = []
     with pods(s, model, n_pods, kv_blocks) as procs, scheduler_process(s) as scheduler:
 
-        async def all_live() -> None:
+        async def all_live() -> int:
+            """Waits for every pod's instance; returns the block size they cache with."""
             deadline = time.monotonic() + 180
             async with insecure_channel(scheduler, traced=False) as channel:
                 stub = scheduler_pb2_grpc.SchedulerServiceStub(channel)
@@ -473,13 +484,13 @@ def run_quality(
                         scheduler_pb2.ListInstancesRequest(model=model_name)
                     )
                     if len(found.instances) == n_pods:
-                        return
+                        return found.instances[0].block_size
                     if time.monotonic() > deadline or not all(p.alive() for p in procs):
                         raise RuntimeError("pods did not come up:\n" + procs[0].tail())
                     await asyncio.sleep(0.2)
 
-        asyncio.run(all_live())
-        progress(f"{n_pods} pods serving {model.name}")
+        block_size = asyncio.run(all_live())
+        progress(f"{n_pods} pods serving {model.name} (KV blocks of {block_size} tokens)")
         policies = [RoutingPolicy.DEEPSERVE, RoutingPolicy.ROUND_ROBIN, RoutingPolicy.LEAST_LOADED]
         for seq, policy in enumerate(policies):
             asyncio.run(set_policy(s, model_name, policy, seq))
@@ -488,6 +499,7 @@ def run_quality(
                 run_policy(
                     scheduler, model_name, policy, prefixes=prefixes, per_prefix=per_prefix,
                     prefix_tokens=prefix_tokens, concurrency=concurrency, seed=100 + seq,
+                    block_size=block_size,
                 )
             )  # fmt: skip
             progress(

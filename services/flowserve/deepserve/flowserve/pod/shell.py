@@ -148,6 +148,8 @@ class TaskExecutorShell:
                         tensor_parallel_size=tp_size,
                         device=self.device,
                         max_model_len=max_model_len,
+                        # The engine's own block size: routers hash prompts with it.
+                        block_size=engine.config.block_size,
                     )
                 )
             self.last_timeline = steps.timeline
