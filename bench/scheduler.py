@@ -45,6 +45,7 @@ from deepserve.rpc.client import insecure_channel
 from deepserve.rpc.health_check import wait_serving
 from deepserve.store.etcd import EtcdStore, TypedPrefix
 from deepserve.store.keys import Keys
+from deepserve.store.redis_messages import KVEventEntry, LoadReport
 from deepserve.store.redis_store import RedisStore
 from deepserve.v1 import (
     common_pb2,
@@ -54,6 +55,7 @@ from deepserve.v1 import (
     scheduler_pb2_grpc,
 )
 
+# Block size of part 1's simulated instances; part 2 hashes with what the real pods register.
 BLOCK = 16
 
 
@@ -147,18 +149,20 @@ async def seed_instances(s: Stores, n: int, chains: list[list[str]], rng: random
                     role=Role.COLOCATED,
                     address="127.0.0.1:1",
                     pod_id=f"pod-{instance_id}",
+                    block_size=BLOCK,
                 ),
                 lease_id=lease.id,
             )
             await redis.publish_load(
                 instance_id,
-                {
-                    "running": rng.randint(0, 4),
-                    "waiting": rng.randint(0, 2),
-                    "kv_blocks_used": rng.randint(0, 500),
-                    "kv_blocks_total": 1000,
-                    "at": time.time(),
-                },
+                LoadReport(
+                    at=time.time(),
+                    model="bench",
+                    running=rng.randint(0, 4),
+                    waiting=rng.randint(0, 2),
+                    kv_blocks_used=rng.randint(0, 500),
+                    kv_blocks_total=1000,
+                ),
                 ttl_s=3600,
             )
         held: dict[str, list[str]] = {i: [] for i in ids}
@@ -167,7 +171,7 @@ async def seed_instances(s: Stores, n: int, chains: list[list[str]], rng: random
                 held[instance_id].extend(chain)
         for instance_id, hashes in held.items():
             events = [
-                {"kind": "stored", "tier": "device", "hashes": hashes[i : i + 64]}
+                KVEventEntry(kind="stored", tier="device", hashes=tuple(hashes[i : i + 64]))
                 for i in range(0, len(hashes), 64)
             ]
             await redis.append_kv_events(instance_id, events)
@@ -216,6 +220,7 @@ def route_requests(
                 prompt_tokens=(len(chain) + len(extra)) * BLOCK,
                 max_tokens=rng.choice([16, 64, 256]),
                 prefix_block_hashes=chain + extra,
+                block_size=BLOCK,
             )
         )
     return out
@@ -233,7 +238,12 @@ def in_process_decision_us(chains: list[list[str]], n_instances: int, rng: rando
 
     instances = [
         InstanceRecord(
-            instance_id=f"i{i:03d}", model="bench", role=Role.COLOCATED, address="a", pod_id="p"
+            instance_id=f"i{i:03d}",
+            model="bench",
+            role=Role.COLOCATED,
+            address="a",
+            pod_id="p",
+            block_size=BLOCK,
         )
         for i in range(n_instances)
     ]
@@ -256,7 +266,7 @@ def in_process_decision_us(chains: list[list[str]], n_instances: int, rng: rando
     )  # fmt: skip
     facts = [
         RouteFacts(f"r{i}", "bench", prompt_tokens=384, max_tokens=64,
-                   prefix_block_hashes=rng.choice(chains))
+                   prefix_block_hashes=rng.choice(chains), block_size=BLOCK)
         for i in range(5000)
     ]  # fmt: skip
     started = time.perf_counter()
@@ -384,6 +394,7 @@ async def run_policy(
     prefix_tokens: int,
     concurrency: int,
     seed: int,
+    block_size: int,
 ) -> QualityResult:
     rng = random.Random(seed)
     systems = [[rng.randrange(3, 250) for _ in range(prefix_tokens)] for _ in range(prefixes)]
@@ -411,7 +422,8 @@ async def run_policy(
                         model=model,
                         prompt_tokens=len(prompt),
                         max_tokens=8,
-                        prefix_block_hashes=prompt_block_hashes(prompt, BLOCK),
+                        prefix_block_hashes=prompt_block_hashes(prompt, block_size),
+                        block_size=block_size,
                     )
                 )
                 target = decision.instances[0]
@@ -462,7 +474,8 @@ def run_quality(
     results = []
     with pods(s, model, n_pods, kv_blocks) as procs, scheduler_process(s) as scheduler:
 
-        async def all_live() -> None:
+        async def all_live() -> int:
+            """Waits for every pod's instance; returns the block size they cache with."""
             deadline = time.monotonic() + 180
             async with insecure_channel(scheduler, traced=False) as channel:
                 stub = scheduler_pb2_grpc.SchedulerServiceStub(channel)
@@ -471,13 +484,13 @@ def run_quality(
                         scheduler_pb2.ListInstancesRequest(model=model_name)
                     )
                     if len(found.instances) == n_pods:
-                        return
+                        return found.instances[0].block_size
                     if time.monotonic() > deadline or not all(p.alive() for p in procs):
                         raise RuntimeError("pods did not come up:\n" + procs[0].tail())
                     await asyncio.sleep(0.2)
 
-        asyncio.run(all_live())
-        progress(f"{n_pods} pods serving {model.name}")
+        block_size = asyncio.run(all_live())
+        progress(f"{n_pods} pods serving {model.name} (KV blocks of {block_size} tokens)")
         policies = [RoutingPolicy.DEEPSERVE, RoutingPolicy.ROUND_ROBIN, RoutingPolicy.LEAST_LOADED]
         for seq, policy in enumerate(policies):
             asyncio.run(set_policy(s, model_name, policy, seq))
@@ -486,6 +499,7 @@ def run_quality(
                 run_policy(
                     scheduler, model_name, policy, prefixes=prefixes, per_prefix=per_prefix,
                     prefix_tokens=prefix_tokens, concurrency=concurrency, seed=100 + seq,
+                    block_size=block_size,
                 )
             )  # fmt: skip
             progress(

@@ -79,6 +79,9 @@ class InstanceRecord(BaseModel):
     tensor_parallel_size: int = 1
     device: str = "cpu"
     max_model_len: int = 0
+    # Tokens per KV block of the engine's prefix cache: prompts are hashed into blocks of this
+    # size to match what the instance caches (0: unknown, so no prefix can match it).
+    block_size: int = 0
     registered_at: float = Field(default_factory=time.time)
 
 

@@ -72,6 +72,7 @@ def instance_to_proto(record: InstanceRecord) -> common_pb2.Instance:
         tensor_parallel_size=record.tensor_parallel_size,
         device=record.device,
         registered_at_unix=record.registered_at,
+        block_size=record.block_size,
     )
 
 

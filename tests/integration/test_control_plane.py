@@ -277,6 +277,7 @@ async def test_two_schedulers_answer_the_same(plane: Plane, colocated: Deploymen
             "prompt_tokens": len(prompt),
             "max_tokens": 16,
             "prefix_block_hashes": prompt_block_hashes(prompt, BLOCK),
+            "block_size": BLOCK,
         }
         # Routing is itself a change of shared state (routed counts, flushed to Redis every
         # 0.1 s) and load reports land every 0.2 s: let both replicas settle on the same view,
@@ -297,15 +298,18 @@ async def test_prefix_affinity_while_balanced_and_spread_when_not(
     scheduler = plane.schedulers[0]
     probe = await route(scheduler, request_id="probe", model=plane.model)
     holder = probe.instances[0]
+    # The engine's block size travels on its instance record: hash the way it caches.
+    block = holder.block_size
+    assert block == BLOCK  # the pods' FlowServe default
     prompt = [(i * 7 + 3) % 200 + 3 for i in range(160)]  # 10 full blocks
     await generate(holder.address, "warm-prefix", prompt, 2)
-    hashes = prompt_block_hashes(prompt, BLOCK)
-    shared = prompt_block_hashes(prompt + [11, 12, 13] * 8, BLOCK)  # same prefix, longer
+    hashes = prompt_block_hashes(prompt, block)
+    shared = prompt_block_hashes(prompt + [11, 12, 13] * 8, block)  # same prefix, longer
 
     async def routed_to_holder() -> scheduler_pb2.RouteResponse | None:
         reply = await route(
             scheduler, request_id="affine", model=plane.model, prompt_tokens=184,
-            prefix_block_hashes=shared,
+            prefix_block_hashes=shared, block_size=block,
         )  # fmt: skip
         ok = reply.instances[0].instance_id == holder.instance_id
         # A positive score: the holder's KV events reached the index (not a tie at zero).
@@ -326,7 +330,7 @@ async def test_prefix_affinity_while_balanced_and_spread_when_not(
         async def spread() -> scheduler_pb2.RouteResponse | None:
             reply = await route(
                 scheduler, request_id="spread", model=plane.model, prompt_tokens=184,
-                prefix_block_hashes=shared,
+                prefix_block_hashes=shared, block_size=block,
             )  # fmt: skip
             ok = reply.instances[0].instance_id != holder.instance_id
             return reply if ok and reply.branch == scheduler_pb2.ROUTE_BRANCH_LOAD else None

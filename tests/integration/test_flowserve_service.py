@@ -15,6 +15,7 @@ import grpc
 import pytest
 
 from deepserve import records
+from deepserve.flowserve.settings import FlowServeSettings
 from deepserve.processes import free_port
 from deepserve.rpc.client import insecure_channel
 from deepserve.rpc.health_check import wait_serving
@@ -276,11 +277,13 @@ async def test_load_reports_and_registration_are_visible(
     async with EtcdStore(etcd_endpoint) as etcd:
         found = await records.instances(etcd).get(stats.instance_id)
     assert found is not None and found.record.address == pod
+    # The engine's own block size travels on the record: routers hash prompts with it.
+    assert found.record.block_size == FlowServeSettings().block_size
     async with RedisStore(redis_url) as redis:
         deadline = time.monotonic() + 5
         while not (loads := await redis.read_loads([stats.instance_id])):
             assert time.monotonic() < deadline
             await asyncio.sleep(0.1)
-        assert loads[stats.instance_id]["kv_blocks_total"] == 64
-        events = await redis.read_kv_events(stats.instance_id)
-    assert any(e["kind"] == "stored" and e["hashes"] for _, e in events)
+        assert loads[stats.instance_id].kv_blocks_total == 64
+        entries = await redis.read_kv_events(stats.instance_id)
+    assert any(e.event and e.event.kind == "stored" and e.event.hashes for e in entries)

@@ -139,6 +139,7 @@ class Dispatcher:
                 prompt_tokens=len(prompt.token_ids),
                 max_tokens=job.sampling.max_tokens or 0,
                 prefix_block_hashes=prompt.block_hashes,
+                block_size=job.block_size if prompt.block_hashes else 0,
                 exclude_instance_ids=list(exclude),
             ),
             timeout_s=self._remaining(job),

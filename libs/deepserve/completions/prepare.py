@@ -6,7 +6,9 @@ engines; the engines receive token ids only.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+from collections import Counter
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from deepserve.completions.prepared import GenerationJob, Prompt
@@ -17,8 +19,11 @@ from deepserve.completions.protocol import (
 )
 from deepserve.errors import InvalidArgument
 from deepserve.prefix_hash import prompt_block_hashes
+from deepserve.records import InstanceRecord
 from deepserve.sampling_params import SamplingParams
 from deepserve.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
 
 INT32_MAX = 2**31 - 1
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
@@ -174,6 +179,35 @@ def check_context(prompts: list[Prompt], max_tokens: int | None, max_model_len: 
             )
 
 
+# (model, the sizes its instances disagreed on) already logged: a disagreement is logged once.
+_logged_disagreements: set[tuple[str, tuple[int, ...]]] = set()
+
+
+def prefix_block_size(model: str, instances: Iterable[InstanceRecord]) -> int:
+    """The block size to hash `model`'s prompts with: the one its live instances cache with.
+
+    The engines' own size is the only source (each instance record carries it). Instances that
+    disagree (a rollout of a new engine setting) are hashed for with the most common size, the
+    smaller on a tie, so the scheduler can credit those while the others score no cached prefix.
+    0 when no live instance says: no hashes, routing by load alone.
+    """
+    sizes = Counter(i.block_size for i in instances if i.model == model and i.block_size > 0)
+    if not sizes:
+        return 0
+    chosen = min(sizes, key=lambda size: (-sizes[size], size))
+    if len(sizes) > 1:
+        seen = (model, tuple(sorted(sizes)))
+        if seen not in _logged_disagreements:
+            _logged_disagreements.add(seen)
+            log.warning(
+                "live instances of %s cache blocks of different sizes %s; hashing prompts with %d",
+                model,
+                dict(sorted(sizes.items())),
+                chosen,
+            )
+    return chosen
+
+
 def with_block_hashes(prompts: list[Prompt], block_size: int) -> list[Prompt]:
     if block_size <= 0:
         return prompts
@@ -213,6 +247,7 @@ def prepare_chat(
         include_usage=bool(body.stream_options and body.stream_options.include_usage),
         top_logprobs=body.top_logprobs or 0,
         priority=body.priority,
+        block_size=max(block_size, 0),
     )
 
 
@@ -251,4 +286,5 @@ def prepare_completion(
         echo=body.echo,
         top_logprobs=body.logprobs or 0,
         priority=body.priority,
+        block_size=max(block_size, 0),
     )

@@ -38,6 +38,8 @@ class GenerationJob:
     # Completions API: alternatives per token as {token: logprob}; chat: as a list.
     top_logprobs: int = 0
     priority: int = 0
+    # Tokens per block the prompts' block hashes were computed with (0: none were).
+    block_size: int = 0
     created: int = 0
     # Absolute deadline on the event loop's clock.
     deadline: float = 0.0

@@ -1,56 +1,49 @@
 """Recent request latencies per model in Redis: the gateway writes, the autoscaler reads.
 
-Each finished request leaves one sample (time to first token, time per output token) in a
-capped list per model; the autoscaler counts the samples of its window that miss the
+Each finished request leaves one `LatencySample` (time to first token, time per output token)
+in a capped list per model; the autoscaler counts the samples of its window that miss the
 deployment's SLOs. Lossy by design: a lost sample only makes one scaling decision less informed.
 """
 
 from __future__ import annotations
 
-import json
 import time
-from dataclasses import dataclass
-from typing import Any
 
-LATENCY_KEY = "deepserve:latency:{model}"
+import redis.asyncio as aioredis
+
+from deepserve.store.redis_keys import RedisKeys
+from deepserve.store.redis_messages import BadMessage, LatencySample
+
 MAX_SAMPLES = 2000
 SAMPLES_TTL_S = 600
 
-
-@dataclass(frozen=True, slots=True)
-class LatencySample:
-    """One request as the client saw it."""
-
-    at: float
-    ttft_s: float
-    # 0 when the request produced at most one token.
-    tpot_s: float
+__all__ = ["LatencySample", "miss_fractions", "read_latency", "record_latency"]
 
 
-async def record_latency(redis: Any, model: str, ttft_s: float, tpot_s: float) -> None:
-    """Appends one sample (redis: a redis.asyncio client)."""
-    key = LATENCY_KEY.format(model=model)
-    sample = json.dumps([round(time.time(), 3), round(ttft_s, 4), round(tpot_s, 5)])
+async def record_latency(redis: aioredis.Redis, model: str, ttft_s: float, tpot_s: float) -> None:
+    """Appends one sample, stamped now."""
+    key = RedisKeys.latency(model)
+    sample = LatencySample(at=time.time(), ttft_s=ttft_s, tpot_s=tpot_s)
     async with redis.pipeline(transaction=False) as pipe:
-        pipe.lpush(key, sample)
+        pipe.lpush(key, sample.encode())
         pipe.ltrim(key, 0, MAX_SAMPLES - 1)
         pipe.expire(key, SAMPLES_TTL_S)
         await pipe.execute()
 
 
-async def read_latency(redis: Any, model: str, window_s: float) -> list[LatencySample]:
+async def read_latency(redis: aioredis.Redis, model: str, window_s: float) -> list[LatencySample]:
     """The samples of the last `window_s` seconds, newest first."""
-    raw = await redis.lrange(LATENCY_KEY.format(model=model), 0, MAX_SAMPLES - 1)
+    raw = await redis.lrange(RedisKeys.latency(model), 0, MAX_SAMPLES - 1)  # type: ignore[misc]
     cutoff = time.time() - window_s
     samples = []
     for item in raw:
         try:
-            at, ttft, tpot = json.loads(item)
-        except (ValueError, TypeError):
+            sample = LatencySample.decode(item)
+        except BadMessage:
             continue
-        if at < cutoff:
+        if sample.at < cutoff:
             break  # newest first: the rest are older still
-        samples.append(LatencySample(float(at), float(ttft), float(tpot)))
+        samples.append(sample)
     return samples
 
 

@@ -1,22 +1,26 @@
 """The Redis store: hot, high-rate state that may be lost without harming correctness.
 
 Holds per-instance load reports, the KV-event streams feeding the scheduler's global prefix
-index, rate-limit and usage counters. The connection pool *blocks* when all connections are busy
-(up to `pool_timeout_s`), so a fan-out of many coroutines queues instead of failing.
+index, rate-limit and usage counters; keys come from `redis_keys`, values are the typed messages
+of `redis_messages`. The connection pool *blocks* when all connections are busy (up to
+`pool_timeout_s`), so a fan-out of many coroutines queues instead of failing.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
-from typing import Any
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import cast
 
 import redis.asyncio as aioredis
 
 from deepserve.errors import Unavailable
+from deepserve.store.redis_keys import RedisKeys
+from deepserve.store.redis_messages import BadMessage, KVEventEntry, LoadReport
 
-LOAD_KEY = "deepserve:load:{instance_id}"
-KV_EVENTS_STREAM = "deepserve:kv-events:{instance_id}"
+log = logging.getLogger(__name__)
 
 
 class RedisStore:
@@ -63,33 +67,36 @@ class RedisStore:
 
     # --- instance load ---------------------------------------------------------------------
 
-    async def publish_load(self, instance_id: str, load: dict[str, Any], ttl_s: float) -> None:
+    async def publish_load(self, instance_id: str, report: LoadReport, ttl_s: float) -> None:
         """Stores an instance's latest load report; it expires if the instance stops reporting."""
-        await self.client.set(
-            LOAD_KEY.format(instance_id=instance_id),
-            json.dumps(load),
-            px=int(ttl_s * 1000),
-        )
+        await self.client.set(RedisKeys.load(instance_id), report.encode(), px=int(ttl_s * 1000))
 
-    async def read_loads(self, instance_ids: list[str]) -> dict[str, dict[str, Any]]:
+    async def read_loads(self, instance_ids: Sequence[str]) -> dict[str, LoadReport]:
+        """The latest report of each instance that has one; a malformed one is logged, skipped."""
         if not instance_ids:
             return {}
-        values = await self.client.mget([LOAD_KEY.format(instance_id=i) for i in instance_ids])
-        return {
-            i: json.loads(v) for i, v in zip(instance_ids, values, strict=True) if v is not None
-        }
+        values = await self.client.mget([RedisKeys.load(i) for i in instance_ids])
+        reports: dict[str, LoadReport] = {}
+        for instance_id, value in zip(instance_ids, values, strict=True):
+            if value is None:
+                continue
+            try:
+                reports[instance_id] = LoadReport.decode(value)
+            except BadMessage as exc:
+                log.warning("bad load report from %s: %s", instance_id, exc)
+        return reports
 
     # --- KV events (block hashes stored / evicted), consumed by the global prefix index ----
 
     async def append_kv_events(
-        self, instance_id: str, events: list[dict[str, Any]], maxlen: int = 100_000
+        self, instance_id: str, events: Sequence[KVEventEntry], maxlen: int = 100_000
     ) -> None:
         if not events:
             return
-        stream = KV_EVENTS_STREAM.format(instance_id=instance_id)
+        stream = RedisKeys.kv_events(instance_id)
         async with self.client.pipeline(transaction=False) as pipe:
             for event in events:
-                pipe.xadd(stream, {"e": json.dumps(event)}, maxlen=maxlen, approximate=True)
+                pipe.xadd(stream, event.encode(), maxlen=maxlen, approximate=True)  # type: ignore[arg-type]
             await pipe.execute()
 
     async def read_kv_events(
@@ -98,12 +105,48 @@ class RedisStore:
         after_id: str = "0-0",
         count: int = 1000,
         block_ms: int | None = None,
-    ) -> list[tuple[str, dict[str, Any]]]:
-        stream = KV_EVENTS_STREAM.format(instance_id=instance_id)
-        reply = await self.client.xread({stream: after_id}, count=count, block=block_ms)
-        out: list[tuple[str, dict[str, Any]]] = []
-        for _name, entries in reply or []:
+    ) -> list[KVStreamEntry]:
+        """One instance's events after `after_id` (see `read_kv_streams`)."""
+        return await self.read_kv_streams({instance_id: after_id}, count=count, block_ms=block_ms)
+
+    async def read_kv_streams(
+        self,
+        cursors: Mapping[str, str],
+        count: int = 1000,
+        block_ms: int | None = None,
+    ) -> list[KVStreamEntry]:
+        """What is new on the streams of `cursors` (instance id -> last entry id read), in one
+        XREAD. A malformed entry is logged and comes back with no event, so a reader still
+        moves its cursor past it."""
+        if not cursors:
+            return []
+        streams = {RedisKeys.kv_events(i): after for i, after in cursors.items()}
+        reply = cast(
+            "list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]] | None",
+            await self.client.xread(streams, count=count, block=block_ms),  # type: ignore[arg-type]
+        )
+        out: list[KVStreamEntry] = []
+        for name, entries in reply or []:
+            instance_id = RedisKeys.kv_events_instance(_text(name))
             for entry_id, fields in entries:
-                eid = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
-                out.append((eid, json.loads(fields[b"e"])))
+                event: KVEventEntry | None
+                try:
+                    event = KVEventEntry.decode(fields)
+                except BadMessage as exc:
+                    log.warning("bad KV event from %s: %s", instance_id, exc)
+                    event = None
+                out.append(KVStreamEntry(instance_id, _text(entry_id), event))
         return out
+
+
+@dataclass(frozen=True, slots=True)
+class KVStreamEntry:
+    """One entry read from an instance's KV-event stream (`event` is None when malformed)."""
+
+    instance_id: str
+    entry_id: str
+    event: KVEventEntry | None
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

@@ -25,14 +25,21 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from deepserve.errors import ResourceExhausted
+from deepserve.store.redis_keys import RedisKeys
+from deepserve.store.redis_messages import (
+    AdmitRequest,
+    AdmitVerdict,
+    FinishRequest,
+    LimitRefusal,
+)
 from deepserve.tenancy.tenants import TenantLimits
 
 log = logging.getLogger(__name__)
 
-# KEYS: requests zset, tokens zset, tokens hash (id -> tokens), concurrency zset
-# ARGV: request id, rpm, tpm, max concurrent, estimated tokens, window ms, slot ttl ms
-# Returns {0, 0} when admitted, else {refusing limit (1 rpm, 2 tpm, 3 concurrency, 4 request
-# larger than the tpm), milliseconds until it has room}.
+# KEYS: RateLimitKeys (requests zset, tokens zset, tokens hash (id -> tokens), concurrency zset)
+# ARGV: AdmitRequest (entry id, rpm, tpm, max concurrent, estimated tokens, window ms, slot ttl ms)
+# Returns an AdmitVerdict: {0, 0} when admitted, else {refusing limit (a LimitRefusal),
+# milliseconds until it has room}.
 _ADMIT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -109,7 +116,7 @@ end
 return {0, 0}
 """
 
-# KEYS: tokens hash, concurrency zset. ARGV: request id, actual tokens.
+# KEYS: tokens hash, concurrency zset. ARGV: FinishRequest (entry id, actual tokens).
 # The token entry is corrected only while it is still inside the window (HSET XX semantics).
 _FINISH = """
 if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then
@@ -120,10 +127,10 @@ return 0
 """
 
 _REFUSALS = {
-    1: ("requests per minute", "requests_per_min"),
-    2: ("tokens per minute", "tokens_per_min"),
-    3: ("concurrent requests", "max_concurrent"),
-    4: ("tokens per minute", "tokens_per_min"),
+    LimitRefusal.REQUESTS_PER_MIN: ("requests per minute", "requests_per_min"),
+    LimitRefusal.TOKENS_PER_MIN: ("tokens per minute", "tokens_per_min"),
+    LimitRefusal.CONCURRENCY: ("concurrent requests", "max_concurrent"),
+    LimitRefusal.LARGER_THAN_TOKENS_PER_MIN: ("tokens per minute", "tokens_per_min"),
 }
 
 
@@ -139,12 +146,6 @@ class Admission:
     # since the request id can come from the client (x-request-id) and repeat.
     entry_id: str = ""
     finished: bool = False
-
-
-def _keys(tenant: str) -> tuple[str, str, str, str]:
-    # One hash tag per tenant keeps the four keys in one Redis Cluster slot.
-    base = f"deepserve:rl:{{{tenant}}}"
-    return f"{base}:req", f"{base}:tok", f"{base}:tokn", f"{base}:conc"
 
 
 class RateLimiter:
@@ -170,37 +171,38 @@ class RateLimiter:
         admission = Admission(tenant, request_id, limits, max(0, estimated_tokens), entry_id)
         if limits.unlimited:
             return admission
-        keys = _keys(tenant)
-        args = [
-            entry_id,
-            limits.requests_per_min,
-            limits.tokens_per_min,
-            limits.max_concurrent,
-            admission.estimated_tokens,
-            self.window_ms,
-            self.slot_ttl_ms,
-        ]
+        # One hash tag per tenant keeps the four keys in one Redis Cluster slot.
+        keys = list(RedisKeys.rate_limit(tenant))
+        args = AdmitRequest(
+            entry_id=entry_id,
+            requests_per_min=limits.requests_per_min,
+            tokens_per_min=limits.tokens_per_min,
+            max_concurrent=limits.max_concurrent,
+            estimated_tokens=admission.estimated_tokens,
+            window_ms=self.window_ms,
+            slot_ttl_ms=self.slot_ttl_ms,
+        ).encode()
         try:
             try:
-                code, wait_ms = await self._admit(keys=keys, args=args)
+                reply = await self._admit(keys=keys, args=args)
             except RedisTimeoutError as exc:
                 # A stall, not an outage: ask once more before letting the request in
                 # unchecked. Safe to repeat: the script admits an entry id it already holds
                 # without counting it again, so a first run that did land is not doubled.
                 log.warning("rate limiter timed out for %s, asking again: %s", request_id, exc)
-                code, wait_ms = await self._admit(keys=keys, args=args)
+                reply = await self._admit(keys=keys, args=args)
         except RedisError as exc:
             # Redis holds lossy state: without it, serve unlimited rather than refuse everyone
             # (the engines' own queue bounds still protect them).
             log.warning("rate limiter unavailable, admitting %s unchecked: %s", request_id, exc)
             admission.finished = True
             return admission
-        code, wait_ms = int(code), int(wait_ms)
-        if code == 0:
+        verdict = AdmitVerdict.decode(reply)
+        if verdict.admitted:
             return admission
-        what, field = _REFUSALS[code]
-        retry_after_s = max(1, math.ceil(wait_ms / 1000))
-        if code == 4:
+        what, field = _REFUSALS[verdict.refusal]
+        retry_after_s = max(1, math.ceil(verdict.wait_ms / 1000))
+        if verdict.refusal == LimitRefusal.LARGER_THAN_TOKENS_PER_MIN:
             message = (
                 f"request needs about {admission.estimated_tokens} tokens, more than the "
                 f"tenant's limit of {limits.tokens_per_min} {what}; lower max_tokens"
@@ -216,8 +218,9 @@ class RateLimiter:
         admission.finished = True
         if admission.limits.unlimited:
             return
-        _req, _tok, tokens_hash, conc = _keys(admission.tenant)
+        keys = RedisKeys.rate_limit(admission.tenant)
+        args = FinishRequest(admission.entry_id, actual_tokens).encode()
         try:
-            await self._finish(keys=[tokens_hash, conc], args=[admission.entry_id, actual_tokens])
+            await self._finish(keys=[keys.token_counts, keys.concurrency], args=args)
         except RedisError as exc:  # the slot expires by itself (slot_ttl_s)
             log.warning("rate limiter could not release %s: %s", admission.request_id, exc)

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
-USAGE_INDEX = "deepserve:usage:index"
-_SEP = "\x1f"
+from deepserve.store.redis_keys import RedisKeys
+from deepserve.store.redis_messages import BadMessage, UsageCounts, UsageIndexEntry
 
-
-def _usage_key(tenant: str, model: str) -> str:
-    return f"deepserve:usage:{{{tenant}}}:{model}"
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,40 +37,45 @@ class UsageMeter:
     async def record(
         self, tenant: str, model: str, prompt_tokens: int, completion_tokens: int
     ) -> None:
-        key = _usage_key(tenant, model)
+        key = RedisKeys.usage(tenant, model)
+        added = UsageCounts(
+            requests=1, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens
+        )
         async with self._client.pipeline(transaction=False) as pipe:
-            pipe.hincrby(key, "requests", 1)
-            pipe.hincrby(key, "prompt_tokens", prompt_tokens)
-            pipe.hincrby(key, "completion_tokens", completion_tokens)
-            pipe.sadd(USAGE_INDEX, f"{tenant}{_SEP}{model}")
+            for counter, amount in added.encode().items():
+                pipe.hincrby(key, counter, amount)
+            pipe.sadd(RedisKeys.usage_index(), UsageIndexEntry(tenant, model).encode())
             await pipe.execute()
 
     async def read(self, tenant: str | None = None, model: str | None = None) -> list[UsageRow]:
-        members = await self._client.smembers(USAGE_INDEX)
-        pairs = sorted(
-            tuple((m.decode() if isinstance(m, bytes) else m).split(_SEP, 1)) for m in members
-        )
-        chosen = [
-            (t, m)
-            for t, m in pairs
-            if (tenant is None or t == tenant) and (model is None or m == model)
-        ]
+        chosen: list[UsageIndexEntry] = []
+        for member in await self._client.smembers(RedisKeys.usage_index()):
+            try:
+                entry = UsageIndexEntry.decode(member)
+            except BadMessage as exc:
+                log.warning("skipping a usage index entry: %s", exc)
+                continue
+            if (tenant is None or entry.tenant == tenant) and (
+                model is None or entry.model == model
+            ):
+                chosen.append(entry)
         if not chosen:
             return []
+        chosen.sort(key=lambda e: (e.tenant, e.model))
         async with self._client.pipeline(transaction=False) as pipe:
-            for t, m in chosen:
-                pipe.hgetall(_usage_key(t, m))
+            for entry in chosen:
+                pipe.hgetall(RedisKeys.usage(entry.tenant, entry.model))
             totals = await pipe.execute()
         rows: list[UsageRow] = []
-        for (t, m), raw in zip(chosen, totals, strict=True):
-            values = {(k.decode() if isinstance(k, bytes) else k): int(v) for k, v in raw.items()}
+        for entry, raw in zip(chosen, totals, strict=True):
+            counts = UsageCounts.decode(raw)
             rows.append(
                 UsageRow(
-                    tenant=t,
-                    model=m,
-                    requests=values.get("requests", 0),
-                    prompt_tokens=values.get("prompt_tokens", 0),
-                    completion_tokens=values.get("completion_tokens", 0),
+                    tenant=entry.tenant,
+                    model=entry.model,
+                    requests=counts.requests,
+                    prompt_tokens=counts.prompt_tokens,
+                    completion_tokens=counts.completion_tokens,
                 )
             )
         return rows

@@ -56,7 +56,7 @@ WEIGHTS_SOURCE_DRAM: WeightsSource
 WEIGHTS_SOURCE_FORK: WeightsSource
 
 class Instance(_message.Message):
-    __slots__ = ("instance_id", "model", "role", "address", "pod_id", "job_id", "task_id", "tensor_parallel_size", "device", "registered_at_unix")
+    __slots__ = ("instance_id", "model", "role", "address", "pod_id", "job_id", "task_id", "tensor_parallel_size", "device", "registered_at_unix", "block_size")
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
@@ -67,6 +67,7 @@ class Instance(_message.Message):
     TENSOR_PARALLEL_SIZE_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     REGISTERED_AT_UNIX_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     instance_id: str
     model: str
     role: InstanceRole
@@ -77,7 +78,8 @@ class Instance(_message.Message):
     tensor_parallel_size: int
     device: str
     registered_at_unix: float
-    def __init__(self, instance_id: _Optional[str] = ..., model: _Optional[str] = ..., role: _Optional[_Union[InstanceRole, str]] = ..., address: _Optional[str] = ..., pod_id: _Optional[str] = ..., job_id: _Optional[str] = ..., task_id: _Optional[str] = ..., tensor_parallel_size: _Optional[int] = ..., device: _Optional[str] = ..., registered_at_unix: _Optional[float] = ...) -> None: ...
+    block_size: int
+    def __init__(self, instance_id: _Optional[str] = ..., model: _Optional[str] = ..., role: _Optional[_Union[InstanceRole, str]] = ..., address: _Optional[str] = ..., pod_id: _Optional[str] = ..., job_id: _Optional[str] = ..., task_id: _Optional[str] = ..., tensor_parallel_size: _Optional[int] = ..., device: _Optional[str] = ..., registered_at_unix: _Optional[float] = ..., block_size: _Optional[int] = ...) -> None: ...
 
 class Pod(_message.Message):
     __slots__ = ("pod_id", "state", "address", "host", "pid", "model", "role", "task_id", "backend", "created_at_unix")

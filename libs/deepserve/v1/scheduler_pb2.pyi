@@ -24,7 +24,7 @@ ROUTE_BRANCH_RANDOM: RouteBranch
 ROUTE_BRANCH_ANY: RouteBranch
 
 class RouteRequest(_message.Message):
-    __slots__ = ("request_id", "model", "tenant", "prompt_tokens", "max_tokens", "prefix_block_hashes", "exclude_instance_ids")
+    __slots__ = ("request_id", "model", "tenant", "prompt_tokens", "max_tokens", "prefix_block_hashes", "exclude_instance_ids", "block_size")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     TENANT_FIELD_NUMBER: _ClassVar[int]
@@ -32,6 +32,7 @@ class RouteRequest(_message.Message):
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     PREFIX_BLOCK_HASHES_FIELD_NUMBER: _ClassVar[int]
     EXCLUDE_INSTANCE_IDS_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     tenant: str
@@ -39,7 +40,8 @@ class RouteRequest(_message.Message):
     max_tokens: int
     prefix_block_hashes: _containers.RepeatedScalarFieldContainer[str]
     exclude_instance_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., tenant: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., max_tokens: _Optional[int] = ..., prefix_block_hashes: _Optional[_Iterable[str]] = ..., exclude_instance_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    block_size: int
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., tenant: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., max_tokens: _Optional[int] = ..., prefix_block_hashes: _Optional[_Iterable[str]] = ..., exclude_instance_ids: _Optional[_Iterable[str]] = ..., block_size: _Optional[int] = ...) -> None: ...
 
 class RouteResponse(_message.Message):
     __slots__ = ("instances", "disaggregated", "branch", "reason", "scores", "predicted_decode_tokens", "policy", "pd_reason")

@@ -31,6 +31,8 @@ from tests.unit.gateway.fake_engine import EchoEngine
 from tests.unit.gateway.fake_scheduler import StaticScheduler
 
 MAX_MODEL_LEN = 512
+# Tokens per KV block of the harness's engine, as its instance record says.
+BLOCK_SIZE = 16
 
 
 @dataclass
@@ -103,6 +105,7 @@ async def running_harness(
             address=engine_address,
             pod_id="pod-echo",
             max_model_len=MAX_MODEL_LEN,
+            block_size=BLOCK_SIZE,
         ),
     )
     assert await gateway.models.instances.wait_for(lambda items: instance_id in items, 30)

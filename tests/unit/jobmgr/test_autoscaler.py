@@ -23,6 +23,8 @@ from deepserve.scaling.demand import DemandRecord, demands
 from deepserve.scaling.latency import record_latency
 from deepserve.store.etcd import EtcdStore
 from deepserve.store.keys import Keys
+from deepserve.store.redis_keys import RedisKeys
+from deepserve.store.redis_messages import LoadReport
 from deepserve.store.redis_store import RedisStore
 
 C, P, D = Role.COLOCATED, Role.PREFILL, Role.DECODE
@@ -152,7 +154,7 @@ async def stores(etcd_endpoint: str, redis_url: str) -> AsyncIterator[tuple[Etcd
     async with EtcdStore(etcd_endpoint) as etcd, RedisStore(redis_url) as redis:
         for prefix in (Keys.jobs_prefix(), Keys.demand_prefix()):
             await etcd.delete_prefix(prefix)
-        await redis.client.delete("deepserve:latency:auto-model")
+        await redis.client.delete(RedisKeys.latency("auto-model"))
         yield etcd, redis
         for prefix in (Keys.jobs_prefix(), Keys.demand_prefix()):
             await etcd.delete_prefix(prefix)
@@ -189,7 +191,7 @@ async def test_loop_scales_from_zero_on_demand_and_up_on_reported_load(
             job_id="auto",
         )  # fmt: skip
         await redis.publish_load(
-            "i1", {"running": 3, "waiting": 4, "kv_blocks_used": 1, "kv_blocks_total": 10}, 30
+            "i1", LoadReport(running=3, waiting=4, kv_blocks_used=1, kv_blocks_total=10), 30
         )
         [(_, decision)] = await scaler.pass_once()
         assert decision.replicas == 4  # 7 requests / 2 per instance, capped at max 4
@@ -214,7 +216,7 @@ async def test_loop_counts_slo_misses_from_gateway_latency_reports(
         )
     }  # fmt: skip
     scaler = Autoscaler(etcd, lambda: instances, redis)
-    await redis.publish_load("i1", {"running": 1, "waiting": 0}, 30)
+    await redis.publish_load("i1", LoadReport(running=1, waiting=0), 30)
     for _ in range(5):
         await record_latency(redis.client, "auto-model", ttft_s=0.01, tpot_s=0.01)
     signals = await scaler.signals((await jobs.get("auto")).record)

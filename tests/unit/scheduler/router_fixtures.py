@@ -13,6 +13,8 @@ from deepserve.scheduler.prefix_index import PrefixIndex
 from deepserve.scheduler.router import Router, RoutingConfig
 
 MODEL = "m"
+# Tokens per KV block of the fixtures' instances (and of the hashes the tests route with).
+BLOCK = 16
 
 
 class StaticTable:
@@ -25,9 +27,16 @@ class StaticTable:
         return RoleGroups.of(i for i in self.instances if i.model == model)
 
 
-def instance(instance_id: str, role: Role = Role.COLOCATED, model: str = MODEL) -> InstanceRecord:
+def instance(
+    instance_id: str, role: Role = Role.COLOCATED, model: str = MODEL, block_size: int = BLOCK
+) -> InstanceRecord:
     return InstanceRecord(
-        instance_id=instance_id, model=model, role=role, address="x:1", pod_id="p"
+        instance_id=instance_id,
+        model=model,
+        role=role,
+        address="x:1",
+        pod_id="p",
+        block_size=block_size,
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from deepserve.scheduler.prefix_index import PrefixIndex
+from deepserve.store.redis_messages import KVEventEntry
 
 CHAIN = [f"h{i}" for i in range(8)]
 
@@ -24,12 +25,12 @@ def test_match_stops_at_the_first_gap_and_only_reports_candidates() -> None:
 
 def test_events_in_the_shell_format_store_and_remove_per_tier() -> None:
     index = PrefixIndex()
-    index.apply("a", {"kind": "stored", "tier": "device", "hashes": CHAIN[:4], "at": 1.0})
-    index.apply("a", {"kind": "stored", "tier": "host", "hashes": CHAIN[:2]})
-    index.apply("a", {"kind": "removed", "tier": "device", "hashes": CHAIN[:4]})
+    index.apply("a", KVEventEntry("stored", "device", tuple(CHAIN[:4]), at=1.0))
+    index.apply("a", KVEventEntry("stored", "host", tuple(CHAIN[:2])))
+    index.apply("a", KVEventEntry("removed", "device", tuple(CHAIN[:4])))
     # Still held in host memory: fetching beats recomputing, so it still counts.
     assert index.match(CHAIN, ["a"]) == {"a": 2}
-    index.apply("a", {"kind": "removed", "tier": "host", "hashes": CHAIN[:2]})
+    index.apply("a", KVEventEntry("removed", "host", tuple(CHAIN[:2])))
     assert index.match(CHAIN, ["a"]) == {"a": 0}
     assert len(index) == 0
     assert index.events_applied == 4

@@ -9,7 +9,7 @@ from deepserve.jobs.records import RoutingPolicy
 from deepserve.records import Role
 from deepserve.scheduler.router import RouteFacts, RoutingConfig
 
-from .router_fixtures import MODEL, instance, make_router
+from .router_fixtures import BLOCK, MODEL, instance, make_router
 
 PROMPT = [f"b{i}" for i in range(16)]
 
@@ -19,6 +19,7 @@ def facts(request_id: str = "r", **kw: object) -> RouteFacts:
         "prompt_tokens": 256,
         "max_tokens": 64,
         "prefix_block_hashes": PROMPT,
+        "block_size": BLOCK,
     }
     base.update(kw)
     return RouteFacts(request_id=request_id, model=MODEL, **base)  # type: ignore[arg-type]
@@ -33,6 +34,31 @@ def test_balanced_group_goes_to_the_longest_cached_prefix() -> None:
     assert decision.branch == "locality"
     assert decision.scores == {"a": 0.0, "b": 12.0, "c": 4.0}
     assert "longest cached prefix 12/16 blocks on b" in decision.reason
+
+
+def test_only_instances_caching_blocks_of_the_hashed_size_get_locality_credit() -> None:
+    # "b" holds the chain's hashes but caches blocks of 8 tokens: the prompt was hashed in
+    # blocks of 16, so what "b" holds is not this prefix. It scores no cached blocks.
+    router = make_router([instance("a"), instance("b", block_size=8), instance("c")])
+    router.index.store("b", PROMPT)
+    router.index.store("c", PROMPT[:4])
+    decision = router.route(facts())
+    assert [i.instance_id for i in decision.instances] == ["c"]
+    assert decision.scores == {"a": 0.0, "b": 0.0, "c": 4.0}
+    assert "longest cached prefix 4/16 blocks on c" in decision.reason
+    # Hashed with b's size instead, only b is credited.
+    by_eight = router.route(facts("r8", block_size=8))
+    assert [i.instance_id for i in by_eight.instances] == ["b"]
+    assert by_eight.scores["b"] == 16.0 and by_eight.scores["c"] == 0.0
+
+
+def test_prefix_hashes_without_their_block_size_are_refused() -> None:
+    router = make_router([instance("a")])
+    with pytest.raises(InvalidArgument) as refused:
+        router.route(facts(block_size=0))
+    assert refused.value.field == "block_size"
+    # No hashes need no size: routing by load alone.
+    assert router.route(facts(prefix_block_hashes=[], block_size=0)).instances[0].instance_id == "a"
 
 
 def test_imbalanced_group_goes_to_the_least_loaded_instead() -> None:

@@ -13,6 +13,7 @@ from deepserve.scheduler.history_sync import HistorySync
 from deepserve.scheduler.kv_event_feed import KVEventFeed
 from deepserve.scheduler.load_tracker import LoadTracker
 from deepserve.scheduler.prefix_index import PrefixIndex
+from deepserve.store.redis_messages import KVEventEntry, LoadReport
 from deepserve.store.redis_store import RedisStore
 
 
@@ -33,7 +34,7 @@ async def test_loads_are_read_from_reports_and_routed_counts_are_shared(
     a, b = ids("a", "b")
     await redis.publish_load(
         a,
-        {"running": 2, "waiting": 3, "kv_blocks_used": 5, "kv_blocks_total": 10, "at": 100.0},
+        LoadReport(at=100.0, running=2, waiting=3, kv_blocks_used=5, kv_blocks_total=10),
         ttl_s=30,
     )
     one = LoadTracker(redis, lambda: [a, b])
@@ -52,7 +53,7 @@ async def test_loads_are_read_from_reports_and_routed_counts_are_shared(
     assert two.load_of(a).routed_since_report == 3
     assert one.load_of(a).routed_since_report == 3
     # A fresh report already includes those requests: the routed count starts over.
-    await redis.publish_load(a, {"running": 5, "waiting": 3, "at": 101.0}, ttl_s=30)
+    await redis.publish_load(a, LoadReport(at=101.0, running=5, waiting=3), ttl_s=30)
     await two.refresh()
     assert two.load_of(a).routed_since_report == 0
 
@@ -64,13 +65,11 @@ async def test_kv_event_feed_builds_the_index_and_drops_gone_instances(
     live = [a, b]
     index = PrefixIndex()
     feed = KVEventFeed(redis, index, lambda: list(live))
-    await redis.append_kv_events(
-        a, [{"kind": "stored", "tier": "device", "hashes": ["h0", "h1", "h2"], "at": 1.0}]
-    )
-    await redis.append_kv_events(b, [{"kind": "stored", "tier": "device", "hashes": ["h0"]}])
+    await redis.append_kv_events(a, [KVEventEntry("stored", "device", ("h0", "h1", "h2"), 1.0)])
+    await redis.append_kv_events(b, [KVEventEntry("stored", "device", ("h0",))])
     assert await feed.poll_once() == 2
     assert index.match(["h0", "h1", "h2"], [a, b]) == {a: 3, b: 1}
-    await redis.append_kv_events(a, [{"kind": "removed", "tier": "device", "hashes": ["h2"]}])
+    await redis.append_kv_events(a, [KVEventEntry("removed", "device", ("h2",))])
     assert await feed.poll_once() == 1
     assert index.match(["h0", "h1", "h2"], [a]) == {a: 2}
     # A second replica reading the same streams from the start builds the same index.

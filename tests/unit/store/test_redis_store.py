@@ -7,6 +7,8 @@ import uuid
 
 import pytest
 
+from deepserve.store.redis_keys import RedisKeys
+from deepserve.store.redis_messages import KVEventEntry, LoadReport
 from deepserve.store.redis_store import RedisStore
 
 pytestmark = pytest.mark.integration
@@ -15,8 +17,9 @@ pytestmark = pytest.mark.integration
 async def test_load_reports_expire(redis_url: str) -> None:
     async with RedisStore(redis_url) as store:
         iid = uuid.uuid4().hex
-        await store.publish_load(iid, {"running": 3, "waiting": 1}, ttl_s=0.3)
-        assert (await store.read_loads([iid, "absent"])) == {iid: {"running": 3, "waiting": 1}}
+        report = LoadReport(at=1.5, model="m", running=3, waiting=1)
+        await store.publish_load(iid, report, ttl_s=0.3)
+        assert (await store.read_loads([iid, "absent"])) == {iid: report}
         await asyncio.sleep(0.5)
         assert await store.read_loads([iid]) == {}
 
@@ -24,11 +27,27 @@ async def test_load_reports_expire(redis_url: str) -> None:
 async def test_kv_events_stream_in_order(redis_url: str) -> None:
     async with RedisStore(redis_url) as store:
         iid = uuid.uuid4().hex
-        await store.append_kv_events(iid, [{"stored": [f"h{i}"]} for i in range(5)])
+        await store.append_kv_events(
+            iid, [KVEventEntry("stored", "device", (f"h{i}",)) for i in range(5)]
+        )
         first = await store.read_kv_events(iid, count=3)
-        assert [e["stored"][0] for _, e in first] == ["h0", "h1", "h2"]
-        rest = await store.read_kv_events(iid, after_id=first[-1][0])
-        assert [e["stored"][0] for _, e in rest] == ["h3", "h4"]
+        assert [e.event.hashes[0] for e in first if e.event] == ["h0", "h1", "h2"]
+        assert {e.instance_id for e in first} == {iid}
+        rest = await store.read_kv_events(iid, after_id=first[-1].entry_id)
+        assert [e.event.hashes[0] for e in rest if e.event] == ["h3", "h4"]
+
+
+async def test_malformed_entries_are_skipped_not_fatal(redis_url: str) -> None:
+    async with RedisStore(redis_url) as store:
+        iid = uuid.uuid4().hex
+        await store.client.set(RedisKeys.load(iid), "not json")
+        assert await store.read_loads([iid]) == {}
+        await store.client.xadd(RedisKeys.kv_events(iid), {"e": '{"kind": "weird"}'})
+        await store.append_kv_events(iid, [KVEventEntry("removed", "host", ("h9",))])
+        bad, good = await store.read_kv_streams({iid: "0-0"})
+        assert bad.event is None and bad.entry_id  # a reader's cursor still moves past it
+        assert (await store.read_kv_streams({iid: bad.entry_id})) == [good]
+        assert good.event == KVEventEntry("removed", "host", ("h9",))
 
 
 async def test_fan_out_beyond_pool_size_waits_instead_of_failing(redis_url: str) -> None:

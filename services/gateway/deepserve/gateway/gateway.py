@@ -18,7 +18,7 @@ from opentelemetry import trace
 
 from deepserve.completions.call import ApiCall
 from deepserve.completions.dispatcher import Dispatcher
-from deepserve.completions.prepare import prepare_chat, prepare_completion
+from deepserve.completions.prepare import prefix_block_size, prepare_chat, prepare_completion
 from deepserve.completions.prepared import GenerationJob
 from deepserve.completions.protocol import ChatCompletionRequest, CompletionRequest
 from deepserve.completions.tokenizer_registry import TokenizerRegistry
@@ -142,10 +142,6 @@ class Gateway:
             span.set_attribute("tenant", caller.tenant)
             return caller
 
-    def _max_model_len(self, model: str) -> int:
-        lengths = [i.max_model_len for i in self.models.live_instances(model) if i.max_model_len]
-        return min(lengths, default=0)
-
     def _estimated_tokens(self, job: GenerationJob, max_model_len: int) -> int:
         per_choice = job.sampling.max_tokens
         if per_choice is None:
@@ -167,7 +163,8 @@ class Gateway:
             await self.demand.hold(body.model)  # a model at zero replicas: wait for one
         self.models.get(body.model)  # 404 for a model nobody serves or registered
         tokenizer = await self.tokenizers.get(body.model)
-        max_model_len = self._max_model_len(body.model)
+        live = self.models.live_instances(body.model)
+        max_model_len = min((i.max_model_len for i in live if i.max_model_len), default=0)
         prepare = functools.partial(
             prepare_chat if isinstance(body, ChatCompletionRequest) else prepare_completion,
             body,  # type: ignore[arg-type]
@@ -175,7 +172,8 @@ class Gateway:
             request_id=request_id,
             tenant=caller.tenant,
             max_model_len=max_model_len,
-            block_size=self.settings.prefix_block_size,
+            # Hashed the way the model's engines cache: their block size, from their records.
+            block_size=prefix_block_size(body.model, live),
         )
         # Short prompts tokenize in well under a millisecond; long ones would stall the loop.
         with _tracer.start_as_current_span("tokenize") as span:

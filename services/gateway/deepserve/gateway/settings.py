@@ -35,8 +35,6 @@ class GatewaySettings(ServiceSettings):
     max_fanout: int = 128
     # Where tokenizers of catalog models are found (the model cache); None: the default cache.
     model_cache_dir: Path | None = None
-    # Token block size of the engines' prefix cache, for the prefix hashes sent to Route.
-    prefix_block_size: int = 16
     # Scale from zero: how long a request for an autoscaled model with no live instance waits
     # for the first one before a 503 with Retry-After (0 disables holding).
     scale_from_zero_timeout_s: float = 60.0

@@ -16,7 +16,6 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping
-from typing import Any
 
 from deepserve.errors import DeepServeError
 from deepserve.jobmgr.autoscaler import Decision, GroupLoad, ScalerMemory, Signals, applied, decide
@@ -27,6 +26,7 @@ from deepserve.scaling.demand import DemandRecord, demands
 from deepserve.scaling.latency import miss_fractions, read_latency
 from deepserve.store.etcd import EtcdStore, Versioned
 from deepserve.store.informer import Informer
+from deepserve.store.redis_messages import LoadReport
 from deepserve.store.redis_store import RedisStore
 
 log = logging.getLogger(__name__)
@@ -115,7 +115,7 @@ class Autoscaler:
         now = self._clock()
         mine = [i for i in self._instances().values() if i.job_id == job.job_id]
         loads = await self._loads([i.instance_id for i in mine])
-        by_role: dict[Role, list[dict[str, Any]]] = defaultdict(list)
+        by_role: dict[Role, list[LoadReport]] = defaultdict(list)
         counts: dict[Role, int] = defaultdict(int)
         for instance in mine:
             counts[instance.role] += 1
@@ -151,7 +151,7 @@ class Autoscaler:
             recent_requests=recent,
         )
 
-    async def _loads(self, instance_ids: list[str]) -> dict[str, dict[str, Any]]:
+    async def _loads(self, instance_ids: list[str]) -> dict[str, LoadReport]:
         if self._redis is None or not instance_ids:
             return {}
         try:
@@ -196,12 +196,12 @@ class Autoscaler:
         return changed
 
 
-def _group(instances: int, loads: list[dict[str, Any]]) -> GroupLoad:
-    requests = sum(int(x.get("running", 0)) + int(x.get("waiting", 0)) for x in loads)
-    usage = [x["kv_blocks_used"] / x["kv_blocks_total"] for x in loads if x.get("kv_blocks_total")]
+def _group(instances: int, loads: list[LoadReport]) -> GroupLoad:
+    requests = sum(x.running + x.waiting for x in loads)
+    usage = [x.kv_use for x in loads if x.kv_blocks_total]
     return GroupLoad(
         instances=instances,
         requests=requests,
         kv_usage=sum(usage) / len(usage) if usage else 0.0,
-        tokens_per_s=sum(float(x.get("tokens_per_s", 0.0)) for x in loads),
+        tokens_per_s=sum(x.tokens_per_s for x in loads),
     )

@@ -16,6 +16,7 @@ from deepserve.jobmgr.servicer import JobManagerServicer
 from deepserve.jobmgr.settings import JobMgrSettings
 from deepserve.jobmgr.task_store import TaskStore
 from deepserve.jobs.store import JobStore
+from deepserve.records import InstanceRecord
 from deepserve.registration import new_process_id
 from deepserve.runtime import ServiceRuntime
 from deepserve.tenancy.usage import UsageMeter
@@ -31,17 +32,12 @@ async def serve(settings: JobMgrSettings) -> None:
         )
         batch_settings = BatchSettings()
 
-        def max_model_len(model: str) -> int:
-            lengths = [
-                i.max_model_len
-                for i in controller.instance_mirror.items.values()
-                if i.model == model and i.max_model_len
-            ]
-            return min(lengths, default=0)
+        def live_instances(model: str) -> list[InstanceRecord]:
+            return [i for i in controller.instance_mirror.items.values() if i.model == model]
 
         assert rt.redis is not None
         batch_runner = BatchLineRunner(
-            rt.etcd, batch_settings, max_model_len, usage=UsageMeter(rt.redis.client)
+            rt.etcd, batch_settings, live_instances, usage=UsageMeter(rt.redis.client)
         )
         pods = PodPoolClient(settings.podpool_address, acquire_timeout_s=settings.acquire_timeout_s)
         autoscaler = Autoscaler(

@@ -9,20 +9,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections import Counter
-from urllib.parse import quote
+from collections import Counter, defaultdict
 
 from deepserve.scheduler.decode_predictor import DecodeLengthPredictor
+from deepserve.store.redis_keys import RedisKeys
+from deepserve.store.redis_messages import BadMessage, DecodeHistory
 from deepserve.store.redis_store import RedisStore
 
 log = logging.getLogger(__name__)
 
-HISTORY_KEY = "deepserve:decode-history:{model}:{tenant}"
 HISTORY_TTL_S = 7 * 24 * 3600
-
-
-def history_key(model: str, tenant: str) -> str:
-    return HISTORY_KEY.format(model=quote(model, safe=""), tenant=quote(tenant, safe=""))
 
 
 class HistorySync:
@@ -54,10 +50,14 @@ class HistorySync:
     async def sync_once(self) -> None:
         client = self._redis.client
         pending, self._pending = self._pending, Counter()
+        added: dict[tuple[str, str], dict[int, int]] = defaultdict(dict)
+        for (model, tenant, bucket), count in pending.items():
+            added[(model, tenant)][bucket] = count
         async with client.pipeline(transaction=False) as pipe:
-            for (model, tenant, bucket), count in pending.items():
-                key = history_key(model, tenant)
-                pipe.hincrby(key, str(bucket), count)
+            for (model, tenant), buckets in added.items():
+                key = RedisKeys.decode_history(model, tenant)
+                for field, count in DecodeHistory(buckets).encode().items():
+                    pipe.hincrby(key, field, count)
                 pipe.expire(key, HISTORY_TTL_S)
             await pipe.execute()
         keys = sorted(set(self._predictor.histograms) | self._predictor.wanted)
@@ -65,13 +65,17 @@ class HistorySync:
             return
         async with client.pipeline(transaction=False) as pipe:
             for model, tenant in keys:
-                pipe.hgetall(history_key(model, tenant))
+                pipe.hgetall(RedisKeys.decode_history(model, tenant))
             replies = await pipe.execute()
         for (model, tenant), reply in zip(keys, replies, strict=True):
-            if reply:
-                self._predictor.replace_history(
-                    model, tenant, Counter({int(k): int(v) for k, v in reply.items()})
-                )
+            if not reply:
+                continue
+            try:
+                history = DecodeHistory.decode(reply)
+            except BadMessage as exc:
+                log.warning("bad decode history of %s/%s: %s", model, tenant, exc)
+                continue
+            self._predictor.replace_history(model, tenant, Counter(history.buckets))
 
     async def _run(self) -> None:
         while True:

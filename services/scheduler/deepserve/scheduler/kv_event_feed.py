@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 from collections.abc import Callable
 
 from deepserve.scheduler.prefix_index import PrefixIndex
-from deepserve.store.redis_store import KV_EVENTS_STREAM, RedisStore
+from deepserve.store.redis_store import RedisStore
 
 log = logging.getLogger(__name__)
 
@@ -68,23 +67,17 @@ class KVEventFeed:
             if block_ms:
                 await asyncio.sleep(block_ms / 1000)
             return 0
-        streams = {KV_EVENTS_STREAM.format(instance_id=i): self._cursors[i] for i in live}
-        reply = await self._redis.client.xread(streams, count=self._batch, block=block_ms)
+        entries = await self._redis.read_kv_streams(
+            {i: self._cursors[i] for i in live}, count=self._batch, block_ms=block_ms
+        )
         applied = 0
-        prefix = KV_EVENTS_STREAM.split("{", 1)[0]
-        for name, entries in reply or []:
-            stream = name.decode() if isinstance(name, bytes) else name
-            instance_id = stream.removeprefix(prefix)
-            if instance_id not in self._cursors:
+        for entry in entries:
+            if entry.instance_id not in self._cursors:
                 continue  # left while we were reading
-            for entry_id, fields in entries:
-                try:
-                    self.index.apply(instance_id, json.loads(fields[b"e"]))
-                    applied += 1
-                except (KeyError, ValueError, TypeError) as exc:
-                    log.warning("bad KV event from %s: %s", instance_id, exc)
-                eid = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
-                self._cursors[instance_id] = eid
+            if entry.event is not None:  # a malformed one was logged by the store
+                self.index.apply(entry.instance_id, entry.event)
+                applied += 1
+            self._cursors[entry.instance_id] = entry.entry_id
         return applied
 
     async def _run(self) -> None:

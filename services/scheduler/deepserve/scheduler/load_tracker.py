@@ -15,13 +15,13 @@ import logging
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
 
+from deepserve.store.redis_keys import RedisKeys
+from deepserve.store.redis_messages import LoadReport, RoutedSince
 from deepserve.store.redis_store import RedisStore
 
 log = logging.getLogger(__name__)
 
-ROUTED_KEY = "deepserve:routed:{instance_id}"
 ROUTED_TTL_S = 30
 
 
@@ -45,14 +45,14 @@ class InstanceLoad:
         return self.running + self.waiting + self.routed_since_report + kv_weight * self.kv_use
 
     @classmethod
-    def from_report(cls, report: dict[str, Any], routed: int = 0) -> InstanceLoad:
+    def from_report(cls, report: LoadReport, routed: int = 0) -> InstanceLoad:
         return cls(
-            running=int(report.get("running", 0)),
-            waiting=int(report.get("waiting", 0)),
-            kv_blocks_used=int(report.get("kv_blocks_used", 0)),
-            kv_blocks_total=int(report.get("kv_blocks_total", 0)),
+            running=report.running,
+            waiting=report.waiting,
+            kv_blocks_used=report.kv_blocks_used,
+            kv_blocks_total=report.kv_blocks_total,
             routed_since_report=routed,
-            report_at=float(report.get("at", 0.0)),
+            report_at=report.at,
         )
 
 
@@ -131,26 +131,26 @@ class LoadTracker:
         if flush:
             async with client.pipeline(transaction=False) as pipe:
                 for instance_id, count in flush.items():
-                    key = ROUTED_KEY.format(instance_id=instance_id)
+                    key = RedisKeys.routed(instance_id)
                     at = self._loads.get(instance_id, InstanceLoad()).report_at
-                    pipe.hincrby(key, repr(at), count)
+                    added = RoutedSince(at, count)
+                    pipe.hincrby(key, added.field, added.count)
                     pipe.expire(key, ROUTED_TTL_S)
                 await pipe.execute()
         live = self._live_ids()
         reports = await self._redis.read_loads(live)
+        no_report = LoadReport()
         async with client.pipeline(transaction=False) as pipe:
             for instance_id in live:
-                at = float(reports.get(instance_id, {}).get("at", 0.0))
-                pipe.hget(ROUTED_KEY.format(instance_id=instance_id), repr(at))
-            routed = await pipe.execute()
-        self.set_loads(
-            {
-                instance_id: InstanceLoad.from_report(
-                    reports.get(instance_id, {}), int(count) if count else 0
-                )
-                for instance_id, count in zip(live, routed, strict=True)
-            }
-        )
+                at = reports.get(instance_id, no_report).at
+                pipe.hget(RedisKeys.routed(instance_id), RoutedSince.field_for(at))
+            replies = await pipe.execute()
+        loads: dict[str, InstanceLoad] = {}
+        for instance_id, raw in zip(live, replies, strict=True):
+            report = reports.get(instance_id, no_report)
+            routed = RoutedSince.decode(report.at, raw)
+            loads[instance_id] = InstanceLoad.from_report(report, routed.count)
+        self.set_loads(loads)
         self._flushing = Counter()
         self.refreshes += 1
 

@@ -10,8 +10,9 @@ candidates. Host-tier blocks count as held: fetching them back beats recomputing
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from collections.abc import Iterable, Sequence
+
+from deepserve.store.redis_messages import KVEventEntry
 
 TIERS = ("device", "host")
 
@@ -32,15 +33,12 @@ class PrefixIndex:
             len(set().union(*self._held[instance_id].values())) if instance_id in self._held else 0
         )
 
-    def apply(self, instance_id: str, event: Mapping[str, Any]) -> None:
-        """Applies one KV event as the shell publishes it:
-        {"kind": "stored"|"removed", "tier": "device"|"host", "hashes": [hex, ...]}."""
-        tier = str(event.get("tier", "device"))
-        hashes = [_hex(h) for h in event.get("hashes", event.get("block_hashes", ()))]
-        if event.get("kind") == "stored":
-            self.store(instance_id, hashes, tier)
-        elif event.get("kind") == "removed":
-            self.remove(instance_id, hashes, tier)
+    def apply(self, instance_id: str, event: KVEventEntry) -> None:
+        """Applies one KV event as the instance's pod published it."""
+        if event.kind == "stored":
+            self.store(instance_id, event.hashes, event.tier)
+        else:
+            self.remove(instance_id, event.hashes, event.tier)
         self.events_applied += 1
 
     def store(self, instance_id: str, hashes: Iterable[str], tier: str = "device") -> None:
@@ -91,9 +89,3 @@ class PrefixIndex:
             for instance_id in alive:
                 matched[instance_id] = depth
         return matched
-
-
-def _hex(value: Any) -> str:
-    if isinstance(value, bytes | bytearray):
-        return bytes(value).hex()
-    return str(value)

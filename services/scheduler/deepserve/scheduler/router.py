@@ -50,6 +50,9 @@ class RouteFacts:
     prompt_tokens: int = 0
     max_tokens: int = 0
     prefix_block_hashes: list[str] = field(default_factory=list)
+    # Tokens per block the hashes were computed with: only instances of this block size can
+    # hold the prompt's prefix under these hashes.
+    block_size: int = 0
     exclude_instance_ids: set[str] = field(default_factory=set)
 
 
@@ -113,6 +116,11 @@ class Router:
             raise InvalidArgument("model is required", field="model")
         if facts.prompt_tokens < 0 or facts.max_tokens < 0:
             raise InvalidArgument("token counts must be >= 0", field="prompt_tokens")
+        if facts.prefix_block_hashes and facts.block_size <= 0:
+            raise InvalidArgument(
+                "must be the positive block size the prefix hashes were computed with",
+                field="block_size",
+            )
         serving = self._table.groups(facts.model)
         live = (
             serving.without(facts.exclude_instance_ids) if facts.exclude_instance_ids else serving
@@ -240,7 +248,11 @@ class Router:
         low: float,
         high: float,
     ) -> _Pick:
-        matched = self.index.match(facts.prefix_block_hashes, loads)
+        # An instance caching blocks of another size holds none of these hashes' blocks: it is
+        # credited with nothing rather than matched against a chain it never built.
+        same_size = [i.instance_id for i in group if i.block_size == facts.block_size]
+        matched = dict.fromkeys(loads, 0)
+        matched.update(self.index.match(facts.prefix_block_hashes, same_size))
         ranked = sorted(
             group, key=lambda i: (-matched[i.instance_id], loads[i.instance_id], i.instance_id)
         )

@@ -69,6 +69,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
                 prompt_tokens=request.prompt_tokens,
                 max_tokens=request.max_tokens,
                 prefix_block_hashes=list(request.prefix_block_hashes),
+                block_size=request.block_size,
                 exclude_instance_ids=set(request.exclude_instance_ids),
             )
         )

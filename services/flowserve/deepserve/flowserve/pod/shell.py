@@ -20,6 +20,7 @@ from deepserve.flowserve.pod.registration import PodRegistration
 from deepserve.flowserve.settings import FlowServeSettings
 from deepserve.records import InstanceRecord, PodState, Role
 from deepserve.store.etcd import EtcdStore
+from deepserve.store.redis_messages import KVEventEntry, LoadReport
 from deepserve.store.redis_store import RedisStore
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,7 @@ class TaskExecutorShell:
         self.pod: PodRegistration | None = None
         self.device = ""
         self._reporter: asyncio.Task[None] | None = None
-        self._kv_events: list[dict[str, Any]] = []
+        self._kv_events: list[KVEventEntry] = []
         self._load_lock = asyncio.Lock()
         # deepserve.flowserve.pod.startup.RuntimeWarmth: what the model-agnostic start took.
         self.warmth: Any | None = None
@@ -147,6 +148,8 @@ class TaskExecutorShell:
                         tensor_parallel_size=tp_size,
                         device=self.device,
                         max_model_len=max_model_len,
+                        # The engine's own block size: routers hash prompts with it.
+                        block_size=engine.config.block_size,
                     )
                 )
             self.last_timeline = steps.timeline
@@ -192,32 +195,39 @@ class TaskExecutorShell:
             await self.pod.set_pod(state=PodState.WARM, model="", task_id="")
 
     def _on_kv_event(self, event: Any) -> None:
-        # Called from the engine thread; list.append is atomic under the GIL.
+        # Called from the engine thread (event: a flowserve.kv_cache.events.KVEvent);
+        # list.append is atomic under the GIL.
         self._kv_events.append(
-            {"kind": event.kind, "tier": event.tier, "hashes": event.hex_hashes, "at": time.time()}
+            KVEventEntry(
+                kind=event.kind, tier=event.tier, hashes=tuple(event.hex_hashes), at=time.time()
+            )
         )
+
+    async def publish_state(self) -> None:
+        """Publishes the engine's load report and the KV events since the last call to Redis."""
+        if self.engine is None:
+            return
+        stats = self.engine.stats()
+        report = LoadReport(
+            at=time.time(),
+            model=self.model_name,
+            running=stats.num_running,
+            waiting=stats.num_waiting,
+            kv_blocks_used=stats.kv_blocks_used,
+            kv_blocks_total=stats.kv_blocks_total,
+            prefix_cache_hit_rate=stats.prefix_cache_hit_rate,
+            tokens_per_s=stats.generation_tokens_per_s,
+        )
+        ttl_s = max(3 * self.settings.load_report_interval_s, 2)
+        await self.redis.publish_load(self.instance_id, report, ttl_s=ttl_s)
+        events, self._kv_events = self._kv_events, []
+        await self.redis.append_kv_events(self.instance_id, events)
 
     async def _report_load(self) -> None:
         interval = self.settings.load_report_interval_s
         while True:
             try:
-                if self.engine is not None:
-                    stats = self.engine.stats()
-                    load = {
-                        "model": self.model_name,
-                        "running": stats.num_running,
-                        "waiting": stats.num_waiting,
-                        "kv_blocks_used": stats.kv_blocks_used,
-                        "kv_blocks_total": stats.kv_blocks_total,
-                        "prefix_cache_hit_rate": stats.prefix_cache_hit_rate,
-                        "tokens_per_s": stats.generation_tokens_per_s,
-                        "at": time.time(),
-                    }
-                    await self.redis.publish_load(
-                        self.instance_id, load, ttl_s=max(3 * interval, 2)
-                    )
-                    events, self._kv_events = self._kv_events, []
-                    await self.redis.append_kv_events(self.instance_id, events)
+                await self.publish_state()
                 if self.disagg is not None:
                     # KV segments a decode peer never claimed (it died or went away).
                     self.disagg.shared_memory.sweep()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +21,7 @@ from deepserve import records
 from deepserve.completions.call import ApiCall
 from deepserve.completions.dispatcher import Dispatcher
 from deepserve.completions.openai_errors import body_for
-from deepserve.completions.prepare import prepare_chat
+from deepserve.completions.prepare import prefix_block_size, prepare_chat
 from deepserve.completions.protocol import ChatCompletionRequest
 from deepserve.completions.response_format import ResponseFormatter
 from deepserve.completions.tokenizer_registry import TokenizerRegistry
@@ -33,6 +33,7 @@ from deepserve.errors import (
     Unavailable,
 )
 from deepserve.jobmgr.batch.settings import BatchSettings
+from deepserve.records import InstanceRecord
 from deepserve.store.etcd import EtcdStore
 from deepserve.tenancy.usage import UsageMeter
 
@@ -81,14 +82,16 @@ class BatchLineRunner:
         self,
         etcd: EtcdStore,
         settings: BatchSettings,
-        max_model_len: Callable[[str], int],
+        live_instances: Callable[[str], Sequence[InstanceRecord]],
         tokenizers: TokenizerRegistry | None = None,
         usage: UsageMeter | None = None,
     ) -> None:
         self._etcd = etcd
         self._usage = usage
         self.settings = settings
-        self._max_model_len = max_model_len
+        # The live instances of a model (jobmgr's instance mirror): their records give the
+        # context window to check prompts against and the block size to hash them with.
+        self._live_instances = live_instances
         self._tokenizers = tokenizers or TokenizerRegistry()
         self._engines = EngineStubs()
         self._scheduler: SchedulerClient | None = None
@@ -147,13 +150,14 @@ class BatchLineRunner:
             raise InvalidArgument("streaming is not supported in a batch", field="stream")
         body.priority = self.settings.priority
         tokenizer = await self._tokenizers.get(body.model)
+        live = self._live_instances(body.model)
         job = prepare_chat(
             body,
             tokenizer,
             request_id=request_id,
             tenant=tenant,
-            max_model_len=self._max_model_len(body.model),
-            block_size=self.settings.prefix_block_size,
+            max_model_len=min((i.max_model_len for i in live if i.max_model_len), default=0),
+            block_size=prefix_block_size(body.model, live),
         )
         job.created = int(time.time())
         job.deadline = asyncio.get_running_loop().time() + self.settings.request_timeout_s

@@ -25,4 +25,3 @@ class BatchSettings(BaseSettings):
     retry_delay_s: float = 1.0
     # Finished lines are saved (and counted in the job) at least this often.
     flush_interval_s: float = 0.5
-    prefix_block_size: int = 16
