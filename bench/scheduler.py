@@ -37,13 +37,14 @@ import grpc
 from bench.common import markdown_table, percentile, progress
 from deepserve import records
 from deepserve.cluster.state_stores import start_etcd, start_redis_server
-from deepserve.jobs.records import JobKind, JobPhase, JobRecord, RoutingPolicy, ServingSpec
+from deepserve.jobs.records import JobPhase, JobRecord, RoutingPolicy, ServingSpec
+from deepserve.jobs.store import JobStore
 from deepserve.prefix_hash import prompt_block_hashes
 from deepserve.processes import ManagedProcess, free_port, wait_for_port
 from deepserve.records import InstanceRecord, Role
 from deepserve.rpc.client import insecure_channel
 from deepserve.rpc.health_check import wait_serving
-from deepserve.store.etcd import EtcdStore, TypedPrefix
+from deepserve.store.etcd import EtcdStore
 from deepserve.store.keys import Keys
 from deepserve.store.redis_messages import KVEventEntry, LoadReport
 from deepserve.store.redis_store import RedisStore
@@ -360,17 +361,23 @@ def pods(s: Stores, model: Path, n: int, kv_blocks: int) -> Iterator[list[Manage
 
 
 async def set_policy(s: Stores, model: str, policy: RoutingPolicy, seq: int) -> None:
-    """A serving job for `model` naming the policy: the scheduler's policy table watches jobs."""
+    """A serving job for `model` naming the policy: the scheduler's policy table watches jobs.
+
+    No jobmgr runs in this bench, so the job is written through the JobStore (jobmgr's own
+    store in libs): created, then marked running by CAS, as jobmgr's reconciler would.
+    """
     async with EtcdStore(s.etcd_endpoint) as etcd:
-        jobs = TypedPrefix(etcd, Keys.jobs_prefix(), JobRecord, Keys.job)
+        jobs = JobStore(etcd)
         await etcd.delete_prefix(Keys.jobs_prefix())
-        job = JobRecord(
-            job_id=f"bench-{seq}",
-            kind=JobKind.SERVING,
-            serving=ServingSpec(model=model, replicas=0, policy=policy),
+        job = await jobs.create_serving(
+            ServingSpec(model=model, replicas=0, policy=policy), job_id=f"bench-{seq}"
         )
-        job.status.phase = JobPhase.RUNNING
-        await jobs.put(job.job_id, job)
+
+        def running(record: JobRecord) -> JobRecord:
+            record.status.phase = JobPhase.RUNNING
+            return record
+
+        await jobs.update(job.record.job_id, running)
 
 
 @dataclass

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+import grpc
 import pytest
 
 from deepserve import records
@@ -24,6 +25,7 @@ from deepserve.prefix_hash import prompt_block_hashes
 from deepserve.processes import ManagedProcess, free_port
 from deepserve.records import PodState
 from deepserve.rpc.client import insecure_channel
+from deepserve.rpc.errors import FIELD_KEY
 from deepserve.rpc.health_check import wait_serving
 from deepserve.store.election import LeaderElection
 from deepserve.store.etcd import EtcdStore
@@ -427,6 +429,48 @@ async def test_sigkilled_pod_stops_receiving_and_is_replaced(
     after = await eventually(replaced, timeout_s=120)
     reasons = [e.reason for e in after.job.events]
     assert "TaskFailed" in reasons and "TaskReplaced" in reasons
+
+
+async def test_jobmgr_checks_fine_tuning_and_batch_jobs(plane: Plane) -> None:
+    """CreateJob takes every kind; a bad spec or file is INVALID_ARGUMENT naming the field, and
+    another tenant's job is NOT_FOUND (a jobmgr process, as the gateway calls it)."""
+    cases = [
+        (
+            jobmgr_pb2.JobSpec(
+                kind=jobmgr_pb2.JOB_KIND_FINE_TUNING,
+                fine_tuning=jobmgr_pb2.FineTuningSpec(
+                    model=plane.model, training_file="file-x", n_epochs=99, tenant="t"
+                ),
+            ),
+            "hyperparameters.n_epochs",
+        ),
+        (
+            jobmgr_pb2.JobSpec(
+                kind=jobmgr_pb2.JOB_KIND_FINE_TUNING,
+                fine_tuning=jobmgr_pb2.FineTuningSpec(
+                    model=plane.model, training_file="file-missing", tenant="t"
+                ),
+            ),
+            "training_file",
+        ),
+        (
+            jobmgr_pb2.JobSpec(
+                kind=jobmgr_pb2.JOB_KIND_BATCH,
+                batch=jobmgr_pb2.BatchSpec(input_file_id="file-missing", tenant="t"),
+            ),
+            "input_file_id",
+        ),
+    ]
+    for spec, field_name in cases:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await jobmgr_call(plane, "CreateJob", jobmgr_pb2.CreateJobRequest(spec=spec))
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert dict(caught.value.trailing_metadata() or ()).get(FIELD_KEY) == field_name
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await jobmgr_call(plane, "GetJob", jobmgr_pb2.GetJobRequest(job_id=JOB, tenant="t"))
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    listed = await jobmgr_call(plane, "ListJobs", jobmgr_pb2.ListJobsRequest(tenant="t"))
+    assert list(listed.jobs) == []
 
 
 async def test_jobmgr_leader_dies_and_the_other_takes_over(

@@ -27,6 +27,20 @@ def _phase(job: pb.Job) -> str:
 
 
 def _summary(job: pb.Job) -> str:
+    which = job.spec.WhichOneof("spec")
+    if which == "fine_tuning":
+        ft = job.spec.fine_tuning
+        return (
+            f"{job.job_id:<16} {_phase(job):<10} fine-tune {ft.model} on {ft.training_file} "
+            f"(tenant {ft.tenant or '-'}, step {job.status.fine_tuning.step}/"
+            f"{job.status.fine_tuning.total_steps})"
+        )
+    if which == "batch":
+        b, progress = job.spec.batch, job.status.batch
+        return (
+            f"{job.job_id:<16} {_phase(job):<10} batch over {b.input_file_id} "
+            f"(tenant {b.tenant or '-'}, {progress.completed + progress.failed}/{progress.total})"
+        )
     s = job.spec.serving
     mode = pb.ServingMode.Name(s.mode).removeprefix("SERVING_MODE_").lower()
     return (

@@ -90,6 +90,7 @@ class LocalCluster:
             "DEEPSERVE_GATEWAY_GRPC_PORT": str(ports.gateway),
             "DEEPSERVE_GATEWAY_HTTP_PORT": str(ports.gateway_http),
             "DEEPSERVE_GATEWAY_SCHEDULER_ADDRESS": lay.address("scheduler"),
+            "DEEPSERVE_GATEWAY_JOBMGR_ADDRESS": lay.address("jobmgr"),
             "DEEPSERVE_GATEWAY_AUTH_OPEN": "true" if self.options.auth_open else "false",
             "DEEPSERVE_JOBMGR_GRPC_PORT": str(ports.jobmgr),
             "DEEPSERVE_JOBMGR_PODPOOL_ADDRESS": lay.address("podpool"),

@@ -58,6 +58,16 @@ class BatchStage(StrEnum):
     DONE = "done"
 
 
+class BatchError(BaseModel):
+    """Why a batch failed validation: one of OpenAI's `errors.data` entries."""
+
+    code: str
+    message: str
+    param: str | None = None
+    # The input line at fault (1-based), when one is.
+    line: int | None = None
+
+
 class BatchProgress(BaseModel):
     """Where the batch stands, written by the batch controller."""
 
@@ -72,7 +82,7 @@ class BatchProgress(BaseModel):
     output_file_id: str = ""
     error_file_id: str = ""
     # Why validation failed: OpenAI's `errors.data` entries.
-    errors: list[dict[str, str | int | None]] = Field(default_factory=list)
+    errors: list[BatchError] = Field(default_factory=list)
     in_progress_at: float | None = None
     finalizing_at: float | None = None
     completed_at: float | None = None

@@ -40,6 +40,7 @@ class FineTuningSpec(BaseModel):
     checkpoint_every_steps: int = 10
     # Held-out share of the training file when no validation file is given (>= 10 examples).
     validation_split: float = 0.1
+    metadata: dict[str, str] | None = None
 
     def normalized(self) -> FineTuningSpec:
         spec = self.model_copy(deep=True)
@@ -49,6 +50,8 @@ class FineTuningSpec(BaseModel):
             raise InvalidArgument("a training_file is required", field="training_file")
         if not _SUFFIX.match(spec.suffix):
             raise InvalidArgument("suffix: up to 40 letters, digits, '-' or '_'", field="suffix")
+        if spec.metadata is not None and len(spec.metadata) > 16:
+            raise InvalidArgument("at most 16 metadata pairs", field="metadata")
         hp = spec.hyperparameters
         hp.n_epochs = hp.n_epochs or 3
         hp.batch_size = hp.batch_size or 4
@@ -63,6 +66,12 @@ class FineTuningSpec(BaseModel):
             )
         if spec.lora_rank < 1:
             raise InvalidArgument("must be >= 1", field="lora_rank")
+        if spec.lora_alpha < 1:
+            raise InvalidArgument("must be >= 1", field="lora_alpha")
+        if spec.checkpoint_every_steps < 0:
+            raise InvalidArgument("must be >= 0", field="checkpoint_every_steps")
+        if not 0 <= spec.validation_split < 1:
+            raise InvalidArgument("must be in [0, 1)", field="validation_split")
         return spec
 
     @property

@@ -160,6 +160,15 @@ class JobRecord(BaseModel):
     # Set by DeleteJob: the reconciler removes the tasks, then the job record itself.
     delete_requested: bool = False
 
+    @property
+    def tenant(self) -> str:
+        """The tenant that owns the job (fine-tuning and batch); serving jobs have none."""
+        if self.fine_tuning is not None:
+            return self.fine_tuning.spec.tenant
+        if self.batch is not None:
+            return self.batch.spec.tenant
+        return ""
+
     def record_event(self, reason: str, message: str = "") -> None:
         self.events.append(JobEvent(reason=reason, message=message))
         del self.events[:-MAX_EVENTS]

@@ -1,8 +1,13 @@
-"""Jobs in etcd: create, read, list, watch, cancel, scale — every change by compare-and-swap."""
+"""Jobs in etcd: create, read, list, watch, cancel, scale — every change by compare-and-swap.
+
+jobmgr is the one process that writes job records (its API and its controllers); everyone
+else reads them, or changes them through JobManagerService.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -13,7 +18,10 @@ from deepserve.errors import (
     DeepServeError,
     FailedPrecondition,
     InvalidArgument,
+    NotFound,
 )
+from deepserve.jobs.batch import BatchJob, BatchProgress, BatchSpec
+from deepserve.jobs.fine_tuning import FineTuningJob, FineTuningSpec
 from deepserve.jobs.records import JobKind, JobPhase, JobRecord, ServingSpec
 from deepserve.store.etcd import EtcdStore, TypedPrefix, Versioned
 from deepserve.store.keys import Keys, last_segment
@@ -35,30 +43,88 @@ class JobStore:
 
     async def create_serving(self, spec: ServingSpec, job_id: str = "") -> Versioned[JobRecord]:
         spec = spec.normalized()
-        job_id = job_id or f"job-{uuid.uuid4().hex[:10]}"
-        job = JobRecord(job_id=job_id, kind=JobKind.SERVING, serving=spec)
+        job = JobRecord(
+            job_id=job_id or f"job-{uuid.uuid4().hex[:10]}", kind=JobKind.SERVING, serving=spec
+        )
         job.record_event(
             "Created",
             f"deploy {spec.model}: {spec.replicas} replica(s) in [{spec.min_replicas}, "
             f"{spec.max_replicas}], {spec.mode.value}, policy {spec.policy.value}",
         )
-        try:
-            revision = await self._jobs.create(job_id, job)
-        except Conflict:
-            raise AlreadyExists(f"job {job_id!r} already exists", field="job_id") from None
-        return Versioned(Keys.job(job_id), job, revision)
+        return await self._create(job)
 
-    async def get(self, job_id: str) -> Versioned[JobRecord]:
+    async def create_fine_tuning(
+        self, spec: FineTuningSpec, job_id: str = ""
+    ) -> Versioned[JobRecord]:
+        """A fine-tuning job over already checked files (jobmgr's admission checks them)."""
+        spec = spec.normalized()
+        job = JobRecord(
+            job_id=job_id or f"ftjob-{uuid.uuid4().hex[:20]}",
+            kind=JobKind.FINE_TUNING,
+            fine_tuning=FineTuningJob(spec=spec),
+        )
+        job.record_event("Created", f"fine-tune {spec.model} on {spec.training_file}")
+        return await self._create(job)
+
+    async def create_batch(
+        self, spec: BatchSpec, total: int, job_id: str = ""
+    ) -> Versioned[JobRecord]:
+        """A batch over an already checked input file of `total` requests; its window starts now."""
+        spec = spec.normalized()
+        created_at = time.time()
+        job = JobRecord(
+            job_id=job_id or f"batch_{uuid.uuid4().hex[:24]}",
+            kind=JobKind.BATCH,
+            batch=BatchJob(
+                spec=spec.with_deadline(created_at), progress=BatchProgress(total=total)
+            ),
+            created_at=created_at,
+        )
+        job.record_event("Created", f"batch over {spec.input_file_id} ({total} requests)")
+        return await self._create(job)
+
+    async def _create(self, job: JobRecord) -> Versioned[JobRecord]:
+        try:
+            revision = await self._jobs.create(job.job_id, job)
+        except Conflict:
+            raise AlreadyExists(f"job {job.job_id!r} already exists", field="job_id") from None
+        return Versioned(Keys.job(job.job_id), job, revision)
+
+    async def get(
+        self, job_id: str, *, tenant: str | None = None, kind: JobKind | None = None
+    ) -> Versioned[JobRecord]:
+        """The job; with `tenant` (`kind`), one of another tenant (kind) is NotFound."""
         if not job_id:
             raise InvalidArgument("a job id is required", field="job_id")
-        return await self._jobs.require(job_id)
+        found = await self._jobs.get(job_id)
+        if (
+            found is None
+            or (tenant is not None and found.record.tenant != tenant)
+            or (kind is not None and found.record.kind != kind)
+        ):
+            raise NotFound(f"job {job_id!r} not found", field="job_id")
+        return found
 
-    async def list(self, kind: JobKind | None = None) -> list[Versioned[JobRecord]]:
+    async def list(
+        self, kind: JobKind | None = None, *, tenant: str | None = None
+    ) -> list[Versioned[JobRecord]]:
         jobs, _ = await self._jobs.list()
-        return [j for j in jobs if kind is None or j.record.kind == kind]
+        return [
+            j
+            for j in jobs
+            if (kind is None or j.record.kind == kind)
+            and (tenant is None or j.record.tenant == tenant)
+        ]
 
-    async def cancel(self, job_id: str) -> Versioned[JobRecord]:
-        await self.get(job_id)
+    async def cancel(
+        self, job_id: str, *, tenant: str | None = None, kind: JobKind | None = None
+    ) -> Versioned[JobRecord]:
+        """Cancels the job. A serving or fine-tuning job ends cancelled at once; a batch is marked
+        cancel_requested and its controller ends it with the partial results. Cancelling
+        twice is a no-op; a completed or failed batch is refused (FailedPrecondition)."""
+        current = await self.get(job_id, tenant=tenant, kind=kind)
+        if current.record.kind == JobKind.BATCH:
+            return await self._jobs.update(job_id, _request_batch_cancel)
 
         def mark(job: JobRecord) -> JobRecord | None:
             if job.status.phase.terminal:
@@ -141,3 +207,23 @@ class JobStore:
             record = self._jobs.decode(event.value)
             if kind is None or record.kind == kind:
                 yield JobChange("put", Versioned(event.key, record, event.mod_revision), job_id)
+
+
+# OpenAI's names of the terminal phases a batch cannot be cancelled from.
+_UNCANCELLABLE_BATCH = {JobPhase.SUCCEEDED: "completed", JobPhase.FAILED: "failed"}
+
+
+def _request_batch_cancel(job: JobRecord) -> JobRecord | None:
+    """Marks the batch cancel_requested; the batch controller stops sending and finishes it."""
+    assert job.batch is not None
+    if job.status.phase in _UNCANCELLABLE_BATCH:
+        raise FailedPrecondition(
+            f"Cannot cancel a batch with status {_UNCANCELLABLE_BATCH[job.status.phase]!r}",
+            field="job_id",
+        )
+    if job.status.phase.terminal or job.batch.progress.cancel_requested:
+        return None  # cancelling twice is a no-op
+    job.batch.progress.cancel_requested = True
+    job.batch.progress.cancelling_at = time.time()
+    job.record_event("Cancelling", "cancel requested: no further requests are sent")
+    return job

@@ -18,11 +18,10 @@ from deepserve.files import FileService, LocalFileStore
 from deepserve.jobmgr.batch.controller import BatchController
 from deepserve.jobmgr.batch.line_runner import LineResult, result_line
 from deepserve.jobmgr.batch.settings import BatchSettings
-from deepserve.jobs.batch import BatchJob, BatchSpec
-from deepserve.jobs.records import JobKind, JobPhase, JobRecord
+from deepserve.jobs.batch import BatchSpec
+from deepserve.jobs.records import JobPhase, JobRecord
 from deepserve.jobs.store import JobStore
-from deepserve.store.etcd import EtcdStore, TypedPrefix
-from deepserve.store.keys import Keys
+from deepserve.store.etcd import EtcdStore
 
 pytestmark = pytest.mark.timeout(60)
 SETTINGS = BatchSettings(concurrency=4, flush_interval_s=0.05)
@@ -74,13 +73,21 @@ async def env(etcd_endpoint: str, tmp_path: Path) -> AsyncIterator[tuple[EtcdSto
 
 
 async def create(etcd: EtcdStore, files: FileService, n: int, expires_at: float = 0.0) -> str:
+    """A batch as jobmgr's CreateJob makes it (through the JobStore), its window optionally
+    moved to `expires_at`."""
     tenant = f"t-{uuid.uuid4().hex[:6]}"
     record = await files.upload(batch_file(n), filename="in.jsonl", purpose="batch", tenant=tenant)
-    job_id = f"batch_{uuid.uuid4().hex[:12]}"
-    spec = BatchSpec(input_file_id=record.file_id, tenant=tenant, expires_at=expires_at)
-    job = JobRecord(job_id=job_id, kind=JobKind.BATCH, batch=BatchJob(spec=spec))
-    await TypedPrefix(etcd, Keys.jobs_prefix(), JobRecord, Keys.job).create(job_id, job)
-    return job_id
+    jobs = JobStore(etcd)
+    job = await jobs.create_batch(BatchSpec(input_file_id=record.file_id, tenant=tenant), n)
+    if expires_at:
+
+        def window(found: JobRecord) -> JobRecord:
+            assert found.batch is not None
+            found.batch.spec.expires_at = expires_at
+            return found
+
+        await jobs.update(job.record.job_id, window)
+    return job.record.job_id
 
 
 async def drive(
@@ -247,4 +254,4 @@ async def test_missing_input_file_fails_the_batch_with_errors(env: Any) -> None:
     finally:
         await controller.stop()
     assert job.status.phase == JobPhase.FAILED and job.batch is not None
-    assert job.batch.progress.errors[0]["code"] == "not_found"
+    assert job.batch.progress.errors[0].code == "not_found"

@@ -1,10 +1,12 @@
-"""The /v1/batches routes over real etcd: OpenAI shapes, validation errors, list paging, cancel."""
+"""The /v1/batches routes through a real jobmgr API (servicer on a free port over the session
+etcd): OpenAI shapes, validation errors naming the field, list paging, cancel, tenant scoping,
+and a 503 when jobmgr cannot be reached."""
 
 from __future__ import annotations
 
-import json
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -19,48 +21,60 @@ from deepserve.files import FileService, LocalFileStore
 from deepserve.gateway.auth import Caller
 from deepserve.gateway.batches_api import batches_router
 from deepserve.gateway.files_api import files_router
+from deepserve.jobs.client import JobManagerClient
 from deepserve.jobs.records import JobPhase, JobRecord
 from deepserve.jobs.store import JobStore
+from deepserve.processes import free_port
 from deepserve.store.etcd import EtcdStore
 from deepserve.tenancy.tenants import TenantLimits
+from tests.unit.jobmgr.api_server import batch_file, chat_file, jobmgr_api
 
 pytestmark = pytest.mark.timeout(60)
 
 
-def batch_file(n: int) -> bytes:
-    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
-    return "".join(
-        json.dumps(
-            {"custom_id": f"c{i}", "method": "POST", "url": "/v1/chat/completions", "body": body}
-        )
-        + "\n"
-        for i in range(n)
-    ).encode()
+@dataclass
+class BatchesApi:
+    """The /v1/batches and /v1/files routes of a caller's tenant, over a real jobmgr API."""
+
+    client: httpx.AsyncClient
+    jobs: JobStore
+    as_tenant: Callable[[str], httpx.AsyncClient]
 
 
-@pytest_asyncio.fixture
-async def api(
-    etcd_endpoint: str, tmp_path: Path
-) -> AsyncIterator[tuple[httpx.AsyncClient, JobStore]]:
-    tenant = f"t-{uuid.uuid4().hex[:6]}"
-
+def app_for(tenant: str, files: FileService, jobs: JobManagerClient) -> httpx.AsyncClient:
     async def caller() -> Caller:
         return Caller(tenant, TenantLimits())
 
+    app = FastAPI()
+
+    @app.exception_handler(DeepServeError)
+    async def domain_error(_request: object, exc: DeepServeError) -> JSONResponse:
+        status, body = body_for(exc)
+        return JSONResponse(body, status_code=status)
+
+    app.include_router(files_router(files, caller))
+    app.include_router(batches_router(jobs, caller))
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t")
+
+
+@pytest_asyncio.fixture
+async def api(etcd_endpoint: str, tmp_path: Path) -> AsyncIterator[BatchesApi]:
     async with EtcdStore(etcd_endpoint) as etcd:
         files = FileService(etcd, LocalFileStore(tmp_path), max_bytes=1 << 20)
-        app = FastAPI()
+        async with jobmgr_api(etcd, files) as address:
+            jobs = JobManagerClient(address)
+            opened: list[httpx.AsyncClient] = []
 
-        @app.exception_handler(DeepServeError)
-        async def domain_error(_request: object, exc: DeepServeError) -> JSONResponse:
-            status, body = body_for(exc)
-            return JSONResponse(body, status_code=status)
+            def as_tenant(tenant: str) -> httpx.AsyncClient:
+                opened.append(app_for(tenant, files, jobs))
+                return opened[-1]
 
-        app.include_router(files_router(files, caller))
-        app.include_router(batches_router(etcd, files, caller))
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
-            yield client, JobStore(etcd)
+            try:
+                yield BatchesApi(as_tenant(f"t-{uuid.uuid4().hex[:6]}"), JobStore(etcd), as_tenant)
+            finally:
+                for client in opened:
+                    await client.aclose()
+                await jobs.close()
 
 
 async def upload(client: httpx.AsyncClient, data: bytes, purpose: str) -> str:
@@ -71,8 +85,8 @@ async def upload(client: httpx.AsyncClient, data: bytes, purpose: str) -> str:
     return str(reply.json()["id"])
 
 
-async def test_create_retrieve_list_and_cancel(api: tuple[httpx.AsyncClient, JobStore]) -> None:
-    client, jobs = api
+async def test_create_retrieve_list_and_cancel(api: BatchesApi) -> None:
+    client, jobs = api.client, api.jobs
     file_id = await upload(client, batch_file(5), "batch")
     created = []
     for i in range(3):
@@ -112,7 +126,9 @@ async def test_create_retrieve_list_and_cancel(api: tuple[httpx.AsyncClient, Job
     await jobs.update(created[1]["id"], finish)
     refused = await client.post(f"/v1/batches/{created[1]['id']}/cancel")
     assert refused.status_code == 400 and "completed" in refused.json()["error"]["message"]
-    assert (await client.get("/v1/batches/batch_nope")).status_code == 404
+    assert refused.json()["error"]["param"] == "batch_id"
+    missing = await client.get("/v1/batches/batch_nope")
+    assert missing.status_code == 404 and missing.json()["error"]["param"] == "batch_id"
 
 
 @pytest.mark.parametrize(
@@ -125,14 +141,11 @@ async def test_create_retrieve_list_and_cancel(api: tuple[httpx.AsyncClient, Job
     ],
 )
 async def test_validation_errors_name_the_field(
-    api: tuple[httpx.AsyncClient, JobStore], change: dict[str, str], param: str
+    api: BatchesApi, change: dict[str, str], param: str
 ) -> None:
-    client, _ = api
+    client = api.client
     if change.get("purpose") == "fine-tune":
-        line = {
-            "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
-        }
-        file_id = await upload(client, (json.dumps(line) + "\n").encode(), "fine-tune")
+        file_id = await upload(client, chat_file(1), "fine-tune")
         change = {}
     else:
         file_id = await upload(client, batch_file(1), "batch")
@@ -145,3 +158,37 @@ async def test_validation_errors_name_the_field(
     reply = await client.post("/v1/batches", json=body)
     assert reply.status_code == 400, reply.text
     assert reply.json()["error"]["param"] == param
+
+
+async def test_another_tenants_batch_is_not_found(api: BatchesApi) -> None:
+    file_id = await upload(api.client, batch_file(2), "batch")
+    body = {
+        "input_file_id": file_id,
+        "endpoint": "/v1/chat/completions",
+        "completion_window": "24h",
+    }
+    mine = (await api.client.post("/v1/batches", json=body)).json()["id"]
+    other = api.as_tenant(f"t-{uuid.uuid4().hex[:6]}")
+    for reply in (
+        await other.get(f"/v1/batches/{mine}"),
+        await other.post(f"/v1/batches/{mine}/cancel"),
+    ):
+        assert reply.status_code == 404, reply.text
+        assert reply.json()["error"]["param"] == "batch_id"
+    assert (await other.get("/v1/batches")).json()["data"] == []
+    # The other tenant cannot start a batch over this tenant's file either.
+    refused = await other.post("/v1/batches", json=body)
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "input_file_id"
+    record = (await api.jobs.get(mine)).record
+    assert record.batch is not None and not record.batch.progress.cancel_requested
+
+
+async def test_unreachable_jobmgr_is_a_503(etcd_endpoint: str, tmp_path: Path) -> None:
+    async with EtcdStore(etcd_endpoint) as etcd:
+        files = FileService(etcd, LocalFileStore(tmp_path), max_bytes=1 << 20)
+        jobs = JobManagerClient(f"127.0.0.1:{free_port()}", timeout_s=5)
+        async with app_for("t", files, jobs) as client:
+            reply = await client.get("/v1/batches")
+        await jobs.close()
+    assert reply.status_code == 503, reply.text
+    assert reply.json()["error"]["type"] == "service_unavailable"

@@ -1,9 +1,13 @@
 """An in-process gateway (HTTP + gRPC) in front of an echo engine and a static scheduler, with
-a real etcd and a real Redis-protocol server (the session fixtures)."""
+a real etcd and a real Redis-protocol server (the session fixtures). With `platform_apis`, the
+gateway also serves the Files, Fine-tuning and Batch APIs, its job routes calling a real
+jobmgr API (the servicer on a free port, over the same etcd and file store)."""
 
 from __future__ import annotations
 
 import contextlib
+import shutil
+import tempfile
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -15,10 +19,12 @@ import pytest_asyncio
 from deepserve import records
 from deepserve.config import CommonSettings
 from deepserve.gateway.gateway import Gateway
-from deepserve.gateway.http_app import create_app
+from deepserve.gateway.http_app import RouterFactory, create_app
 from deepserve.gateway.http_server import HttpServer
+from deepserve.gateway.platform_routes import file_service, platform_routers
 from deepserve.gateway.servicer import GatewayServicer
 from deepserve.gateway.settings import GatewaySettings
+from deepserve.jobs.client import JobManagerClient
 from deepserve.records import InstanceRecord, Role
 from deepserve.rpc.server import start_grpc_server
 from deepserve.store.etcd import EtcdStore
@@ -29,6 +35,7 @@ from deepserve.tokenizer import Tokenizer
 from deepserve.v1 import common_pb2, gateway_pb2_grpc
 from tests.unit.gateway.fake_engine import EchoEngine
 from tests.unit.gateway.fake_scheduler import StaticScheduler
+from tests.unit.jobmgr.api_server import jobmgr_api
 
 MAX_MODEL_LEN = 512
 # Tokens per KV block of the harness's engine, as its instance record says.
@@ -69,7 +76,7 @@ def smollm_tokenizer(model_cache_dir: Path) -> Tokenizer:
 
 @contextlib.asynccontextmanager
 async def running_harness(
-    etcd_endpoint: str, redis_url: str, tokenizer: Tokenizer
+    etcd_endpoint: str, redis_url: str, tokenizer: Tokenizer, *, platform_apis: bool = False
 ) -> AsyncIterator[GatewayHarness]:
     """Starts the whole in-process stack on the running event loop."""
     smollm_tokenizer = tokenizer
@@ -84,8 +91,11 @@ async def running_harness(
     scheduler = StaticScheduler()
     scheduler_address = await scheduler.start()
 
+    files_root = Path(tempfile.mkdtemp(prefix="deepserve-files-"))
     settings = GatewaySettings(
-        common=CommonSettings(etcd_endpoint=etcd_endpoint, redis_url=redis_url),
+        common=CommonSettings(
+            etcd_endpoint=etcd_endpoint, redis_url=redis_url, files_root=files_root
+        ),
         scheduler_address=scheduler_address,
         auth_open=False,
         request_timeout_s=30,
@@ -111,7 +121,16 @@ async def running_harness(
     assert await gateway.models.instances.wait_for(lambda items: instance_id in items, 30)
     scheduler.add(common_pb2.Instance(instance_id=instance_id, model=model, address=engine_address))
 
-    http = HttpServer(create_app(gateway), "127.0.0.1", 0)
+    routers: list[RouterFactory] = []
+    jobmgr = contextlib.AsyncExitStack()
+    jobs: JobManagerClient | None = None
+    if platform_apis:
+        address = await jobmgr.enter_async_context(
+            jobmgr_api(etcd, file_service(etcd, settings.common))
+        )
+        jobs = JobManagerClient(address)
+        routers = platform_routers(etcd, settings.common, jobs)
+    http = HttpServer(create_app(gateway, routers), "127.0.0.1", 0)
     http_port = await http.start()
     grpc_service = await start_grpc_server(
         [
@@ -137,6 +156,10 @@ async def running_harness(
     )
     await grpc_service.server.stop(0)
     await http.stop()
+    if jobs is not None:
+        await jobs.close()
+    await jobmgr.aclose()
+    shutil.rmtree(files_root, ignore_errors=True)
     await gateway.stop()
     await records.instances(etcd).delete(instance_id)
     await scheduler.stop()

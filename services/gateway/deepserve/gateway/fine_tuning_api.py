@@ -1,27 +1,30 @@
 """OpenAI fine-tuning routes: create, list, retrieve, cancel, events, checkpoints.
 
-A create writes a FINE_TUNING job into etcd (the jobmgr leader's watch picks it up); reads
-turn the JobRecord into OpenAI's `fine_tuning.job` shapes.
+Every call goes to jobmgr's API (CreateJob checks the spec and the files, naming the field),
+scoped to the caller's tenant; the JobRecord it returns becomes OpenAI's `fine_tuning.job`
+shapes here.
 """
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import Awaitable, Callable
+import contextlib
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 from fastapi import APIRouter, Depends
 from pydantic import BaseModel, Field
 
-from deepserve.errors import InvalidArgument, NotFound
-from deepserve.files import FilePurpose, FileService
+from deepserve.errors import DeepServeError, InvalidArgument, NotFound
 from deepserve.gateway.auth import Caller
 from deepserve.gateway.list_page import list_page
-from deepserve.jobs.fine_tuning import FineTuningJob, FineTuningSpec, Hyperparameters, Stage
+from deepserve.jobs.client import JobManagerClient
+from deepserve.jobs.fine_tuning import (
+    FineTuningSpec,
+    Hyperparameters,
+    Stage,
+    fine_tuned_model_name,
+)
 from deepserve.jobs.records import JobKind, JobPhase, JobRecord
-from deepserve.jobs.store import JobStore
-from deepserve.store.etcd import EtcdStore, TypedPrefix
-from deepserve.store.keys import Keys
 
 CallerDependency = Callable[..., Awaitable[Caller]]
 
@@ -100,7 +103,7 @@ def job_json(job: JobRecord) -> dict[str, Any]:
         "user_provided_suffix": spec.suffix or None,
         "estimated_finish": None,
         "integrations": [],
-        "metadata": None,
+        "metadata": spec.metadata,
         "method": {
             "type": "supervised",
             "supervised": {"hyperparameters": {**hp.model_dump()}},
@@ -143,8 +146,6 @@ def events_json(job: JobRecord) -> list[dict[str, Any]]:
 def checkpoints_json(job: JobRecord) -> list[dict[str, Any]]:
     assert job.fine_tuning is not None
     spec = job.fine_tuning.spec
-    from deepserve.jobs.fine_tuning import fine_tuned_model_name
-
     name = fine_tuned_model_name(spec.model, spec.suffix, job.job_id)
     return [
         {
@@ -160,32 +161,13 @@ def checkpoints_json(job: JobRecord) -> list[dict[str, Any]]:
     ]
 
 
-def fine_tuning_router(etcd: EtcdStore, files: FileService, caller: CallerDependency) -> APIRouter:
+def fine_tuning_router(jobs: JobManagerClient, caller: CallerDependency) -> APIRouter:
     """The /v1/fine_tuning/jobs routes."""
     router = APIRouter()
-    jobs = JobStore(etcd)
-    records = TypedPrefix(etcd, Keys.jobs_prefix(), JobRecord, Keys.job)
 
     async def owned(job_id: str, who: Caller) -> JobRecord:
-        found = await records.get(job_id)
-        if (
-            found is None
-            or found.record.fine_tuning is None
-            or found.record.fine_tuning.spec.tenant != who.tenant
-        ):
-            raise NotFound(f"fine-tuning job {job_id} not found", field="fine_tuning_job_id")
-        return found.record
-
-    async def check_file(file_id: str, field: str, who: Caller) -> None:
-        try:
-            record = await files.get(file_id, who.tenant)
-        except NotFound:
-            raise InvalidArgument(f"file {file_id} does not exist", field=field) from None
-        if record.purpose != FilePurpose.FINE_TUNE:
-            raise InvalidArgument(
-                f"file {file_id} has purpose {record.purpose.value!r}, not 'fine-tune'",
-                field=field,
-            )
+        with _named(job_id):
+            return await jobs.get(job_id, tenant=who.tenant, kind=JobKind.FINE_TUNING)
 
     @router.post("/v1/fine_tuning/jobs")
     async def create_job(
@@ -206,28 +188,15 @@ def fine_tuning_router(etcd: EtcdStore, files: FileService, caller: CallerDepend
             suffix=body.suffix or "",
             seed=body.seed if body.seed is not None else 42,
             tenant=who.tenant,
-        ).normalized()
-        await check_file(spec.training_file, "training_file", who)
-        if spec.validation_file:
-            await check_file(spec.validation_file, "validation_file", who)
-        job_id = f"ftjob-{uuid.uuid4().hex[:20]}"
-        job = JobRecord(
-            job_id=job_id, kind=JobKind.FINE_TUNING, fine_tuning=FineTuningJob(spec=spec)
+            metadata=body.metadata,
         )
-        job.record_event("Created", f"fine-tune {spec.model} on {spec.training_file}")
-        await records.create(job_id, job)
-        return job_json(job)
+        return job_json(await jobs.create(spec))
 
     @router.get("/v1/fine_tuning/jobs")
     async def list_jobs(
         after: str | None = None, limit: int = 20, who: Caller = Depends(caller)
     ) -> dict[str, Any]:
-        found = await jobs.list(JobKind.FINE_TUNING)
-        mine = [
-            j.record
-            for j in found
-            if j.record.fine_tuning is not None and j.record.fine_tuning.spec.tenant == who.tenant
-        ]
+        mine = await jobs.list(JobKind.FINE_TUNING, tenant=who.tenant)
         mine.sort(key=lambda j: j.created_at, reverse=True)
         return list_page([job_json(j) for j in mine], after, limit)
 
@@ -237,8 +206,8 @@ def fine_tuning_router(etcd: EtcdStore, files: FileService, caller: CallerDepend
 
     @router.post("/v1/fine_tuning/jobs/{job_id}/cancel")
     async def cancel_job(job_id: str, who: Caller = Depends(caller)) -> dict[str, Any]:
-        await owned(job_id, who)
-        return job_json((await jobs.cancel(job_id)).record)
+        with _named(job_id):
+            return job_json(await jobs.cancel(job_id, tenant=who.tenant, kind=JobKind.FINE_TUNING))
 
     @router.get("/v1/fine_tuning/jobs/{job_id}/events")
     async def list_events(
@@ -253,3 +222,16 @@ def fine_tuning_router(etcd: EtcdStore, files: FileService, caller: CallerDepend
         return list_page(checkpoints_json(await owned(job_id, who)), after, limit)
 
     return router
+
+
+@contextlib.contextmanager
+def _named(job_id: str) -> Iterator[None]:
+    """jobmgr names `job_id`; the OpenAI path parameter is `fine_tuning_job_id`."""
+    try:
+        yield
+    except NotFound:
+        raise NotFound(f"fine-tuning job {job_id} not found", field="fine_tuning_job_id") from None
+    except DeepServeError as exc:
+        if exc.field == "job_id":
+            exc.field = "fine_tuning_job_id"
+        raise

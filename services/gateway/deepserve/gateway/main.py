@@ -10,6 +10,7 @@ from deepserve.gateway.http_server import HttpServer
 from deepserve.gateway.platform_routes import platform_routers
 from deepserve.gateway.servicer import GatewayServicer
 from deepserve.gateway.settings import GatewaySettings
+from deepserve.jobs.client import JobManagerClient
 from deepserve.runtime import ServiceRuntime
 from deepserve.v1 import gateway_pb2, gateway_pb2_grpc
 
@@ -22,8 +23,11 @@ async def serve(settings: GatewaySettings) -> None:
         gateway = Gateway.build(settings, rt.etcd, rt.redis.client)
         await gateway.start()
         servicer = GatewayServicer(gateway)
+        jobs = JobManagerClient(
+            settings.jobmgr_address, etcd=rt.etcd, timeout_s=settings.jobmgr_timeout_s
+        )
         http = HttpServer(
-            create_app(gateway, platform_routers(rt.etcd, rt.common)),
+            create_app(gateway, platform_routers(rt.etcd, rt.common, jobs)),
             rt.common.host,
             settings.http_port,
         )
@@ -35,7 +39,7 @@ async def serve(settings: GatewaySettings) -> None:
                 )
             ],
             [SERVICE_NAME],
-            on_shutdown=[http.stop, gateway.stop],
+            on_shutdown=[http.stop, gateway.stop, jobs.close],
             http_address=f"{rt.common.host}:{http_port}",
         )
 

@@ -10,6 +10,7 @@ from deepserve.gateway.batches_api import batches_router
 from deepserve.gateway.files_api import files_router
 from deepserve.gateway.fine_tuning_api import fine_tuning_router
 from deepserve.gateway.http_app import RouterFactory
+from deepserve.jobs.client import JobManagerClient
 from deepserve.store.etcd import EtcdStore
 
 
@@ -17,11 +18,13 @@ def file_service(etcd: EtcdStore, common: CommonSettings) -> FileService:
     return FileService(etcd, LocalFileStore(common.files_root), max_bytes=common.files_max_bytes)
 
 
-def platform_routers(etcd: EtcdStore, common: CommonSettings) -> list[RouterFactory]:
-    """Router factories for http_app.create_app: Files, Fine-tuning and Batch APIs."""
-    files = file_service(etcd, common)
+def platform_routers(
+    etcd: EtcdStore, common: CommonSettings, jobs: JobManagerClient
+) -> list[RouterFactory]:
+    """Router factories for http_app.create_app: Files, Fine-tuning and Batch APIs. Jobs go
+    through jobmgr's API (`jobs`); files are the gateway's own."""
     return [
-        functools.partial(files_router, files),
-        functools.partial(fine_tuning_router, etcd, files),
-        functools.partial(batches_router, etcd, files),
+        functools.partial(files_router, file_service(etcd, common)),
+        functools.partial(fine_tuning_router, jobs),
+        functools.partial(batches_router, jobs),
     ]

@@ -15,6 +15,11 @@ class GatewaySettings(ServiceSettings):
     grpc_port: int = 50050
     http_port: int = 8000
     scheduler_address: str = "127.0.0.1:50052"
+    # jobmgr's API, the one writer of jobs (fine-tuning, batch); empty: a live jobmgr from the
+    # service registry in etcd.
+    jobmgr_address: str = ""
+    # Seconds a call to jobmgr may take before the request fails with 503.
+    jobmgr_timeout_s: float = 10.0
     # Open mode accepts calls without an API key; meant for the local demo only.
     auth_open: bool = False
     # The tenant that keyless (or unknown-key) calls are charged to in open mode.

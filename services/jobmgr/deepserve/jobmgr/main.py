@@ -11,6 +11,7 @@ from deepserve.jobmgr.batch.line_runner import BatchLineRunner
 from deepserve.jobmgr.batch.settings import BatchSettings
 from deepserve.jobmgr.controller import JobController
 from deepserve.jobmgr.fine_tuning.controller import FineTuningController
+from deepserve.jobmgr.job_admission import JobAdmission
 from deepserve.jobmgr.podpool_client import PodPoolClient
 from deepserve.jobmgr.servicer import JobManagerServicer
 from deepserve.jobmgr.settings import JobMgrSettings
@@ -69,7 +70,8 @@ async def serve(settings: JobMgrSettings) -> None:
             ],
         )
         controller.start()
-        servicer = JobManagerServicer(JobStore(rt.etcd), TaskStore(rt.etcd))
+        jobs = JobStore(rt.etcd)
+        servicer = JobManagerServicer(jobs, TaskStore(rt.etcd), JobAdmission(jobs, files))
         await rt.serve(
             [
                 lambda server: jobmgr_pb2_grpc.add_JobManagerServiceServicer_to_server(

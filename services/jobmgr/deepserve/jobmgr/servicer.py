@@ -1,4 +1,4 @@
-"""JobManagerService over the JobStore."""
+"""JobManagerService over the JobStore: check the request, call the domain, convert the reply."""
 
 from __future__ import annotations
 
@@ -6,50 +6,40 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from deepserve.errors import InvalidArgument, Unimplemented
+from deepserve.jobmgr.job_admission import JobAdmission
 from deepserve.jobmgr.task_store import TaskStore
 from deepserve.jobmgr.task_wire import task_to_proto
 from deepserve.jobs.store import JobStore
-from deepserve.jobs.wire import (
-    job_to_proto,
-    kind_from_proto,
-    serving_spec_from_proto,
-)
+from deepserve.jobs.wire import job_to_proto, kind_from_proto, spec_from_proto
 from deepserve.v1 import jobmgr_pb2 as pb
 from deepserve.v1 import jobmgr_pb2_grpc
 
 
 class JobManagerServicer(jobmgr_pb2_grpc.JobManagerServiceServicer):
-    def __init__(self, jobs: JobStore, tasks: TaskStore) -> None:
+    def __init__(self, jobs: JobStore, tasks: TaskStore, admission: JobAdmission) -> None:
         self._jobs = jobs
         self._tasks = tasks
+        self._admission = admission
 
     async def CreateJob(
         self, request: pb.CreateJobRequest, context: grpc.aio.ServicerContext
     ) -> pb.CreateJobResponse:
-        kind = kind_from_proto(request.spec.kind)
-        if kind is None:
-            raise InvalidArgument("a job kind is required", field="spec.kind")
-        if request.spec.WhichOneof("spec") != "serving":
-            raise Unimplemented(
-                f"{kind.value} jobs belong to the post-training and batch issue (#9); "
-                "only serving jobs exist so far"
-            )
-        spec = serving_spec_from_proto(request.spec.serving)
-        job = await self._jobs.create_serving(spec, request.job_id)
+        job = await self._admission.create(spec_from_proto(request.spec), request.job_id)
         return pb.CreateJobResponse(job=job_to_proto(job))
 
     async def GetJob(
         self, request: pb.GetJobRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetJobResponse:
-        job = await self._jobs.get(request.job_id)
+        job = await self._jobs.get(
+            request.job_id, tenant=request.tenant or None, kind=kind_from_proto(request.kind)
+        )
         tasks = await self._tasks.list(request.job_id)
         return pb.GetJobResponse(job=job_to_proto(job), tasks=[task_to_proto(t) for t in tasks])
 
     async def ListJobs(
         self, request: pb.ListJobsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListJobsResponse:
-        jobs = await self._jobs.list(kind_from_proto(request.kind))
+        jobs = await self._jobs.list(kind_from_proto(request.kind), tenant=request.tenant or None)
         return pb.ListJobsResponse(jobs=[job_to_proto(j) for j in jobs])
 
     async def WatchJobs(
@@ -66,7 +56,10 @@ class JobManagerServicer(jobmgr_pb2_grpc.JobManagerServiceServicer):
     async def CancelJob(
         self, request: pb.CancelJobRequest, context: grpc.aio.ServicerContext
     ) -> pb.CancelJobResponse:
-        return pb.CancelJobResponse(job=job_to_proto(await self._jobs.cancel(request.job_id)))
+        job = await self._jobs.cancel(
+            request.job_id, tenant=request.tenant or None, kind=kind_from_proto(request.kind)
+        )
+        return pb.CancelJobResponse(job=job_to_proto(job))
 
     async def ScaleJob(
         self, request: pb.ScaleJobRequest, context: grpc.aio.ServicerContext

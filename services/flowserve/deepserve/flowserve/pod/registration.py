@@ -1,5 +1,10 @@
 """The pod's own registration: a `PodRecord` (and, once serving, an `InstanceRecord`) in etcd,
-both attached to one keep-alive lease, so a killed process vanishes from etcd within the TTL."""
+both attached to one keep-alive lease, so a killed process vanishes from etcd within the TTL.
+
+The pod record has two writers, the pod and podpool (which claims, unclaims and ends pods),
+so both compare-and-swap: the pod creates its record if absent and changes it with
+`TypedPrefix.update`, never a blind put over a claim it has not seen.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,7 @@ import socket
 import uuid
 
 from deepserve import records
+from deepserve.errors import Conflict
 from deepserve.records import InstanceRecord, PodRecord, PodState
 from deepserve.store.etcd import EtcdStore, KeepAliveLease
 
@@ -42,13 +48,41 @@ class PodRegistration:
 
     async def register(self) -> None:
         self.lease = await self.store.grant_lease(self.ttl_s)
-        await self._pods.put(self.pod.pod_id, self.pod, lease_id=self.lease.id)
+        try:
+            await self._pods.create(self.pod.pod_id, self.pod, lease_id=self.lease.id)
+        except Conflict:
+            # A record under this id outlived an earlier process (its lease not yet expired):
+            # take it over, by CAS, with this process's address and lease.
+            await self._replace_stale()
         log.info("pod registered", extra={"fields": {"pod_id": self.pod.pod_id, "state": "warm"}})
 
-    async def set_pod(self, **changes: object) -> None:
+    async def _replace_stale(self) -> None:
         assert self.lease is not None
-        self.pod = self.pod.model_copy(update=changes)
-        await self._pods.put(self.pod.pod_id, self.pod, lease_id=self.lease.id)
+        for _ in range(16):
+            found = await self._pods.get(self.pod.pod_id)
+            try:
+                if found is None:
+                    await self._pods.create(self.pod.pod_id, self.pod, lease_id=self.lease.id)
+                else:
+                    await self._pods.compare_and_swap(
+                        self.pod.pod_id, self.pod, found.mod_revision, lease_id=self.lease.id
+                    )
+                return
+            except Conflict:
+                continue
+        raise Conflict(f"pod {self.pod.pod_id}: too many concurrent writers")
+
+    async def set_pod(self, **changes: object) -> None:
+        """Applies `changes` to the record as it is in etcd now (podpool may have claimed or
+        marked it since), by CAS; a pod the pool is ending stays terminating."""
+        assert self.lease is not None
+
+        def apply(current: PodRecord) -> PodRecord | None:
+            if current.state == PodState.TERMINATING:
+                return None
+            return current.model_copy(update=changes)
+
+        self.pod = (await self._pods.update(self.pod.pod_id, apply)).record
 
     async def register_instance(self, instance: InstanceRecord) -> None:
         """Makes the instance visible to schedulers (the paper's scale-up step 5)."""

@@ -27,6 +27,7 @@ from deepserve.jobmgr.batch.line_runner import LineResult, expired_line
 from deepserve.jobmgr.batch.settings import BatchSettings
 from deepserve.jobmgr.job_operations import JobOperations
 from deepserve.jobs.batch import (
+    BatchError,
     BatchJob,
     BatchStage,
     batch_artifacts,
@@ -309,12 +310,12 @@ class BatchController:
             j.status.message = f"validation failed: {exc.message}"
             b.progress.failed_at = time.time()
             b.progress.errors = [
-                {
-                    "code": "invalid_request" if isinstance(exc, InvalidArgument) else "not_found",
-                    "message": exc.message,
-                    "param": exc.field,
-                    "line": line,
-                }
+                BatchError(
+                    code="invalid_request" if isinstance(exc, InvalidArgument) else "not_found",
+                    message=exc.message,
+                    param=exc.field,
+                    line=line,
+                )
             ]
             j.record_event("Failed", j.status.message)
 
