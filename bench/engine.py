@@ -42,13 +42,13 @@ from bench.common import (
 )
 from deepserve.flowserve.engine.async_engine import AsyncEngine
 from deepserve.flowserve.model.config import ModelConfig
-from deepserve.flowserve.model.weights import LlamaWeights
+from deepserve.flowserve.model.llama_weights import LlamaWeights
 from deepserve.flowserve.pod.engine_builder import build_engine
 from deepserve.flowserve.runner.cpu_threads import configure_intraop_threads
-from deepserve.flowserve.sampling import SamplingParams
 from deepserve.flowserve.settings import FlowServeSettings
 from deepserve.models.catalog import DEFAULT_MODEL, default_cache_dir, find_catalog_model
 from deepserve.models.pull import pull_model
+from deepserve.sampling_params import SamplingParams
 
 THROUGHPUT_GOAL = 4.0  # FlowServe / transformers output tokens per second
 DECODE_BOUND_GOAL = 1.5  # batch-1 decode step / memory-bandwidth bound
@@ -382,7 +382,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--dtype", default="", help="float32 or bfloat16, both systems (default: the device's)"
     )
-    parser.add_argument("--max-num-batched-tokens", type=int, default=None)
+    parser.add_argument("--step-token-budget", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-transformers", action="store_true")
     return parser.parse_args(argv)
@@ -546,8 +546,8 @@ def main(argv: list[str] | None = None) -> None:
     settings = FlowServeSettings(
         device=args.device, dtype=args.dtype, max_num_seqs=max(64, plan.num_requests)
     )
-    if args.max_num_batched_tokens:
-        settings.max_num_batched_tokens = args.max_num_batched_tokens
+    if args.step_token_budget:
+        settings.step_token_budget = args.step_token_budget
     # Room for every request at once, plus the warm-up and decode probes: no preemption.
     settings.kv_cache_blocks = 64 + sum(
         -(-(len(p) + n) // settings.block_size)

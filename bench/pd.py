@@ -156,7 +156,7 @@ def start_pods(model: str, run_dir: Path, kv_blocks: int) -> tuple[list[ManagedP
                 "DEEPSERVE_FLOWSERVE_DEVICE": "cpu",
                 "DEEPSERVE_FLOWSERVE_KV_CACHE_BLOCKS": str(kv_blocks),
                 "DEEPSERVE_FLOWSERVE_BLOCK_SIZE": str(BLOCK_SIZE),
-                "DEEPSERVE_FLOWSERVE_MAX_NUM_BATCHED_TOKENS": "2048",
+                "DEEPSERVE_FLOWSERVE_STEP_TOKEN_BUDGET": "2048",
                 "OMP_NUM_THREADS": "1",
             }
         )

@@ -112,21 +112,46 @@ class SamplingParams:
         if self.top_logprobs > 0 and not self.logprobs:
             raise InvalidArgument("requires logprobs to be true", field="top_logprobs")
 
+    def blocks_stop_tokens(self, num_output_tokens: int) -> bool:
+        """Whether EOS and stop token ids may not come next, with `num_output_tokens` out.
+
+        min_tokens is the number of tokens generated before EOS or a stop token id may end
+        generation (vLLM's meaning): the first `min_tokens` output tokens cannot be one, so the
+        earliest such stop is output token min_tokens + 1. The sampler masks them while this
+        holds; `check_stop` applies the same rule to tokens that arrive unmasked.
+        """
+        return num_output_tokens < self.min_tokens
+
+    def check_stop(
+        self,
+        token_id: int,
+        num_output_tokens: int,
+        eos_token_ids: Collection[int],
+        max_tokens: int | None = None,
+    ) -> tuple[FinishReason, int | None] | None:
+        """Whether generation ends after `token_id`, the num_output_tokens-th output token.
+
+        Returns the finish reason and the stop token id that ended it (None for EOS and for
+        length), or None to go on. `max_tokens` overrides self.max_tokens (the engine resolves
+        an unset one from the context window). Token-level stops only; stop strings are the
+        detokenizer's job.
+        """
+        if not self.blocks_stop_tokens(num_output_tokens - 1):
+            if not self.ignore_eos and token_id in eos_token_ids:
+                return "stop", None
+            if token_id in self.stop_token_ids:
+                return "stop", token_id
+        limit = self.max_tokens if max_tokens is None else max_tokens
+        if limit is not None and num_output_tokens >= limit:
+            return "length", None
+        return None
+
     def finish_reason(
         self, token_id: int, num_output_tokens: int, eos_token_ids: Collection[int]
     ) -> FinishReason | None:
-        """Whether generation ends after `token_id`, the num_output_tokens-th output token.
-
-        Token-level stops only; stop strings are the detokenizer's job.
-        """
-        if num_output_tokens >= self.min_tokens:
-            if token_id in self.stop_token_ids:
-                return "stop"
-            if not self.ignore_eos and token_id in eos_token_ids:
-                return "stop"
-        if self.max_tokens is not None and num_output_tokens >= self.max_tokens:
-            return "length"
-        return None
+        """The finish reason `check_stop` gives, without the stop token id."""
+        stop = self.check_stop(token_id, num_output_tokens, eos_token_ids)
+        return None if stop is None else stop[0]
 
 
 def _check_int(value: object, name: str) -> None:

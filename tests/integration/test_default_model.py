@@ -17,10 +17,10 @@ import transformers
 
 from deepserve.flowserve.engine.async_engine import AsyncEngine
 from deepserve.flowserve.pod.engine_builder import build_engine
-from deepserve.flowserve.sampling import SamplingParams
 from deepserve.flowserve.settings import FlowServeSettings
 from deepserve.models.catalog import DEFAULT_MODEL, default_cache_dir
 from deepserve.models.pull import pull_model
+from deepserve.sampling_params import SamplingParams
 from deepserve.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.integration

@@ -53,7 +53,7 @@ def start_pod(
             "DEEPSERVE_FLOWSERVE_DEVICE": "cpu",
             "DEEPSERVE_FLOWSERVE_KV_CACHE_BLOCKS": "128",
             "DEEPSERVE_FLOWSERVE_BLOCK_SIZE": "4",
-            "DEEPSERVE_FLOWSERVE_MAX_NUM_BATCHED_TOKENS": "32",
+            "DEEPSERVE_FLOWSERVE_STEP_TOKEN_BUDGET": "32",
             # The cross-host path: KV inside gRPC messages, in small chunks.
             "DEEPSERVE_FLOWSERVE_KV_ALLOW_SHARED_MEMORY": "false",
             "DEEPSERVE_FLOWSERVE_KV_MAX_CHUNK_BYTES": "4096",

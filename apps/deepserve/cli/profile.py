@@ -25,7 +25,7 @@ from deepserve.store.etcd import EtcdStore
 async def _timed_generate(
     engine: Any, request_id: str, prompt: list[int], max_tokens: int
 ) -> float:
-    from deepserve.flowserve.sampling import SamplingParams
+    from deepserve.sampling_params import SamplingParams
 
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     started = time.perf_counter()

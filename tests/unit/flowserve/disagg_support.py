@@ -117,9 +117,9 @@ async def kv_state(engine: AsyncEngine) -> dict[str, int]:
         stats = core.kv_cache.stats()
         return {
             "used": stats.num_used_blocks,
-            "running": core.scheduler.num_running + core.scheduler.num_waiting,
-            "remote": core.num_remote_pending,
-            "held": core.num_held,
+            "running": core.planner.num_running + core.planner.num_waiting,
+            "remote": core.planner.num_waiting_for_remote_kv,
+            "held": core.planner.num_holding_kv,
         }
 
     return await asyncio.wrap_future(engine.call_in_engine(read))

@@ -35,7 +35,7 @@ def make_engine(num_blocks: int = 256, **overrides: object) -> AsyncEngine:
         "block_size": BS,
         "num_gpu_blocks": num_blocks,
         "max_num_seqs": 16,
-        "max_num_batched_tokens": 64,
+        "step_token_budget": 64,
         "max_model_len": 256,
         "vocab_size": VOCAB,
     }
@@ -131,6 +131,32 @@ async def test_blocks_the_decode_side_holds_are_not_sent_again(shm_dir: Path) ->
         assert tokens == FakeExecutor.reference(longer, 4, VOCAB)
         assert (received.blocks, received.skipped_blocks) == (5 + 2, 5)
     finally:
+        await pair.close()
+
+
+async def test_min_tokens_hold_across_the_hand_off(shm_dir: Path) -> None:
+    # The prefill instance makes only the first token: min_tokens must not make its one-token
+    # request invalid, and the stop id stays masked on both sides until min_tokens are out.
+    pair = await make_pair(shm_dir)
+    colocated = make_engine()
+    try:
+        p = prompt(3, 9)
+        stop_id = FakeExecutor.reference(p, 1, VOCAB)[0]  # greedy's first pick
+        request = generate_request("m", p, 6, pair.prefill.address)
+        request.sampling.min_tokens = 3
+        request.sampling.stop_token_ids.append(stop_id)
+        tokens, last = await generate_tokens(pair.stub, request)
+        params = _greedy(6)
+        params.min_tokens = 3
+        params.stop_token_ids = [stop_id]
+        expected = [
+            t async for out in colocated.generate("c", p, params) for t in out.new_token_ids
+        ]
+        assert tokens == expected
+        assert stop_id not in tokens[:3]
+        assert last.usage.completion_tokens == len(expected)
+    finally:
+        colocated.shutdown()
         await pair.close()
 
 
@@ -263,6 +289,6 @@ async def test_block_size_mismatch_is_refused(shm_dir: Path) -> None:
 
 
 def _greedy(max_tokens: int):  # type: ignore[no-untyped-def]
-    from deepserve.flowserve.sampling import SamplingParams
+    from deepserve.sampling_params import SamplingParams
 
     return SamplingParams(temperature=0.0, max_tokens=max_tokens)

@@ -12,8 +12,8 @@ import torch
 
 from deepserve.flowserve.engine.async_engine import AsyncEngine, EngineConfig
 from deepserve.flowserve.runner.executor import UniprocExecutor
-from deepserve.flowserve.sampling import SamplingParams
 from deepserve.records import Role
+from deepserve.sampling_params import SamplingParams
 from deepserve.v1 import flowserve_pb2, flowserve_pb2_grpc
 from tests.unit.flowserve.disagg_support import (
     generate_request,
@@ -43,7 +43,7 @@ def make_engine(model_dir: Path, *, max_batched: int = 32) -> AsyncEngine:
         block_size=BS,
         num_gpu_blocks=96,
         max_num_seqs=8,
-        max_num_batched_tokens=max_batched,
+        step_token_budget=max_batched,
         max_model_len=256,
     )
     return AsyncEngine.from_executor(config, executor)

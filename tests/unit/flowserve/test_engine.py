@@ -18,8 +18,9 @@ from deepserve.flowserve.engine.async_engine import (
 )
 from deepserve.flowserve.engine.request import Request
 from deepserve.flowserve.kv_cache import KVEventRecorder
-from deepserve.flowserve.sampling import SamplingParams
+from deepserve.flowserve.runner.host_transport import ExecutorHostTransport
 from deepserve.flowserve.testing.fake_executor import FakeExecutor
+from deepserve.sampling_params import SamplingParams
 
 VOCAB = 97
 BS = 4
@@ -38,7 +39,7 @@ def config(**overrides: object) -> EngineConfig:
         "block_size": BS,
         "num_gpu_blocks": 256,
         "max_num_seqs": 8,
-        "max_num_batched_tokens": 32,
+        "step_token_budget": 32,
         "max_model_len": 128,
         "vocab_size": VOCAB,
     }
@@ -52,7 +53,8 @@ def run_core(
     eos: Sequence[int] = (),
 ) -> tuple[dict[str, list[int]], dict[str, list[GenerationOutput]], EngineCore, FakeExecutor]:
     executor = FakeExecutor(cfg.num_gpu_blocks or 0, cfg.block_size, VOCAB)
-    core = EngineCore(cfg, executor, eos_token_ids=eos)
+    transport = ExecutorHostTransport(executor) if cfg.num_host_blocks else None
+    core = EngineCore(cfg, executor, eos_token_ids=eos, host_transport=transport)
     for i, (prompt, max_tokens) in enumerate(reqs):
         core.add_request(Request(f"r{i}", prompt, max_tokens, sampling_params=greedy(max_tokens)))
     outputs: dict[str, list[GenerationOutput]] = {}
@@ -66,7 +68,7 @@ def run_core(
     "overrides",
     [
         {},
-        {"num_gpu_blocks": 14, "max_num_batched_tokens": 8},  # preemption under pressure
+        {"num_gpu_blocks": 14, "step_token_budget": 8},  # preemption under pressure
         {"num_gpu_blocks": 14, "num_host_blocks": 32},  # evicted prefixes come back from host
         {"enable_prefix_caching": False},
     ],
@@ -86,7 +88,7 @@ def test_async_and_serial_scheduling_give_identical_greedy_tokens(overrides: dic
         assert c.kv_cache.stats().num_used_blocks == 0
         assert not c.has_work
     if overrides.get("num_gpu_blocks") == 14 and "num_host_blocks" not in overrides:
-        assert core.scheduler.num_preemptions > 0
+        assert core.planner.num_preemptions > 0
     if "num_host_blocks" in overrides:
         assert core.kv_cache.stats().host_hit_tokens > 0
 
@@ -101,7 +103,7 @@ def test_async_scheduling_drops_slots_of_requests_finished_in_flight() -> None:
         assert tokens[f"r{i}"] == expected
         logit_rows = sum(
             1
-            for b in executor.batches
+            for b in executor.plans
             for s in b.sequences
             if s.request_id == f"r{i}" and s.needs_logits
         )
@@ -124,7 +126,7 @@ def test_prefix_hit_reports_cached_tokens_and_same_output() -> None:
 
 
 def test_stop_string_ends_request_and_trims_text() -> None:
-    from deepserve.flowserve.engine.core import detokenizer_factory_for
+    from deepserve.flowserve.engine.output_processor import detokenizer_factory_for
 
     class Letters:
         def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
@@ -199,7 +201,7 @@ def make_engine(cfg: EngineConfig, gate: threading.Event | None = None) -> Async
 async def test_concurrent_requests_equal_each_run_alone() -> None:
     base = prompts(16)
     lengths = [3 + (i * 7) % 20 for i in range(16)]
-    engine = make_engine(config(num_gpu_blocks=64, max_num_batched_tokens=24))
+    engine = make_engine(config(num_gpu_blocks=64, step_token_budget=24))
     try:
         results = await asyncio.gather(
             *(

@@ -10,7 +10,7 @@ import torch
 
 from deepserve.flowserve.engine.async_engine import AsyncEngine, EngineConfig
 from deepserve.flowserve.runner.executor import UniprocExecutor
-from deepserve.flowserve.sampling import SamplingParams
+from deepserve.sampling_params import SamplingParams
 from tests.unit.flowserve.runner.tiny_models import PROMPTS, hf_greedy, save_tiny_model
 
 MAX_NEW = 8
@@ -56,7 +56,7 @@ def make_engine(model_dir: Path, num_blocks: int, *, async_scheduling: bool) -> 
         block_size=BS,
         num_gpu_blocks=num_blocks,
         max_num_seqs=4,
-        max_num_batched_tokens=10,
+        step_token_budget=10,
         max_model_len=64,
         async_scheduling=async_scheduling,
     )

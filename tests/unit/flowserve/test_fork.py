@@ -16,8 +16,9 @@ import torch
 
 from deepserve.errors import InvalidArgument
 from deepserve.flowserve.model.config import ModelConfig
+from deepserve.flowserve.model.llama_weights import LlamaWeights
 from deepserve.flowserve.model.prepared_weights import flatten_llama_weights
-from deepserve.flowserve.model.weights import LlamaWeights, load_llama_weights
+from deepserve.flowserve.model.weights import load_llama_weights
 from deepserve.flowserve.pod.fork import receive_weights
 from deepserve.flowserve.pod.scale_up import ModelLoadSteps
 from deepserve.flowserve.pod.servicer import FlowServeServicer

@@ -7,62 +7,67 @@ import threading
 
 from deepserve.flowserve.engine.async_engine import AsyncEngine, EngineConfig, GenerationOutput
 from deepserve.flowserve.engine.request import Request
-from deepserve.flowserve.engine.step_planner import Scheduler, SchedulerConfig
+from deepserve.flowserve.engine.step_planner import StepPlanner, StepPlannerConfig
 from deepserve.flowserve.kv_cache import KVCacheManager
-from deepserve.flowserve.sampling import SamplingParams
 from deepserve.flowserve.testing.fake_executor import FakeExecutor
+from deepserve.sampling_params import SamplingParams
 
 BS = 4
 VOCAB = 97
 
 
-def step(sched: Scheduler, executor: FakeExecutor) -> list[str]:
-    """Runs one step; returns the ids it scheduled."""
-    batch = sched.finalize_batch(sched.schedule())
-    sched.kv_cache.flush_transfers()
-    if not batch.is_empty:
-        logits = executor.execute(batch)
-        rows = [s.request_id for s in batch.sequences if s.needs_logits]
-        sched.update_from_output(dict(zip(rows, logits.argmax(-1).tolist(), strict=True)))
-    return [s.request_id for s in batch.sequences]
+def step(planner: StepPlanner, executor: FakeExecutor) -> list[str]:
+    """Runs one step; returns the ids it planned."""
+    plan = planner.finalize_plan(planner.plan_step())
+    planner.kv_cache.flush_transfers()
+    if not plan.is_empty:
+        logits = executor.execute(plan)
+        rows = [s.request_id for s in plan.sequences if s.needs_logits]
+        planner.update_from_output(dict(zip(rows, logits.argmax(-1).tolist(), strict=True)))
+    return [s.request_id for s in plan.sequences]
 
 
-def admitted_order(sched: Scheduler, executor: FakeExecutor) -> list[str]:
+def admitted_order(planner: StepPlanner, executor: FakeExecutor) -> list[str]:
     """Request ids in the order they first got a step."""
     order: list[str] = []
-    while sched.has_unfinished_requests:
-        order.extend(rid for rid in step(sched, executor) if rid not in order)
+    while planner.has_unfinished_requests:
+        order.extend(rid for rid in step(planner, executor) if rid not in order)
     return order
 
 
 def test_higher_priority_waiting_request_is_admitted_first() -> None:
-    sched = Scheduler(
-        SchedulerConfig(max_num_seqs=1, max_num_batched_tokens=64), KVCacheManager(64, BS)
+    planner = StepPlanner(
+        StepPlannerConfig(max_num_seqs=1, step_token_budget=64), KVCacheManager(64, BS)
     )
     executor = FakeExecutor(64, BS, VOCAB)
     running = Request("running", [1, 2, 3], 4)
-    sched.add_request(running)
-    assert step(sched, executor) == ["running"]  # it holds the only slot
-    sched.add_request(Request("batch-a", [4, 5, 6], 2, priority=-10))
-    sched.add_request(Request("batch-b", [7, 8, 9], 2, priority=-10))
-    sched.add_request(Request("interactive", [10, 11], 2))
-    sched.add_request(Request("urgent", [12, 13], 2, priority=5))
-    assert [r.request_id for r in sched.waiting] == ["urgent", "interactive", "batch-a", "batch-b"]
-    order = admitted_order(sched, executor)
+    planner.add_request(running)
+    assert step(planner, executor) == ["running"]  # it holds the only slot
+    planner.add_request(Request("batch-a", [4, 5, 6], 2, priority=-10))
+    planner.add_request(Request("batch-b", [7, 8, 9], 2, priority=-10))
+    planner.add_request(Request("interactive", [10, 11], 2))
+    planner.add_request(Request("urgent", [12, 13], 2, priority=5))
+    assert [r.request_id for r in planner.waiting] == [
+        "urgent",
+        "interactive",
+        "batch-a",
+        "batch-b",
+    ]
+    order = admitted_order(planner, executor)
     # The running request is never displaced; then priority order, FCFS within a priority.
     assert order == ["running", "urgent", "interactive", "batch-a", "batch-b"]
     assert running.finish_reason == "length"
 
 
 def test_preempted_request_keeps_its_priority_place() -> None:
-    sched = Scheduler(
-        SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64), KVCacheManager(64, BS)
+    planner = StepPlanner(
+        StepPlannerConfig(max_num_seqs=4, step_token_budget=64), KVCacheManager(64, BS)
     )
     low = Request("low", [1, 2, 3], 2, priority=-10)
     high = Request("high", [4, 5, 6], 2)
-    sched.add_request(low)
-    sched.add_request(high)
-    assert [r.request_id for r in sched.waiting] == ["high", "low"]
+    planner.add_request(low)
+    planner.add_request(high)
+    assert [r.request_id for r in planner.waiting] == ["high", "low"]
 
 
 async def _first_tokens(engine: AsyncEngine, order: list[str], rid: str, prio: int) -> None:
@@ -77,7 +82,7 @@ def test_engine_generate_honours_priority() -> None:
         block_size=BS,
         num_gpu_blocks=64,
         max_num_seqs=1,
-        max_num_batched_tokens=32,
+        step_token_budget=32,
         max_model_len=64,
         vocab_size=VOCAB,
     )

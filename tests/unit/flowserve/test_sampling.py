@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from deepserve.errors import InvalidArgument
-from deepserve.flowserve.sampling import SamplingParams
 from deepserve.flowserve.sampling.penalties import apply_penalties
 from deepserve.flowserve.sampling.sampler import Sampler
 from deepserve.flowserve.sampling.state import SamplingState
+from deepserve.sampling_params import SamplingParams
 
 torch.set_num_threads(1)
 
@@ -39,7 +39,7 @@ def _frequencies(tokens: list[int], size: int) -> list[float]:
 
 
 def test_params_import_without_torch() -> None:
-    code = "import sys; from deepserve.flowserve.sampling import SamplingParams; print('torch' in sys.modules)"
+    code = "import sys; from deepserve.sampling_params import SamplingParams; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
@@ -340,9 +340,41 @@ def test_finish_reason() -> None:
     params = SamplingParams(max_tokens=3, stop_token_ids=[7], min_tokens=1)
     eos = {2}
     assert params.finish_reason(5, 1, eos) is None
-    assert params.finish_reason(2, 1, eos) == "stop"
+    assert params.finish_reason(2, 1, eos) is None  # the first min_tokens tokens cannot stop
+    assert params.finish_reason(2, 2, eos) == "stop"
     assert params.finish_reason(7, 2, eos) == "stop"
     assert params.finish_reason(5, 3, eos) == "length"
     assert params.finish_reason(2, 3, eos) == "stop"
     assert SamplingParams(ignore_eos=True).finish_reason(2, 1, eos) is None
     assert SamplingParams(min_tokens=2).finish_reason(2, 1, eos) is None
+
+
+@pytest.mark.parametrize("min_tokens", [0, 1, 3])
+def test_eos_or_stop_id_ends_generation_only_after_min_tokens(min_tokens: int) -> None:
+    params = SamplingParams(min_tokens=min_tokens, stop_token_ids=[7])
+    eos = {2}
+    # Output tokens 1..min_tokens (the boundary, EOS as exactly the min_tokens-th, included).
+    for num_output_tokens in range(1, min_tokens + 1):
+        assert params.check_stop(2, num_output_tokens, eos) is None
+        assert params.check_stop(7, num_output_tokens, eos) is None
+    assert params.check_stop(2, min_tokens + 1, eos) == ("stop", None)
+    assert params.check_stop(7, min_tokens + 1, eos) == ("stop", 7)
+
+
+def test_check_stop_prefers_eos_and_takes_the_resolved_max_tokens() -> None:
+    params = SamplingParams(stop_token_ids=[2])
+    assert params.check_stop(2, 1, {2}) == ("stop", None)  # EOS first: no stop token reported
+    assert params.check_stop(5, 4, {2}) is None  # no max_tokens of its own
+    assert params.check_stop(5, 4, {2}, max_tokens=4) == ("length", None)
+    assert SamplingParams(ignore_eos=True).check_stop(2, 1, {2}) is None
+
+
+def test_sampler_mask_and_stop_check_agree_on_min_tokens() -> None:
+    params = SamplingParams(min_tokens=2, stop_token_ids=[7])
+    state = SamplingState(params, output_token_ids=[], eos_token_ids=[2])
+    for num_out in range(5):
+        state.output_token_ids[:] = [0] * num_out
+        masked = state.min_tokens_blocked_ids() == [2, 7]
+        # The next token is output token num_out + 1: masked exactly when it could not stop.
+        assert masked == (params.check_stop(2, num_out + 1, {2}) is None)
+        assert masked == params.blocks_stop_tokens(num_out)

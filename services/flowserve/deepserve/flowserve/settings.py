@@ -35,7 +35,8 @@ class FlowServeSettings(ServiceSettings):
     async_scheduling: bool = True
     block_size: int = 16
     max_num_seqs: int = 64
-    max_num_batched_tokens: int = 1024
+    # Tokens one engine step computes at most (vLLM calls it max_num_batched_tokens).
+    step_token_budget: int = 1024
     max_queue_len: int = 1024
     # Seconds between load reports to Redis.
     load_report_interval_s: float = 0.5

@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from deepserve.flowserve.engine.step_plan import ScheduledBatch, ScheduledSequence
+from deepserve.flowserve.engine.step_plan import StepPlan, StepSequence
 from deepserve.flowserve.model.attention import paged_attention, write_kv
 from deepserve.flowserve.runner.inputs import build_model_inputs
 
@@ -21,7 +21,7 @@ def _single_thread() -> None:
     torch.set_num_threads(1)
 
 
-def _batch(chunks: list[tuple[int, int]], seed: int = 0) -> ScheduledBatch:
+def _plan(chunks: list[tuple[int, int]], seed: int = 0) -> StepPlan:
     """One sequence per (cached positions, new tokens), blocks handed out shuffled."""
     rng = random.Random(seed)
     free = list(range(NUM_BLOCKS))
@@ -29,8 +29,8 @@ def _batch(chunks: list[tuple[int, int]], seed: int = 0) -> ScheduledBatch:
     sequences = []
     for i, (start, count) in enumerate(chunks):
         blocks = [free.pop() for _ in range(-(-(start + count) // BLOCK_SIZE))]
-        sequences.append(ScheduledSequence(f"r{i}", [1] * count, start, blocks))
-    return ScheduledBatch(step_id=0, sequences=sequences)
+        sequences.append(StepSequence(f"r{i}", [1] * count, start, blocks))
+    return StepPlan(step_id=0, sequences=sequences)
 
 
 def _reference(
@@ -58,8 +58,8 @@ def _reference(
 )
 def test_matches_plain_attention(chunks: list[tuple[int, int]]) -> None:
     torch.manual_seed(0)
-    batch = _batch(chunks)
-    inputs = build_model_inputs(batch, block_size=BLOCK_SIZE, device=torch.device("cpu"))
+    plan = _plan(chunks)
+    inputs = build_model_inputs(plan, block_size=BLOCK_SIZE, device=torch.device("cpu"))
     cache_shape = (NUM_BLOCKS, BLOCK_SIZE, KV_HEADS, HEAD_DIM)
     key_cache, value_cache = torch.randn(cache_shape), torch.randn(cache_shape)
     tokens = inputs.token_ids.numel()
@@ -72,7 +72,7 @@ def test_matches_plain_attention(chunks: list[tuple[int, int]]) -> None:
     out = paged_attention(q, key_cache, value_cache, meta, key, value)
 
     flat = 0
-    for seq in batch.sequences:
+    for seq in plan.sequences:
         count = len(seq.token_ids)
         context = seq.start_pos + count
         slots = [
@@ -89,18 +89,18 @@ def test_matches_plain_attention(chunks: list[tuple[int, int]]) -> None:
 
 def test_decodes_are_bucketed_by_context_length() -> None:
     lengths = [2, 900, 40, 901, 0, 450, 3]
-    batch = _batch([(n, 1) for n in lengths])
-    meta = build_model_inputs(batch, block_size=BLOCK_SIZE, device=torch.device("cpu")).attention
+    plan = _plan([(n, 1) for n in lengths])
+    meta = build_model_inputs(plan, block_size=BLOCK_SIZE, device=torch.device("cpu")).attention
     assert len(meta.decodes) > 1
     rows = sorted(i for d in meta.decodes for i in d.token_indices.tolist())
     assert rows == list(range(len(lengths)))  # every decode in exactly one bucket
-    # Each bucket is padded to its own longest context, never to the batch's.
+    # Each bucket is padded to its own longest context, never to the step's.
     assert sum(d.block_ids.numel() for d in meta.decodes) < len(lengths) * (902 // BLOCK_SIZE)
 
 
 def test_equal_decodes_form_one_in_order_bucket() -> None:
-    batch = _batch([(17, 1)] * 5)
-    meta = build_model_inputs(batch, block_size=BLOCK_SIZE, device=torch.device("cpu")).attention
+    plan = _plan([(17, 1)] * 5)
+    meta = build_model_inputs(plan, block_size=BLOCK_SIZE, device=torch.device("cpu")).attention
     assert len(meta.decodes) == 1
     assert meta.decodes[0].token_indices is None
     assert meta.decodes[0].key_mask is None

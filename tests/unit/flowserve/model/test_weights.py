@@ -9,8 +9,9 @@ import torch
 from safetensors.torch import load_file
 
 from deepserve.errors import InvalidArgument
+from deepserve.flowserve.model.checkpoint import SafetensorsCheckpoint
 from deepserve.flowserve.model.config import ModelConfig
-from deepserve.flowserve.model.weights import SafetensorsCheckpoint, load_llama_weights
+from deepserve.flowserve.model.weights import load_llama_weights
 from tests.unit.flowserve.runner.tiny_models import save_tiny_model
 
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from deepserve.flowserve.engine.step_plan import ScheduledBatch, ScheduledSequence
+from deepserve.flowserve.engine.step_plan import StepPlan, StepSequence
 
 
 @dataclass
@@ -24,7 +24,7 @@ class GreedyDriver:
 
     def __init__(
         self,
-        execute: Callable[[ScheduledBatch], torch.Tensor],
+        execute: Callable[[StepPlan], torch.Tensor],
         *,
         num_blocks: int,
         block_size: int,
@@ -44,9 +44,9 @@ class GreedyDriver:
         while any(len(s.output) < max_new_tokens for s in seqs):
             active = [s for s in seqs if len(s.output) < max_new_tokens]
             scheduled = [self._schedule(s, chunk_size) for s in active]
-            batch = ScheduledBatch(step_id=self.step_id, sequences=scheduled)
+            plan = StepPlan(step_id=self.step_id, sequences=scheduled)
             self.step_id += 1
-            logits = self.execute(batch)
+            logits = self.execute(plan)
             assert logits.dtype == torch.float32
             assert logits.shape[0] == sum(s.needs_logits for s in scheduled)
             rows = iter(logits.argmax(dim=-1).tolist())
@@ -56,7 +56,7 @@ class GreedyDriver:
                     seq.output.append(next(rows))
         return [s.output for s in seqs]
 
-    def _schedule(self, seq: _Sequence, chunk_size: int | None) -> ScheduledSequence:
+    def _schedule(self, seq: _Sequence, chunk_size: int | None) -> StepSequence:
         if seq.computed < len(seq.prompt):
             end = len(seq.prompt)
             if chunk_size is not None:
@@ -69,7 +69,7 @@ class GreedyDriver:
         total = seq.computed + len(tokens)
         while len(seq.blocks) * self.block_size < total:
             seq.blocks.append(self.free.pop())
-        return ScheduledSequence(
+        return StepSequence(
             request_id=seq.request_id,
             token_ids=tokens,
             start_pos=seq.computed,

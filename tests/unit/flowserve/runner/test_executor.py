@@ -12,13 +12,8 @@ import pytest
 import torch
 
 from deepserve.errors import FailedPrecondition, InvalidArgument
-from deepserve.flowserve.engine.step_plan import ScheduledBatch, ScheduledSequence
-from deepserve.flowserve.runner.executor import (
-    ExecutorFailed,
-    MultiprocExecutor,
-    UniprocExecutor,
-    create_executor,
-)
+from deepserve.flowserve.engine.step_plan import StepPlan, StepSequence
+from deepserve.flowserve.runner.executor import ExecutorFailed, MultiprocExecutor, UniprocExecutor
 from tests.unit.flowserve.runner.greedy_driver import GreedyDriver
 from tests.unit.flowserve.runner.tiny_models import PROMPTS, hf_greedy, save_tiny_model
 
@@ -32,26 +27,26 @@ def tp2(llama_dir: Path) -> Iterator[MultiprocExecutor]:
     executor = MultiprocExecutor(
         llama_dir, tp_size=2, num_blocks=NUM_BLOCKS, block_size=BLOCK_SIZE, device="cpu"
     )
+    pids = _worker_pids(executor)
     yield executor
     executor.shutdown()
-    assert not any(_alive(pid) for pid in executor.worker_pids)  # a clean exit leaves none
+    assert not any(_alive(pid) for pid in pids)  # a clean exit leaves none
 
 
-def _prefill(request: str, prompt: list[int], blocks: list[int]) -> ScheduledBatch:
-    return ScheduledBatch(0, [ScheduledSequence(request, prompt, 0, blocks)])
+def _prefill(request: str, prompt: list[int], blocks: list[int]) -> StepPlan:
+    return StepPlan(0, [StepSequence(request, prompt, 0, blocks)])
 
 
 def test_uniproc_submit_runs_in_order_off_the_caller_thread(llama_dir: Path) -> None:
-    with create_executor(
+    with UniprocExecutor(
         llama_dir, num_blocks=NUM_BLOCKS, block_size=BLOCK_SIZE, device="cpu"
     ) as executor:
-        assert isinstance(executor, UniprocExecutor)
         # Two steps in flight at once, the second reading KV the first one writes.
         first = executor.submit(_prefill("a", PROMPTS[0], [5, 6]))
-        second = executor.submit(ScheduledBatch(1, [ScheduledSequence("a", [3], 7, [5, 6])]))
+        second = executor.submit(StepPlan(1, [StepSequence("a", [3], 7, [5, 6])]))
         alone = UniprocExecutor(llama_dir, num_blocks=NUM_BLOCKS, block_size=BLOCK_SIZE)
         alone.execute(_prefill("a", PROMPTS[0], [1, 2]))
-        expected = alone.execute(ScheduledBatch(1, [ScheduledSequence("a", [3], 7, [1, 2])]))
+        expected = alone.execute(StepPlan(1, [StepSequence("a", [3], 7, [1, 2])]))
         alone.shutdown()
         assert first.result().shape == (1, 256)
         assert torch.equal(second.result(), expected)
@@ -97,8 +92,8 @@ def test_tp2_host_round_trip_gathers_all_kv_heads(tp2: MultiprocExecutor) -> Non
     tp2.load_from_host([50, 51, 52, 53], host)
     assert torch.equal(tp2.copy_to_host([50, 51, 52, 53]), host)
     # The moved KV decodes exactly like the original.
-    step = ScheduledBatch(1, [ScheduledSequence("h", [4], 13, [40, 41, 42, 43])])
-    moved = ScheduledBatch(2, [ScheduledSequence("h", [4], 13, [50, 51, 52, 53])])
+    step = StepPlan(1, [StepSequence("h", [4], 13, [40, 41, 42, 43])])
+    moved = StepPlan(2, [StepSequence("h", [4], 13, [50, 51, 52, 53])])
     assert torch.equal(tp2.execute(step), tp2.execute(moved))
 
 
@@ -116,10 +111,10 @@ def test_killed_worker_makes_execute_raise_and_shutdown_cleans_up(llama_dir: Pat
     executor = MultiprocExecutor(
         llama_dir, tp_size=2, num_blocks=NUM_BLOCKS, block_size=BLOCK_SIZE, device="cpu"
     )
-    pids = executor.worker_pids
+    pids = _worker_pids(executor)
     try:
         assert executor.execute(_prefill("a", PROMPTS[0], [1, 2])).shape == (1, 256)
-        in_flight = executor.submit(ScheduledBatch(1, [ScheduledSequence("a", [3], 7, [1, 2])]))
+        in_flight = executor.submit(StepPlan(1, [StepSequence("a", [3], 7, [1, 2])]))
         os.kill(pids[1], signal.SIGKILL)
         try:
             in_flight.result(timeout=60)  # may have finished before the kill landed
@@ -135,6 +130,10 @@ def test_killed_worker_makes_execute_raise_and_shutdown_cleans_up(llama_dir: Pat
     while time.monotonic() < deadline and any(_alive(pid) for pid in pids):
         time.sleep(0.05)
     assert not any(_alive(pid) for pid in pids)
+
+
+def _worker_pids(executor: MultiprocExecutor) -> list[int]:
+    return [worker["pid"] for worker in executor.describe_workers()]
 
 
 def _alive(pid: int) -> bool:

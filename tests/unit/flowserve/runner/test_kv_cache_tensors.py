@@ -35,16 +35,6 @@ def test_write_places_tokens_at_their_slots() -> None:
     assert cache.key_value(0)[0].abs().sum() == 0  # other layers untouched
 
 
-def test_copy_blocks_reads_all_sources_before_writing() -> None:
-    cache = _cache()
-    for block in range(8):
-        cache.data[:, :, block] = float(block)
-    cache.copy_blocks([(1, 2), (2, 3)])  # swap-like chain: 3 gets the *old* block 2
-    assert torch.all(cache.data[:, :, 2] == 1.0)
-    assert torch.all(cache.data[:, :, 3] == 2.0)
-    assert torch.all(cache.data[:, :, 1] == 1.0)
-
-
 def test_host_round_trip_into_other_blocks() -> None:
     cache = _cache()
     cache.data.normal_()
@@ -64,7 +54,7 @@ def test_block_ids_are_checked() -> None:
     with pytest.raises(InvalidArgument):
         cache.copy_to_host([8])
     with pytest.raises(InvalidArgument):
-        cache.copy_blocks([(0, -1)])
+        cache.load_from_host([-1], cache.copy_to_host([0]))
 
 
 def test_num_blocks_for_memory() -> None:

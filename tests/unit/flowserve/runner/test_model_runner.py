@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from deepserve.errors import InvalidArgument
-from deepserve.flowserve.engine.step_plan import ScheduledBatch, ScheduledSequence
+from deepserve.flowserve.engine.step_plan import StepPlan, StepSequence
 from deepserve.flowserve.runner.model_runner import ModelRunner
 from tests.unit.flowserve.runner.greedy_driver import GreedyDriver
 from tests.unit.flowserve.runner.tiny_models import PROMPTS, hf_greedy, save_tiny_model
@@ -79,91 +79,68 @@ def test_model_variants_match_transformers(
     assert _generate(model_dir, prompts, chunk_size=3) == hf_greedy(model_dir, prompts, NEW_TOKENS)
 
 
-def test_logits_rows_follow_batch_order_and_needs_logits(llama_dir: Path) -> None:
+def test_logits_rows_follow_plan_order_and_needs_logits(llama_dir: Path) -> None:
     runner = _runner(llama_dir)
     # PROMPTS[0] has 7 tokens (2 blocks of 4), PROMPTS[2] 13 (4 blocks).
     alone = [
-        _runner(llama_dir).execute(ScheduledBatch(0, [ScheduledSequence("x", prompt, 0, table)]))
+        _runner(llama_dir).execute(StepPlan(0, [StepSequence("x", prompt, 0, table)]))
         for prompt, table in ((PROMPTS[0], [60, 61]), (PROMPTS[2], [62, 63, 64, 65]))
     ]
-    batch = ScheduledBatch(
+    plan = StepPlan(
         0,
         [
-            ScheduledSequence("a", PROMPTS[0], 0, [1, 2]),
-            ScheduledSequence("b", PROMPTS[1], 0, [3], needs_logits=False),
-            ScheduledSequence("c", PROMPTS[2][:8], 0, [4, 5]),
-            ScheduledSequence("d", [9], 0, [8]),
+            StepSequence("a", PROMPTS[0], 0, [1, 2]),
+            StepSequence("b", PROMPTS[1], 0, [3], needs_logits=False),
+            StepSequence("c", PROMPTS[2][:8], 0, [4, 5]),
+            StepSequence("d", [9], 0, [8]),
         ],
     )
-    logits = runner.execute(batch)
+    logits = runner.execute(plan)
     assert logits.shape == (3, 256) and logits.dtype == torch.float32
     assert torch.allclose(logits[0], alone[0][0], atol=1e-5)
-    rest = ScheduledBatch(1, [ScheduledSequence("c", PROMPTS[2][8:], 8, [4, 5, 6, 7])])
+    rest = StepPlan(1, [StepSequence("c", PROMPTS[2][8:], 8, [4, 5, 6, 7])])
     assert torch.allclose(runner.execute(rest)[0], alone[1][0], atol=1e-5)
-
-
-def test_block_copies_apply_before_the_step(llama_dir: Path) -> None:
-    """Copy-on-write: a fork reads its parent's prompt KV from copied blocks."""
-    runner = _runner(llama_dir)
-    prompt = PROMPTS[2]  # 13 tokens -> blocks 20..23 (last one partly full)
-    parent = runner.execute(
-        ScheduledBatch(0, [ScheduledSequence("p", prompt, 0, [20, 21, 22, 23])])
-    )
-    first = int(parent.argmax())
-    parent_next = runner.execute(
-        ScheduledBatch(1, [ScheduledSequence("p", [first], 13, [20, 21, 22, 23])])
-    )
-    # The fork shares blocks 20..22 and gets a private copy of the partial last block.
-    fork = ScheduledBatch(
-        2,
-        [ScheduledSequence("f", [first], 13, [20, 21, 22, 40])],
-        block_copies=[(23, 40)],
-    )
-    assert torch.equal(runner.execute(fork), parent_next)
 
 
 def test_kv_survives_host_round_trip_into_other_blocks(llama_dir: Path) -> None:
     runner = _runner(llama_dir)
     prompt = PROMPTS[0]  # 7 tokens -> 2 blocks
-    logits = runner.execute(ScheduledBatch(0, [ScheduledSequence("a", prompt, 0, [3, 7])]))
+    logits = runner.execute(StepPlan(0, [StepSequence("a", prompt, 0, [3, 7])]))
     token = int(logits.argmax())
-    expected = runner.execute(ScheduledBatch(1, [ScheduledSequence("a", [token], 7, [3, 7])]))
+    expected = runner.execute(StepPlan(1, [StepSequence("a", [token], 7, [3, 7])]))
     host = runner.copy_to_host([3, 7])
     assert host.device.type == "cpu" and host.shape == (2, 2, 2, BLOCK_SIZE, 2, 16)
     fresh = _runner(llama_dir)
     fresh.load_from_host([50, 51], host)
-    moved = fresh.execute(ScheduledBatch(0, [ScheduledSequence("a", [token], 7, [50, 51])]))
+    moved = fresh.execute(StepPlan(0, [StepSequence("a", [token], 7, [50, 51])]))
     assert torch.equal(moved, expected)
 
 
-def test_empty_batch_and_copy_only_batch(llama_dir: Path) -> None:
+def test_empty_plan_returns_no_logits(llama_dir: Path) -> None:
     runner = _runner(llama_dir)
-    assert runner.execute(ScheduledBatch(0)).shape == (0, 256)
-    runner.kv_cache.data[:, :, 1] = 1.5
-    assert runner.execute(ScheduledBatch(1, block_copies=[(1, 2)])).shape == (0, 256)
-    assert torch.all(runner.kv_cache.data[:, :, 2] == 1.5)
+    assert runner.execute(StepPlan(0)).shape == (0, 256)
 
 
 @pytest.mark.parametrize(
     ("sequence", "field"),
     [
-        (ScheduledSequence("a", [1, 2, 3, 4, 5], 0, [0]), "block_table"),
-        (ScheduledSequence("a", [1], 0, [NUM_BLOCKS]), "block_table"),
-        (ScheduledSequence("a", [], 0, [0]), "token_ids"),
-        (ScheduledSequence("a", [1], -1, [0]), "start_pos"),
+        (StepSequence("a", [1, 2, 3, 4, 5], 0, [0]), "block_table"),
+        (StepSequence("a", [1], 0, [NUM_BLOCKS]), "block_table"),
+        (StepSequence("a", [], 0, [0]), "token_ids"),
+        (StepSequence("a", [1], -1, [0]), "start_pos"),
     ],
 )
-def test_bad_batches_raise_invalid_argument(
-    llama_dir: Path, sequence: ScheduledSequence, field: str
+def test_bad_plans_raise_invalid_argument(
+    llama_dir: Path, sequence: StepSequence, field: str
 ) -> None:
     with pytest.raises(InvalidArgument) as info:
-        _runner(llama_dir).execute(ScheduledBatch(0, [sequence]))
+        _runner(llama_dir).execute(StepPlan(0, [sequence]))
     assert info.value.field == field
 
 
 def test_bfloat16_runner_returns_float32_logits_close_to_float32(llama_dir: Path) -> None:
-    batch = ScheduledBatch(0, [ScheduledSequence("a", PROMPTS[2], 0, [0, 1, 2, 3])])
-    full = _runner(llama_dir).execute(batch)
-    half = ModelRunner(llama_dir, "cpu", "bfloat16", NUM_BLOCKS, BLOCK_SIZE).execute(batch)
+    plan = StepPlan(0, [StepSequence("a", PROMPTS[2], 0, [0, 1, 2, 3])])
+    full = _runner(llama_dir).execute(plan)
+    half = ModelRunner(llama_dir, "cpu", "bfloat16", NUM_BLOCKS, BLOCK_SIZE).execute(plan)
     assert half.dtype == torch.float32
     assert torch.cosine_similarity(full, half, dim=-1).item() > 0.99

@@ -18,7 +18,7 @@ from deepserve.errors import (
     ResourceExhausted,
     Unavailable,
 )
-from deepserve.flowserve.disagg.handoff import KVReservation, KVSink, PrefillResult
+from deepserve.flowserve.engine.kv_handoff import KVReservation, KVSink, PrefillResult
 from deepserve.flowserve.transfer.assembler import KVAssembler
 from deepserve.flowserve.transfer.host import local_host_id
 from deepserve.flowserve.transfer.settings import TransferSettings

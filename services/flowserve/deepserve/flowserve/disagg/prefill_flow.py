@@ -12,9 +12,9 @@ from typing import Any
 
 from deepserve.errors import FailedPrecondition, InvalidArgument
 from deepserve.flowserve.engine.outputs import GenerationOutput
-from deepserve.flowserve.sampling import SamplingParams
 from deepserve.flowserve.transfer.chunks import KVChunk, split_by_blocks
 from deepserve.flowserve.transfer.layer_tap import LayerTap
+from deepserve.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +79,12 @@ class PrefillServer:
             raise InvalidArgument(
                 f"skip_blocks {job.skip_blocks} outside [0, {num_blocks}]", field="skip_blocks"
             )
-        # Only the first token is made here: the decode instance samples the rest.
-        params = dataclasses.replace(job.sampling_params, max_tokens=1)
+        # Only the first token is made here: the decode instance samples the rest. A min_tokens
+        # above 1 is the decode side's to enforce; here it only keeps the first token from
+        # being a stop token.
+        params = dataclasses.replace(
+            job.sampling_params, max_tokens=1, min_tokens=min(job.sampling_params.min_tokens, 1)
+        )
         layerwise = job.layerwise and self.layer_tap is not None
         events: asyncio.Queue[KVChunk | GenerationOutput | BaseException] = asyncio.Queue()
         loop = asyncio.get_running_loop()

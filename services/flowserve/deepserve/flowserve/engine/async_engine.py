@@ -27,15 +27,16 @@ from deepserve.errors import (
     ResourceExhausted,
     Unavailable,
 )
-from deepserve.flowserve.disagg.handoff import KVReservation, PrefillResult, RemotePrefillSource
 from deepserve.flowserve.engine.config import EngineConfig
-from deepserve.flowserve.engine.core import DetokenizerFactory, EngineCore, StepExecutor
+from deepserve.flowserve.engine.core import EngineCore, StepExecutor
+from deepserve.flowserve.engine.kv_handoff import KVReservation, PrefillResult, RemotePrefillSource
+from deepserve.flowserve.engine.output_processor import DetokenizerFactory
 from deepserve.flowserve.engine.outputs import GenerationOutput, TokenLogprobs
 from deepserve.flowserve.engine.request import Request
 from deepserve.flowserve.engine.stats import EngineStats
-from deepserve.flowserve.kv_cache import KVEventListener
-from deepserve.flowserve.sampling import SamplingParams
+from deepserve.flowserve.kv_cache import HostTransport, KVEventListener
 from deepserve.flowserve.sampling.sampler import Sampler
+from deepserve.sampling_params import SamplingParams
 
 __all__ = ["AsyncEngine", "EngineConfig", "EngineCore", "GenerationOutput", "TokenLogprobs"]
 
@@ -64,6 +65,7 @@ class AsyncEngine:
         sampler: Sampler | None = None,
         eos_token_ids: Collection[int] = (),
         detokenizer_factory: DetokenizerFactory | None = None,
+        host_transport: HostTransport | None = None,
         kv_event_listener: KVEventListener | None = None,
     ) -> None:
         self.config = config
@@ -73,6 +75,7 @@ class AsyncEngine:
             sampler=sampler,
             eos_token_ids=eos_token_ids,
             detokenizer_factory=detokenizer_factory,
+            host_transport=host_transport,
             kv_event_listener=kv_event_listener,
             on_dequeued=self._on_dequeued,
         )
@@ -358,9 +361,6 @@ class AsyncEngine:
             request_id=request_id,
             prompt_token_ids=prompt,
             max_tokens=max_tokens,
-            stop_token_ids=frozenset(params.stop_token_ids),
-            ignore_eos=params.ignore_eos,
-            min_tokens=params.min_tokens,
             sampling_params=params,
         )
 
@@ -386,7 +386,7 @@ class AsyncEngine:
     def _run(self) -> None:
         # The loop's own torch work (sampling) is small; run it without an OpenMP team of its
         # own, which on CPU would keep cores spinning while the forward thread computes (a
-        # batch-1 decode step measured 46 -> 34 ms). The OpenMP team is per thread, but torch
+        # one-request decode step measured 46 -> 34 ms). The OpenMP team is per thread, but torch
         # also keeps the value for threads started later: see deepserve.flowserve.runner.cpu_threads.
         torch.set_num_threads(1)
         while True:

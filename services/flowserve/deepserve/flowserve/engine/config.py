@@ -1,4 +1,4 @@
-"""Settings of one FlowServe engine (scheduler limits, KV cache sizes, queue bound)."""
+"""Settings of one FlowServe engine (per-step limits, KV cache sizes, queue bound)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ class EngineConfig:
     # Host-DRAM tier for evicted prefix blocks; 0 disables it.
     num_host_blocks: int = 0
     max_num_seqs: int = 64
-    max_num_batched_tokens: int = 2048
+    # Tokens one step computes at most (prompt chunks and decodes together).
+    step_token_budget: int = 2048
     # Context window: prompt + max_tokens must fit.
     max_model_len: int = 4096
     # Requests accepted but not started yet; one more raises ResourceExhausted.
@@ -37,7 +38,7 @@ class EngineConfig:
 
     def validate(self) -> None:
         """Raise ValueError on settings the engine cannot run with."""
-        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_model_len"):
+        for name in ("block_size", "max_num_seqs", "step_token_budget", "max_model_len"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
         if self.num_gpu_blocks is not None and self.num_gpu_blocks <= 0:

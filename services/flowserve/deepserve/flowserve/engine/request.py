@@ -6,12 +6,12 @@ import enum
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 from deepserve.prefix_hash import BlockHash
+from deepserve.sampling_params import FinishReason, SamplingParams
 
 # Stands in for a token sampled by the step still running on the device; the engine writes
-# the real id into the batch just before submitting it (asynchronous scheduling).
+# the real id into the step plan just before submitting it (asynchronous scheduling).
 PLACEHOLDER_TOKEN_ID = -1
 
 
@@ -19,21 +19,22 @@ class RequestStatus(enum.Enum):
     """Where a request is in its life; the FINISHED_* states are terminal."""
 
     WAITING = "waiting"
+    # Decode side of a PD hand-off: its blocks are reserved and the prompt's KV is arriving
+    # from a prefill instance; it runs once that instance reports the first token.
+    WAITING_FOR_REMOTE_KV = "waiting_for_remote_kv"
     RUNNING = "running"
     PREEMPTED = "preempted"
     FINISHED_STOPPED = "stop"
     FINISHED_LENGTH = "length"
     FINISHED_ABORTED = "abort"
     FINISHED_ERROR = "error"
+    # Prefill side of a PD hand-off: it finished normally (`Request.finish_reason` says how)
+    # and keeps its KV blocks until the decode instance has them.
+    FINISHED_HOLDING_KV = "holding_kv"
 
     @property
     def is_finished(self) -> bool:
         return self in _FINISHED
-
-    @property
-    def finish_reason(self) -> str | None:
-        """The OpenAI-style finish reason ("stop", "length", "abort", "error"), None if live."""
-        return self.value if self.is_finished else None
 
 
 _FINISHED = {
@@ -41,6 +42,19 @@ _FINISHED = {
     RequestStatus.FINISHED_LENGTH,
     RequestStatus.FINISHED_ABORTED,
     RequestStatus.FINISHED_ERROR,
+    RequestStatus.FINISHED_HOLDING_KV,
+}
+
+# The OpenAI-style finish reason each way of finishing reports.
+FINISH_REASONS: dict[RequestStatus, str] = {
+    RequestStatus.FINISHED_STOPPED: "stop",
+    RequestStatus.FINISHED_LENGTH: "length",
+    RequestStatus.FINISHED_ABORTED: "abort",
+    RequestStatus.FINISHED_ERROR: "error",
+}
+STATUS_OF_FINISH: dict[FinishReason, RequestStatus] = {
+    "stop": RequestStatus.FINISHED_STOPPED,
+    "length": RequestStatus.FINISHED_LENGTH,
 }
 
 
@@ -62,13 +76,11 @@ class Request:
 
     request_id: str
     prompt_token_ids: list[int]
+    # Resolved by the engine: the request's own limit, else what the context window leaves.
     max_tokens: int
+    sampling_params: SamplingParams = field(default_factory=SamplingParams)
+    # The model's end-of-sequence ids (the engine fills them in when empty).
     eos_token_ids: frozenset[int] = frozenset()
-    stop_token_ids: frozenset[int] = frozenset()
-    ignore_eos: bool = False
-    min_tokens: int = 0
-    # Opaque to the scheduler; the engine hands it to the sampler and detokenizer.
-    sampling_params: Any = None
     # Arrival order; preemption picks the latest arrival, the waiting queue honours it.
     arrival_seq: int = 0
     # Higher is admitted from the waiting queue first (batch jobs use negative priorities).
@@ -79,6 +91,8 @@ class Request:
 
     output_token_ids: list[int] = field(default_factory=list)
     status: RequestStatus = RequestStatus.WAITING
+    # "stop", "length", "abort" or "error" once finished (kept while it holds its KV).
+    finish_reason: str | None = None
     # Tokens whose KV is computed or scheduled to be (advanced when a step is scheduled).
     num_computed_tokens: int = 0
     # Tokens being sampled by steps not yet processed (at most one per step in flight).
@@ -121,10 +135,20 @@ class Request:
     def is_finished(self) -> bool:
         return self.status.is_finished
 
-    @property
-    def finish_reason(self) -> str | None:
-        return self.status.finish_reason
-
     def append_output_token(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)
         self._all_token_ids.append(token_id)
+
+    def finish(self, status: RequestStatus, stop_reason: int | str | None = None) -> None:
+        """Enter a terminal status and record its finish reason."""
+        self.status = status
+        self.finish_reason = FINISH_REASONS[status]
+        self.stop_reason = stop_reason
+
+    def stop_on_string(self, stop: str) -> None:
+        """A stop string matched the text of the newest token: the request ends with "stop",
+        even when the same token already ended it on length."""
+        self.finish_reason = "stop"
+        self.stop_reason = stop
+        if self.status is RequestStatus.FINISHED_LENGTH:
+            self.status = RequestStatus.FINISHED_STOPPED

@@ -1,7 +1,7 @@
-"""What the engine's scheduler hands the executor for one forward step (plain data, no torch).
+"""What the step planner hands the executor for one forward step (plain data, no torch).
 
-The scheduler decides *which* tokens of *which* requests run this step and *where* their KV lives;
-the model runner turns that into tensors. Keeping this contract free of torch lets the scheduler
+The planner decides *which* tokens of *which* requests run this step and *where* their KV lives;
+the model runner turns that into tensors. Keeping this contract free of torch lets the planner
 be tested alone and lets the SPMD master ship it to executor processes cheaply.
 """
 
@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 
 @dataclass(slots=True)
-class ScheduledSequence:
+class StepSequence:
     """One request's share of a step: a prompt chunk (prefill) or one new token (decode)."""
 
     request_id: str
@@ -27,13 +27,11 @@ class ScheduledSequence:
 
 
 @dataclass(slots=True)
-class ScheduledBatch:
-    """Everything one forward step computes, plus KV block copies to apply before it runs."""
+class StepPlan:
+    """Everything one forward step computes: each scheduled request's tokens and blocks."""
 
     step_id: int
-    sequences: list[ScheduledSequence] = field(default_factory=list)
-    # Copy-on-write or swap-in copies (src block -> dst block), applied before the forward pass.
-    block_copies: list[tuple[int, int]] = field(default_factory=list)
+    sequences: list[StepSequence] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:

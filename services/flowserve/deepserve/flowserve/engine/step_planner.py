@@ -1,47 +1,57 @@
-"""Continuous batching: which requests run each step, with how many tokens, in which KV blocks.
+"""Step planning: which requests run each step, with how many tokens, in which KV blocks.
 
-Pure Python (no torch): it sees requests, token counts and free blocks, and returns a
-`ScheduledBatch`. Each step it schedules, in order:
+(The literature calls this continuous batching; here a *batch* is a Batch API job, and what
+the engine runs each step is a `StepPlan`.) Pure Python (no torch): it sees requests, token
+counts and free blocks, and returns a `StepPlan`. Each step it plans, in order:
 1. running requests that decode (one token each), oldest first, so a long prompt never stalls them;
 2. running requests still in prefill (the next chunk of their prompt), oldest first;
 3. waiting requests (new or preempted), highest priority first, then oldest first, after a
    prefix-cache lookup (running requests are never displaced by priority, so none starves).
 All of it under a per-step token budget and a cap on running requests. When blocks run out,
-the latest-arrived unscheduled running request is preempted: its blocks are freed and it waits
+the latest-arrived unplanned running request is preempted: its blocks are freed and it waits
 again, to recompute prompt + generated tokens later (its cached full blocks usually survive).
 
-Scheduling depends on token *counts*, not values, so step N+1 can be scheduled while step N
+Two states of a PD hand-off (KV computed on a prefill instance, decoded on another) hold
+blocks outside the queues: WAITING_FOR_REMOTE_KV (decode side: blocks reserved, the prompt's
+KV arriving) and FINISHED_HOLDING_KV (prefill side: finished, blocks kept until sent).
+
+Planning depends on token *counts*, not values, so step N+1 can be planned while step N
 runs: each sequence expecting a sampled token gets a placeholder, resolved by
-`finalize_batch` once step N's tokens are known (the paper's asynchronous scheduling).
+`finalize_plan` once step N's tokens are known (the paper's asynchronous scheduling).
 """
 
 from __future__ import annotations
 
 import bisect
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 
-from deepserve.errors import InvalidArgument
-from deepserve.flowserve.engine.request import PLACEHOLDER_TOKEN_ID, Request, RequestStatus
-from deepserve.flowserve.engine.step_plan import ScheduledBatch, ScheduledSequence
-from deepserve.flowserve.kv_cache import KVCacheManager
+from deepserve.errors import FailedPrecondition, InvalidArgument
+from deepserve.flowserve.engine.request import (
+    PLACEHOLDER_TOKEN_ID,
+    STATUS_OF_FINISH,
+    Request,
+    RequestStatus,
+)
+from deepserve.flowserve.engine.step_plan import StepPlan, StepSequence
+from deepserve.flowserve.kv_cache import KVCacheManager, PrefixMatch
 
 
 @dataclass(frozen=True, slots=True)
-class SchedulerConfig:
-    """Per-step limits of the scheduler."""
+class StepPlannerConfig:
+    """Per-step limits of the step planner."""
 
     max_num_seqs: int = 64
-    max_num_batched_tokens: int = 2048
+    step_token_budget: int = 2048
 
     def __post_init__(self) -> None:
         if self.max_num_seqs <= 0:
             raise ValueError("max_num_seqs must be positive")
-        if self.max_num_batched_tokens <= 0:
-            raise ValueError("max_num_batched_tokens must be positive")
+        if self.step_token_budget <= 0:
+            raise ValueError("step_token_budget must be positive")
 
 
-# Normal finishes keep a hold_kv request's blocks (the engine releases them after hand-off).
+# Normal finishes keep a hold_kv request's blocks (released after the hand-off).
 _HOLDS_KV = frozenset({RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH})
 
 
@@ -53,25 +63,27 @@ def _admission_order(request: Request) -> tuple[int, int]:
     return (-request.priority, request.arrival_seq)
 
 
-class Scheduler:
-    """Waiting and running queues over a KV cache manager; produces one batch per step."""
+class StepPlanner:
+    """Waiting and running queues over a KV cache manager; produces one StepPlan per step."""
 
-    def __init__(self, config: SchedulerConfig, kv_cache: KVCacheManager) -> None:
+    def __init__(self, config: StepPlannerConfig, kv_cache: KVCacheManager) -> None:
         self.config = config
         self.kv_cache = kv_cache
         # Waiting: by priority then arrival (admission order); running: by arrival (latest
         # arrival preempted first).
         self.waiting: list[Request] = []
         self.running: list[Request] = []
+        # The live requests of the queues (waiting or running).
         self.requests: dict[str, Request] = {}
+        # PD hand-offs: blocks reserved for KV arriving (decode side) and blocks of finished
+        # requests kept until sent (prefill side). Neither is in the queues.
+        self.waiting_for_remote_kv: dict[str, Request] = {}
+        self.holding_kv: dict[str, Request] = {}
         self._next_arrival = 0
         self._step_id = 0
         self.num_preemptions = 0
-        # Requests the scheduler itself had to fail (they can never fit); the engine reports them.
+        # Requests the planner itself had to fail (they can never fit); the engine reports them.
         self._failed: list[Request] = []
-        # How many requests outside the queues hold blocks (KV hand-offs in progress): while
-        # any do, a request that cannot grow waits for them instead of failing.
-        self.blocks_held_elsewhere: Callable[[], int] = lambda: 0
 
     # ----- queue management -------------------------------------------------------------------
 
@@ -92,7 +104,7 @@ class Scheduler:
 
     def add_request(self, request: Request) -> None:
         """Queue a request; raises InvalidArgument if it could never fit the whole KV cache."""
-        if request.request_id in self.requests:
+        if self._in_use(request.request_id):
             raise InvalidArgument(
                 f"request id {request.request_id!r} is already in use", field="request_id"
             )
@@ -115,48 +127,108 @@ class Scheduler:
         self.requests[request.request_id] = request
         bisect.insort(self.waiting, request, key=_admission_order)
 
-    def add_prefilled(self, request: Request) -> None:
-        """Admit a request whose prompt KV already sits in its blocks (sent by a prefill instance).
+    def finish_request(
+        self, request_id: str, status: RequestStatus, stop_reason: int | str | None = None
+    ) -> Request | None:
+        """End a live request or a remote-KV reservation (abort, stop string seen by the
+        detokenizer, error) and free its blocks; None when there is none by that id."""
+        request = self.requests.get(request_id)
+        if request is not None:
+            self._finish(request, status, stop_reason)
+            return request
+        request = self.waiting_for_remote_kv.pop(request_id, None)
+        if request is not None:
+            self.kv_cache.free(request)
+            request.finish(status, stop_reason)
+        return request
 
-        The blocks were allocated with `kv_cache.alloc` for the whole prompt; the request joins
-        the running queue with every prompt token computed, so its next step is a decode.
+    def finish_all(self, status: RequestStatus) -> list[Request]:
+        """End every request with `status` (the executor broke): reservations and live requests
+        finish, held KV is released; returns those that finished."""
+        for request_id in list(self.holding_kv):
+            self.release_kv(request_id)
+        finished = []
+        for request_id in [*self.waiting_for_remote_kv, *self.requests]:
+            request = self.finish_request(request_id, status)
+            if request is not None:
+                finished.append(request)
+        return finished
+
+    def take_failed(self) -> list[Request]:
+        """Requests failed by the planner since the last call (each carries `error`)."""
+        failed, self._failed = self._failed, []
+        return failed
+
+    # ----- PD hand-off, decode side ----------------------------------------------------------
+
+    def reserve_remote_kv(self, request: Request) -> PrefixMatch | None:
+        """Allocate blocks for a prompt whose KV another instance computes; None when short.
+
+        The prompt's cached prefix here (`PrefixMatch`, device or host tier) is reused. The
+        request waits in WAITING_FOR_REMOTE_KV, out of the queues, until `activate_remote_kv`.
         """
-        if request.request_id in self.requests:
-            raise InvalidArgument(
-                f"request id {request.request_id!r} is already in use", field="request_id"
-            )
-        if not self.kv_cache.holds(request.request_id):
-            raise ValueError(f"request {request.request_id} holds no KV blocks")
+        if self._in_use(request.request_id):
+            raise FailedPrecondition(f"request id {request.request_id!r} is already in use")
+        num_prompt = request.num_prompt_tokens
+        match = self.kv_cache.match_prefix(
+            request.all_token_ids, block_hashes=request.block_hashes, max_cached_tokens=num_prompt
+        )
+        if not self.kv_cache.alloc(request, num_prompt - match.num_tokens, match):
+            return None
+        request.status = RequestStatus.WAITING_FOR_REMOTE_KV
+        self.waiting_for_remote_kv[request.request_id] = request
+        return match
+
+    def activate_remote_kv(
+        self, request_id: str, first_token_id: int, num_cached_tokens: int = 0
+    ) -> Request | None:
+        """The prompt's KV is in its blocks: the request joins the running queue with every
+        prompt token computed and its first token; None when it was aborted meanwhile."""
+        request = self.waiting_for_remote_kv.pop(request_id, None)
+        if request is None:
+            return None
+        request.num_cached_tokens = num_cached_tokens
         request.arrival_seq = self._next_arrival
         self._next_arrival += 1
         request.status = RequestStatus.RUNNING
         request.num_computed_tokens = request.num_prompt_tokens
-        self.requests[request.request_id] = request
+        self.requests[request_id] = request
         bisect.insort(self.running, request, key=_arrival)
-
-    def finish_request(
-        self, request_id: str, status: RequestStatus, stop_reason: int | str | None = None
-    ) -> Request | None:
-        """End a live request (abort, stop string seen by the detokenizer) and free its blocks."""
-        request = self.requests.get(request_id)
-        if request is None:
-            return None
-        self._finish(request, status, stop_reason)
+        # Only now may other prompts match these blocks: their KV is final.
+        self.kv_cache.cache_blocks(request, request.num_prompt_tokens)
+        self.update_from_output({request_id: first_token_id})
         return request
 
-    def take_failed(self) -> list[Request]:
-        """Requests failed by the scheduler since the last call (each carries `error`)."""
-        failed, self._failed = self._failed, []
-        return failed
+    # ----- PD hand-off, prefill side ----------------------------------------------------------
+
+    def holds_kv(self, request_id: str) -> bool:
+        """Whether a finished hold_kv request still holds its blocks (FINISHED_HOLDING_KV)."""
+        return request_id in self.holding_kv
+
+    def release_kv(self, request_id: str) -> bool:
+        """Free a held request's blocks (its full blocks stay in the prefix cache)."""
+        request = self.holding_kv.pop(request_id, None)
+        if request is None:
+            return False
+        self.kv_cache.free(request)
+        return True
+
+    @property
+    def num_waiting_for_remote_kv(self) -> int:
+        return len(self.waiting_for_remote_kv)
+
+    @property
+    def num_holding_kv(self) -> int:
+        return len(self.holding_kv)
 
     # ----- one step ---------------------------------------------------------------------------
 
-    def schedule(self) -> ScheduledBatch:
+    def plan_step(self) -> StepPlan:
         """Pick this step's sequences; token ids of tokens still being sampled are placeholders."""
         self._step_id += 1
-        batch = ScheduledBatch(step_id=self._step_id)
-        budget = self.config.max_num_batched_tokens
-        scheduled: set[str] = set()
+        plan = StepPlan(step_id=self._step_id)
+        budget = self.config.step_token_budget
+        planned: set[str] = set()
         preempted = False
 
         # Decodes before prefill chunks; within each, oldest first.
@@ -176,13 +248,11 @@ class Scheduler:
                 continue  # the token in flight ends it on length: no slot to waste
             num_new = min(remaining, budget)
             while not self.kv_cache.append(request, num_new):
-                victim = max(
-                    (r for r in self.running if r.request_id not in scheduled), key=_arrival
-                )
+                victim = max((r for r in self.running if r.request_id not in planned), key=_arrival)
                 if (
                     victim is request
                     and len(self.running) == 1
-                    and not self.blocks_held_elsewhere()
+                    and not self._blocks_held_outside_queues
                 ):
                     # Nothing else holds blocks: it can never grow; fail instead of looping.
                     self._fail(request, "the KV cache is too small to hold this request")
@@ -193,8 +263,8 @@ class Scheduler:
                     break
             if request.status is not RequestStatus.RUNNING:
                 continue
-            batch.sequences.append(self._emit(request, num_new))
-            scheduled.add(request.request_id)
+            plan.sequences.append(self._sequence(request, num_new))
+            planned.add(request.request_id)
             budget -= num_new
 
         # A preemption means blocks are short: admitting more would only thrash.
@@ -214,7 +284,7 @@ class Scheduler:
             )
             num_new = min(request.num_tokens - match.num_tokens, budget)
             if not self.kv_cache.alloc(request, num_new, match):
-                if not self.running and not self.blocks_held_elsewhere():
+                if not self.running and not self._blocks_held_outside_queues:
                     self.waiting.pop(0)
                     self._fail(request, "the KV cache is too small to hold this request")
                     continue
@@ -225,20 +295,20 @@ class Scheduler:
             if request.num_cached_tokens < 0:
                 request.num_cached_tokens = match.num_tokens
             bisect.insort(self.running, request, key=_arrival)
-            batch.sequences.append(self._emit(request, num_new))
+            plan.sequences.append(self._sequence(request, num_new))
             budget -= num_new
-        return batch
+        return plan
 
-    def finalize_batch(self, batch: ScheduledBatch) -> ScheduledBatch:
-        """Make a scheduled batch ready to submit, once the previous step's tokens are known.
+    def finalize_plan(self, plan: StepPlan) -> StepPlan:
+        """Make a step plan ready to submit, once the previous step's tokens are known.
 
-        Drops sequences of requests that finished or were aborted since scheduling (their
+        Drops sequences of requests that finished or were aborted since planning (their
         blocks are already freed), writes sampled token ids over placeholders, and registers
         the full blocks this step computes in the prefix cache (only now: a dropped sequence
         never writes its blocks, so they must not become matchable).
         """
-        kept: list[ScheduledSequence] = []
-        for seq in batch.sequences:
+        kept: list[StepSequence] = []
+        for seq in plan.sequences:
             request = self.requests.get(seq.request_id)
             if request is None or request.status is not RequestStatus.RUNNING:
                 continue
@@ -253,8 +323,8 @@ class Scheduler:
                     seq.token_ids[i] = request.all_token_ids[pos]
             self.kv_cache.cache_blocks(request, seq.start_pos + len(seq.token_ids))
             kept.append(seq)
-        batch.sequences = kept
-        return batch
+        plan.sequences = kept
+        return plan
 
     def update_from_output(self, sampled: Mapping[str, int]) -> list[Request]:
         """Append each request's sampled token; returns the requests that finished by it."""
@@ -266,19 +336,35 @@ class Scheduler:
             if request.num_pending_tokens > 0:
                 request.num_pending_tokens -= 1
             request.append_output_token(token_id)
-            status, stop_reason = self._check_stop(request, token_id)
-            if status is not None:
-                self._finish(request, status, stop_reason)
+            stop = request.sampling_params.check_stop(
+                token_id, request.num_output_tokens, request.eos_token_ids, request.max_tokens
+            )
+            if stop is not None:
+                reason, stop_token_id = stop
+                self._finish(request, STATUS_OF_FINISH[reason], stop_token_id)
                 finished.append(request)
         return finished
 
     # ----- helpers ----------------------------------------------------------------------------
 
+    def _in_use(self, request_id: str) -> bool:
+        return (
+            request_id in self.requests
+            or request_id in self.waiting_for_remote_kv
+            or request_id in self.holding_kv
+        )
+
+    @property
+    def _blocks_held_outside_queues(self) -> bool:
+        # While hand-offs hold blocks, a request that cannot grow waits for them to go instead
+        # of failing.
+        return bool(self.waiting_for_remote_kv or self.holding_kv)
+
     @staticmethod
     def _remaining(request: Request) -> int:
         return request.num_tokens_with_pending - request.num_computed_tokens
 
-    def _emit(self, request: Request, num_new: int) -> ScheduledSequence:
+    def _sequence(self, request: Request, num_new: int) -> StepSequence:
         start = request.num_computed_tokens
         end = start + num_new
         known = request.all_token_ids
@@ -289,7 +375,7 @@ class Scheduler:
             request.num_pending_tokens += 1
         request.num_computed_tokens = end
         num_blocks = -(-end // self.kv_cache.block_size)
-        return ScheduledSequence(
+        return StepSequence(
             request_id=request.request_id,
             token_ids=token_ids,
             start_pos=start,
@@ -318,19 +404,10 @@ class Scheduler:
             self.running.remove(request)
         elif request in self.waiting:
             self.waiting.remove(request)
-        request.status = status
-        request.stop_reason = stop_reason
-        if not (request.hold_kv and status in _HOLDS_KV):
-            self.kv_cache.free(request)
         self.requests.pop(request.request_id, None)
-
-    @staticmethod
-    def _check_stop(request: Request, token_id: int) -> tuple[RequestStatus | None, int | None]:
-        if request.num_output_tokens > request.min_tokens:
-            if not request.ignore_eos and token_id in request.eos_token_ids:
-                return RequestStatus.FINISHED_STOPPED, None
-            if token_id in request.stop_token_ids:
-                return RequestStatus.FINISHED_STOPPED, token_id
-        if request.num_output_tokens >= request.max_tokens:
-            return RequestStatus.FINISHED_LENGTH, None
-        return None, None
+        request.finish(status, stop_reason)
+        if request.hold_kv and status in _HOLDS_KV and self.kv_cache.holds(request.request_id):
+            request.status = RequestStatus.FINISHED_HOLDING_KV
+            self.holding_kv[request.request_id] = request
+        else:
+            self.kv_cache.free(request)

@@ -3,7 +3,7 @@
 The engine loop runs on its own thread and must not pay for tracing per step; it only stamps
 times on the request (`RequestTimeline`). When the request ends, the service turns the stamps
 into child spans of the Generate call's span: queue wait, one span per prompt chunk, and one
-decode span with the token count and a timing event per token batch.
+decode span with the token count and a timing event per streamed output.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ from deepserve.prefix_hash import BlockHash
 
 
 class HostTransport(Protocol):
-    """Moves block contents between device and host; implemented by the executor."""
+    """Moves block contents between device and host (runner.host_transport implements it)."""
 
     def copy_to_host(self, block_ids: list[int]) -> Sequence[Any]: ...
 

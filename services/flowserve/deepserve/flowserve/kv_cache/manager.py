@@ -130,7 +130,7 @@ class KVCacheManager:
         """Longest run of leading full blocks already cached, on the device and then on the host.
 
         Read-only: nothing is referenced until `alloc` takes the match. `max_cached_tokens`
-        caps the hit (the scheduler passes len-1: the last prompt token must be computed to get
+        caps the hit (the step planner passes len-1: the last prompt token must be computed to get
         logits). `block_hashes`, when given, is the caller's hash cache and is extended in place.
         """
         match = PrefixMatch(self.block_size)

@@ -1,4 +1,4 @@
-"""Attention over a paged KV cache for a flat batch of tokens from many sequences.
+"""Attention over a paged KV cache for one step's flat run of tokens from many sequences.
 
 Sequences with one new token (decode, or a one-token prefill chunk) are attended in buckets of
 similar context length: each bucket's KV blocks are gathered in one index_select into a padded
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 class DecodeGroup:
     """A bucket of sequences that contribute exactly one query token this step."""
 
-    # Flat token index of each sequence's token; None when the group is the whole batch in order.
+    # Flat token index of each sequence's token; None when the group is the whole step in order.
     token_indices: torch.Tensor | None
     block_ids: torch.Tensor  # [seqs, max_blocks] long, padded with any valid block id
     max_context_len: int

@@ -1,6 +1,6 @@
 """The Llama-family decoder (Llama 2/3, SmolLM2, Mistral, Qwen2) written for a paged KV cache.
 
-All scheduled tokens of all sequences run as one flat [tokens, hidden] tensor, so every linear
+All of a step's tokens, of all its sequences, run as one flat [tokens, hidden] tensor, so every linear
 layer is one matmul per step. Plain tensors instead of nn.Modules keep per-layer Python overhead
 low, which dominates small models on CPU. With tensor parallelism each rank holds its share of
 heads and MLP columns and all-reduces after the row-parallel o_proj and down_proj.
@@ -17,8 +17,9 @@ import torch.nn.functional as F
 
 from deepserve.flowserve.model.attention import AttentionMetadata, paged_attention, write_kv
 from deepserve.flowserve.model.config import ModelConfig
+from deepserve.flowserve.model.llama_weights import LlamaWeights
 from deepserve.flowserve.model.rotary import RotaryEmbedding
-from deepserve.flowserve.model.weights import LlamaWeights, load_llama_weights
+from deepserve.flowserve.model.weights import load_llama_weights
 
 KVCaches = Sequence[tuple[torch.Tensor, torch.Tensor]]
 

@@ -33,8 +33,9 @@ from pathlib import Path
 import torch
 
 from deepserve.errors import FailedPrecondition, InvalidArgument
+from deepserve.flowserve.model.checkpoint import read_checkpoint
 from deepserve.flowserve.model.config import ModelConfig
-from deepserve.flowserve.model.weights import DecoderLayerWeights, LlamaWeights
+from deepserve.flowserve.model.llama_weights import DecoderLayerWeights, LlamaWeights
 from deepserve.scaling.weights_cache import (
     WeightsCacheLayout,
     WeightsEntry,
@@ -287,8 +288,6 @@ def prepare_copy(
     origin: str = "preload",
 ) -> WeightsEntry:
     """Reads the model from disk once per rank and publishes its prepared copy on this host."""
-    from deepserve.flowserve.model.weights import load_llama_weights
-
     existing = layout.find(model_dir, dtype_name(dtype), tp_size)
     if existing is not None:
         return existing
@@ -298,7 +297,7 @@ def prepare_copy(
     total = 0
     try:
         for rank in range(tp_size):
-            weights = load_llama_weights(
+            weights = read_checkpoint(
                 model_dir, config, device="cpu", dtype=dtype, tp_rank=rank, tp_size=tp_size
             )
             total += write_rank_file(

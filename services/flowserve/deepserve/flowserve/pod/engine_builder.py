@@ -10,12 +10,13 @@ import torch
 
 from deepserve.flowserve.engine.async_engine import AsyncEngine
 from deepserve.flowserve.engine.config import EngineConfig
-from deepserve.flowserve.engine.core import detokenizer_factory_for
+from deepserve.flowserve.engine.output_processor import detokenizer_factory_for
 from deepserve.flowserve.kv_cache.events import KVEvent
 from deepserve.flowserve.model.config import ModelConfig
 from deepserve.flowserve.runner.cpu_threads import intraop_threads
 from deepserve.flowserve.runner.device import detect_platform, parse_dtype
 from deepserve.flowserve.runner.executor import Executor, MultiprocExecutor, UniprocExecutor
+from deepserve.flowserve.runner.host_transport import ExecutorHostTransport
 from deepserve.flowserve.runner.kv_cache_tensors import KVCacheTensors
 from deepserve.flowserve.settings import FlowServeSettings
 from deepserve.tokenizer import Tokenizer
@@ -81,7 +82,7 @@ def build_engine(
         num_gpu_blocks=num_blocks,
         num_host_blocks=settings.kv_host_blocks,
         max_num_seqs=settings.max_num_seqs,
-        max_num_batched_tokens=settings.max_num_batched_tokens,
+        step_token_budget=settings.step_token_budget,
         max_model_len=max_model_len,
         max_queue_len=settings.max_queue_len,
         async_scheduling=settings.async_scheduling,
@@ -93,6 +94,7 @@ def build_engine(
         executor,
         eos_token_ids=eos,
         detokenizer_factory=detokenizer_factory_for(tokenizer),
+        host_transport=ExecutorHostTransport(executor) if settings.kv_host_blocks > 0 else None,
         kv_event_listener=on_kv_event,
     )
     engine.start()

@@ -67,7 +67,7 @@ class EngineStatsCollector(Collector):
             ),
             (
                 "deepserve_engine_requests_running",
-                "Requests in the running batch",
+                "Requests running (planned into the engine's steps)",
                 stats.num_running,
             ),
             (

@@ -27,6 +27,7 @@ import grpc
 import torch
 
 from deepserve.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, Unavailable
+from deepserve.flowserve.model.llama_weights import LlamaWeights
 from deepserve.flowserve.model.prepared_weights import (
     RankFileWriter,
     TensorSlot,
@@ -36,7 +37,6 @@ from deepserve.flowserve.model.prepared_weights import (
     tensor_bytes,
     write_rank_file,
 )
-from deepserve.flowserve.model.weights import LlamaWeights
 from deepserve.flowserve.transfer.host import local_host_id
 from deepserve.rpc.client import insecure_channel
 from deepserve.rpc.errors import error_from_rpc

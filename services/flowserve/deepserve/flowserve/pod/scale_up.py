@@ -15,13 +15,13 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 from opentelemetry import trace
 
 from deepserve.errors import DeepServeError
-from deepserve.flowserve.pod.startup import RuntimeWarmth
 from deepserve.flowserve.settings import FlowServeSettings
 from deepserve.scaling.kv_profile import KVProfile, KVProfileStore
 from deepserve.scaling.timeline import ScaleStep, ScaleTimeline, WeightsSource
@@ -32,6 +32,16 @@ from deepserve.store.etcd import EtcdStore
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer(__name__)
 T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class RuntimeWarmth:
+    """Step 2, done before any model (see pod.startup): how long it took and when it was done."""
+
+    # From the process's start to the runtime being ready (imports, device).
+    started_in_s: float
+    ready_at: float
+    device: str
 
 
 class ModelLoadSteps:

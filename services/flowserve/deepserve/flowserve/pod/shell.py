@@ -47,7 +47,7 @@ class TaskExecutorShell:
         self._reporter: asyncio.Task[None] | None = None
         self._kv_events: list[KVEventEntry] = []
         self._load_lock = asyncio.Lock()
-        # deepserve.flowserve.pod.startup.RuntimeWarmth: what the model-agnostic start took.
+        # deepserve.flowserve.pod.scale_up.RuntimeWarmth: what the model-agnostic start took.
         self.warmth: Any | None = None
         # deepserve.scaling.ScaleTimeline of the last load (scale-up steps 2-5).
         self.last_timeline: Any | None = None

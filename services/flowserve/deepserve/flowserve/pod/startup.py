@@ -13,22 +13,12 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
+from deepserve.flowserve.pod.scale_up import RuntimeWarmth
 from deepserve.flowserve.settings import FlowServeSettings
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class RuntimeWarmth:
-    """What the pod did before any model: how long it took and when it was done."""
-
-    # From the process's start to the runtime being ready (imports, device).
-    started_in_s: float
-    ready_at: float
-    device: str
 
 
 def process_age_s() -> float:
@@ -51,8 +41,7 @@ def prewarm_runtime(settings: FlowServeSettings) -> RuntimeWarmth:
 
     import deepserve.flowserve.disagg.endpoint
     import deepserve.flowserve.pod.engine_builder
-    import deepserve.flowserve.pod.fork
-    import deepserve.flowserve.pod.scale_up  # noqa: F401
+    import deepserve.flowserve.pod.fork  # noqa: F401
     from deepserve.flowserve.runner.device import detect_platform
 
     if settings.threads > 0:

@@ -1,1 +1,1 @@
-"""Turns scheduled batches into forward passes: KV cache tensors, model runner, SPMD executors."""
+"""Turns step plans into forward passes: KV cache tensors, model runner, SPMD executors."""

@@ -1,11 +1,11 @@
-"""SPMD executors: run each ScheduledBatch on one device, or on tp_size tensor-parallel workers.
+"""SPMD executors: run each StepPlan on one device, or on tp_size tensor-parallel workers.
 
-Both expose the same interface. `submit` returns a Future at once so the engine can schedule the
-next batch while this one runs; calls are executed strictly in submission order.
+Both expose the same interface. `submit` returns a Future at once so the engine can plan the
+next step while this one runs; calls are executed strictly in submission order.
 
 `MultiprocExecutor` is the paper's SPMD layout: the master (the engine process) pickles each
-batch once and sends it down one pipe per worker; every worker runs the same forward pass on its
-weight shard (all-reducing through torch.distributed) and rank 0 sends the logits back. A
+step plan once and sends it down one pipe per worker; every worker runs the same forward pass
+on its weight shard (all-reducing through torch.distributed) and rank 0 sends the logits back. A
 collector thread reads replies in order and watches every worker's process sentinel, so a dead
 worker fails the pending futures within moments instead of hanging the engine.
 """
@@ -34,10 +34,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from deepserve.errors import FailedPrecondition, Unavailable
-from deepserve.flowserve.engine.step_plan import ScheduledBatch
+from deepserve.flowserve.engine.step_plan import StepPlan
 from deepserve.flowserve.model.config import ModelConfig
 from deepserve.flowserve.runner.device import DevicePlatform, detect_platform, platform_of
-from deepserve.flowserve.runner.inputs import validate_batch
+from deepserve.flowserve.runner.inputs import validate_plan
 from deepserve.flowserve.runner.model_runner import ModelRunner
 
 # The kv-heads axis of a copy_to_host tensor [layers, 2, blocks, block_size, kv_heads, head_dim];
@@ -53,18 +53,18 @@ class ExecutorFailed(Unavailable):
 
 
 class Executor(ABC):
-    """Runs ScheduledBatches on the device(s) and returns rank 0's logits; calls run in order."""
+    """Runs StepPlans on the device(s) and returns rank 0's logits; calls run in order."""
 
     config: ModelConfig
     num_blocks: int
     block_size: int
 
     @abstractmethod
-    def submit(self, batch: ScheduledBatch) -> Future[torch.Tensor]:
+    def submit(self, plan: StepPlan) -> Future[torch.Tensor]:
         """Queue one step; the future yields float32 CPU logits [needs_logits seqs, vocab]."""
 
-    def execute(self, batch: ScheduledBatch) -> torch.Tensor:
-        return self.submit(batch).result()
+    def execute(self, plan: StepPlan) -> torch.Tensor:
+        return self.submit(plan).result()
 
     @abstractmethod
     def copy_to_host(self, block_ids: Sequence[int]) -> torch.Tensor:
@@ -125,7 +125,7 @@ class UniprocExecutor(Executor):
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flowserve-forward")
         # The model is built on the forward thread too. On CPU every thread that runs torch
         # ops gets its own OpenMP team; a second team (left by loading the weights on the
-        # caller's thread) keeps cores busy and made batch-1 decode steps ~40% slower.
+        # caller's thread) keeps cores busy and made one-request decode steps ~40% slower.
         # `threads` defaults to the caller's own setting.
         threads = threads or torch.get_num_threads()
         self.runner = self._thread.submit(
@@ -136,10 +136,10 @@ class UniprocExecutor(Executor):
         self.block_size = block_size
         self._closed = False
 
-    def submit(self, batch: ScheduledBatch) -> Future[torch.Tensor]:
+    def submit(self, plan: StepPlan) -> Future[torch.Tensor]:
         self._check_open()
-        validate_batch(batch, num_blocks=self.num_blocks, block_size=self.block_size)
-        return self._thread.submit(self.runner.execute, batch)
+        validate_plan(plan, num_blocks=self.num_blocks, block_size=self.block_size)
+        return self._thread.submit(self.runner.execute, plan)
 
     def run_on_forward_thread(self, fn: Callable[..., T], *args: Any) -> T:
         """Runs `fn` on the thread that runs the model (e.g. a benchmark's bandwidth probe, so
@@ -257,13 +257,9 @@ class MultiprocExecutor(Executor):
         )
         self._collector.start()
 
-    @property
-    def worker_pids(self) -> list[int]:
-        return [p.pid for p in self._procs]
-
-    def submit(self, batch: ScheduledBatch) -> Future[torch.Tensor]:
-        validate_batch(batch, num_blocks=self.num_blocks, block_size=self.block_size)
-        payload = pickle.dumps(("execute", (batch,)), protocol=pickle.HIGHEST_PROTOCOL)
+    def submit(self, plan: StepPlan) -> Future[torch.Tensor]:
+        validate_plan(plan, num_blocks=self.num_blocks, block_size=self.block_size)
+        payload = pickle.dumps(("execute", (plan,)), protocol=pickle.HIGHEST_PROTOCOL)
         return self._call("execute", [payload] * self.tp_size)
 
     def copy_to_host(self, block_ids: Sequence[int]) -> torch.Tensor:
@@ -392,30 +388,6 @@ class MultiprocExecutor(Executor):
                 proc.kill()
         for proc in self._procs:
             proc.join(timeout=10)
-
-
-def create_executor(
-    model_dir: str | Path,
-    *,
-    num_blocks: int,
-    block_size: int,
-    tp_size: int = 1,
-    device: str | torch.device | None = None,
-    dtype: torch.dtype | str | None = None,
-) -> Executor:
-    """A UniprocExecutor for tp_size 1, else a MultiprocExecutor."""
-    if tp_size == 1:
-        return UniprocExecutor(
-            model_dir, num_blocks=num_blocks, block_size=block_size, device=device, dtype=dtype
-        )
-    return MultiprocExecutor(
-        model_dir,
-        tp_size=tp_size,
-        num_blocks=num_blocks,
-        block_size=block_size,
-        device=device,
-        dtype=dtype,
-    )
 
 
 def _free_port() -> int:

@@ -1,4 +1,4 @@
-"""Turn a ScheduledBatch into the flat tensors one forward step needs.
+"""Turn a StepPlan into the flat tensors one forward step needs.
 
 Everything here is computed once per step and shared by all layers: token ids, positions, the
 slot each new token's KV is written to, which cached blocks each query reads (decodes bucketed
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from deepserve.errors import InvalidArgument
-from deepserve.flowserve.engine.step_plan import ScheduledBatch
+from deepserve.flowserve.engine.step_plan import StepPlan
 from deepserve.flowserve.model.attention import AttentionMetadata, DecodeGroup, PrefillChunk
 
 
@@ -24,20 +24,13 @@ class ModelInputs:
     positions: torch.Tensor  # [tokens] long
     max_position: int
     attention: AttentionMetadata
-    # Flat index of the last token of each sequence with needs_logits, in batch order.
+    # Flat index of the last token of each sequence with needs_logits, in plan order.
     logits_indices: torch.Tensor
 
 
-def validate_batch(batch: ScheduledBatch, *, num_blocks: int, block_size: int) -> None:
-    """Raise InvalidArgument for a batch whose tokens or blocks the cache cannot hold."""
-    for src, dst in batch.block_copies:
-        for block in (src, dst):
-            if not 0 <= block < num_blocks:
-                raise InvalidArgument(
-                    f"block copy {src}->{dst}: block outside [0, {num_blocks})",
-                    field="block_copies",
-                )
-    for seq in batch.sequences:
+def validate_plan(plan: StepPlan, *, num_blocks: int, block_size: int) -> None:
+    """Raise InvalidArgument for a step plan whose tokens or blocks the cache cannot hold."""
+    for seq in plan.sequences:
         if not seq.token_ids:
             raise InvalidArgument(f"{seq.request_id}: no tokens scheduled", field="token_ids")
         if seq.start_pos < 0:
@@ -57,18 +50,16 @@ def validate_batch(batch: ScheduledBatch, *, num_blocks: int, block_size: int) -
                 )
 
 
-def build_model_inputs(
-    batch: ScheduledBatch, *, block_size: int, device: torch.device
-) -> ModelInputs:
+def build_model_inputs(plan: StepPlan, *, block_size: int, device: torch.device) -> ModelInputs:
     """Build the step's tensors on CPU with plain lists, then move them to `device` once each."""
     token_ids: list[int] = []
     positions: list[int] = []
     slots: list[int] = []
     logits_indices: list[int] = []
-    decode_rows: list[int] = []  # batch index of each one-token sequence
+    decode_rows: list[int] = []  # plan index of each one-token sequence
     decode_tokens: list[int] = []  # its flat token index
-    prefill_rows: list[tuple[int, int]] = []  # (batch index, flat start)
-    for row, seq in enumerate(batch.sequences):
+    prefill_rows: list[tuple[int, int]] = []  # (plan index, flat start)
+    for row, seq in enumerate(plan.sequences):
         start = len(token_ids)
         count = len(seq.token_ids)
         token_ids.extend(seq.token_ids)
@@ -85,14 +76,12 @@ def build_model_inputs(
             prefill_rows.append((row, start))
 
     decodes = [
-        _decode_group(batch, rows, tokens, block_size, device)
-        for rows, tokens in _length_buckets(batch, decode_rows, decode_tokens)
+        _decode_group(plan, rows, tokens, block_size, device)
+        for rows, tokens in _length_buckets(plan, decode_rows, decode_tokens)
     ]
     if len(decodes) == 1 and not prefill_rows:
-        decodes[0].token_indices = None  # the whole batch, in order: no scatter needed
-    prefills = [
-        _prefill_chunk(batch, row, start, block_size, device) for row, start in prefill_rows
-    ]
+        decodes[0].token_indices = None  # the whole step, in order: no scatter needed
+    prefills = [_prefill_chunk(plan, row, start, block_size, device) for row, start in prefill_rows]
     return ModelInputs(
         token_ids=torch.tensor(token_ids, dtype=torch.long).to(device),
         positions=torch.tensor(positions, dtype=torch.long).to(device),
@@ -116,17 +105,17 @@ _BUCKET_SPLIT_MIN_SAVING = 1024
 
 
 def _length_buckets(
-    batch: ScheduledBatch, rows: list[int], tokens: list[int]
+    plan: StepPlan, rows: list[int], tokens: list[int]
 ) -> list[tuple[list[int], list[int]]]:
     """Split decode rows into buckets of similar context length, longest first.
 
     Walking the rows from the longest context down, a new bucket starts where padding every
     remaining row to the current bucket's length would waste more than a bucket costs. Rows keep
-    their batch order inside a bucket, so a batch of equal lengths stays one in-order bucket.
+    their plan order inside a bucket, so a step of equal lengths stays one in-order bucket.
     """
     if not rows:
         return []
-    lengths = {r: batch.sequences[r].start_pos + 1 for r in rows}
+    lengths = {r: plan.sequences[r].start_pos + 1 for r in rows}
     order = sorted(range(len(rows)), key=lambda i: -lengths[rows[i]])
     buckets: list[list[int]] = [[]]
     bucket_len = lengths[rows[order[0]]]
@@ -144,18 +133,18 @@ def _length_buckets(
 
 
 def _decode_group(
-    batch: ScheduledBatch,
+    plan: StepPlan,
     rows: list[int],
     tokens: list[int],
     block_size: int,
     device: torch.device,
 ) -> DecodeGroup:
-    lengths = [batch.sequences[r].start_pos + 1 for r in rows]
+    lengths = [plan.sequences[r].start_pos + 1 for r in rows]
     max_len = max(lengths)
     max_blocks = _blocks_for(max_len, block_size)
     tables = []
     for r, length in zip(rows, lengths, strict=True):
-        table = batch.sequences[r].block_table[: _blocks_for(length, block_size)]
+        table = plan.sequences[r].block_table[: _blocks_for(length, block_size)]
         # Pad with the sequence's own first block: a valid id whose keys the mask hides.
         tables.append(table + [table[0]] * (max_blocks - len(table)))
     key_mask = None
@@ -174,9 +163,9 @@ def _decode_group(
 
 
 def _prefill_chunk(
-    batch: ScheduledBatch, row: int, token_start: int, block_size: int, device: torch.device
+    plan: StepPlan, row: int, token_start: int, block_size: int, device: torch.device
 ) -> PrefillChunk:
-    seq = batch.sequences[row]
+    seq = plan.sequences[row]
     count = len(seq.token_ids)
     context_len = seq.start_pos + count
     mask = None

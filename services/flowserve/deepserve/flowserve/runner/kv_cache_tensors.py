@@ -90,15 +90,6 @@ class KVCacheTensors:
         key_cache, value_cache = self.layers[layer]
         write_kv(key_cache, value_cache, slots.to(self.device), key, value)
 
-    def copy_blocks(self, pairs: Sequence[tuple[int, int]]) -> None:
-        """Copy whole blocks src -> dst in every layer; all sources are read before any write."""
-        if not pairs:
-            return
-        self._check_ids([b for pair in pairs for b in pair])
-        src = torch.tensor([s for s, _ in pairs], dtype=torch.long, device=self.device)
-        dst = torch.tensor([d for _, d in pairs], dtype=torch.long, device=self.device)
-        self.data.index_copy_(2, dst, self.data.index_select(2, src))
-
     def copy_to_host(self, block_ids: Sequence[int]) -> torch.Tensor:
         """The blocks' KV as a CPU tensor [layers, 2, len(block_ids), block_size, kv_heads, dim]."""
         self._check_ids(block_ids)

@@ -1,4 +1,4 @@
-"""One rank's model plus its KV cache: executes ScheduledBatches and returns logits."""
+"""One rank's model plus its KV cache: executes StepPlans and returns logits."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from deepserve.flowserve.engine.step_plan import ScheduledBatch
+from deepserve.flowserve.engine.step_plan import StepPlan
 from deepserve.flowserve.model.config import ModelConfig
 from deepserve.flowserve.model.llama import LlamaForCausalLM
 from deepserve.flowserve.runner.device import parse_dtype, platform_of
-from deepserve.flowserve.runner.inputs import build_model_inputs, validate_batch
+from deepserve.flowserve.runner.inputs import build_model_inputs, validate_plan
 from deepserve.flowserve.runner.kv_cache_tensors import KVCacheTensors
 
 
@@ -46,9 +46,9 @@ class ModelRunner:
             tp_size=tp_size,
             tp_group=tp_group,
         )
-        # Called on the forward thread as (batch, layer index, KV cache) after each layer has
+        # Called on the forward thread as (plan, layer index, KV cache) after each layer has
         # written its KV: the layer-by-layer KV transfer taps it.
-        self.after_layer: Callable[[ScheduledBatch, int, KVCacheTensors], None] | None = None
+        self.after_layer: Callable[[StepPlan, int, KVCacheTensors], None] | None = None
         self.kv_cache = KVCacheTensors(
             num_layers=self.config.num_layers,
             num_blocks=num_blocks,
@@ -68,37 +68,36 @@ class ModelRunner:
         return self.tp_rank == 0
 
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch) -> torch.Tensor:
-        """Apply block copies, run the step, return float32 CPU logits [needs_logits seqs, vocab].
+    def execute(self, plan: StepPlan) -> torch.Tensor:
+        """Run the step, return float32 CPU logits [needs_logits seqs, vocab].
 
-        Rows follow batch order. Ranks other than 0 run the same layers (their all-reduces are
+        Rows follow plan order. Ranks other than 0 run the same layers (their all-reduces are
         needed) but skip lm_head and return an empty [0, vocab] tensor.
         """
-        validate_batch(batch, num_blocks=self.num_blocks, block_size=self.block_size)
-        self.kv_cache.copy_blocks(batch.block_copies)
+        validate_plan(plan, num_blocks=self.num_blocks, block_size=self.block_size)
         empty = torch.empty(0, self.config.vocab_size, dtype=torch.float32)
-        if batch.is_empty:
+        if plan.is_empty:
             return empty
-        inputs = build_model_inputs(batch, block_size=self.block_size, device=self.device)
+        inputs = build_model_inputs(plan, block_size=self.block_size, device=self.device)
         hidden = self.model.forward(
             inputs.token_ids,
             inputs.positions,
             inputs.attention,
             self.kv_cache.layers,
             max_position=inputs.max_position,
-            after_layer=self._layer_hook(batch),
+            after_layer=self._layer_hook(plan),
         )
         if not self.computes_logits or inputs.logits_indices.numel() == 0:
             return empty
         logits = self.model.compute_logits(hidden.index_select(0, inputs.logits_indices))
         return logits.float().cpu()
 
-    def _layer_hook(self, batch: ScheduledBatch) -> Callable[[int], None] | None:
+    def _layer_hook(self, plan: StepPlan) -> Callable[[int], None] | None:
         hook = self.after_layer
         if hook is None:
             return None
         kv_cache = self.kv_cache
-        return lambda layer: hook(batch, layer, kv_cache)
+        return lambda layer: hook(plan, layer, kv_cache)
 
     def copy_to_host(self, block_ids: Sequence[int]) -> torch.Tensor:
         """This rank's KV of the blocks, [layers, 2, blocks, block_size, kv_heads/tp, head_dim]."""

@@ -1,4 +1,4 @@
-"""Logit penalties over the tokens a request has seen, applied to the whole batch at once."""
+"""Logit penalties over the tokens a request has seen, applied to every row of a step at once."""
 
 from __future__ import annotations
 

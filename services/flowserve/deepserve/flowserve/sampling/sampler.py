@@ -1,10 +1,10 @@
 """Turn one step's logits into one token per sequence, plus logprobs where asked.
 
-Pipeline per step, vectorized over the batch: penalties -> min_tokens mask -> temperature ->
+Pipeline per step, vectorized over the step's rows: penalties -> min_tokens mask -> temperature ->
 greedy rows take the argmax; the other rows get top-k, top-p, min-p masks and are sampled by an
 exponential race (argmax of log p - log E, E ~ Exp(1), which draws from p). Seeded rows draw
 their noise from their own generator, so a seed yields the same tokens whatever else shares the
-batch and wherever the row sits in it.
+step and wherever the row sits in it.
 
 Logprobs are the model's own distribution by default ("raw": log_softmax of the logits as the
 model produced them, before penalties, temperature and truncation), as vLLM does; they describe
@@ -38,7 +38,7 @@ class SampleResult:
 
 
 class Sampler:
-    """Samples the next token for every sequence of a batch from float32 logits [B, V]."""
+    """Samples the next token for every sequence of a step from float32 logits [rows, vocab]."""
 
     def __init__(self, logprobs_mode: LogprobsMode = "raw") -> None:
         if logprobs_mode not in ("raw", "processed"):

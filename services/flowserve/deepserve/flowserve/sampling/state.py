@@ -49,7 +49,7 @@ class SamplingState:
     def min_tokens_blocked_ids(self) -> list[int]:
         """Token ids that must not be sampled now because min_tokens is not reached yet."""
         params = self.params
-        if len(self.output_token_ids) >= params.min_tokens:
+        if not params.blocks_stop_tokens(len(self.output_token_ids)):
             return []
         blocked = set(params.stop_token_ids)
         if not params.ignore_eos:

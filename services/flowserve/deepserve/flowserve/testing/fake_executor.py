@@ -1,6 +1,6 @@
-"""A deterministic stand-in for the model executor, for engine, scheduler and server tests.
+"""A deterministic stand-in for the model executor, for engine, step planner and server tests.
 
-Its "KV cache" stores each position's token id in the block the batch names, and every next
+Its "KV cache" stores each position's token id in the block the step plan names, and every next
 token is a hash of the context *read back from those blocks*. So a wrong block table, a
 prefix-cache hit on blocks that were never written, or a host-tier round trip that loses data
 changes the generated tokens (or raises), while a correct engine reproduces
@@ -15,7 +15,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
-from deepserve.flowserve.engine.step_plan import ScheduledBatch
+from deepserve.flowserve.engine.step_plan import StepPlan
 
 _UNWRITTEN = -1
 
@@ -45,7 +45,8 @@ class FakeExecutor:
         # While set-able and unset, steps wait on it (lets a test hold the engine mid-step).
         self.gate = gate
         self.kv = [[_UNWRITTEN] * block_size for _ in range(num_blocks)]
-        self.batches: list[ScheduledBatch] = []
+        # Every plan run, in order (tests read what the engine submitted).
+        self.plans: list[StepPlan] = []
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fake-forward")
 
     @classmethod
@@ -67,11 +68,11 @@ class FakeExecutor:
                 break
         return out
 
-    def submit(self, batch: ScheduledBatch) -> Future[torch.Tensor]:
-        return self._worker.submit(self._run, batch)
+    def submit(self, plan: StepPlan) -> Future[torch.Tensor]:
+        return self._worker.submit(self._run, plan)
 
-    def execute(self, batch: ScheduledBatch) -> torch.Tensor:
-        return self.submit(batch).result()
+    def execute(self, plan: StepPlan) -> torch.Tensor:
+        return self.submit(plan).result()
 
     def copy_to_host(self, block_ids: Sequence[int]) -> torch.Tensor:
         # Same [layers, 2, blocks, ...] block axis as the real executor's host layout.
@@ -83,14 +84,12 @@ class FakeExecutor:
     def shutdown(self) -> None:
         self._worker.shutdown(wait=True)
 
-    def _run(self, batch: ScheduledBatch) -> torch.Tensor:
+    def _run(self, plan: StepPlan) -> torch.Tensor:
         if self.gate is not None:
             self.gate.wait()
-        self.batches.append(batch)
-        for src, dst in batch.block_copies:
-            self.kv[dst] = list(self.kv[src])
+        self.plans.append(plan)
         next_ids: list[int] = []
-        for seq in batch.sequences:
+        for seq in plan.sequences:
             for i, token_id in enumerate(seq.token_ids):
                 if token_id < 0:
                     raise ValueError(f"{seq.request_id}: unresolved token id {token_id}")

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from deepserve.errors import InvalidArgument
-from deepserve.flowserve.disagg.handoff import KVSink
+from deepserve.flowserve.engine.kv_handoff import KVSink
 from deepserve.flowserve.transfer.chunks import BLOCK_DIM, LAYER_DIM, KVChunk
 
 

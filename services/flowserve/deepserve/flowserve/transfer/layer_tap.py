@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from deepserve.flowserve.engine.step_plan import ScheduledBatch
+from deepserve.flowserve.engine.step_plan import StepPlan
 from deepserve.flowserve.transfer.chunks import KVChunk
 
 
@@ -55,10 +55,10 @@ class LayerTap:
             watch = self._watches.pop(request_id, None)
         return watch is not None and watch.complete
 
-    def __call__(self, batch: ScheduledBatch, layer: int, kv_cache: Any) -> None:
+    def __call__(self, plan: StepPlan, layer: int, kv_cache: Any) -> None:
         if not self._watches:
             return
-        for seq in batch.sequences:
+        for seq in plan.sequences:
             if not seq.needs_logits:
                 continue
             with self._lock:
