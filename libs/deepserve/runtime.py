@@ -18,7 +18,7 @@ from deepserve.rpc.server import (
     GrpcService,
     Registrar,
     start_grpc_server,
-    wait_for_termination_signal,
+    termination_requested,
 )
 from deepserve.store.etcd import EtcdStore
 from deepserve.store.redis_store import RedisStore
@@ -49,8 +49,11 @@ class ServiceRuntime:
         self.grpc: GrpcService | None = None
         self.metrics_address = ""
         self.registration: ServiceRegistration | None = None
+        self.terminating: asyncio.Event | None = None
 
     async def __aenter__(self) -> ServiceRuntime:
+        # First, so SIGTERM during start-up (loading, registering) still stops the process cleanly.
+        self.terminating = termination_requested()
         setup_telemetry(self.name, self.common)
         await self.etcd.connect(wait_s=30)
         if self.redis is not None:
@@ -114,7 +117,9 @@ class ServiceRuntime:
         if self.grpc is None:
             await self.start(registrars, service_names)
         await self.register(http_address)
-        signal_task = asyncio.create_task(wait_for_termination_signal())
+        if self.terminating is None:
+            self.terminating = termination_requested()
+        signal_task = asyncio.create_task(self.terminating.wait())
         waiters: set[asyncio.Future[object]] = {signal_task}  # type: ignore[arg-type]
         if stop is not None:
             waiters.add(asyncio.create_task(stop.wait()))  # type: ignore[arg-type]

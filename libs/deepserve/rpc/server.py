@@ -92,10 +92,15 @@ async def start_grpc_server(
     return service
 
 
-async def wait_for_termination_signal() -> None:
-    """Returns on the first SIGTERM or SIGINT."""
+def termination_requested() -> asyncio.Event:
+    """An event set on the first SIGTERM or SIGINT, from the moment this is called.
+
+    Installed as a process starts (not when it begins serving), so a signal that arrives while
+    the service is still starting ends it cleanly once it can, instead of killing it outright
+    and leaving its etcd records to expire.
+    """
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    return stop

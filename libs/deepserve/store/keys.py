@@ -12,7 +12,7 @@ Keys are built here and nowhere else, so the layout is visible in one place:
     /deepserve/tenants/<tenant>                  tenants and their limits
     /deepserve/election/<name>                   leader-election candidates (leased)
     /deepserve/heatmaps/<model id>               PD-aware routing heatmaps (profiled per model)
-    /deepserve/demand/<model id>                 requests held for a model at zero replicas
+    /deepserve/demand/<gateway>:<model id>       requests one gateway holds for a model at zero replicas
     /deepserve/kvprofiles/<model id>/<device>    KV capacity profiled once per (model, device)
 """
 
@@ -115,8 +115,13 @@ class Keys:
         return ROOT + "demand/"
 
     @staticmethod
-    def demand(model_id: str) -> str:
-        return _join("demand", model_id)
+    def demand(entry: str) -> str:
+        """One gateway's demand for one model; name it with `demand_entry` (one writer each)."""
+        return _join("demand", entry)
+
+    @staticmethod
+    def demand_entry(source: str, model_id: str) -> str:
+        return f"{source}:{model_id}"
 
     @staticmethod
     def kv_profiles_prefix() -> str:

@@ -19,7 +19,7 @@ from deepserve.jobmgr.autoscaler_loop import Autoscaler
 from deepserve.jobs.records import AutoscalingPolicy, ServingMode, ServingSpec
 from deepserve.jobs.store import JobStore
 from deepserve.records import InstanceRecord, Role
-from deepserve.scaling.demand import DemandRecord, demands
+from deepserve.scaling.demand import DemandRecord, demands, waiting_for
 from deepserve.scaling.latency import record_latency
 from deepserve.store.etcd import EtcdStore
 from deepserve.store.keys import Keys
@@ -176,8 +176,12 @@ async def test_loop_scales_from_zero_on_demand_and_up_on_reported_load(
     try:
         await scaler.demand.ready.wait()
         assert await scaler.pass_once() == []  # at zero, nobody waiting
-        await demands(etcd).put("auto-model", DemandRecord(model="auto-model", waiting=3))
-        assert await scaler.demand.wait_for(lambda items: "auto-model" in items, 5)
+        await demands(etcd).put(
+            Keys.demand_entry("gw-test", "auto-model"), DemandRecord(model="auto-model", waiting=3)
+        )
+        assert await scaler.demand.wait_for(
+            lambda items: any(r.model == "auto-model" for r in items.values()), 5
+        )
         assert scaler.wake.is_set()  # the demand record woke the loop
         [(job_id, decision)] = await scaler.pass_once()
         assert (job_id, decision.replicas) == ("auto", 1)
@@ -229,3 +233,20 @@ async def test_loop_counts_slo_misses_from_gateway_latency_reports(
     assert signals.now - time.time() < 1
     [(_, decision)] = await scaler.pass_once()
     assert decision.replicas == 2 and "SLO" in decision.reason
+
+
+async def test_each_gateway_owns_its_demand_record(etcd: EtcdStore) -> None:
+    """Two gateways hold requests for one model; one clearing its record keeps the other's."""
+    records = demands(etcd)
+    now = time.time()
+    a, b = Keys.demand_entry("gw-a", "shared-model"), Keys.demand_entry("gw-b", "shared-model")
+    assert Keys.demand(a) != Keys.demand(b)
+    await records.put(a, DemandRecord(model="shared-model", waiting=2, at=now, source="gw-a"))
+    await records.put(b, DemandRecord(model="shared-model", waiting=1, at=now, source="gw-b"))
+    found = [v.record for v in (await records.list())[0]]
+    assert waiting_for(found, "shared-model", now, ttl_s=30) == 3
+    await records.delete(a)  # gateway A's last held request left
+    found = [v.record for v in (await records.list())[0]]
+    assert waiting_for(found, "shared-model", now, ttl_s=30) == 1
+    assert waiting_for(found, "shared-model", now + 60, ttl_s=30) == 0  # stale counts nothing
+    await records.delete(b)

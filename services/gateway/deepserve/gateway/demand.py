@@ -152,14 +152,14 @@ class DemandHold:
             model=model, waiting=self._waiting.get(model, 1), at=now, source=self._source
         )
         try:
-            await self._demand.put(model, record)
+            await self._demand.put(Keys.demand_entry(self._source, model), record)
         except DeepServeError as exc:
             log.warning("writing demand for %s failed: %s", model, exc)
 
     async def _clear(self, model: str) -> None:
         self._written_at.pop(model, None)
         with contextlib.suppress(DeepServeError):
-            await self._demand.delete(model)
+            await self._demand.delete(Keys.demand_entry(self._source, model))
 
     async def _routable(self, model: str, deadline: float) -> bool:
         """Whether the scheduler routes to the model yet (its watch may trail ours a little)."""

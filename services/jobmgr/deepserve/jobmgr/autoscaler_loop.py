@@ -22,7 +22,7 @@ from deepserve.jobmgr.autoscaler import Decision, GroupLoad, ScalerMemory, Signa
 from deepserve.jobs.records import JobKind, JobRecord
 from deepserve.jobs.store import JobStore
 from deepserve.records import InstanceRecord, Role
-from deepserve.scaling.demand import DemandRecord, demands
+from deepserve.scaling.demand import DemandRecord, demands, waiting_for
 from deepserve.scaling.latency import miss_fractions, read_latency
 from deepserve.store.etcd import EtcdStore, Versioned
 from deepserve.store.informer import Informer
@@ -140,8 +140,7 @@ class Autoscaler:
                 in_slo_window, policy.ttft_slo_ms / 1000, policy.tpot_slo_ms / 1000
             )
             recent = sum(1 for s in samples if now - s.at <= idle_window)
-        record = self.demand.items.get(spec.model)
-        wanted = record is not None and record.waiting > 0 and now - record.at < self.demand_ttl_s
+        wanted = waiting_for(self.demand.items.values(), spec.model, now, self.demand_ttl_s) > 0
         return Signals(
             now=now,
             groups=groups,
