@@ -10,6 +10,7 @@ Keys are built here and nowhere else, so the layout is visible in one place:
     /deepserve/models/<model id>                 registered models
     /deepserve/apikeys/<sha256 of key>           API keys (hash only)
     /deepserve/tenants/<tenant>                  tenants and their limits
+    /deepserve/files/<file id>                   uploaded files' metadata (content in the blob store)
     /deepserve/election/<name>                   leader-election candidates (leased)
     /deepserve/heatmaps/<model id>               PD-aware routing heatmaps (profiled per model)
     /deepserve/demand/<gateway>:<model id>       requests one gateway holds for a model at zero replicas
