@@ -1,9 +1,10 @@
-"""Settings for every process, read from `DEEPSERVE_*` environment variables.
+"""The settings every process shares, read from `DEEPSERVE_*` environment variables.
 
 One settings object per service, built once in its entry point and passed in; nothing deep in the
 code reads the environment. Shared connection settings sit in `CommonSettings`
-(`DEEPSERVE_ETCD_ENDPOINT`, ...); a service's own fields carry its name
-(`DEEPSERVE_GATEWAY_HTTP_PORT`, `DEEPSERVE_FLOWSERVE_MODEL`, ...).
+(`DEEPSERVE_ETCD_ENDPOINT`, ...); each service's own settings class lives in that service
+(`deepserve.<service>.settings`) and its fields carry its name (`DEEPSERVE_GATEWAY_HTTP_PORT`,
+`DEEPSERVE_FLOWSERVE_MODEL`, ...).
 """
 
 from __future__ import annotations

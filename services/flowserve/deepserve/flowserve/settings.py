@@ -10,6 +10,8 @@ from deepserve.config import ServiceSettings
 
 
 class FlowServeSettings(ServiceSettings):
+    """A FlowServe pod: its engine, KV cache, weights loading and reporting."""
+
     model_config = SettingsConfigDict(env_prefix="DEEPSERVE_FLOWSERVE_", extra="ignore")
 
     grpc_port: int = 50060

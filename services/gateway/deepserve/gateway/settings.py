@@ -10,6 +10,8 @@ from deepserve.config import ServiceSettings
 
 
 class GatewaySettings(ServiceSettings):
+    """The gateway: its HTTP and gRPC ports, auth mode, limits and timeouts."""
+
     model_config = SettingsConfigDict(env_prefix="DEEPSERVE_GATEWAY_", extra="ignore")
 
     grpc_port: int = 50050

@@ -8,6 +8,8 @@ from deepserve.config import ServiceSettings
 
 
 class JobMgrSettings(ServiceSettings):
+    """jobmgr: its election, reconcile, retry and autoscaling timings."""
+
     model_config = SettingsConfigDict(env_prefix="DEEPSERVE_JOBMGR_", extra="ignore")
 
     grpc_port: int = 50051

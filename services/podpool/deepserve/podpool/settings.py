@@ -10,6 +10,8 @@ from deepserve.config import ServiceSettings
 
 
 class PodPoolSettings(ServiceSettings):
+    """podpool: the warm pool's size, its pod backend and DRAM pre-loading."""
+
     model_config = SettingsConfigDict(env_prefix="DEEPSERVE_PODPOOL_", extra="ignore")
 
     grpc_port: int = 50053

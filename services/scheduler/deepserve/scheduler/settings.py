@@ -8,6 +8,8 @@ from deepserve.config import ServiceSettings
 
 
 class SchedulerSettings(ServiceSettings):
+    """The scheduler: its default policy, balance thresholds and refresh intervals."""
+
     model_config = SettingsConfigDict(env_prefix="DEEPSERVE_SCHEDULER_", extra="ignore")
 
     grpc_port: int = 50052
