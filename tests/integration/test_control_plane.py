@@ -11,6 +11,7 @@ import os
 import signal
 import sys
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,13 +76,14 @@ def plane(
 ) -> Iterator[Plane]:
     root = tmp_path_factory.mktemp("control-plane")
     model = str(make_tiny_llama(root / "tiny-llama"))
-    asyncio.run(_clean(etcd_endpoint))
     common = {
         **os.environ,
         "PYTHONUNBUFFERED": "1",
         "DEEPSERVE_ETCD_ENDPOINT": etcd_endpoint,
         "DEEPSERVE_REDIS_URL": redis_url,
         "DEEPSERVE_LEASE_TTL_S": str(TTL_S),
+        # Nothing of this run outside its temporary folder.
+        "DEEPSERVE_FILES_ROOT": str(root / "files"),
     }
     podpool_port = free_port()
     pool_env = {
@@ -123,23 +125,35 @@ def plane(
     finally:
         for proc in reversed(procs):
             proc.stop(timeout_s=20)
-        asyncio.run(_clean(etcd_endpoint))
+        asyncio.run(_remove_own_records(p))
 
 
 def _tails(procs: list[ManagedProcess]) -> str:
     return "\n".join(f"--- {p.name}\n{p.tail(15)}" for p in procs)
 
 
-async def _clean(etcd_endpoint: str) -> None:
-    async with EtcdStore(etcd_endpoint) as etcd:
-        for prefix in (
-            Keys.jobs_prefix(),
-            Keys.tasks_prefix(),
-            Keys.instances_prefix(),
-            Keys.pods_prefix(),
-            Keys.election_prefix("jobmgr"),
-        ):
-            await etcd.delete_prefix(prefix)
+async def _remove_own_records(plane: Plane) -> None:
+    """Deletes what this module's plane left in the shared etcd: its jobs and their tasks, and
+    the records of its pods and instances a SIGKILL left until their leases expire. Only these:
+    the etcd is the session's, and its other keys are not this module's to remove."""
+    async with EtcdStore(plane.etcd_endpoint) as etcd:
+        for job_id in MODULE_JOBS:
+            await etcd.delete(Keys.job(job_id))
+            await etcd.delete_prefix(Keys.tasks_prefix(job_id))
+        instances, _ = await records.instances(etcd).list()
+        for instance in instances:
+            if instance.record.model == plane.model:
+                await records.instances(etcd).delete(instance.record.instance_id)
+        pods, _ = await records.pods(etcd).list()
+        pod_log_dir = plane.log_dir / "pods"
+        for pod in pods:
+            if pod.record.model == plane.model or _started_by(pod.record, pod_log_dir):
+                await records.pods(etcd).delete(pod.record.pod_id)
+
+
+def _started_by(pod: records.PodRecord, pod_log_dir: Path) -> bool:
+    """Whether this module's pool started the pod (its local backend logs each pod there)."""
+    return (pod_log_dir / f"{pod.pod_id}.log").exists()
 
 
 @pytest.fixture
@@ -215,6 +229,8 @@ async def instance_ids(address: str, model: str) -> set[str]:
 
 
 JOB = "cp-colocated"
+DISAGG_JOB = "cp-disagg"
+MODULE_JOBS = (JOB, DISAGG_JOB)  # every job this module creates
 
 
 @dataclass(frozen=True)
@@ -348,7 +364,7 @@ async def test_prefix_affinity_while_balanced_and_spread_when_not(
 async def test_pd_aware_sends_long_prompt_short_output_to_the_pair(
     plane: Plane, colocated: Deployment
 ) -> None:
-    job_id = "cp-disagg"
+    job_id = DISAGG_JOB
     colocated_count = await colocated_instances(plane)
     await jobmgr_call(
         plane,
@@ -434,12 +450,13 @@ async def test_sigkilled_pod_stops_receiving_and_is_replaced(
 async def test_jobmgr_checks_fine_tuning_and_batch_jobs(plane: Plane) -> None:
     """CreateJob takes every kind; a bad spec or file is INVALID_ARGUMENT naming the field, and
     another tenant's job is NOT_FOUND (a jobmgr process, as the gateway calls it)."""
+    tenant = f"t-{uuid.uuid4().hex[:8]}"  # a tenant with no jobs, whatever else etcd holds
     cases = [
         (
             jobmgr_pb2.JobSpec(
                 kind=jobmgr_pb2.JOB_KIND_FINE_TUNING,
                 fine_tuning=jobmgr_pb2.FineTuningSpec(
-                    model=plane.model, training_file="file-x", n_epochs=99, tenant="t"
+                    model=plane.model, training_file="file-x", n_epochs=99, tenant=tenant
                 ),
             ),
             "hyperparameters.n_epochs",
@@ -448,7 +465,7 @@ async def test_jobmgr_checks_fine_tuning_and_batch_jobs(plane: Plane) -> None:
             jobmgr_pb2.JobSpec(
                 kind=jobmgr_pb2.JOB_KIND_FINE_TUNING,
                 fine_tuning=jobmgr_pb2.FineTuningSpec(
-                    model=plane.model, training_file="file-missing", tenant="t"
+                    model=plane.model, training_file="file-missing", tenant=tenant
                 ),
             ),
             "training_file",
@@ -456,7 +473,7 @@ async def test_jobmgr_checks_fine_tuning_and_batch_jobs(plane: Plane) -> None:
         (
             jobmgr_pb2.JobSpec(
                 kind=jobmgr_pb2.JOB_KIND_BATCH,
-                batch=jobmgr_pb2.BatchSpec(input_file_id="file-missing", tenant="t"),
+                batch=jobmgr_pb2.BatchSpec(input_file_id="file-missing", tenant=tenant),
             ),
             "input_file_id",
         ),
@@ -467,9 +484,9 @@ async def test_jobmgr_checks_fine_tuning_and_batch_jobs(plane: Plane) -> None:
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert dict(caught.value.trailing_metadata() or ()).get(FIELD_KEY) == field_name
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await jobmgr_call(plane, "GetJob", jobmgr_pb2.GetJobRequest(job_id=JOB, tenant="t"))
+        await jobmgr_call(plane, "GetJob", jobmgr_pb2.GetJobRequest(job_id=JOB, tenant=tenant))
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
-    listed = await jobmgr_call(plane, "ListJobs", jobmgr_pb2.ListJobsRequest(tenant="t"))
+    listed = await jobmgr_call(plane, "ListJobs", jobmgr_pb2.ListJobsRequest(tenant=tenant))
     assert list(listed.jobs) == []
 
 

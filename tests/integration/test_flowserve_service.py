@@ -1,5 +1,9 @@
 """FlowServeService over gRPC. Starts real processes: etcd, valkey-server and one flowserve pod
-(`python -m deepserve.flowserve`) serving a tiny random Llama."""
+(`python -m deepserve.flowserve`) serving a tiny random Llama.
+
+The tests share the pod; each asks for the state it needs (`warm_pod`: no model loaded,
+`loaded_pod`: the tiny Llama loaded) and the fixture brings the pod there, so every test passes
+alone and in any order."""
 
 from __future__ import annotations
 
@@ -71,6 +75,40 @@ def pod(
         assert proc.returncode is not None
 
 
+async def _stats(address: str) -> flowserve_pb2.GetStatsResponse:
+    async with insecure_channel(address, traced=False) as channel:
+        stub = flowserve_pb2_grpc.FlowServeServiceStub(channel)
+        return await stub.GetStats(flowserve_pb2.GetStatsRequest(), timeout=10)
+
+
+@pytest.fixture
+async def warm_pod(pod: str) -> str:
+    """The shared pod with no model loaded (unloaded first if a test loaded one)."""
+    if (await _stats(pod)).ready:
+        async with insecure_channel(pod, traced=False) as channel:
+            stub = flowserve_pb2_grpc.FlowServeServiceStub(channel)
+            await stub.UnloadModel(flowserve_pb2.UnloadModelRequest(), timeout=60)
+    assert not (await _stats(pod)).ready
+    return pod
+
+
+@pytest.fixture
+async def loaded_pod(pod: str, tiny_model: Path) -> str:
+    """The shared pod serving the tiny Llama (loaded first if it is warm)."""
+    if not (await _stats(pod)).ready:
+        async with insecure_channel(pod, traced=False) as channel:
+            stub = flowserve_pb2_grpc.FlowServeServiceStub(channel)
+            await stub.LoadModel(
+                flowserve_pb2.LoadModelRequest(
+                    model=str(tiny_model), role=common_pb2.INSTANCE_ROLE_COLOCATED
+                ),
+                timeout=120,
+            )
+    stats = await _stats(pod)
+    assert stats.ready and stats.model == str(tiny_model)
+    return pod
+
+
 def stub_for(address: str) -> tuple[grpc.aio.Channel, flowserve_pb2_grpc.FlowServeServiceStub]:
     channel = insecure_channel(address, traced=False)
     return channel, flowserve_pb2_grpc.FlowServeServiceStub(channel)
@@ -84,19 +122,17 @@ async def collect(stub, request) -> list[flowserve_pb2.GenerateResponse]:  # typ
     return [reply async for reply in stub.Generate(request, timeout=60)]
 
 
-async def test_warm_pod_rejects_generate_until_loaded(pod: str, tiny_model: Path) -> None:
-    channel, stub = stub_for(pod)
+async def test_warm_pod_rejects_generate_until_loaded(warm_pod: str, tiny_model: Path) -> None:
+    channel, stub = stub_for(warm_pod)
     async with channel:
-        stats = await stub.GetStats(flowserve_pb2.GetStatsRequest())
-        if not stats.ready:
-            with pytest.raises(grpc.aio.AioRpcError) as err:
-                await collect(
-                    stub,
-                    flowserve_pb2.GenerateRequest(
-                        request_id="r0", prompt_token_ids=[5, 6], sampling=greedy(2)
-                    ),
-                )
-            assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await collect(
+                stub,
+                flowserve_pb2.GenerateRequest(
+                    request_id="r0", prompt_token_ids=[5, 6], sampling=greedy(2)
+                ),
+            )
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         loaded = await stub.LoadModel(
             flowserve_pb2.LoadModelRequest(
                 model=str(tiny_model), role=common_pb2.INSTANCE_ROLE_COLOCATED
@@ -107,10 +143,11 @@ async def test_warm_pod_rejects_generate_until_loaded(pod: str, tiny_model: Path
         assert weights_step and "tokenizer preloaded" in weights_step[0].detail, loaded.steps
         stats = await stub.GetStats(flowserve_pb2.GetStatsRequest())
         assert stats.ready and stats.model == str(tiny_model)
+        assert stats.instance_id == loaded.instance_id
 
 
-async def test_generate_streams_tokens_text_and_usage(pod: str, tiny_model: Path) -> None:
-    channel, stub = stub_for(pod)
+async def test_generate_streams_tokens_text_and_usage(loaded_pod: str, tiny_model: Path) -> None:
+    channel, stub = stub_for(loaded_pod)
     async with channel:
         replies = await collect(
             stub,
@@ -135,10 +172,10 @@ async def test_generate_streams_tokens_text_and_usage(pod: str, tiny_model: Path
 
 
 async def test_same_prompt_twice_hits_the_prefix_cache_with_identical_tokens(
-    pod: str, tiny_model: Path
+    loaded_pod: str, tiny_model: Path
 ) -> None:
     prompt = list(range(3, 3 + 40))  # more than two full 16-token blocks
-    channel, stub = stub_for(pod)
+    channel, stub = stub_for(loaded_pod)
     async with channel:
         runs = []
         for rid in ("p1", "p2"):
@@ -165,9 +202,9 @@ async def test_same_prompt_twice_hits_the_prefix_cache_with_identical_tokens(
     ],
 )
 async def test_bad_input_is_invalid_argument_naming_the_field(
-    pod: str, tiny_model: Path, sampling: common_pb2.SamplingParams, field: str
+    loaded_pod: str, tiny_model: Path, sampling: common_pb2.SamplingParams, field: str
 ) -> None:
-    channel, stub = stub_for(pod)
+    channel, stub = stub_for(loaded_pod)
     async with channel:
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await collect(
@@ -181,9 +218,9 @@ async def test_bad_input_is_invalid_argument_naming_the_field(
 
 
 async def test_unknown_model_and_bad_tokens_are_invalid_argument(
-    pod: str, tiny_model: Path
+    loaded_pod: str, tiny_model: Path
 ) -> None:
-    channel, stub = stub_for(pod)
+    channel, stub = stub_for(loaded_pod)
     async with channel:
         for request, field in (
             (
@@ -212,9 +249,9 @@ async def test_unknown_model_and_bad_tokens_are_invalid_argument(
 
 
 async def test_full_queue_is_resource_exhausted_only_at_the_bound(
-    pod: str, tiny_model: Path
+    loaded_pod: str, tiny_model: Path
 ) -> None:
-    channel, stub = stub_for(pod)
+    channel, stub = stub_for(loaded_pod)
 
     def call(i: int):  # type: ignore[no-untyped-def]
         return stub.Generate(
@@ -243,8 +280,8 @@ async def test_full_queue_is_resource_exhausted_only_at_the_bound(
     assert set(beyond) <= {"ok", "RESOURCE_EXHAUSTED"}
 
 
-async def test_cancelled_stream_aborts_and_frees_blocks(pod: str, tiny_model: Path) -> None:
-    channel, stub = stub_for(pod)
+async def test_cancelled_stream_aborts_and_frees_blocks(loaded_pod: str, tiny_model: Path) -> None:
+    channel, stub = stub_for(loaded_pod)
     async with channel:
         call = stub.Generate(
             flowserve_pb2.GenerateRequest(
@@ -269,14 +306,22 @@ async def test_cancelled_stream_aborts_and_frees_blocks(pod: str, tiny_model: Pa
 
 
 async def test_load_reports_and_registration_are_visible(
-    pod: str, tiny_model: Path, etcd_endpoint: str, redis_url: str
+    loaded_pod: str, tiny_model: Path, etcd_endpoint: str, redis_url: str
 ) -> None:
-    channel, stub = stub_for(pod)
+    channel, stub = stub_for(loaded_pod)
     async with channel:
+        # A prompt of two full blocks no other test sends: the engine stores (and reports)
+        # blocks of its own.
+        await collect(
+            stub,
+            flowserve_pb2.GenerateRequest(
+                request_id="reported", prompt_token_ids=[201, 203] * 16, sampling=greedy(2)
+            ),
+        )
         stats = await stub.GetStats(flowserve_pb2.GetStatsRequest())
     async with EtcdStore(etcd_endpoint) as etcd:
         found = await records.instances(etcd).get(stats.instance_id)
-    assert found is not None and found.record.address == pod
+    assert found is not None and found.record.address == loaded_pod
     # The engine's own block size travels on the record: routers hash prompts with it.
     assert found.record.block_size == FlowServeSettings().block_size
     async with RedisStore(redis_url) as redis:
@@ -285,5 +330,10 @@ async def test_load_reports_and_registration_are_visible(
             assert time.monotonic() < deadline
             await asyncio.sleep(0.1)
         assert loads[stats.instance_id].kv_blocks_total == 64
-        entries = await redis.read_kv_events(stats.instance_id)
-    assert any(e.event and e.event.kind == "stored" and e.event.hashes for e in entries)
+        deadline = time.monotonic() + 5
+        while not any(
+            e.event and e.event.kind == "stored" and e.event.hashes
+            for e in await redis.read_kv_events(stats.instance_id)
+        ):
+            assert time.monotonic() < deadline, "no stored-blocks event reached Redis"
+            await asyncio.sleep(0.1)

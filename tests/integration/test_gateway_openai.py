@@ -3,6 +3,10 @@
 Starts real processes: `deepserve up` (etcd, valkey-server, scheduler, jobmgr, podpool,
 gateway, a flowserve pod serving smollm2-135m) and a second gateway process (auth required)
 sharing its stores, for the API-key and cross-replica rate-limit checks.
+
+The tests share the cluster. One kills the engine: it waits for the deployment to replace it
+before it ends, and every test that sends requests first waits (`url`) until the model's
+registered engines all answer, so each test passes alone and in any order.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import openai
 import pytest
 
@@ -70,9 +75,16 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningCluster
         yield running
 
 
-@pytest.fixture(scope="module")
-def url(cluster: RunningCluster) -> str:
-    return cluster.layout.gateway_url
+@pytest.fixture
+def served(cluster: RunningCluster) -> RunningCluster:
+    """The cluster once every registered engine of MODEL answers (a killed one was replaced)."""
+    asyncio.run(_wait_engines_answer(cluster))
+    return cluster
+
+
+@pytest.fixture
+def url(served: RunningCluster) -> str:
+    return served.layout.gateway_url
 
 
 @pytest.fixture(scope="module")
@@ -246,13 +258,43 @@ async def test_rate_limit_holds_across_two_gateway_processes(
     assert statuses.count(429) == 10
 
 
-async def _engine(cluster: RunningCluster) -> tuple[str, int]:
-    """Address and process id of the engine serving MODEL."""
+async def _engines(cluster: RunningCluster) -> list[tuple[str, str, int]]:
+    """(instance id, address, pod process id) of each engine registered for MODEL."""
     async with EtcdStore(cluster.layout.etcd_endpoint) as etcd:
         found, _ = await records.instances(etcd).list()
-        instance = next(v.record for v in found if v.record.model == MODEL)
-        pod = await records.pods(etcd).require(instance.pod_id)
-    return instance.address, pod.record.pid
+        engines = []
+        for v in found:
+            if v.record.model == MODEL:
+                pod = await records.pods(etcd).require(v.record.pod_id)
+                engines.append((v.record.instance_id, v.record.address, pod.record.pid))
+    return engines
+
+
+async def _engine(cluster: RunningCluster) -> tuple[str, int]:
+    """Address and process id of the engine serving MODEL."""
+    _id, address, pid = (await _engines(cluster))[0]
+    return address, pid
+
+
+async def _answers(address: str) -> bool:
+    try:
+        await _engine_busy(address)
+    except grpc.aio.AioRpcError:
+        return False
+    return True
+
+
+async def _wait_engines_answer(cluster: RunningCluster, timeout_s: float = 180) -> set[str]:
+    """Waits until MODEL has engines and every registered one answers (a killed engine's record
+    lasts until its lease expires); returns their instance ids."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        engines = await _engines(cluster)
+        answering = [await _answers(address) for _id, address, _pid in engines]
+        if engines and all(answering):
+            return {instance_id for instance_id, _address, _pid in engines}
+        assert time.monotonic() < deadline, f"no answering engine of {MODEL}: {engines}"
+        await asyncio.sleep(0.25)
 
 
 async def _engine_busy(address: str) -> int:
@@ -285,8 +327,8 @@ async def test_client_disconnect_aborts_the_engine_request(
         await asyncio.sleep(0.05)
 
 
-async def test_grpc_streamed_chat(cluster: RunningCluster) -> None:
-    async with insecure_channel(cluster.layout.address("gateway"), traced=False) as ch:
+async def test_grpc_streamed_chat(served: RunningCluster) -> None:
+    async with insecure_channel(served.layout.address("gateway"), traced=False) as ch:
         stub = gateway_pb2_grpc.GatewayServiceStub(ch)
         replies = [
             r
@@ -309,21 +351,40 @@ async def test_grpc_streamed_chat(cluster: RunningCluster) -> None:
 
 
 def test_usage_cli_shows_accumulated_tokens(
-    cluster: RunningCluster, capsys: pytest.CaptureFixture[str]
+    cluster: RunningCluster, url: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert tenancy_cli.main(["usage", "--run-dir", str(cluster.layout.run_dir)]) == 0
-    out = capsys.readouterr().out
-    line = next(line for line in out.splitlines() if line.startswith("anonymous"))
-    assert MODEL in line
-    requests, prompt, completion = (int(x) for x in line.split()[2:5])
-    assert requests >= 50 and prompt > 0 and completion > 0
+    # A tenant of its own (the open gateway bills a key's tenant): only these requests count.
+    tenant, key = asyncio.run(_new_key(cluster))
+    _wait_listed(url, key, timeout_s=30)  # the key reached the gateway's mirror
+    client = sync_client(url, key)
+    prompt = completion = 0
+    for n in range(3):
+        resp = client.completions.create(model=MODEL, prompt=f"Count to {n + 3}:", max_tokens=4)
+        assert resp.usage is not None
+        prompt += resp.usage.prompt_tokens
+        completion += resp.usage.completion_tokens
+    assert prompt > 0 and completion > 0
+
+    def usage_line() -> tuple[int, ...] | None:
+        assert tenancy_cli.main(["usage", "--run-dir", str(cluster.layout.run_dir)]) == 0
+        out = capsys.readouterr().out
+        line = next((line for line in out.splitlines() if line.startswith(tenant)), None)
+        if line is None:
+            return None
+        assert line.split()[1] == MODEL
+        return tuple(int(x) for x in line.split()[2:5])
+
+    # Usage is added once each request finished, which may trail its response a little.
+    deadline = time.monotonic() + 10
+    while (found := usage_line()) != (3, prompt, completion):
+        assert time.monotonic() < deadline, f"usage of {tenant}: {found}"
+        time.sleep(0.2)
 
 
 def test_engine_dying_mid_stream_ends_the_stream_with_an_error(
     cluster: RunningCluster, url: str
 ) -> None:
-    # Last in the module: it kills the engine.
-    _address, engine_pid = asyncio.run(_engine(cluster))
+    victim_id, _address, engine_pid = asyncio.run(_engines(cluster))[0]
     stream = sync_client(url).completions.create(
         model=MODEL,
         prompt="Count forever:",
@@ -338,3 +399,9 @@ def test_engine_dying_mid_stream_ends_the_stream_with_an_error(
             if chunks == 3:
                 os.kill(engine_pid, signal.SIGKILL)
     assert chunks >= 3
+    # The deployment replaces the engine (its lease expires, jobmgr starts another instance),
+    # and the model is served again: the cluster is left as the other tests expect it.
+    replacements = asyncio.run(_wait_engines_answer(cluster))
+    assert victim_id not in replacements
+    resp = sync_client(url).completions.create(model=MODEL, prompt="1, 2, 3,", max_tokens=4)
+    assert resp.usage is not None and resp.usage.completion_tokens > 0

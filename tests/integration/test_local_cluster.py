@@ -1,5 +1,10 @@
 """`deepserve up` end to end. Starts real processes: etcd, valkey-server, scheduler, jobmgr,
-podpool, gateway and a flowserve pod (via the launcher), then kills and restarts them."""
+podpool, gateway and a flowserve pod (via the launcher), then kills and restarts them.
+
+The tests share the cluster. Each test puts back what it changed (a job it created is deleted, a
+model it loaded is unloaded; a process it killed is restarted by `up` or replaced by podpool),
+and each starts once the cluster is as `up` left it (`settled`), so each passes alone and in any
+order."""
 
 from __future__ import annotations
 
@@ -43,6 +48,33 @@ LEASE_TTL_S = 2
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningCluster]:
     with local_cluster(tmp_path_factory.mktemp("up"), lease_ttl_s=LEASE_TTL_S) as running:
         yield running
+
+
+@pytest.fixture
+async def settled(cluster: RunningCluster) -> RunningCluster:
+    """The cluster once it is as `up` left it: one healthy process per launched service, one warm
+    pod and no other, and no record of a killed process left (its lease expired)."""
+    await wait_until(lambda: _settled(cluster), 60, interval_s=0.25)
+    return cluster
+
+
+async def _settled(cluster: RunningCluster) -> bool:
+    async with EtcdStore(cluster.layout.etcd_endpoint) as etcd:
+        found, _ = await records.services(etcd).list()
+    services = [v.record for v in found]
+    launched = sorted(s.service for s in services if s.service != "flowserve")
+    if launched != sorted(LAUNCHED_SERVICES):
+        return False
+    if any(cluster.pids().get(s.service) != s.pid for s in services if s.service != "flowserve"):
+        return False
+    health = await asyncio.gather(*(check_health(s.address) for s in services))
+    if any(h != "SERVING" for h in health):
+        return False
+    all_pods = await pods(cluster)
+    flowserve = {s.pid for s in services if s.service == "flowserve"}
+    return [p.state for p in all_pods] == [records.PodState.WARM] and flowserve == {
+        p.pid for p in all_pods
+    }
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +130,8 @@ async def restarted(cluster: RunningCluster, service: str, old_pid: int) -> bool
     return bool(pid and pid != old_pid and await healthy(cluster, service))
 
 
-async def test_every_service_is_serving_and_status_reports_them(cluster: RunningCluster) -> None:
+async def test_every_service_is_serving_and_status_reports_them(settled: RunningCluster) -> None:
+    cluster = settled
     for service in LAUNCHED_SERVICES:
         assert await healthy(cluster, service), service
     warm = await wait_until(lambda: warm_pods(cluster), 30)
@@ -123,7 +156,8 @@ async def test_every_service_is_serving_and_status_reports_them(cluster: Running
         assert service in out.stdout
 
 
-async def test_reflection_lists_the_api(cluster: RunningCluster) -> None:
+async def test_reflection_lists_the_api(settled: RunningCluster) -> None:
+    cluster = settled
     from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
     async with insecure_channel(cluster.layout.address("jobmgr"), traced=False) as ch:
@@ -136,7 +170,8 @@ async def test_reflection_lists_the_api(cluster: RunningCluster) -> None:
     assert "grpc.health.v1.Health" in names
 
 
-async def test_jobs_survive_a_jobmgr_kill(cluster: RunningCluster) -> None:
+async def test_jobs_survive_a_jobmgr_kill(settled: RunningCluster) -> None:
+    cluster = settled
     address = cluster.layout.address("jobmgr")
     spec = jobmgr_pb2.JobSpec(
         kind=jobmgr_pb2.JOB_KIND_SERVING,
@@ -167,11 +202,26 @@ async def test_jobs_survive_a_jobmgr_kill(cluster: RunningCluster) -> None:
         got = (await stub.GetJob(jobmgr_pb2.GetJobRequest(job_id=created.job_id), timeout=5)).job
     assert got.spec.serving.replicas == 2
     assert [e.reason for e in got.events][:1] == ["Created"]
+    await delete_job(address, created.job_id)
+
+
+async def delete_job(address: str, job_id: str) -> None:
+    """Deletes a job and waits until it is gone (its tasks ended, their pods released)."""
+    async with insecure_channel(address, traced=False) as ch:
+        stub = jobmgr_pb2_grpc.JobManagerServiceStub(ch)
+        await stub.DeleteJob(jobmgr_pb2.DeleteJobRequest(job_id=job_id), timeout=10)
+
+        async def gone() -> bool:
+            listed = await stub.ListJobs(jobmgr_pb2.ListJobsRequest(), timeout=5)
+            return job_id not in {j.job_id for j in listed.jobs}
+
+        await wait_until(gone, 60)
 
 
 async def test_pod_and_instance_vanish_within_lease_ttl_after_sigkill(
-    cluster: RunningCluster, tiny_model: Path
+    settled: RunningCluster, tiny_model: Path
 ) -> None:
+    cluster = settled
     pod = (await wait_until(lambda: warm_pods(cluster), 30))[0]
     before = await scheduler_view(cluster)
 
@@ -200,17 +250,28 @@ async def test_pod_and_instance_vanish_within_lease_ttl_after_sigkill(
 
 
 async def test_scheduler_restart_restores_its_view_from_etcd(
-    cluster: RunningCluster, tiny_model: Path
+    settled: RunningCluster, tiny_model: Path
 ) -> None:
+    cluster = settled
     pod = (await wait_until(lambda: warm_pods(cluster), 60))[0]
     instance_id = await load_model(pod, tiny_model)
-    await wait_until(lambda: _scheduler_has(cluster, instance_id, present=True), timeout_s=10)
-    old_pid = cluster.pids()["scheduler"]
-    os.kill(old_pid, signal.SIGKILL)
-    assert await check_health(pod.address) == "SERVING"
-    await wait_until(lambda: restarted(cluster, "scheduler", old_pid), 30)
-    view = await wait_until(lambda: _scheduler_has(cluster, instance_id, present=True), 10)
-    assert view.instances_added >= 1  # learned from etcd by the new process, not pushed again
+    try:
+        await wait_until(lambda: _scheduler_has(cluster, instance_id, present=True), timeout_s=10)
+        old_pid = cluster.pids()["scheduler"]
+        os.kill(old_pid, signal.SIGKILL)
+        assert await check_health(pod.address) == "SERVING"
+        await wait_until(lambda: restarted(cluster, "scheduler", old_pid), 30)
+        view = await wait_until(lambda: _scheduler_has(cluster, instance_id, present=True), 10)
+        assert view.instances_added >= 1  # learned from etcd by the new process, not pushed again
+    finally:
+        await unload_model(pod)
+
+
+async def unload_model(pod: records.PodRecord) -> None:
+    """Hands a pod this module loaded a model into back to the pool as warm."""
+    async with insecure_channel(pod.address, traced=False) as ch:
+        stub = flowserve_pb2_grpc.FlowServeServiceStub(ch)
+        await stub.UnloadModel(flowserve_pb2.UnloadModelRequest(), timeout=60)
 
 
 async def _warm_pods_except(cluster: RunningCluster, pod_id: str) -> list[records.PodRecord]:

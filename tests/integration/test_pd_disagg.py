@@ -1,6 +1,8 @@
 """PD disaggregation across processes. Starts real processes: etcd, valkey-server (session
 fixtures) and two `python -m deepserve.flowserve` pods on 127.0.0.1 (one prefill, one decode)
-with a tiny random Llama; KV crosses between them as gRPC bytes, never shared memory."""
+with a tiny random Llama; KV crosses between them as gRPC bytes, never shared memory. The tests
+share the pair; a test that kills a pod leaves it dead and the `pods` fixture starts a new one
+for the next test, so each passes alone and in any order."""
 
 from __future__ import annotations
 
@@ -70,28 +72,49 @@ def start_pod(
     return proc, f"127.0.0.1:{port}"
 
 
+class PdPods:
+    """The prefill and decode pods, each started again when a test left it dead."""
+
+    def __init__(self, model_dir: Path, run_dir: Path, etcd_endpoint: str, redis_url: str) -> None:
+        self._args = (model_dir, run_dir, etcd_endpoint, redis_url)
+        self.started: dict[str, tuple[ManagedProcess, str]] = {}
+
+    def ready(self) -> dict[str, tuple[ManagedProcess, str]]:
+        """Both pods, serving: a dead one is replaced by a new process (on a new port)."""
+        for role in ("prefill", "decode"):
+            if role not in self.started or not self.started[role][0].alive():
+                if role in self.started:
+                    self.started[role][0].stop()
+                self.started[role] = start_pod(role, *self._args)
+        for proc, address in self.started.values():
+            host, port = address.rsplit(":", 1)
+            if not wait_for_port(host, int(port), 60):
+                pytest.fail(f"{proc.name} did not start:\n{proc.tail()}")
+        asyncio.run(_wait_ready([address for _, address in self.started.values()]))
+        return dict(self.started)
+
+    def stop(self) -> None:
+        for proc, _ in self.started.values():
+            proc.stop()
+
+
 @pytest.fixture(scope="module")
-def pods(
+def pd_pods(
     model_dir: Path,
     tmp_path_factory: pytest.TempPathFactory,
     etcd_endpoint: str,
     redis_url: str,
-) -> Iterator[dict[str, tuple[ManagedProcess, str]]]:
-    run_dir = tmp_path_factory.mktemp("pd-run")
-    started = {
-        role: start_pod(role, model_dir, run_dir, etcd_endpoint, redis_url)
-        for role in ("prefill", "decode")
-    }
+) -> Iterator[PdPods]:
+    started = PdPods(model_dir, tmp_path_factory.mktemp("pd-run"), etcd_endpoint, redis_url)
     try:
-        for proc, address in started.values():
-            host, port = address.rsplit(":", 1)
-            if not wait_for_port(host, int(port), 60):
-                pytest.fail(f"{proc.name} did not start:\n{proc.tail()}")
-        asyncio.run(_wait_ready([address for _, address in started.values()]))
         yield started
     finally:
-        for proc, _ in started.values():
-            proc.stop()
+        started.stop()
+
+
+@pytest.fixture
+def pods(pd_pods: PdPods) -> dict[str, tuple[ManagedProcess, str]]:
+    return pd_pods.ready()
 
 
 async def _wait_ready(addresses: list[str], timeout_s: float = 60.0) -> None:
@@ -145,10 +168,18 @@ PROMPTS = [[(i * 37 + 11) % 250 + 3 for i in range(n)] for n in (1, 5, 16, 57)] 
 ]
 
 
+async def kv_received(address: str) -> flowserve_pb2.KVTransferStats:
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = flowserve_pb2_grpc.FlowServeServiceStub(channel)
+        return (await stub.GetStats(flowserve_pb2.GetStatsRequest(), timeout=5)).kv_received
+
+
 def test_pd_pair_matches_colocated_over_grpc(pods: dict[str, tuple[ManagedProcess, str]]) -> None:
     prefill, decode = pods["prefill"][1], pods["decode"][1]
 
     async def run() -> None:
+        # The decode pod's counters are cumulative (another test may have run on it first).
+        before = await kv_received(decode)
         modes = (
             flowserve_pb2.KV_TRANSFER_MODE_WHOLE_REQUEST,
             flowserve_pb2.KV_TRANSFER_MODE_LAYERWISE,
@@ -163,12 +194,13 @@ def test_pd_pair_matches_colocated_over_grpc(pods: dict[str, tuple[ManagedProces
                 assert pd == await tokens_of(prefill, request(f"p{i}-{mode}", prompt))
         assert await settle(decode) == 0
         assert await settle(prefill) == 0
-        async with grpc.aio.insecure_channel(decode) as channel:
-            stub = flowserve_pb2_grpc.FlowServeServiceStub(channel)
-            received = (await stub.GetStats(flowserve_pb2.GetStatsRequest(), timeout=5)).kv_received
-        assert received.transfers == 2 * len(PROMPTS) and received.failures == 0
-        assert received.layerwise == len(PROMPTS)  # the real runner streams layer by layer
-        assert received.shared_memory == 0 and received.bytes > 0  # gRPC bytes crossed
+        after = await kv_received(decode)
+        assert after.transfers - before.transfers == 2 * len(PROMPTS)
+        assert after.failures == before.failures
+        # The real runner streams layer by layer.
+        assert after.layerwise - before.layerwise == len(PROMPTS)
+        # gRPC bytes crossed, never shared memory.
+        assert after.shared_memory == before.shared_memory and after.bytes > before.bytes
 
     asyncio.run(run())
 
