@@ -31,6 +31,10 @@ class GatewaySettings(ServiceSettings):
     route_timeout_s: float = 5.0
     # Re-routes (to another instance) when an engine fails before its first token.
     generate_retries: int = 1
+    # Migrations per engine request (each choice): when its instance dies mid-stream, the
+    # request continues on another instance from the tokens already streamed, at most this
+    # many times; then the stream ends with an error event. 0 disables migration.
+    max_migrations: int = 2
     # Limits of tenants without a record of their own (0: unlimited).
     default_requests_per_min: int = 0
     default_tokens_per_min: int = 0
