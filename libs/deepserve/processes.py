@@ -4,6 +4,7 @@ stopped with SIGTERM then SIGKILL so nothing is left behind."""
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import os
 import signal
 import socket
@@ -11,6 +12,16 @@ import subprocess
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` (an address or name to listen on) reaches this machine only."""
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip().strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name, or "" (every interface): not provably loopback
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -22,8 +22,12 @@ class GatewaySettings(ServiceSettings):
     jobmgr_address: str = ""
     # Seconds a call to jobmgr may take before the request fails with 503.
     jobmgr_timeout_s: float = 10.0
-    # Open mode accepts calls without an API key; meant for the local demo only.
+    # Open mode accepts calls without an API key, or with a wrong one, charging them to
+    # `open_tenant`: anyone who can reach the gateway may use it. Meant for the local demo only,
+    # so an open gateway refuses to listen on anything but a loopback address unless
+    # `auth_open_allow_remote` says so explicitly.
     auth_open: bool = False
+    auth_open_allow_remote: bool = False
     # The tenant that keyless (or unknown-key) calls are charged to in open mode.
     open_tenant: str = "anonymous"
     request_timeout_s: float = 600.0
