@@ -117,26 +117,33 @@ class LocalCluster:
 
     # --- start -----------------------------------------------------------------------------
 
-    def start_stores(self) -> None:
+    def start_store(self, name: str) -> ManagedProcess:
+        """Starts etcd (on its data dir, so a restart keeps every record) or the Redis-protocol
+        server (empty: it holds only hot state) and waits for its port."""
         lay = self.layout
-        lay.run_dir.mkdir(parents=True, exist_ok=True)
-        self.say(f"[up] run directory {lay.run_dir}")
-        etcd = start_etcd(
-            lay.etcd_data_dir,
-            lay.host,
-            lay.ports.etcd,
-            lay.ports.etcd_peer,
-            lay.log_dir / "etcd.log",
-        )
-        self.stores.append(etcd)
-        redis = start_redis_server(
-            lay.run_dir / "redis", lay.host, lay.ports.redis, lay.log_dir / "redis.log"
-        )
-        self.stores.append(redis)
-        for proc, port in ((etcd, lay.ports.etcd), (redis, lay.ports.redis)):
-            if not wait_for_port(lay.host, port, 30) or not proc.alive():
-                raise Unavailable(f"{proc.name} did not start:\n{proc.tail()}")
-            self.say(f"[up] {proc.name} listening on {lay.host}:{port} (pid {proc.pid})")
+        if name == "etcd":
+            proc = start_etcd(
+                lay.etcd_data_dir,
+                lay.host,
+                lay.ports.etcd,
+                lay.ports.etcd_peer,
+                lay.log_dir / "etcd.log",
+            )
+            port = lay.ports.etcd
+        else:
+            proc = start_redis_server(
+                lay.run_dir / "redis", lay.host, lay.ports.redis, lay.log_dir / "redis.log"
+            )
+            port = lay.ports.redis
+        if not wait_for_port(lay.host, port, 30) or not proc.alive():
+            raise Unavailable(f"{proc.name} did not start:\n{proc.tail()}")
+        self.say(f"[up] {proc.name} listening on {lay.host}:{port} (pid {proc.pid})")
+        return proc
+
+    def start_stores(self) -> None:
+        self.layout.run_dir.mkdir(parents=True, exist_ok=True)
+        self.say(f"[up] run directory {self.layout.run_dir}")
+        self.stores = [self.start_store("etcd"), self.start_store("redis")]
 
     def start_service(self, service: str) -> ManagedProcess:
         proc = ManagedProcess(
@@ -286,10 +293,25 @@ class LocalCluster:
                     self._restarts[name] = self._restarts.get(name, 0) + 1
                     self.start_service(name)
                     self.layout.save(self.pids())
-            for proc in self.stores:
-                if not proc.alive():
+            for index, proc in enumerate(self.stores):
+                if proc.alive():
+                    continue
+                if not self.options.restart_crashed:
                     self.say(f"[up] {proc.name} exited; stopping the cluster:\n{proc.tail()}")
                     stop.set()
+                    continue
+                # Services ride it out (they reconnect); etcd comes back with its data.
+                code = proc.popen.returncode if proc.popen else "?"
+                self.say(f"[up] {proc.name} exited (code {code}); restarting it")
+                try:
+                    # On this (the main) thread, though it blocks for a moment: the store is
+                    # bound to the thread that starts it (its parent-death signal).
+                    self.stores[index] = self.start_store(proc.name)
+                except Unavailable as exc:
+                    self.say(f"[up] {proc.name} did not come back; stopping the cluster: {exc}")
+                    stop.set()
+                    continue
+                self.layout.save(self.pids())
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 0.5)
 
