@@ -234,25 +234,32 @@ class FaultCluster:
             return False
         return any(p.state == records.PodState.WARM for p in pods.values())
 
-    async def migrations(self) -> float:
-        """The gateways' migrated-request counts (Prometheus text, summed)."""
-        total = 0.0
+    async def migrations(self) -> dict[str, float]:
+        """Each gateway process's migrated-request count (Prometheus text), by process."""
+        counts: dict[str, float] = {}
         async with EtcdStore(self.lay.etcd_endpoint, timeout_s=2) as etcd:
             found, _ = await records.services(etcd, "gateway").list()
         async with httpx.AsyncClient(timeout=5) as http:
             for service in found:
-                if not service.record.metrics_address:
+                address = service.record.metrics_address
+                if not address:
                     continue
                 try:
-                    text = (await http.get(f"http://{service.record.metrics_address}/metrics")).text
+                    text = (await http.get(f"http://{address}/metrics")).text
                 except httpx.HTTPError:
                     continue
-                for line in text.splitlines():
-                    if line.startswith("deepserve_request_migrations_total{") and (
-                        'outcome="migrated"' in line
-                    ):
-                        total += float(line.rsplit(" ", 1)[1])
-        return total
+                counts[service.key] = sum(
+                    float(line.rsplit(" ", 1)[1])
+                    for line in text.splitlines()
+                    if line.startswith("deepserve_request_migrations_total{")
+                    and 'outcome="migrated"' in line
+                )
+        return counts
+
+
+def migrated_between(before: dict[str, float], after: dict[str, float]) -> float:
+    """Migrations counted between two readings; a restarted gateway's counts start at 0."""
+    return sum(value - before.get(process, 0.0) for process, value in after.items())
 
 
 # --- load ---------------------------------------------------------------------------------
@@ -506,7 +513,7 @@ async def run_case(
         row.recovery_s = await recovery_task
     if replicas_task is not None:
         row.replicas_back_s = await replicas_task
-    row.migrations = await cluster.migrations() - migrations_before
+    row.migrations = migrated_between(migrations_before, await cluster.migrations())
     if durables is not None:
         lost = await check_durables(cluster, durables)
         row.notes.append(
