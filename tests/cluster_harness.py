@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from deepserve.cluster.layout import ClusterLayout
+from deepserve.processes import parent_death_signal
 
 
 @dataclass
@@ -46,7 +47,14 @@ def local_cluster(
         "--lease-ttl", str(lease_ttl_s), *extra_args,
     ]  # fmt: skip
     with log_path.open("wb") as out:
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ))
+        # Bound to this process: a test run that is killed takes the cluster with it.
+        proc = subprocess.Popen(
+            argv,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=dict(os.environ),
+            preexec_fn=parent_death_signal(),
+        )
     state = run_dir / "cluster.json"
     deadline = time.monotonic() + timeout_s
     try:

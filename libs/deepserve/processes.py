@@ -1,16 +1,142 @@
 """Child processes of the local cluster: started in their own process group, logged to a file,
-stopped with SIGTERM then SIGKILL so nothing is left behind."""
+stopped with SIGTERM then SIGKILL so nothing is left behind.
+
+Nothing outlives whoever started the cluster, even when that process is SIGKILLed and runs no
+cleanup. Two mechanisms, because pods must survive their own parent:
+- a parent-death signal (`prctl(PR_SET_PDEATHSIG)`, set in the child before exec): etcd, the
+  Redis-protocol server and the services die with the process that started them (`deepserve up`,
+  a test fixture);
+- an owner: every managed child's environment names the cluster's owner process
+  (`DEEPSERVE_OWNER_PID`, the first process up the tree that started a managed child), and
+  `exit_with_owner` (run by every service, every pod and the pod zygote) ends the process when
+  the owner exits. Pods are started by podpool but must not die with it (a podpool restart
+  re-adopts them from etcd, and a podpool crash must not take every model instance down with
+  it), so they rely on the owner alone.
+
+The kernel sends the parent-death signal when the *thread* that forked the child exits, so a
+process bound to its parent is started from a thread that lives as long as the process (the
+main thread; an asyncio loop's).
+"""
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ipaddress
+import logging
 import os
+import select
 import signal
 import socket
 import subprocess
+import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+# The environment variable naming the process whose exit ends every process of the cluster.
+OWNER_ENV = "DEEPSERVE_OWNER_PID"
+_PR_SET_PDEATHSIG = 1
+_libc: ctypes.CDLL | None
+try:
+    _libc = ctypes.CDLL(None, use_errno=True)
+except OSError:  # pragma: no cover - not Linux
+    _libc = None
+
+
+def parent_death_signal(sig: int = signal.SIGKILL) -> Callable[[], None] | None:
+    """A `preexec_fn` that makes the child receive `sig` when this process (the thread calling
+    Popen) exits; None where prctl is unavailable. Built before the fork, it does only a syscall
+    and a check in the child (a preexec_fn must not take locks)."""
+    if _libc is None or not hasattr(_libc, "prctl"):
+        return None
+    libc = _libc
+    parent = os.getpid()
+
+    def set_signal() -> None:
+        libc.prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before the signal was armed
+            os.kill(os.getpid(), sig)
+
+    return set_signal
+
+
+def with_owner(env: Mapping[str, str] | None) -> dict[str, str]:
+    """`env` (default: this process's) naming the cluster's owner: the one already named, else
+    this process."""
+    out = dict(os.environ if env is None else env)
+    out.setdefault(OWNER_ENV, os.environ.get(OWNER_ENV) or str(os.getpid()))
+    return out
+
+
+def exit_with_owner(owner: str | None = None) -> threading.Thread | None:
+    """Ends this process (and its process group, when it leads one) once the cluster's owner
+    exits; returns the watching thread, or None when no owner is named.
+
+    Waits on a pidfd (no polling, no pid reuse), or checks every second where there is none.
+    """
+    value = owner if owner is not None else os.environ.get(OWNER_ENV, "")
+    if not value.strip():
+        return None
+    try:
+        pid = int(value)
+    except ValueError:
+        log.warning("ignoring %s=%r: not a process id", OWNER_ENV, value)
+        return None
+    if pid == os.getpid():
+        return None
+    thread = threading.Thread(target=_watch_owner, args=(pid,), name="owner-watch", daemon=True)
+    thread.start()
+    return thread
+
+
+def _watch_owner(pid: int) -> None:
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        _die(pid)
+        return
+    except (OSError, AttributeError):
+        while _pid_alive(pid):
+            time.sleep(1.0)
+        _die(pid)
+        return
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    while not poller.poll():
+        pass
+    _die(pid)
+
+
+def _die(owner: int) -> None:
+    log.warning("the cluster's owner (pid %d) exited; exiting too", owner)
+    # A process that leads its own group takes its helpers (engine workers) with it.
+    if os.getpgrp() == os.getpid():
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(os.getpid(), signal.SIGKILL)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` (an address or name to listen on) reaches this machine only."""
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip().strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name, or "" (every interface): not provably loopback
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -29,7 +155,11 @@ def wait_for_port(host: str, port: int, timeout_s: float) -> bool:
 
 
 class ManagedProcess:
-    """One child process with its log file; `stop()` ends it and its whole process group."""
+    """One child process with its log file; `stop()` ends it and its whole process group.
+
+    The child names the cluster's owner in its environment (see the module docstring) and, with
+    `bind_to_parent` (the default), also dies when this process does.
+    """
 
     def __init__(
         self,
@@ -38,12 +168,15 @@ class ManagedProcess:
         log_path: Path,
         env: Mapping[str, str] | None = None,
         cwd: Path | None = None,
+        *,
+        bind_to_parent: bool = True,
     ) -> None:
         self.name = name
         self.argv = list(argv)
         self.log_path = log_path
-        self.env = dict(env) if env is not None else None
+        self.env = with_owner(env)
         self.cwd = cwd
+        self.bind_to_parent = bind_to_parent
         self.popen: subprocess.Popen[bytes] | None = None
 
     def start(self) -> ManagedProcess:
@@ -57,6 +190,7 @@ class ManagedProcess:
             env=self.env,
             cwd=self.cwd,
             start_new_session=True,  # own process group: signals to us don't hit it twice
+            preexec_fn=parent_death_signal() if self.bind_to_parent else None,
         )
         log_file.close()
         return self

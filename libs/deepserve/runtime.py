@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable, Iterable
 
 from deepserve.config import ServiceSettings
 from deepserve.metrics import start_metrics_server
+from deepserve.processes import exit_with_owner
 from deepserve.registration import ServiceRegistration
 from deepserve.rpc.server import (
     GrpcService,
@@ -54,6 +55,8 @@ class ServiceRuntime:
     async def __aenter__(self) -> ServiceRuntime:
         # First, so SIGTERM during start-up (loading, registering) still stops the process cleanly.
         self.terminating = termination_requested()
+        # A process of a local cluster never outlives the cluster's owner (see processes.py).
+        exit_with_owner()
         setup_telemetry(self.name, self.common)
         await self.etcd.connect(wait_s=30)
         if self.redis is not None:

@@ -53,6 +53,18 @@ def _add_up(sub: argparse._SubParsersAction) -> None:
         help="start pods as fresh processes, or fork them from a zygote that imported the runtime",
     )
     up.add_argument("--lease-ttl", type=int, default=5, help="seconds a dead process stays visible")
+    up.add_argument(
+        "--require-keys",
+        action="store_true",
+        help="the gateway refuses calls without a valid API key (401); default: open mode "
+        "(no key needed) unless DEEPSERVE_GATEWAY_AUTH_OPEN=false",
+    )
+    up.add_argument(
+        "--allow-open-remote",
+        action="store_true",
+        help="let an open-mode gateway listen on a non-loopback --host (anyone reaching it "
+        "may use it)",
+    )
     up.add_argument("--startup-timeout", type=float, default=60.0)
 
 
@@ -163,6 +175,8 @@ def _run_up(args: argparse.Namespace) -> int:
         pod_start=args.pod_start,
         lease_ttl_s=args.lease_ttl,
         startup_timeout_s=args.startup_timeout,
+        auth_open=False if args.require_keys else None,
+        allow_open_remote=args.allow_open_remote,
     )
     return asyncio.run(run_cluster(options, say=lambda line: print(line, flush=True)))
 

@@ -29,7 +29,7 @@ from deepserve import records
 from deepserve.cluster.layout import LAUNCHED_SERVICES, ClusterLayout
 from deepserve.cluster.state_stores import start_etcd, start_redis_server
 from deepserve.errors import FailedPrecondition, Unavailable
-from deepserve.processes import ManagedProcess, wait_for_port
+from deepserve.processes import ManagedProcess, is_loopback, wait_for_port
 from deepserve.rpc.client import insecure_channel
 from deepserve.rpc.errors import error_from_rpc
 from deepserve.rpc.health_check import check_health, wait_serving
@@ -52,8 +52,19 @@ class LaunchOptions:
     lease_ttl_s: int = 5
     startup_timeout_s: float = 60.0
     model_timeout_s: float = 300.0
-    auth_open: bool = True
+    # Open mode (no API key needed): None takes DEEPSERVE_GATEWAY_AUTH_OPEN from the
+    # environment, open when it is unset (the local demo); False requires keys.
+    auth_open: bool | None = None
+    # Lets an open gateway listen on a non-loopback host (otherwise `up` refuses to start).
+    allow_open_remote: bool = False
     restart_crashed: bool = True
+
+    @property
+    def gateway_open(self) -> bool:
+        if self.auth_open is not None:
+            return self.auth_open
+        value = os.environ.get("DEEPSERVE_GATEWAY_AUTH_OPEN", "").strip().lower()
+        return value not in ("0", "false", "no", "off")
 
 
 def job_id_for(model: str) -> str:
@@ -91,7 +102,10 @@ class LocalCluster:
             "DEEPSERVE_GATEWAY_HTTP_PORT": str(ports.gateway_http),
             "DEEPSERVE_GATEWAY_SCHEDULER_ADDRESS": lay.address("scheduler"),
             "DEEPSERVE_GATEWAY_JOBMGR_ADDRESS": lay.address("jobmgr"),
-            "DEEPSERVE_GATEWAY_AUTH_OPEN": "true" if self.options.auth_open else "false",
+            "DEEPSERVE_GATEWAY_AUTH_OPEN": "true" if self.options.gateway_open else "false",
+            "DEEPSERVE_GATEWAY_AUTH_OPEN_ALLOW_REMOTE": (
+                "true" if self.options.allow_open_remote else "false"
+            ),
             "DEEPSERVE_JOBMGR_GRPC_PORT": str(ports.jobmgr),
             "DEEPSERVE_JOBMGR_PODPOOL_ADDRESS": lay.address("podpool"),
             "DEEPSERVE_SCHEDULER_GRPC_PORT": str(ports.scheduler),
@@ -103,26 +117,33 @@ class LocalCluster:
 
     # --- start -----------------------------------------------------------------------------
 
-    def start_stores(self) -> None:
+    def start_store(self, name: str) -> ManagedProcess:
+        """Starts etcd (on its data dir, so a restart keeps every record) or the Redis-protocol
+        server (empty: it holds only hot state) and waits for its port."""
         lay = self.layout
-        lay.run_dir.mkdir(parents=True, exist_ok=True)
-        self.say(f"[up] run directory {lay.run_dir}")
-        etcd = start_etcd(
-            lay.etcd_data_dir,
-            lay.host,
-            lay.ports.etcd,
-            lay.ports.etcd_peer,
-            lay.log_dir / "etcd.log",
-        )
-        self.stores.append(etcd)
-        redis = start_redis_server(
-            lay.run_dir / "redis", lay.host, lay.ports.redis, lay.log_dir / "redis.log"
-        )
-        self.stores.append(redis)
-        for proc, port in ((etcd, lay.ports.etcd), (redis, lay.ports.redis)):
-            if not wait_for_port(lay.host, port, 30) or not proc.alive():
-                raise Unavailable(f"{proc.name} did not start:\n{proc.tail()}")
-            self.say(f"[up] {proc.name} listening on {lay.host}:{port} (pid {proc.pid})")
+        if name == "etcd":
+            proc = start_etcd(
+                lay.etcd_data_dir,
+                lay.host,
+                lay.ports.etcd,
+                lay.ports.etcd_peer,
+                lay.log_dir / "etcd.log",
+            )
+            port = lay.ports.etcd
+        else:
+            proc = start_redis_server(
+                lay.run_dir / "redis", lay.host, lay.ports.redis, lay.log_dir / "redis.log"
+            )
+            port = lay.ports.redis
+        if not wait_for_port(lay.host, port, 30) or not proc.alive():
+            raise Unavailable(f"{proc.name} did not start:\n{proc.tail()}")
+        self.say(f"[up] {proc.name} listening on {lay.host}:{port} (pid {proc.pid})")
+        return proc
+
+    def start_stores(self) -> None:
+        self.layout.run_dir.mkdir(parents=True, exist_ok=True)
+        self.say(f"[up] run directory {self.layout.run_dir}")
+        self.stores = [self.start_store("etcd"), self.start_store("redis")]
 
     def start_service(self, service: str) -> ManagedProcess:
         proc = ManagedProcess(
@@ -134,7 +155,21 @@ class LocalCluster:
         self.services[service] = proc
         return proc
 
+    def check_auth(self) -> None:
+        """An open gateway (no keys) only on a loopback address, unless allowed explicitly."""
+        if (
+            self.options.gateway_open
+            and not self.options.allow_open_remote
+            and not is_loopback(self.layout.host)
+        ):
+            raise FailedPrecondition(
+                f"the gateway would run in open mode (no API key needed) on {self.layout.host}, "
+                "where others can reach it; add --require-keys (then create keys with "
+                "`deepserve keys create --tenant NAME`), or --allow-open-remote to accept that"
+            )
+
     async def start(self) -> None:
+        self.check_auth()
         self.start_stores()
         for service in LAUNCHED_SERVICES:
             self.start_service(service)
@@ -258,10 +293,25 @@ class LocalCluster:
                     self._restarts[name] = self._restarts.get(name, 0) + 1
                     self.start_service(name)
                     self.layout.save(self.pids())
-            for proc in self.stores:
-                if not proc.alive():
+            for index, proc in enumerate(self.stores):
+                if proc.alive():
+                    continue
+                if not self.options.restart_crashed:
                     self.say(f"[up] {proc.name} exited; stopping the cluster:\n{proc.tail()}")
                     stop.set()
+                    continue
+                # Services ride it out (they reconnect); etcd comes back with its data.
+                code = proc.popen.returncode if proc.popen else "?"
+                self.say(f"[up] {proc.name} exited (code {code}); restarting it")
+                try:
+                    # On this (the main) thread, though it blocks for a moment: the store is
+                    # bound to the thread that starts it (its parent-death signal).
+                    self.stores[index] = self.start_store(proc.name)
+                except Unavailable as exc:
+                    self.say(f"[up] {proc.name} did not come back; stopping the cluster: {exc}")
+                    stop.set()
+                    continue
+                self.layout.save(self.pids())
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 0.5)
 
@@ -338,6 +388,10 @@ async def run_cluster(options: LaunchOptions, say: Callable[[str], None] = print
                 f'application/json\' -d \'{{"model": "{options.model}", "messages": '
                 '[{"role": "user", "content": "What is the capital of France?"}]}\''
             )
+        if options.gateway_open:
+            say("  auth: open mode, no API key needed (up --require-keys to require them)")
+        else:
+            say("  auth: API keys required; create one: deepserve keys create --tenant NAME")
         say("  status: deepserve status    stop: Ctrl-C")
         await cluster.supervise(stop)
         return 0

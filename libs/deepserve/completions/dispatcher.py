@@ -3,19 +3,30 @@
 `n > 1` (or several prompts) fans out into one engine request per choice, merged into one
 stream of deltas. Closing the stream (the client went away) cancels every engine call, and
 the engine aborts a request whose call is cancelled. An engine that fails before its first
-token is routed around (up to `retries` times); one that fails later ends the stream with an
-error, never a hang: every call carries the job's deadline.
+token is routed around (up to `retries` times); one that fails later is migrated: the request
+continues on another instance from the tokens already streamed (`deepserve.completions.
+migration`), up to `max_migrations` times, after which the stream ends with an error. Never a
+hang: every call carries the job's deadline. A failed instance is reported to the scheduler.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
 import grpc
+from opentelemetry import trace
 
+from deepserve.completions.migration import (
+    INSTANCE_FAILURE_CODES,
+    MIGRATIONS,
+    REFUSAL_CODES,
+    MigrationPolicy,
+    RequestPath,
+)
 from deepserve.completions.prepared import GenerationJob, Prompt
 from deepserve.completions.upstream import EngineStubs, SchedulerClient
 from deepserve.errors import (
@@ -30,6 +41,9 @@ from deepserve.errors import (
 from deepserve.rpc.errors import error_from_rpc
 from deepserve.sampling_params import SamplingParams
 from deepserve.v1 import common_pb2, flowserve_pb2, scheduler_pb2
+
+log = logging.getLogger(__name__)
+_tracer = trace.get_tracer(__name__)
 
 FINISH_REASONS = {
     common_pb2.FINISH_REASON_STOP: "stop",
@@ -112,13 +126,31 @@ def engine_error(exc: grpc.aio.AioRpcError, instance_id: str, started: bool) -> 
     return DeepServeError(f"instance {instance_id} failed {where}: {exc.details() or code.name}")
 
 
+class _InstanceFailed(Exception):
+    """An engine call ended in a way that says its instance failed (not the request)."""
+
+    def __init__(self, instance_id: str, error: DeepServeError, reason: str) -> None:
+        super().__init__(reason)
+        self.instance_id = instance_id
+        self.error = error
+        self.reason = reason
+
+
 class Dispatcher:
     """Routes and runs jobs; one per gateway process."""
 
-    def __init__(self, scheduler: SchedulerClient, engines: EngineStubs, retries: int = 1) -> None:
+    def __init__(
+        self,
+        scheduler: SchedulerClient,
+        engines: EngineStubs,
+        retries: int = 1,
+        max_migrations: int = 2,
+    ) -> None:
         self._scheduler = scheduler
         self._engines = engines
-        self._retries = retries
+        self.policy = MigrationPolicy(retries=retries, max_migrations=max_migrations)
+        # Failure reports in flight to the scheduler, kept referenced until they finish.
+        self._reports: set[asyncio.Future[None]] = set()
 
     @staticmethod
     def _remaining(job: GenerationJob) -> float:
@@ -167,6 +199,14 @@ class Dispatcher:
                 )
             )
 
+    def report_failure(self, job: GenerationJob, instance_id: str, reason: str) -> None:
+        """Tells the scheduler (in the background) to stop routing to a failed instance."""
+        task = asyncio.ensure_future(
+            self._scheduler.report_instance_failure(instance_id, reason, job.request_id)
+        )
+        self._reports.add(task)
+        task.add_done_callback(self._reports.discard)
+
     async def route_all(self, job: GenerationJob) -> list[Target]:
         """One instance per prompt; the n choices of a prompt share it (and its cached prefix)."""
         if len(job.prompts) == 1:
@@ -192,59 +232,129 @@ class Dispatcher:
             tenant=job.tenant,
             priority=job.priority,
         )
-        tried: list[str] = []
+        path = RequestPath()
         while True:
             instance = target.instance
-            request.prefill_address = target.prefill.address if target.prefill else ""
+            # A resumed request runs on one instance: it computes prompt + tokens itself.
+            prefill = target.prefill if not path.started else None
+            request.prefill_address = prefill.address if prefill is not None else ""
+            del request.output_token_ids[:]
+            request.output_token_ids.extend(path.generated)
             call = self._engines.get(instance.address).Generate(
                 request, timeout=self._remaining(job), metadata=self._metadata(job)
             )
-            started = finished = False
+            finished = False
             try:
-                async for msg in call:
-                    if finished:
-                        continue  # the engine sends nothing after the last delta
-                    started = True
-                    delta = ChoiceDelta(index, msg.text, list(msg.token_ids), msg.logprobs)
-                    if msg.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED:
+                try:
+                    async for msg in call:
+                        if finished:
+                            continue  # the engine sends nothing after the last delta
                         if msg.finish_reason == common_pb2.FINISH_REASON_ERROR:
-                            raise Unavailable(
-                                f"instance {instance.instance_id} failed while generating"
+                            raise _InstanceFailed(
+                                instance.instance_id,
+                                Unavailable(
+                                    f"instance {instance.instance_id} failed while generating"
+                                ),
+                                "the engine failed the request",
                             )
-                        delta.finish_reason = FINISH_REASONS.get(msg.finish_reason, "stop")
-                        delta.stop_reason = msg.stop_reason
-                        delta.prompt_tokens = msg.usage.prompt_tokens
-                        delta.completion_tokens = msg.usage.completion_tokens
-                        delta.cached_tokens = msg.usage.cached_tokens
-                        finished = True
-                    yield delta
-                # Read to the end of the stream (not stopping at the last delta), so the call
-                # completes normally and its client span ends and is exported.
-                if finished:
-                    return
-                raise Unavailable(
-                    f"instance {instance.instance_id} ended the stream before finishing"
-                )
-            except grpc.aio.AioRpcError as exc:
-                retryable = exc.code() in (
-                    grpc.StatusCode.UNAVAILABLE,
-                    grpc.StatusCode.FAILED_PRECONDITION,
-                )
-                if started or not retryable or len(tried) >= self._retries:
-                    raise engine_error(exc, instance.instance_id, started) from exc
-                prefill_failed = target.prefill is not None and _PREFILL_FAILURE in (
-                    exc.details() or ""
-                )
-                tried.append(
-                    target.prefill.instance_id
-                    if prefill_failed and target.prefill is not None
-                    else instance.instance_id
-                )
+                        delta = ChoiceDelta(index, msg.text, list(msg.token_ids), msg.logprobs)
+                        if msg.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED:
+                            delta.finish_reason = FINISH_REASONS.get(msg.finish_reason, "stop")
+                            delta.stop_reason = msg.stop_reason
+                            delta.prompt_tokens = msg.usage.prompt_tokens
+                            delta.completion_tokens = msg.usage.completion_tokens
+                            delta.cached_tokens = msg.usage.cached_tokens
+                            finished = True
+                        path.generated.extend(delta.token_ids)
+                        yield delta
+                    # Read to the end of the stream (not stopping at the last delta), so the call
+                    # completes normally and its client span ends and is exported.
+                    if finished:
+                        return
+                    raise _InstanceFailed(
+                        instance.instance_id,
+                        Unavailable(
+                            f"instance {instance.instance_id} ended the stream before finishing"
+                        ),
+                        "the stream ended unfinished",
+                    )
+                except grpc.aio.AioRpcError as exc:
+                    raise self._classify(exc, instance, prefill, path) from exc
+            except _InstanceFailed as failure:
+                failed = failure
             finally:
                 # A no-op after a clean finish; otherwise the engine sees the cancellation
                 # and aborts the request (frees its KV blocks) at once.
                 call.cancel()
-            target = await self.route(job, prompt, exclude=tried)
+            target = await self._move(job, prompt, index, path, failed)
+
+    def _classify(
+        self,
+        exc: grpc.aio.AioRpcError,
+        instance: common_pb2.Instance,
+        prefill: common_pb2.Instance | None,
+        path: RequestPath,
+    ) -> BaseException:
+        """The failed call as a request error (raised as is) or an instance failure (moved)."""
+        code = exc.code()
+        details = exc.details() or code.name
+        error = engine_error(exc, instance.instance_id, path.started)
+        if code in INSTANCE_FAILURE_CODES or (not path.started and code in REFUSAL_CODES):
+            failed = instance
+            if prefill is not None and _PREFILL_FAILURE in details:
+                failed = prefill  # the decode side is fine; its prefill peer failed
+            return _InstanceFailed(failed.instance_id, error, f"{code.name}: {details}")
+        return error
+
+    async def _move(
+        self,
+        job: GenerationJob,
+        prompt: Prompt,
+        index: int,
+        path: RequestPath,
+        failure: _InstanceFailed,
+    ) -> Target:
+        """Where a request whose instance failed goes on; raises the failure when nowhere."""
+        failed_id = failure.instance_id
+        path.failed_instances.append(failed_id)
+        self.report_failure(job, failed_id, failure.reason)
+        started = path.started
+        if not path.may_move(self.policy):
+            if started:
+                MIGRATIONS.labels(job.model, "exhausted").inc()
+            raise failure.error
+        path.moved()
+        with _tracer.start_as_current_span(
+            "migrate" if started else "reroute",
+            attributes={
+                "request_id": job.request_id,
+                "choice": index,
+                "from_instance": failed_id,
+                "resumed_tokens": len(path.generated),
+                "reason": failure.reason,
+                "attempt": path.migrations if started else path.retries,
+            },
+        ) as span:
+            try:
+                target = await self.route(job, prompt, exclude=path.failed_instances)
+            except DeepServeError as exc:
+                if started:
+                    MIGRATIONS.labels(job.model, "no_instance").inc()
+                span.set_attribute("error", str(exc))
+                raise failure.error from exc
+            span.set_attribute("to_instance", target.instance.instance_id)
+        if started:
+            MIGRATIONS.labels(job.model, "migrated").inc()
+            log.info(
+                "request %s choice %d migrated from %s to %s after %d tokens (%s)",
+                job.request_id,
+                index,
+                failed_id,
+                target.instance.instance_id,
+                len(path.generated),
+                failure.reason,
+            )
+        return target
 
     async def _merged(
         self, job: GenerationJob, instances: Sequence[Target]

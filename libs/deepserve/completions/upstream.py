@@ -52,6 +52,22 @@ class SchedulerClient:
         except grpc.aio.AioRpcError as exc:
             raise error_from_rpc(exc) from exc
 
+    async def report_instance_failure(
+        self, instance_id: str, reason: str, request_id: str = ""
+    ) -> bool:
+        """Asks the scheduler to stop routing to an instance seen failing; False if it could not
+        be told (a lost report only delays the eviction until the instance's lease expires)."""
+        try:
+            reply = await self._stub.ReportInstanceFailure(
+                scheduler_pb2.ReportInstanceFailureRequest(
+                    instance_id=instance_id, reason=reason, request_id=request_id
+                ),
+                timeout=min(self._timeout_s, 2.0),
+            )
+        except grpc.aio.AioRpcError:
+            return False
+        return reply.known
+
     async def close(self) -> None:
         await self._channel.close()
 

@@ -167,6 +167,16 @@ class EtcdStore:
         keeper.start()
         return keeper
 
+    async def revoke_lease(self, lease_id: int) -> bool:
+        """Deletes a lease and every key attached to it; False when etcd no longer has it."""
+        try:
+            await self._client.revoke_lease(lease_id)
+        except aetcd.exceptions.ClientError as exc:
+            if "lease not found" in str(exc):
+                return False
+            raise
+        return True
+
     # --- watches ---------------------------------------------------------------------------
 
     async def watch_prefix(self, prefix: str, *, start_revision: int) -> AsyncIterator[WatchEvent]:

@@ -6,6 +6,7 @@ Redis holds hot state that may be lost without harming correctness (etcd holds t
     deepserve:load:<instance id>                 an instance's latest load report (string, TTL)
     deepserve:kv-events:<instance id>            an instance's KV events (stream)
     deepserve:routed:<instance id>               requests routed since each load report (hash)
+    deepserve:suspect:<instance id>              an instance a caller saw fail (string, TTL)
     deepserve:decode-history:<model>:<tenant>    decode-length histogram (hash; both quoted)
     deepserve:latency:<model>                    recent request latencies, newest first (list)
     deepserve:usage:index                        the (tenant, model) pairs with usage (set)
@@ -59,6 +60,10 @@ class RedisKeys:
     @staticmethod
     def routed(instance_id: str) -> str:
         return f"{ROOT}routed:{instance_id}"
+
+    @staticmethod
+    def suspect(instance_id: str) -> str:
+        return f"{ROOT}suspect:{instance_id}"
 
     @staticmethod
     def decode_history(model: str, tenant: str) -> str:

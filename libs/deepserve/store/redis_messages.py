@@ -9,6 +9,7 @@ producer may add a field before every consumer knows it.
     LoadReport        pod shell -> scheduler load tracker, jobmgr autoscaler
     KVEventEntry      pod shell (engine KV-cache events) -> scheduler KV-event feed
     RoutedSince       scheduler replica -> scheduler replicas
+    SuspectInstance   scheduler replica (told by a gateway) -> scheduler replicas
     DecodeHistory     scheduler replica -> scheduler replicas
     LatencySample     gateway -> jobmgr autoscaler
     UsageCounts       gateway, jobmgr batch runner -> usage readers (CLI, API)
@@ -171,6 +172,32 @@ class RoutedSince:
     @classmethod
     def decode(cls, report_at: float, raw: Raw | None) -> RoutedSince:
         return cls(report_at, _int(raw, "routed count") if raw is not None else 0)
+
+
+@dataclass(frozen=True, slots=True)
+class SuspectInstance:
+    """An instance a caller saw fail (its stream or connection broke), as JSON: routing avoids
+    it until its load reports show it alive after `since`, or its record leaves etcd."""
+
+    # Unix time the failure was reported.
+    since: float
+    reason: str = ""
+    # The scheduler replica that was told.
+    reporter: str = ""
+
+    def encode(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"))
+
+    @classmethod
+    def decode(cls, raw: Raw) -> SuspectInstance:
+        data = _json(raw, "suspect instance")
+        if not isinstance(data, dict):
+            raise BadMessage(f"suspect instance: expected an object, got {type(data).__name__}")
+        return cls(
+            since=_float(data.get("since"), "suspect instance since"),
+            reason=str(data.get("reason", "")),
+            reporter=str(data.get("reporter", "")),
+        )
 
 
 @dataclass(frozen=True, slots=True)

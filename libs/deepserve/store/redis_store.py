@@ -18,7 +18,7 @@ import redis.asyncio as aioredis
 
 from deepserve.errors import Unavailable
 from deepserve.store.redis_keys import RedisKeys
-from deepserve.store.redis_messages import BadMessage, KVEventEntry, LoadReport
+from deepserve.store.redis_messages import BadMessage, KVEventEntry, LoadReport, SuspectInstance
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +85,29 @@ class RedisStore:
             except BadMessage as exc:
                 log.warning("bad load report from %s: %s", instance_id, exc)
         return reports
+
+    # --- suspect instances (seen failing), shared by scheduler replicas --------------------
+
+    async def mark_suspect(self, instance_id: str, suspect: SuspectInstance, ttl_s: float) -> None:
+        """Records that an instance was seen failing; the mark expires after `ttl_s`."""
+        await self.client.set(
+            RedisKeys.suspect(instance_id), suspect.encode(), px=int(ttl_s * 1000)
+        )
+
+    async def read_suspects(self, instance_ids: Sequence[str]) -> dict[str, SuspectInstance]:
+        """The marks of those instances that have one; a malformed one is logged, skipped."""
+        if not instance_ids:
+            return {}
+        values = await self.client.mget([RedisKeys.suspect(i) for i in instance_ids])
+        found: dict[str, SuspectInstance] = {}
+        for instance_id, value in zip(instance_ids, values, strict=True):
+            if value is None:
+                continue
+            try:
+                found[instance_id] = SuspectInstance.decode(value)
+            except BadMessage as exc:
+                log.warning("bad suspect mark of %s: %s", instance_id, exc)
+        return found
 
     # --- KV events (block hashes stored / evicted), consumed by the global prefix index ----
 

@@ -27,7 +27,7 @@ KV_TRANSPORT_GRPC: KVTransport
 KV_TRANSPORT_SHARED_MEMORY: KVTransport
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("request_id", "model", "prompt_token_ids", "sampling", "detokenize", "tenant", "priority", "prefill_address", "kv_transfer_mode")
+    __slots__ = ("request_id", "model", "prompt_token_ids", "sampling", "detokenize", "tenant", "priority", "prefill_address", "kv_transfer_mode", "output_token_ids")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -37,6 +37,7 @@ class GenerateRequest(_message.Message):
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
     PREFILL_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     KV_TRANSFER_MODE_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -46,7 +47,8 @@ class GenerateRequest(_message.Message):
     priority: int
     prefill_address: str
     kv_transfer_mode: KVTransferMode
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., detokenize: _Optional[bool] = ..., tenant: _Optional[str] = ..., priority: _Optional[int] = ..., prefill_address: _Optional[str] = ..., kv_transfer_mode: _Optional[_Union[KVTransferMode, str]] = ...) -> None: ...
+    output_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., detokenize: _Optional[bool] = ..., tenant: _Optional[str] = ..., priority: _Optional[int] = ..., prefill_address: _Optional[str] = ..., kv_transfer_mode: _Optional[_Union[KVTransferMode, str]] = ..., output_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class PrefillRequest(_message.Message):
     __slots__ = ("request_id", "model", "prompt_token_ids", "sampling", "skip_blocks", "block_size", "mode", "transports", "host_id")

@@ -136,3 +136,19 @@ class GetSchedulerStatsResponse(_message.Message):
     prefix_index_blocks: int
     instances: int
     def __init__(self, decisions: _Optional[_Mapping[str, int]] = ..., predictions: _Optional[int] = ..., predictions_correct: _Optional[int] = ..., predictor_accuracy: _Optional[float] = ..., prefix_index_blocks: _Optional[int] = ..., instances: _Optional[int] = ...) -> None: ...
+
+class ReportInstanceFailureRequest(_message.Message):
+    __slots__ = ("instance_id", "reason", "request_id")
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    instance_id: str
+    reason: str
+    request_id: str
+    def __init__(self, instance_id: _Optional[str] = ..., reason: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class ReportInstanceFailureResponse(_message.Message):
+    __slots__ = ("known",)
+    KNOWN_FIELD_NUMBER: _ClassVar[int]
+    known: bool
+    def __init__(self, known: _Optional[bool] = ...) -> None: ...

@@ -55,6 +55,11 @@ class SchedulerServiceStub:
                 request_serializer=deepserve_dot_v1_dot_scheduler__pb2.GetSchedulerStatsRequest.SerializeToString,
                 response_deserializer=deepserve_dot_v1_dot_scheduler__pb2.GetSchedulerStatsResponse.FromString,
                 _registered_method=True)
+        self.ReportInstanceFailure = channel.unary_unary(
+                '/deepserve.v1.SchedulerService/ReportInstanceFailure',
+                request_serializer=deepserve_dot_v1_dot_scheduler__pb2.ReportInstanceFailureRequest.SerializeToString,
+                response_deserializer=deepserve_dot_v1_dot_scheduler__pb2.ReportInstanceFailureResponse.FromString,
+                _registered_method=True)
 
 
 class SchedulerServiceServicer:
@@ -88,6 +93,15 @@ class SchedulerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReportInstanceFailure(self, request, context):
+        """A caller saw an instance fail (its engine stream or connection broke): every scheduler
+        replica stops routing to it at once, without waiting for its lease to expire. It is routed
+        to again when its load reports continue after the report (it was alive after all).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SchedulerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -110,6 +124,11 @@ def add_SchedulerServiceServicer_to_server(servicer, server):
                     servicer.GetSchedulerStats,
                     request_deserializer=deepserve_dot_v1_dot_scheduler__pb2.GetSchedulerStatsRequest.FromString,
                     response_serializer=deepserve_dot_v1_dot_scheduler__pb2.GetSchedulerStatsResponse.SerializeToString,
+            ),
+            'ReportInstanceFailure': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportInstanceFailure,
+                    request_deserializer=deepserve_dot_v1_dot_scheduler__pb2.ReportInstanceFailureRequest.FromString,
+                    response_serializer=deepserve_dot_v1_dot_scheduler__pb2.ReportInstanceFailureResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -221,6 +240,33 @@ class SchedulerService:
             '/deepserve.v1.SchedulerService/GetSchedulerStats',
             deepserve_dot_v1_dot_scheduler__pb2.GetSchedulerStatsRequest.SerializeToString,
             deepserve_dot_v1_dot_scheduler__pb2.GetSchedulerStatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportInstanceFailure(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/deepserve.v1.SchedulerService/ReportInstanceFailure',
+            deepserve_dot_v1_dot_scheduler__pb2.ReportInstanceFailureRequest.SerializeToString,
+            deepserve_dot_v1_dot_scheduler__pb2.ReportInstanceFailureResponse.FromString,
             options,
             channel_credentials,
             insecure,

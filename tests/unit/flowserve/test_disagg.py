@@ -292,3 +292,45 @@ def _greedy(max_tokens: int):  # type: ignore[no-untyped-def]
     from deepserve.sampling_params import SamplingParams
 
     return SamplingParams(temperature=0.0, max_tokens=max_tokens)
+
+
+async def test_seeded_outputs_match_colocated_and_a_pair_refuses_resumed_tokens(
+    shm_dir: Path,
+) -> None:
+    """The decode side continues the seeded sampler from the prefill's token (one draw in), so a
+    seeded PD request yields what a colocated one does; a migrated request resumes on one
+    instance only, never through a prefill instance."""
+    from deepserve.sampling_params import SamplingParams
+
+    pair = await make_pair(shm_dir)
+    colocated = make_engine()
+    try:
+        p = prompt(3, 9)
+        request = generate_request("seeded", p, 12, pair.prefill.address)
+        request.sampling.temperature = 2.0
+        request.sampling.seed = 99
+        tokens, _ = await generate_tokens(pair.stub, request)
+        params = SamplingParams(temperature=2.0, seed=99, max_tokens=12)
+        expected = [
+            t async for out in colocated.generate("c", p, params) for t in out.new_token_ids
+        ]
+        assert tokens == expected
+        assert expected != FakeExecutor.reference(p, 12, VOCAB)  # the seed decided, not argmax
+        # Resumed on the decode instance alone (it computes prompt + tokens itself).
+        resumed_request = generate_request("resumed", p, 12)
+        resumed_request.sampling.CopyFrom(request.sampling)
+        resumed_request.output_token_ids.extend(tokens[:5])
+        rest, last = await generate_tokens(pair.stub, resumed_request)
+        assert tokens[:5] + rest == tokens
+        assert last.usage.completion_tokens == 12 and last.usage.prompt_tokens == len(p)
+        request.request_id = "refused"
+        request.output_token_ids.extend(tokens[:5])
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await generate_tokens(pair.stub, request)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "output_token_ids" in (err.value.details() or "") or any(
+            "output_token_ids" in str(v) for _, v in err.value.trailing_metadata() or ()
+        )
+    finally:
+        colocated.shutdown()
+        await pair.close()

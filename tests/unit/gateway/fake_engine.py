@@ -39,7 +39,8 @@ class EchoRecord:
 
 
 class EchoEngine(flowserve_pb2_grpc.FlowServeServiceServicer):
-    """Echoes prompt tokens; honours max_tokens, stop_token_ids and logprobs."""
+    """Echoes prompt tokens; honours max_tokens, stop_token_ids, logprobs and resumed tokens
+    (a migrated request continues the echo after the tokens it already has)."""
 
     def __init__(self, tokenizer: Tokenizer) -> None:
         self.tokenizer = tokenizer
@@ -78,7 +79,7 @@ class EchoEngine(flowserve_pb2_grpc.FlowServeServiceServicer):
             else common_pb2.FINISH_REASON_STOP
         )
         try:
-            for i in range(total):
+            for i in range(len(request.output_token_ids), total):
                 if b.token_delay_s:
                     await asyncio.sleep(b.token_delay_s)
                 if b.die_after_tokens is not None and i >= b.die_after_tokens:

@@ -18,6 +18,7 @@ class StaticScheduler(scheduler_pb2_grpc.SchedulerServiceServicer):
     def __init__(self) -> None:
         self.instances: dict[str, list[common_pb2.Instance]] = {}
         self.requests: list[scheduler_pb2.RouteRequest] = []
+        self.failure_reports: list[scheduler_pb2.ReportInstanceFailureRequest] = []
         self._turn = 0
         self.service: GrpcService | None = None
 
@@ -52,3 +53,14 @@ class StaticScheduler(scheduler_pb2_grpc.SchedulerServiceServicer):
         return scheduler_pb2.RouteResponse(
             instances=[live[self._turn % len(live)]], branch=scheduler_pb2.ROUTE_BRANCH_ANY
         )
+
+    async def ReportInstanceFailure(
+        self,
+        request: scheduler_pb2.ReportInstanceFailureRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> scheduler_pb2.ReportInstanceFailureResponse:
+        self.failure_reports.append(request)
+        known = any(
+            i.instance_id == request.instance_id for group in self.instances.values() for i in group
+        )
+        return scheduler_pb2.ReportInstanceFailureResponse(known=known)

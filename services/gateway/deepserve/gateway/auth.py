@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from deepserve.errors import Unauthenticated
+from deepserve.errors import FailedPrecondition, Unauthenticated
 from deepserve.gateway.settings import GatewaySettings
+from deepserve.processes import is_loopback
 from deepserve.store.etcd import EtcdStore
 from deepserve.store.informer import Informer
 from deepserve.tenancy.api_keys import ApiKeyRecord, ApiKeys, hash_api_key
@@ -23,6 +24,17 @@ class Caller:
     tenant: str
     limits: TenantLimits
     key_id: str = ""
+
+
+def check_open_mode(settings: GatewaySettings, host: str) -> None:
+    """Refuses open mode (no keys) on an address others can reach, unless allowed explicitly."""
+    if settings.auth_open and not settings.auth_open_allow_remote and not is_loopback(host):
+        raise FailedPrecondition(
+            f"open mode (DEEPSERVE_GATEWAY_AUTH_OPEN=true: no API key needed) would serve "
+            f"anyone who reaches {host}; listen on a loopback address, require keys, or set "
+            "DEEPSERVE_GATEWAY_AUTH_OPEN_ALLOW_REMOTE=true to accept that",
+            field="auth_open",
+        )
 
 
 def bearer_token(authorization: str | None) -> str | None:

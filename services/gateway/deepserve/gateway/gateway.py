@@ -77,7 +77,9 @@ class Gateway:
         self.tokenizers = tokenizers
         self.scheduler = scheduler
         self.engines = engines
-        self.dispatcher = Dispatcher(scheduler, engines, settings.generate_retries)
+        self.dispatcher = Dispatcher(
+            scheduler, engines, settings.generate_retries, settings.max_migrations
+        )
         # Fire-and-forget reports to the scheduler, kept referenced until they finish.
         self._background: set[asyncio.Future[None]] = set()
         # Scale from zero (holds requests for models at zero replicas) and latency reports.

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 
+from deepserve.errors import DeepServeError
+from deepserve.gateway.auth import check_open_mode
 from deepserve.gateway.gateway import Gateway
 from deepserve.gateway.http_app import create_app
 from deepserve.gateway.http_server import HttpServer
@@ -18,6 +21,8 @@ SERVICE_NAME = gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_na
 
 
 async def serve(settings: GatewaySettings) -> None:
+    # Before anything listens: an open gateway on a public address serves anyone.
+    check_open_mode(settings, settings.common.host)
     async with ServiceRuntime("gateway", settings, use_redis=True) as rt:
         assert rt.redis is not None
         gateway = Gateway.build(settings, rt.etcd, rt.redis.client)
@@ -45,4 +50,9 @@ async def serve(settings: GatewaySettings) -> None:
 
 
 def main() -> None:
-    asyncio.run(serve(GatewaySettings()))
+    settings = GatewaySettings()
+    try:
+        check_open_mode(settings, settings.common.host)
+    except DeepServeError as exc:
+        sys.exit(f"gateway: {exc}")
+    asyncio.run(serve(settings))

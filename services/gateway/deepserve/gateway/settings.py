@@ -22,8 +22,12 @@ class GatewaySettings(ServiceSettings):
     jobmgr_address: str = ""
     # Seconds a call to jobmgr may take before the request fails with 503.
     jobmgr_timeout_s: float = 10.0
-    # Open mode accepts calls without an API key; meant for the local demo only.
+    # Open mode accepts calls without an API key, or with a wrong one, charging them to
+    # `open_tenant`: anyone who can reach the gateway may use it. Meant for the local demo only,
+    # so an open gateway refuses to listen on anything but a loopback address unless
+    # `auth_open_allow_remote` says so explicitly.
     auth_open: bool = False
+    auth_open_allow_remote: bool = False
     # The tenant that keyless (or unknown-key) calls are charged to in open mode.
     open_tenant: str = "anonymous"
     request_timeout_s: float = 600.0
@@ -31,6 +35,10 @@ class GatewaySettings(ServiceSettings):
     route_timeout_s: float = 5.0
     # Re-routes (to another instance) when an engine fails before its first token.
     generate_retries: int = 1
+    # Migrations per engine request (each choice): when its instance dies mid-stream, the
+    # request continues on another instance from the tokens already streamed, at most this
+    # many times; then the stream ends with an error event. 0 disables migration.
+    max_migrations: int = 2
     # Limits of tenants without a record of their own (0: unlimited).
     default_requests_per_min: int = 0
     default_tokens_per_min: int = 0

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from deepserve.errors import DeepServeError
+from deepserve.processes import parent_death_signal
 from deepserve.scaling.weights_cache import WeightsCacheLayout, WeightsEntry
 
 log = logging.getLogger(__name__)
@@ -192,6 +193,7 @@ class DramPreloader:
                     "--root", str(self.layout.root), "--device", self.device,
                     "--tp-size", str(tp_size),
                     stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+                    preexec_fn=parent_death_signal(),  # a helper: it dies with podpool
                 )  # fmt: skip
                 try:
                     out, err = await asyncio.wait_for(proc.communicate(), self.prepare_timeout_s)

@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 
 from deepserve.podpool.settings import PodPoolSettings
-from deepserve.processes import ManagedProcess
+from deepserve.processes import ManagedProcess, with_owner
 from deepserve.records import PodRecord
 
 log = logging.getLogger(__name__)
@@ -55,6 +55,7 @@ class LocalProcessBackend:
             # Warm: the runtime starts, the model comes later through LoadModel.
             "DEEPSERVE_FLOWSERVE_MODEL": "",
         }
+        env = with_owner(env)
         if self._settings.pod_device:
             env["DEEPSERVE_FLOWSERVE_DEVICE"] = self._settings.pod_device
         # The pods map the DRAM copies this pool keeps (and publish what they fork) here.
@@ -85,6 +86,9 @@ class LocalProcessBackend:
             [sys.executable, "-m", "deepserve.flowserve"],
             self._log_dir / f"{pod_id}.log",
             env=self.pod_env(pod_id),
+            # A pod outlives a podpool crash (the next podpool adopts it from etcd); it ends
+            # with the cluster's owner instead (deepserve.processes).
+            bind_to_parent=False,
         )
         await asyncio.to_thread(proc.start)
         self._procs[pod_id] = proc

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 
 from deepserve import records
 from deepserve.errors import InvalidArgument
@@ -12,6 +13,7 @@ from deepserve.podpool.backend import PodBackend
 from deepserve.podpool.dram_cache import DramPreloader, ModelResolver
 from deepserve.podpool.local_backend import LocalProcessBackend
 from deepserve.podpool.pod_agent import GrpcPodAgent
+from deepserve.podpool.pod_exits import PodExitWatcher
 from deepserve.podpool.pod_view import PodView
 from deepserve.podpool.pool_metrics import PoolCollector
 from deepserve.podpool.servicer import PodPoolServicer
@@ -53,6 +55,9 @@ def make_dram(settings: PodPoolSettings) -> DramPreloader | None:
 async def serve(settings: PodPoolSettings) -> None:
     async with ServiceRuntime("podpool", settings) as rt:
         view = PodView(rt.etcd)
+        # Before the view starts, so it sees every pod of the first listing.
+        exits = PodExitWatcher(view, rt.etcd, socket.gethostname(), backend=settings.backend)
+        exits.start()
         view.start()
         registry().register(PoolCollector(view))
         # Running instances: the fork sources for new ones.
@@ -90,7 +95,8 @@ async def serve(settings: PodPoolSettings) -> None:
                 )
             ],
             [SERVICE_NAME],
-            on_shutdown=[pool.close, stop_scaling, view.stop],
+            # The watcher stops first: pods podpool ends on purpose deregister themselves.
+            on_shutdown=[exits.stop, pool.close, stop_scaling, view.stop],
         )
 
 

@@ -31,6 +31,10 @@ class PodView:
     def start(self) -> None:
         self._informer.start()
 
+    def add_handler(self, handler: Callable[[str, str, PodRecord | None], None]) -> None:
+        """Calls handler(kind, pod_id, record) on every change (kind "put" or "delete")."""
+        self._informer.add_handler(handler)
+
     async def stop(self) -> None:
         await self._informer.stop()
 

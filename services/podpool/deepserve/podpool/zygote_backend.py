@@ -18,6 +18,7 @@ import time
 from deepserve.errors import Unavailable
 from deepserve.podpool.local_backend import LocalProcessBackend, openmp_env
 from deepserve.podpool.settings import PodPoolSettings
+from deepserve.processes import parent_death_signal, with_owner
 from deepserve.records import PodRecord
 
 log = logging.getLogger(__name__)
@@ -49,12 +50,14 @@ class ZygoteBackend(LocalProcessBackend):
         if self._zygote is not None and self._zygote.returncode is None:
             return self._zygote
         # The zygote loads libgomp (with torch) for all its children: its settings go here.
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", **openmp_env(self._settings)}
+        env = with_owner({**os.environ, "PYTHONUNBUFFERED": "1", **openmp_env(self._settings)})
         self._log_dir.mkdir(parents=True, exist_ok=True)
         stderr = (self._log_dir / "zygote.log").open("ab")
+        # The zygote dies with podpool (its stdin closes too); the pods it forked do not.
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "deepserve.flowserve.pod.zygote",
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=stderr, env=env,
+            preexec_fn=parent_death_signal(),
         )  # fmt: skip
         stderr.close()
         assert proc.stdout is not None

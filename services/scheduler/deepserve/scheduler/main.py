@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 
 from deepserve.errors import InvalidArgument
 from deepserve.jobs.records import RoutingPolicy
@@ -18,6 +19,7 @@ from deepserve.scheduler.prefix_index import PrefixIndex
 from deepserve.scheduler.router import Router, RoutingConfig
 from deepserve.scheduler.servicer import SchedulerServicer
 from deepserve.scheduler.settings import SchedulerSettings
+from deepserve.scheduler.suspects import SuspectConfig, SuspectInstances
 from deepserve.v1 import scheduler_pb2, scheduler_pb2_grpc
 
 SERVICE_NAME = scheduler_pb2.DESCRIPTOR.services_by_name["SchedulerService"].full_name
@@ -46,6 +48,15 @@ async def serve(settings: SchedulerSettings) -> None:
             refresh_s=settings.load_refresh_s,
             kv_weight=settings.kv_load_weight,
         )
+        suspects = SuspectInstances(
+            rt.redis,
+            live_ids,
+            lambda instance_id: loads.load_of(instance_id).report_at,
+            reporter=f"scheduler-{os.getpid()}",
+            config=SuspectConfig(
+                clear_after_s=settings.suspect_clear_after_s, refresh_s=settings.load_refresh_s
+            ),
+        )
         index = PrefixIndex()
         feed = KVEventFeed(rt.redis, index, live_ids, block_ms=settings.kv_events_block_ms)
         predictor = DecodeLengthPredictor(
@@ -65,11 +76,12 @@ async def serve(settings: SchedulerSettings) -> None:
                 balance_abs_threshold=settings.balance_abs_threshold,
                 balance_rel_threshold=settings.balance_rel_threshold,
             ),
+            suspects=suspects,
         )
-        parts = (table, loads, feed, history, heatmaps, policies)
+        parts = (table, loads, suspects, feed, history, heatmaps, policies)
         for part in parts:
             part.start()
-        servicer = SchedulerServicer(router, table, history)
+        servicer = SchedulerServicer(router, table, history, suspects)
         await rt.serve(
             [
                 lambda server: scheduler_pb2_grpc.add_SchedulerServiceServicer_to_server(

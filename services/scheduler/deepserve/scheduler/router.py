@@ -19,7 +19,7 @@ import hashlib
 import itertools
 import random
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -38,6 +38,12 @@ class InstanceSource(Protocol):
     """The live instances of a model by TE group (the InstanceTable)."""
 
     def groups(self, model: str) -> RoleGroups: ...
+
+
+class SuspectSource(Protocol):
+    """Instances reported failing (deepserve.scheduler.suspects.SuspectInstances)."""
+
+    def suspects(self, instance_ids: Iterable[str]) -> set[str]: ...
 
 
 @dataclass(slots=True)
@@ -100,8 +106,10 @@ class Router:
         heatmaps: HeatmapTable,
         policies: PolicyTable,
         config: RoutingConfig | None = None,
+        suspects: SuspectSource | None = None,
     ) -> None:
         self._table = table
+        self.suspects = suspects
         self.loads = loads
         self.index = index
         self.predictor = predictor
@@ -125,6 +133,16 @@ class Router:
         live = (
             serving.without(facts.exclude_instance_ids) if facts.exclude_instance_ids else serving
         )
+        if self.suspects is not None and live:
+            # Instances a caller saw fail are avoided until their lease or load reports settle
+            # it; with nothing else left they are tried rather than failing the request.
+            suspect = self.suspects.suspects(
+                i.instance_id for i in (*live.colocated, *live.prefill, *live.decode)
+            )
+            if suspect:
+                healthy = live.without(suspect)
+                if healthy.colocated or (healthy.prefill and healthy.decode):
+                    live = healthy
         if not live:
             if not serving:
                 raise NotFound(f"no live instance serves model {facts.model!r}")

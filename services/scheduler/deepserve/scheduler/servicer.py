@@ -10,6 +10,7 @@ from deepserve.scheduler.history_sync import HistorySync
 from deepserve.scheduler.instance_table import InstanceTable
 from deepserve.scheduler.route_metrics import ROUTE_DECISIONS
 from deepserve.scheduler.router import RouteDecision, RouteFacts, Router
+from deepserve.scheduler.suspects import SuspectInstances
 from deepserve.v1 import scheduler_pb2, scheduler_pb2_grpc
 from deepserve.wire import instance_to_proto
 
@@ -26,11 +27,16 @@ _BRANCHES = {
 
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
     def __init__(
-        self, router: Router, table: InstanceTable, history: HistorySync | None = None
+        self,
+        router: Router,
+        table: InstanceTable,
+        history: HistorySync | None = None,
+        suspects: SuspectInstances | None = None,
     ) -> None:
         self._router = router
         self._table = table
         self._history = history
+        self._suspects = suspects
 
     async def Route(
         self, request: scheduler_pb2.RouteRequest, context: grpc.aio.ServicerContext
@@ -101,6 +107,22 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         return scheduler_pb2.ReportCompletionResponse(
             predicted_decode_tokens=prediction.tokens, correct=correct
         )
+
+    async def ReportInstanceFailure(
+        self,
+        request: scheduler_pb2.ReportInstanceFailureRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> scheduler_pb2.ReportInstanceFailureResponse:
+        if not request.instance_id:
+            raise InvalidArgument("instance_id is required", field="instance_id")
+        known = self._table.get(request.instance_id) is not None
+        span = trace.get_current_span()
+        span.set_attribute("instance_id", request.instance_id)
+        span.set_attribute("request_id", request.request_id)
+        span.set_attribute("reason", request.reason)
+        if known and self._suspects is not None:
+            self._suspects.report(request.instance_id, request.reason)
+        return scheduler_pb2.ReportInstanceFailureResponse(known=known)
 
     async def GetSchedulerStats(
         self, request: scheduler_pb2.GetSchedulerStatsRequest, context: grpc.aio.ServicerContext

@@ -22,8 +22,11 @@ class SchedulerSettings(ServiceSettings):
     balance_rel_threshold: float = 1.5
     # Load units a full KV cache adds to an instance's queued + running requests.
     kv_load_weight: float = 4.0
-    # Seconds between reads of the instances' load reports from Redis.
+    # Seconds between reads of the instances' load reports from Redis (and of suspect marks).
     load_refresh_s: float = 0.1
+    # An instance reported failing is avoided until its load reports continue this long after
+    # the report (a live instance reports every half second; a dead one never again).
+    suspect_clear_after_s: float = 1.0
     # Decode-length buckets (the paper used 128-token buckets) and the guess with no history.
     decode_bucket_tokens: int = 128
     default_decode_tokens: int = 256

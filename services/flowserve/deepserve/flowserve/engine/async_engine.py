@@ -131,6 +131,7 @@ class AsyncEngine:
         *,
         hold_kv: bool = False,
         priority: int = 0,
+        output_token_ids: Sequence[int] = (),
     ) -> AsyncIterator[GenerationOutput]:
         """Stream a request's outputs; the last one has finish_reason set.
 
@@ -138,8 +139,14 @@ class AsyncEngine:
         never hold the request) before the first output. Closing the iterator early aborts the
         request. With hold_kv, a request that finishes normally keeps its KV blocks until
         `release_kv` (a prefill instance exports them first with `export_kv`).
+
+        `output_token_ids` resumes a migrated request: tokens another instance generated and
+        streamed. They count as generated (limits, penalties, stop rules, the seeded sampler,
+        the detokenizer, usage) and are not streamed again; outputs start at the next token.
         """
-        request = self._build_request(request_id, prompt_token_ids, sampling_params)
+        request = self._build_request(
+            request_id, prompt_token_ids, sampling_params, output_token_ids
+        )
         request.hold_kv = hold_kv
         request.priority = priority
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
@@ -325,23 +332,29 @@ class AsyncEngine:
     # ----- validation -------------------------------------------------------------------------
 
     def _build_request(
-        self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams | None
+        self,
+        request_id: str,
+        prompt_token_ids: Sequence[int],
+        params: SamplingParams | None,
+        output_token_ids: Sequence[int] = (),
     ) -> Request:
         if not request_id:
             raise InvalidArgument("must not be empty", field="request_id")
         prompt = list(prompt_token_ids)
         if not prompt:
             raise InvalidArgument("the prompt has no tokens", field="prompt_token_ids")
+        outputs = list(output_token_ids)
         vocab_size = self.config.vocab_size
-        for token_id in prompt:
-            if (
-                not isinstance(token_id, int)
-                or token_id < 0
-                or (vocab_size is not None and token_id >= vocab_size)
-            ):
-                raise InvalidArgument(
-                    f"token id {token_id!r} is outside the vocabulary", field="prompt_token_ids"
-                )
+        for name, token_ids in (("prompt_token_ids", prompt), ("output_token_ids", outputs)):
+            for token_id in token_ids:
+                if (
+                    not isinstance(token_id, int)
+                    or token_id < 0
+                    or (vocab_size is not None and token_id >= vocab_size)
+                ):
+                    raise InvalidArgument(
+                        f"token id {token_id!r} is outside the vocabulary", field=name
+                    )
         params = params if params is not None else SamplingParams()
         params.validate(vocab_size)
         window = min(self.config.max_model_len, self._capacity_tokens)
@@ -357,11 +370,17 @@ class AsyncEngine:
                 f"window of {window} tokens",
                 field="max_tokens",
             )
+        if len(outputs) >= max_tokens:
+            raise InvalidArgument(
+                f"{len(outputs)} tokens were already generated; max_tokens is {max_tokens}",
+                field="output_token_ids",
+            )
         return Request(
             request_id=request_id,
             prompt_token_ids=prompt,
             max_tokens=max_tokens,
             sampling_params=params,
+            output_token_ids=outputs,
         )
 
     # ----- engine thread ----------------------------------------------------------------------

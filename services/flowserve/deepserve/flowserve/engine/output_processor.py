@@ -59,11 +59,18 @@ class OutputProcessor:
         self._detokenizers: dict[str, Detokenizer] = {}
 
     def add_request(self, request: Request) -> None:
-        """Start the request's text stream (before its first token)."""
+        """Start the request's text stream (before its first token).
+
+        A migrated request's detokenizer first replays the tokens it resumes with, dropping
+        their text (the client has it): what it held back (a partial UTF-8 character, the start
+        of a possible stop string) is held back here too, so the text continues exactly.
+        """
         if self._detokenizer_factory is None:
             return
         detokenizer = self._detokenizer_factory(request)
         if detokenizer is not None:
+            for token_id in request.output_token_ids[: request.num_resumed_tokens]:
+                detokenizer.push(token_id)
             self._detokenizers[request.request_id] = detokenizer
 
     def token_output(self, request: Request, result: SampleResult) -> GenerationOutput:

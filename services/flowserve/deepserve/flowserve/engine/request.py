@@ -89,6 +89,8 @@ class Request:
     # to a decode instance first); aborted or failed requests free them as usual.
     hold_kv: bool = False
 
+    # Generated tokens. Given at construction, they are a migrated request's tokens generated
+    # (and streamed) by an instance that died: the request resumes after them.
     output_token_ids: list[int] = field(default_factory=list)
     status: RequestStatus = RequestStatus.WAITING
     # "stop", "length", "abort" or "error" once finished (kept while it holds its KV).
@@ -104,10 +106,14 @@ class Request:
     error: str | None = None
     block_hashes: list[BlockHash] = field(default_factory=list)
     timeline: RequestTimeline = field(default_factory=RequestTimeline)
+    # Output tokens the request arrived with (resumed, never sampled or streamed here).
+    num_resumed_tokens: int = field(init=False, default=0)
     _all_token_ids: list[int] = field(init=False, repr=False, default_factory=list)
 
     def __post_init__(self) -> None:
-        self._all_token_ids = list(self.prompt_token_ids)
+        self.output_token_ids = list(self.output_token_ids)
+        self.num_resumed_tokens = len(self.output_token_ids)
+        self._all_token_ids = [*self.prompt_token_ids, *self.output_token_ids]
 
     @property
     def all_token_ids(self) -> Sequence[int]:

@@ -7,6 +7,8 @@ counts and free blocks, and returns a `StepPlan`. Each step it plans, in order:
 2. running requests still in prefill (the next chunk of their prompt), oldest first;
 3. waiting requests (new or preempted), highest priority first, then oldest first, after a
    prefix-cache lookup (running requests are never displaced by priority, so none starves).
+   A migrated request (resumed with output tokens another instance generated) is admitted like
+   a preempted one: prompt + output tokens are computed, then it decodes on.
 All of it under a per-step token budget and a cap on running requests. When blocks run out,
 the latest-arrived unplanned running request is preempted: its blocks are freed and it waits
 again, to recompute prompt + generated tokens later (its cached full blocks usually survive).
@@ -120,6 +122,12 @@ class StepPlanner:
                 f"prompt ({request.num_prompt_tokens}) + max_tokens ({request.max_tokens}) "
                 f"exceeds the KV cache of {capacity} tokens",
                 field="max_tokens",
+            )
+        if request.num_output_tokens >= request.max_tokens:
+            raise InvalidArgument(
+                f"{request.num_output_tokens} tokens were already generated; max_tokens is "
+                f"{request.max_tokens}",
+                field="output_token_ids",
             )
         request.arrival_seq = self._next_arrival
         self._next_arrival += 1
@@ -293,7 +301,8 @@ class StepPlanner:
             request.status = RequestStatus.RUNNING
             request.num_computed_tokens = match.num_tokens
             if request.num_cached_tokens < 0:
-                request.num_cached_tokens = match.num_tokens
+                # Usage counts prompt tokens (a resumed request also matches its output).
+                request.num_cached_tokens = min(match.num_tokens, request.num_prompt_tokens)
             bisect.insort(self.running, request, key=_arrival)
             plan.sequences.append(self._sequence(request, num_new))
             budget -= num_new

@@ -91,6 +91,12 @@ class FlowServeServicer(flowserve_pb2_grpc.FlowServeServiceServicer):
             raise InvalidArgument("a request id is required", field="request_id")
         params = sampling_from_proto(request.sampling)
         prompt = list(request.prompt_token_ids)
+        resumed = list(request.output_token_ids)
+        if request.prefill_address and resumed:
+            raise InvalidArgument(
+                "a migrated request resumes on one instance, not through a prefill instance",
+                field="output_token_ids",
+            )
         if request.prefill_address:
             # PD disaggregation: this (decode) instance reserves blocks, the prefill instance
             # fills them and sends the first token, then this one decodes the rest.
@@ -110,7 +116,13 @@ class FlowServeServicer(flowserve_pb2_grpc.FlowServeServiceServicer):
                 reserve_timeout_s=disagg.settings.reserve_timeout_s,
             )
         else:
-            outputs = engine.generate(request.request_id, prompt, params, priority=request.priority)
+            outputs = engine.generate(
+                request.request_id,
+                prompt,
+                params,
+                priority=request.priority,
+                output_token_ids=resumed,
+            )
         # Leaving the loop early (the caller went away: grpc cancels this coroutine) closes the
         # engine's generator, which aborts the request and frees its KV blocks.
         latency = RequestLatency(request.model or self._shell.model_name)

@@ -161,7 +161,8 @@ def _exponential_race(logits: torch.Tensor, states: Sequence[SamplingState]) -> 
     """Sample each row from softmax(logits) as argmax(logits - log E); E from the row's own RNG."""
     device = logits.device
     noise = torch.empty_like(logits)
-    seeded = [(row, s.generator(device)) for row, s in enumerate(states)]
+    # One draw of vocabulary size per row and token: SamplingState.generator relies on it.
+    seeded = [(row, s.generator(device, logits.shape[1])) for row, s in enumerate(states)]
     if any(generator is None for _, generator in seeded):
         noise.exponential_()
     for row, generator in seeded:

@@ -16,6 +16,13 @@ class SamplingState:
 
     `output_token_ids` is read, never written, by the sampler: pass the engine's own list of the
     request's generated tokens so penalties and min_tokens always see the current output.
+
+    A seeded request draws one row of noise from its own generator per sampled token, so the
+    generator's position is a function of (seed, output position). A request whose state is
+    built when it already has output tokens (a migrated request resumed with the tokens another
+    instance generated, or the decode side of a PD hand-off, whose first token the prefill
+    instance sampled) fast-forwards its generator past those draws, and so samples exactly the
+    tokens an uninterrupted run would.
     """
 
     params: SamplingParams
@@ -27,15 +34,28 @@ class SamplingState:
         default_factory=dict, init=False, repr=False
     )
     _prompt_ids: torch.Tensor | None = field(default=None, init=False, repr=False)
+    # Draws made elsewhere before this state existed: one per output token it starts with.
+    _draws_before: int = field(default=0, init=False, repr=False)
 
-    def generator(self, device: torch.device) -> torch.Generator | None:
-        """The request's seeded RNG on `device`, seeded once so draws continue across steps."""
+    def __post_init__(self) -> None:
+        self._draws_before = len(self.output_token_ids)
+
+    def generator(self, device: torch.device, draw_size: int) -> torch.Generator | None:
+        """The request's seeded RNG on `device`, seeded once so draws continue across steps.
+
+        `draw_size` is the number of values one token's draw takes (the vocabulary); a new
+        generator skips the draws of the output tokens the request started with.
+        """
         if self.params.seed is None:
             return None
         generator = self._generators.get(device)
         if generator is None:
             generator = torch.Generator(device=device)
             generator.manual_seed(self.params.seed)
+            if self._draws_before:
+                skipped = torch.empty(draw_size, dtype=torch.float32, device=device)
+                for _ in range(self._draws_before):
+                    skipped.exponential_(generator=generator)
             self._generators[device] = generator
         return generator
 

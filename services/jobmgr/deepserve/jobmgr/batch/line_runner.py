@@ -104,7 +104,9 @@ class BatchLineRunner:
                 await self._scheduler.close()
             self._scheduler = SchedulerClient(address, self.settings.route_timeout_s)
             self._scheduler_address = address
-        return Dispatcher(self._scheduler, self._engines)
+        return Dispatcher(
+            self._scheduler, self._engines, max_migrations=self.settings.max_migrations
+        )
 
     async def _discover_scheduler(self) -> str:
         found, _ = await records.services(self._etcd, "scheduler").list()

@@ -23,5 +23,7 @@ class BatchSettings(BaseSettings):
     # Tries of a line that failed with a retryable error (no instance, engine busy).
     attempts: int = 3
     retry_delay_s: float = 1.0
+    # Migrations per line when its instance dies mid-generation (see the gateway's setting).
+    max_migrations: int = 2
     # Finished lines are saved (and counted in the job) at least this often.
     flush_interval_s: float = 0.5
