@@ -164,6 +164,9 @@ class ToolCallStreamer:
         self._in_call = forced
         self._forced = forced
         self._emitted_content = False
+        # Whitespace after a call, held until text follows it (then it is content) or a call
+        # or the end does (then it is dropped), so chunking never changes the content.
+        self._held_space = ""
         self.calls: list[ToolCall] = []
 
     def feed(self, delta: str) -> StreamEvents:
@@ -178,8 +181,9 @@ class ToolCallStreamer:
                     self._pending = self._pending[len(self._pending) - keep :]
                     break
                 before = self._pending[:start]
-                if before.strip():  # whitespace that only leads into a call is not content
+                if before.strip():
                     self._emit_content(events, before)
+                self._held_space = ""  # whitespace that only leads into a call is not content
                 self._pending = self._pending[start:]
                 self._in_call = True
             end_marker = self.parser.end_marker
@@ -218,7 +222,9 @@ class ToolCallStreamer:
         if not text:
             return
         if self.calls and not text.strip():
-            return  # whitespace between or after calls is not content
+            self._held_space += text
+            return
+        text, self._held_space = self._held_space + text, ""
         events.content += text
         self._emitted_content = self._emitted_content or bool(text.strip())
 
