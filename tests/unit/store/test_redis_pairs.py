@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import pytest
 
 from deepserve.flowserve.engine.stats import EngineStats
-from deepserve.flowserve.kv_cache.manager import PinnedContext
 from deepserve.flowserve.kv_cache.events import KVEvent
+from deepserve.flowserve.kv_cache.manager import PinnedContext
 from deepserve.flowserve.pod.shell import TaskExecutorShell
 from deepserve.flowserve.settings import FlowServeSettings
 from deepserve.gateway.demand import DemandHold
