@@ -123,6 +123,10 @@ def url(cluster: RunningCluster) -> str:
 def tiny(cluster: RunningCluster, tmp_path_factory: pytest.TempPathFactory) -> str:
     """A tiny random Llama deployed beside the default model: its output is all grammar."""
     model_dir = make_tiny_llama(tmp_path_factory.mktemp("tiny") / "tiny-llama", vocab_size=300)
+    # Its byte-level tokenizer spells the tool prompt out byte by byte: give it room.
+    config = json.loads((model_dir / "config.json").read_text())
+    config["max_position_embeddings"] = 4096
+    (model_dir / "config.json").write_text(json.dumps(config))
     subprocess.run(
         [
             sys.executable,
