@@ -202,8 +202,11 @@ async def test_invalid_grammar_is_refused_before_the_first_token(
 def test_compiled_grammars_are_cached_per_grammar(tokenizer: Tokenizer) -> None:
     compiler = GrammarCompiler(tokenizer.backend.to_str, 259, tokenizer.eos_token_ids)
     schema = StructuredOutput.json_schema(SCHEMA)
+    assert compiler.cached_state(schema) is None  # never compiled: the caller must compile
     first, second = compiler.state(schema), compiler.state(schema)
     assert compiler.compiles == 1
+    cached = compiler.cached_state(schema)
+    assert cached is not None and cached.matcher is not first.matcher
     assert first.matcher is not second.matcher  # each request consumes its own copy
     compiler.state(StructuredOutput.choice(["x", "y"]))
     assert compiler.compiles == 2

@@ -232,7 +232,11 @@ class AsyncEngine:
                 "this engine has no tokenizer to enforce structured outputs",
                 field=constraint.field,
             )
-        request.grammar = await asyncio.to_thread(compiler.state, constraint)
+        # A grammar compiled before is copied here; only a first compile goes to a thread (a
+        # thread hop per request would stagger the admission of requests sent together).
+        request.grammar = compiler.cached_state(constraint) or await asyncio.to_thread(
+            compiler.state, constraint
+        )
 
     # ----- explicit context caching -----------------------------------------------------------
 

@@ -99,6 +99,17 @@ class GrammarCompiler:
     def state(self, constraint: StructuredOutput) -> GrammarState:
         return GrammarState(self.matcher(constraint))
 
+    def cached_state(self, constraint: StructuredOutput) -> GrammarState | None:
+        """A matcher copied from the cache, or None when the grammar was never compiled here
+        (cheap: callers on an event loop try this before paying a thread hop)."""
+        grammar = constraint.grammar()
+        with self._lock:
+            template = self._compiled.get(grammar)
+            if template is None:
+                return None
+            self._compiled.move_to_end(grammar)
+        return GrammarState(template.deep_copy())
+
 
 @dataclass(eq=False)
 class GrammarState:
