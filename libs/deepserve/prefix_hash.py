@@ -4,6 +4,11 @@ A block's hash covers its own token ids *and* its parent's hash, so two blocks w
 tokens but different earlier context never collide. The function is pure Python and stable
 across processes (no PYTHONHASHSEED dependence) because the global scheduler recomputes the
 same chain from a prompt to find which instance holds the longest cached prefix.
+
+A cache salt seeds the chain (like vLLM's `cache_salt`): the first block's parent is a digest
+of the salt, so the same tokens under different salts hash apart at every block. The gateway
+salts each prompt with its tenant, so a tenant never hits a prefix another tenant cached,
+unless requests share an explicit salt on purpose. The empty salt is the unsalted chain.
 """
 
 from __future__ import annotations
@@ -15,6 +20,15 @@ from collections.abc import Sequence
 BlockHash = bytes
 
 _DIGEST_BYTES = 16
+
+
+def salt_root(salt: str) -> BlockHash | None:
+    """The parent the first block hashes under: None (all zeros) without a salt."""
+    if not salt:
+        return None
+    return hashlib.blake2b(
+        b"deepserve-cache-salt\x00" + salt.encode(), digest_size=_DIGEST_BYTES
+    ).digest()
 
 
 def hash_block_tokens(parent: BlockHash | None, token_ids: Sequence[int]) -> BlockHash:
@@ -31,6 +45,7 @@ def extend_block_hashes(
     block_size: int,
     *,
     max_blocks: int | None = None,
+    salt: str = "",
 ) -> list[BlockHash]:
     """Append to `hashes` the chain hashes of every further full block of `token_ids`.
 
@@ -40,13 +55,13 @@ def extend_block_hashes(
     num_full = len(token_ids) // block_size
     if max_blocks is not None:
         num_full = min(num_full, max_blocks)
-    parent = hashes[-1] if hashes else None
+    parent = hashes[-1] if hashes else salt_root(salt)
     for i in range(len(hashes), num_full):
         parent = hash_block_tokens(parent, token_ids[i * block_size : (i + 1) * block_size])
         hashes.append(parent)
     return hashes
 
 
-def prompt_block_hashes(token_ids: Sequence[int], block_size: int) -> list[str]:
+def prompt_block_hashes(token_ids: Sequence[int], block_size: int, salt: str = "") -> list[str]:
     """Hex hash chain of a prompt's full blocks, as carried in RouteRequest.prefix_block_hashes."""
-    return [h.hex() for h in extend_block_hashes([], token_ids, block_size)]
+    return [h.hex() for h in extend_block_hashes([], token_ids, block_size, salt=salt)]

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from deepserve.errors import InvalidArgument
+from deepserve.structured_output import StructuredOutput
 
 MAX_STOP_STRINGS = 16  # OpenAI allows 4; more is harmless for us and some clients send more.
 MAX_TOP_LOGPROBS = 20
@@ -45,6 +46,9 @@ class SamplingParams:
     logprobs: bool = False
     top_logprobs: int = 0
     skip_special_tokens: bool = True
+    # Structured outputs: the text must match this (a JSON schema, regex, choice or grammar);
+    # the engine masks each sampled token with its grammar.
+    structured_output: StructuredOutput | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

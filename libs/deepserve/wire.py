@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from deepserve.errors import InvalidArgument
 from deepserve.records import InstanceRecord, PodPurpose, PodRecord, PodState, Role
+from deepserve.structured_output import StructuredOutput
 from deepserve.v1 import common_pb2, podpool_pb2
 
 _ROLE_TO_PROTO = {
@@ -89,3 +90,28 @@ def pod_to_proto(record: PodRecord) -> common_pb2.Pod:
         backend=record.backend,
         created_at_unix=record.created_at,
     )
+
+
+_STRUCTURED_TO_PROTO: dict[str, int] = {
+    "json_schema": common_pb2.STRUCTURED_OUTPUT_KIND_JSON_SCHEMA,
+    "json_object": common_pb2.STRUCTURED_OUTPUT_KIND_JSON_OBJECT,
+    "regex": common_pb2.STRUCTURED_OUTPUT_KIND_REGEX,
+    "choice": common_pb2.STRUCTURED_OUTPUT_KIND_CHOICE,
+    "grammar": common_pb2.STRUCTURED_OUTPUT_KIND_GRAMMAR,
+    "lark": common_pb2.STRUCTURED_OUTPUT_KIND_LARK,
+}
+_STRUCTURED_FROM_PROTO = {v: k for k, v in _STRUCTURED_TO_PROTO.items()}
+
+
+def structured_output_to_proto(value: StructuredOutput) -> common_pb2.StructuredOutput:
+    return common_pb2.StructuredOutput(kind=_STRUCTURED_TO_PROTO[value.kind], spec=value.spec)  # type: ignore[arg-type]
+
+
+def structured_output_from_proto(msg: common_pb2.StructuredOutput) -> StructuredOutput | None:
+    """None for an unset constraint; InvalidArgument for a kind this build does not know."""
+    if msg.kind == common_pb2.STRUCTURED_OUTPUT_KIND_UNSPECIFIED:
+        return None
+    kind = _STRUCTURED_FROM_PROTO.get(msg.kind)
+    if kind is None:
+        raise InvalidArgument(f"unknown kind {msg.kind}", field="sampling.structured_output")
+    return StructuredOutput(kind, msg.spec, field="structured_output")  # type: ignore[arg-type]

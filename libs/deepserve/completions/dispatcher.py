@@ -41,6 +41,7 @@ from deepserve.errors import (
 from deepserve.rpc.errors import error_from_rpc
 from deepserve.sampling_params import SamplingParams
 from deepserve.v1 import common_pb2, flowserve_pb2, scheduler_pb2
+from deepserve.wire import structured_output_to_proto
 
 log = logging.getLogger(__name__)
 _tracer = trace.get_tracer(__name__)
@@ -107,6 +108,8 @@ def sampling_to_proto(params: SamplingParams) -> common_pb2.SamplingParams:
     )
     if params.seed is not None:
         msg.seed = params.seed
+    if params.structured_output is not None:
+        msg.structured_output.CopyFrom(structured_output_to_proto(params.structured_output))
     return msg
 
 
@@ -173,6 +176,7 @@ class Dispatcher:
                 prefix_block_hashes=prompt.block_hashes,
                 block_size=job.block_size if prompt.block_hashes else 0,
                 exclude_instance_ids=list(exclude),
+                cached_context_id=job.context.context_id if job.context else "",
             ),
             timeout_s=self._remaining(job),
             metadata=self._metadata(job),
@@ -231,7 +235,12 @@ class Dispatcher:
             detokenize=True,
             tenant=job.tenant,
             priority=job.priority,
+            cache_salt=job.cache_salt,
         )
+        if job.context is not None and job.context_tokens:
+            request.cached_context_id = job.context.context_id
+            request.cached_context_tokens = job.context_tokens
+            request.cached_context_expires_at_unix = job.context.expires_at
         path = RequestPath()
         while True:
             instance = target.instance

@@ -11,16 +11,19 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from deepserve.completions.prepared import GenerationJob, Prompt
+from deepserve.completions.prepared import ContextPrefix, GenerationJob, Prompt
 from deepserve.completions.protocol import (
     ChatCompletionRequest,
     ChatMessage,
     CompletionRequest,
 )
+from deepserve.completions.structured import request_constraint
+from deepserve.completions.tools import ToolSetup, tool_setup
 from deepserve.errors import InvalidArgument
 from deepserve.prefix_hash import prompt_block_hashes
 from deepserve.records import InstanceRecord
 from deepserve.sampling_params import SamplingParams
+from deepserve.structured_output import StructuredOutput
 from deepserve.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -49,6 +52,25 @@ def _stops(stop: str | list[str] | None) -> list[str]:
     return [_utf8(s, "stop") for s in stops]
 
 
+def cache_salt_for(tenant: str, shared_salt: str | None) -> str:
+    """The prefix-cache salt of a request: its tenant's own, or a salt shared on purpose.
+
+    The two never collide, so naming another tenant's name as a salt shares nothing with it.
+    """
+    if shared_salt:
+        return f"shared:{shared_salt}"
+    return f"tenant:{tenant}" if tenant else ""
+
+
+def _default(
+    value: float | int | None, defaults: dict[str, float], name: str, fallback: float
+) -> float:
+    """The request's value, else the model's generation_config.json default, else OpenAI's."""
+    if value is not None:
+        return value
+    return defaults.get(name, fallback)
+
+
 def build_sampling(
     body: ChatCompletionRequest | CompletionRequest,
     *,
@@ -56,20 +78,26 @@ def build_sampling(
     logprobs: bool,
     top_logprobs: int,
     vocab_size: int,
+    defaults: dict[str, float] | None = None,
+    structured_output: StructuredOutput | None = None,
+    keep_special_tokens: bool = False,
 ) -> SamplingParams:
-    """Sampling parameters with OpenAI's defaults for unset fields; InvalidArgument names a field."""
+    """Sampling parameters; unset fields take the model's generation_config.json defaults
+    where it has them (temperature, top_p, top_k, min_p, repetition_penalty), else OpenAI's.
+    InvalidArgument names a field."""
+    model = defaults or {}
     for name in ("top_k", "min_tokens", "priority"):
         _int32(getattr(body, name), name)
     _int32(max_tokens, "max_tokens")
     if body.seed is not None and not INT64_MIN <= body.seed <= INT64_MAX:
         raise InvalidArgument("must fit in a signed 64-bit integer", field="seed")
     params = SamplingParams(
-        temperature=1.0 if body.temperature is None else body.temperature,
-        top_p=1.0 if body.top_p is None else body.top_p,
-        top_k=body.top_k or 0,
-        min_p=body.min_p or 0.0,
+        temperature=_default(body.temperature, model, "temperature", 1.0),
+        top_p=_default(body.top_p, model, "top_p", 1.0),
+        top_k=int(_default(body.top_k, model, "top_k", 0)),
+        min_p=_default(body.min_p, model, "min_p", 0.0),
         seed=body.seed,
-        repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
+        repetition_penalty=_default(body.repetition_penalty, model, "repetition_penalty", 1.0),
         presence_penalty=body.presence_penalty or 0.0,
         frequency_penalty=body.frequency_penalty or 0.0,
         stop=_stops(body.stop),
@@ -79,13 +107,14 @@ def build_sampling(
         min_tokens=body.min_tokens or 0,
         logprobs=logprobs,
         top_logprobs=top_logprobs,
-        skip_special_tokens=body.skip_special_tokens,
+        skip_special_tokens=body.skip_special_tokens and not keep_special_tokens,
+        structured_output=structured_output,
     )
     params.validate(vocab_size=vocab_size)
     return params
 
 
-def _message_dict(message: ChatMessage, index: int) -> dict[str, Any]:
+def message_dict(message: ChatMessage, index: int) -> dict[str, Any]:
     content: str | None
     if isinstance(message.content, list):
         texts: list[str] = []
@@ -108,7 +137,7 @@ def _message_dict(message: ChatMessage, index: int) -> dict[str, Any]:
     return out
 
 
-def _encode(encode: Any, field: str, *args: Any, **kwargs: Any) -> list[int]:
+def encode_checked(encode: Any, field: str, *args: Any, **kwargs: Any) -> list[int]:
     try:
         ids: list[int] = encode(*args, **kwargs)
     except InvalidArgument:
@@ -119,17 +148,57 @@ def _encode(encode: Any, field: str, *args: Any, **kwargs: Any) -> list[int]:
     return ids
 
 
-def chat_prompt(body: ChatCompletionRequest, tokenizer: Tokenizer) -> Prompt:
-    messages = [_message_dict(m, i) for i, m in enumerate(body.messages)]
-    ids = _encode(
+def chat_prompt(
+    body: ChatCompletionRequest,
+    tokenizer: Tokenizer,
+    tools: ToolSetup | None = None,
+    context: ContextPrefix | None = None,
+) -> Prompt:
+    messages = [message_dict(m, i) for i, m in enumerate(body.messages)]
+    if context is not None and context.messages:
+        messages = [*context.messages, *messages]
+    offered = [t.to_openai() for t in tools.offered] if tools is not None else []
+    ids = encode_checked(
         tokenizer.encode_chat,
         "messages",
         messages,
         add_generation_prompt=body.add_generation_prompt,
-        tools=body.tools,
+        tools=offered or None,
         **(body.chat_template_kwargs or {}),
     )
+    if context is not None and not context.messages:
+        ids = [*context.token_ids, *ids]
     return Prompt(token_ids=ids)
+
+
+def context_tokens(prompt: Prompt, context: ContextPrefix | None) -> int:
+    """How many leading tokens of the prompt are the cached context's (their common prefix)."""
+    if context is None:
+        return 0
+    shared = 0
+    for ours, theirs in zip(prompt.token_ids, context.token_ids, strict=False):
+        if ours != theirs:
+            break
+        shared += 1
+    return shared
+
+
+def output_constraint(
+    body: ChatCompletionRequest | CompletionRequest, tools: ToolSetup | None
+) -> StructuredOutput | None:
+    """The one grammar the request's output must follow: response_format / guided_*, or the
+    forced tool call; both at once is refused."""
+    constraint = request_constraint(body)
+    forced = tools.constraint() if tools is not None else None
+    if forced is not None:
+        if constraint is not None:
+            raise InvalidArgument(
+                "a forced tool call cannot be combined with a response format or guided field",
+                field="tool_choice",
+            )
+        forced.validate()
+        return forced
+    return constraint
 
 
 def completion_prompts(body: CompletionRequest, tokenizer: Tokenizer) -> list[Prompt]:
@@ -145,7 +214,7 @@ def completion_prompts(body: CompletionRequest, tokenizer: Tokenizer) -> list[Pr
     prompts: list[Prompt] = []
     for item in items:
         if isinstance(item, str):
-            ids = _encode(tokenizer.encode, "prompt", item)
+            ids = encode_checked(tokenizer.encode, "prompt", item)
             prompts.append(Prompt(ids, item if body.echo else ""))
         else:
             bad = [t for t in item if not 0 <= t < tokenizer.vocab_size]
@@ -208,11 +277,12 @@ def prefix_block_size(model: str, instances: Iterable[InstanceRecord]) -> int:
     return chosen
 
 
-def with_block_hashes(prompts: list[Prompt], block_size: int) -> list[Prompt]:
+def with_block_hashes(prompts: list[Prompt], block_size: int, salt: str = "") -> list[Prompt]:
     if block_size <= 0:
         return prompts
     return [
-        Prompt(p.token_ids, p.text, prompt_block_hashes(p.token_ids, block_size)) for p in prompts
+        Prompt(p.token_ids, p.text, prompt_block_hashes(p.token_ids, block_size, salt))
+        for p in prompts
     ]
 
 
@@ -224,23 +294,36 @@ def prepare_chat(
     tenant: str,
     max_model_len: int,
     block_size: int,
+    tool_parser: str = "",
+    context: ContextPrefix | None = None,
 ) -> GenerationJob:
     max_tokens = body.max_completion_tokens or body.max_tokens
+    tools = tool_setup(
+        body.tools,
+        body.tool_choice,
+        body.parallel_tool_calls,
+        tokenizer,
+        parser_override=tool_parser,
+    )
     sampling = build_sampling(
         body,
         max_tokens=max_tokens,
         logprobs=body.logprobs,
         top_logprobs=body.top_logprobs or 0,
         vocab_size=tokenizer.vocab_size,
+        defaults=tokenizer.generation_defaults,
+        structured_output=output_constraint(body, tools),
+        keep_special_tokens=bool(tools and tools.offered and tools.parser.needs_special_tokens),
     )
-    prompts = [chat_prompt(body, tokenizer)]
+    prompts = [chat_prompt(body, tokenizer, tools, context)]
     check_context(prompts, max_tokens, max_model_len)
+    salt = cache_salt_for(tenant, body.cache_salt)
     return GenerationJob(
         request_id=request_id,
         endpoint="chat",
         tenant=tenant,
         model=body.model,
-        prompts=with_block_hashes(prompts, block_size),
+        prompts=with_block_hashes(prompts, block_size, salt),
         sampling=sampling,
         n=body.n,
         stream=body.stream,
@@ -248,6 +331,10 @@ def prepare_chat(
         top_logprobs=body.top_logprobs or 0,
         priority=body.priority,
         block_size=max(block_size, 0),
+        tools=tools,
+        cache_salt=salt,
+        context=context,
+        context_tokens=context_tokens(prompts[0], context),
     )
 
 
@@ -259,7 +346,10 @@ def prepare_completion(
     tenant: str,
     max_model_len: int,
     block_size: int,
+    tool_parser: str = "",
+    context: ContextPrefix | None = None,
 ) -> GenerationJob:
+    del tool_parser  # completions have no tools
     if body.echo and body.logprobs is not None:
         raise InvalidArgument("echo with logprobs (prompt logprobs) is not supported", field="echo")
     if body.suffix:
@@ -270,15 +360,20 @@ def prepare_completion(
         logprobs=body.logprobs is not None,
         top_logprobs=body.logprobs or 0,
         vocab_size=tokenizer.vocab_size,
+        defaults=tokenizer.generation_defaults,
+        structured_output=request_constraint(body),
     )
     prompts = completion_prompts(body, tokenizer)
+    if context is not None:
+        prompts = [Prompt([*context.token_ids, *p.token_ids], p.text) for p in prompts]
     check_context(prompts, body.max_tokens, max_model_len)
+    salt = cache_salt_for(tenant, body.cache_salt)
     return GenerationJob(
         request_id=request_id,
         endpoint="text",
         tenant=tenant,
         model=body.model,
-        prompts=with_block_hashes(prompts, block_size),
+        prompts=with_block_hashes(prompts, block_size, salt),
         sampling=sampling,
         n=body.n,
         stream=body.stream,
@@ -287,4 +382,7 @@ def prepare_completion(
         top_logprobs=body.logprobs or 0,
         priority=body.priority,
         block_size=max(block_size, 0),
+        cache_salt=salt,
+        context=context,
+        context_tokens=len(context.token_ids) if context is not None else 0,
     )

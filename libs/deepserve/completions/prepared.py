@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from deepserve.completions.protocol import Endpoint
+from deepserve.completions.tools import ToolSetup
 from deepserve.sampling_params import SamplingParams
 
 
@@ -19,6 +20,17 @@ class Prompt:
     token_ids: list[int]
     text: str = ""
     block_hashes: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class ContextPrefix:
+    """An explicit cached context a prompt continues: its id, its tokens (the prompt's first
+    ones), the messages it was made from (chat), and when it lapses (unix seconds)."""
+
+    context_id: str
+    token_ids: list[int]
+    messages: list[dict[str, object]] | None = None
+    expires_at: float = 0.0
 
 
 @dataclass(slots=True)
@@ -43,6 +55,13 @@ class GenerationJob:
     created: int = 0
     # Absolute deadline on the event loop's clock.
     deadline: float = 0.0
+    # Tools the model was offered and how to read its calls (chat and Responses).
+    tools: ToolSetup | None = None
+    # Seeds the prefix-cache hash chain (tenant isolation); see deepserve.prefix_hash.
+    cache_salt: str = ""
+    # The explicit cached context the prompts start with, and how many of their tokens it is.
+    context: ContextPrefix | None = None
+    context_tokens: int = 0
 
     @property
     def fanout(self) -> int:

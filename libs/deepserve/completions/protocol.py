@@ -66,6 +66,16 @@ class _SamplingFields(_Lenient):
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
     priority: int = 0
+    # Structured outputs, as vLLM names them (at most one, or response_format on chat).
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    # Prefix-cache isolation: requests share cached KV only under the same salt; unset, the
+    # tenant's own (vLLM's cache_salt). A salt given here is shared with every tenant using it.
+    cache_salt: Annotated[str, Field(min_length=1, max_length=256)] | None = None
+    # An explicit cached context (POST /v1/cached_contexts) the prompt continues.
+    cached_context_id: str | None = None
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -76,6 +86,9 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: dict[str, Any] | None = None
     add_generation_prompt: bool = True
     chat_template_kwargs: dict[str, Any] | None = None
 

@@ -1,7 +1,10 @@
 """OpenAI response bodies: whole responses, SSE chunks, usage and logprobs objects.
 
 Token strings in logprobs are decoded here with the model's tokenizer (the engine sends ids and
-raw vocabulary entries); everything else comes straight from the engine's deltas.
+raw vocabulary entries); everything else comes straight from the engine's deltas. With tools,
+each chat choice's text runs through the model's tool-call parser: calls become
+`message.tool_calls` (streamed as tool-call deltas in OpenAI's chunk shape) and the choice
+finishes with "tool_calls"; text that does not parse as a call stays content.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from typing import Any
 
 from deepserve.completions.call import ApiCall, CallUsage
 from deepserve.completions.dispatcher import ChoiceDelta
+from deepserve.completions.tool_parsers import StreamEvents, ToolCall, ToolCallStreamer
 from deepserve.tokenizer import Tokenizer
 from deepserve.v1 import common_pb2
 
@@ -61,6 +65,31 @@ class ResponseFormatter:
             for i in range(self.job.fanout)
         ]
         self._echoed: set[int] = set()
+        tools = call.job.tools
+        # One tool-call streamer per chat choice when the model was offered tools.
+        self._streamers: list[ToolCallStreamer] | None = (
+            [tools.streamer() for _ in range(self.job.fanout)]
+            if self.chat and tools is not None and tools.mode != "none"
+            else None
+        )
+
+    # --- tool calls ----------------------------------------------------------------------
+
+    def _tool_events(self, index: int, text: str, finished: bool) -> StreamEvents | None:
+        if self._streamers is None:
+            return None
+        streamer = self._streamers[index]
+        events = streamer.feed(text)
+        if finished:
+            tail = streamer.finish()
+            events.content += tail.content
+            events.calls.extend(tail.calls)
+        return events
+
+    def _finish_reason(self, index: int, reason: str | None) -> str | None:
+        if reason == "stop" and self._streamers is not None and self._streamers[index].calls:
+            return "tool_calls"
+        return reason
 
     # --- logprobs ------------------------------------------------------------------------
 
@@ -153,15 +182,43 @@ class ResponseFormatter:
         if not delta.text and delta.finish_reason is None and not delta.logprobs:
             return None
         choice: dict[str, Any] = {"index": delta.index}
-        if self.chat:
+        events = self._tool_events(delta.index, delta.text, delta.finish_reason is not None)
+        if events is not None:
+            if not events.content and not events.calls and delta.finish_reason is None:
+                if not delta.logprobs:
+                    return None  # held back: may be the start of a tool call
+            body: dict[str, Any] = {}
+            if events.content:
+                body["content"] = events.content
+            if events.calls:
+                first = len(self._streamers[delta.index].calls) - len(events.calls)  # type: ignore[index]
+                body["tool_calls"] = [
+                    {"index": first + k, **call.to_openai()} for k, call in enumerate(events.calls)
+                ]
+            choice["delta"] = body
+        elif self.chat:
             choice["delta"] = {"content": delta.text} if delta.text else {}
         else:
             choice["text"] = self._echo(delta.index, delta.text)
         choice["logprobs"] = self._logprobs(delta.index, delta.logprobs) if delta.logprobs else None
-        choice["finish_reason"] = delta.finish_reason
+        choice["finish_reason"] = self._finish_reason(delta.index, delta.finish_reason)
         if delta.stop_reason and not self.chat:
             choice["stop_reason"] = delta.stop_reason
         return self._envelope([choice])
+
+    def message(self, index: int, text: str) -> dict[str, Any]:
+        """A whole chat choice's message: content, and tool calls when the model made any."""
+        events = self._tool_events(index, text, finished=True)
+        if events is None:
+            return {"role": "assistant", "content": text}
+        calls: list[ToolCall] = events.calls
+        content: str | None = events.content
+        if calls and not (content or "").strip():
+            content = None
+        message: dict[str, Any] = {"role": "assistant", "content": content}
+        if calls:
+            message["tool_calls"] = [call.to_openai() for call in calls]
+        return message
 
     def usage_chunk(self) -> dict[str, Any]:
         chunk = self._envelope([])
@@ -183,12 +240,13 @@ class ResponseFormatter:
             text = "".join(choice.text)
             logprobs = self._logprobs(index, choice.logprobs)
             if self.chat:
+                message = self.message(index, text)
                 body_choices.append(
                     {
                         "index": index,
-                        "message": {"role": "assistant", "content": text},
+                        "message": message,
                         "logprobs": logprobs,
-                        "finish_reason": choice.finish_reason,
+                        "finish_reason": self._finish_reason(index, choice.finish_reason),
                     }
                 )
             else:

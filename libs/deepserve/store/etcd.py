@@ -177,6 +177,12 @@ class EtcdStore:
             raise
         return True
 
+    async def grant_expiring_lease(self, ttl_s: int) -> int:
+        """A lease nobody keeps alive: etcd deletes the keys attached to it after `ttl_s`,
+        whoever is running then (records with an expiry of their own)."""
+        lease = await self._client.lease(max(1, int(ttl_s)))
+        return int(lease.id)
+
     # --- watches ---------------------------------------------------------------------------
 
     async def watch_prefix(self, prefix: str, *, start_revision: int) -> AsyncIterator[WatchEvent]:

@@ -15,6 +15,8 @@ Keys are built here and nowhere else, so the layout is visible in one place:
     /deepserve/heatmaps/<model id>               PD-aware routing heatmaps (profiled per model)
     /deepserve/demand/<gateway>:<model id>       requests one gateway holds for a model at zero replicas
     /deepserve/kvprofiles/<model id>/<device>    KV capacity profiled once per (model, device)
+    /deepserve/responses/<tenant>/<response id>  stored Responses API turns (leased: expiry)
+    /deepserve/contexts/<tenant>/<context id>    explicit cached contexts (leased: their TTL)
 """
 
 from __future__ import annotations
@@ -123,6 +125,22 @@ class Keys:
     @staticmethod
     def demand_entry(source: str, model_id: str) -> str:
         return f"{source}:{model_id}"
+
+    @staticmethod
+    def responses_prefix(tenant: str | None = None) -> str:
+        return _join("responses", tenant) + "/" if tenant else ROOT + "responses/"
+
+    @staticmethod
+    def response(tenant: str, response_id: str) -> str:
+        return _join("responses", tenant, response_id)
+
+    @staticmethod
+    def contexts_prefix(tenant: str | None = None) -> str:
+        return _join("contexts", tenant) + "/" if tenant else ROOT + "contexts/"
+
+    @staticmethod
+    def context(tenant: str, context_id: str) -> str:
+        return _join("contexts", tenant, context_id)
 
     @staticmethod
     def kv_profiles_prefix() -> str:

@@ -61,6 +61,12 @@ def _float(value: Any, what: str) -> float:
         raise BadMessage(f"{what}: {value!r} is not a number") from None
 
 
+def _strings(value: Any, what: str) -> tuple[str, ...]:
+    if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+        raise BadMessage(f"{what}: {value!r} is not a list of strings")
+    return tuple(value)
+
+
 # --- instance load ------------------------------------------------------------------------
 
 
@@ -77,6 +83,9 @@ class LoadReport:
     kv_blocks_total: int = 0
     prefix_cache_hit_rate: float = 0.0
     tokens_per_s: float = 0.0
+    # Ids of the explicit cached contexts the instance holds pinned (routing prefers it for
+    # requests that name one).
+    pinned_contexts: tuple[str, ...] = ()
 
     @property
     def kv_use(self) -> float:
@@ -101,6 +110,9 @@ class LoadReport:
                 data.get("prefix_cache_hit_rate", 0.0), "load report prefix_cache_hit_rate"
             ),
             tokens_per_s=_float(data.get("tokens_per_s", 0.0), "load report tokens_per_s"),
+            pinned_contexts=_strings(
+                data.get("pinned_contexts", ()), "load report pinned_contexts"
+            ),
         )
 
 

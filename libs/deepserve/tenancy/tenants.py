@@ -25,6 +25,8 @@ class TenantLimits(BaseModel):
     requests_per_min: int = Field(default=0, ge=0)
     tokens_per_min: int = Field(default=0, ge=0)
     max_concurrent: int = Field(default=0, ge=0)
+    # Explicit cached contexts the tenant may hold at once (0: the gateway's default).
+    max_cached_contexts: int = Field(default=0, ge=0)
 
     @property
     def unlimited(self) -> bool:

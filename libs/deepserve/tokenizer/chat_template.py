@@ -16,6 +16,7 @@ from typing import Any
 
 import jinja2
 import jinja2.ext
+import jinja2.meta
 import jinja2.nodes
 import jinja2.utils
 from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -24,6 +25,22 @@ from deepserve.errors import FailedPrecondition, InvalidArgument
 
 DEFAULT_TEMPLATE_NAME = "default"
 TOOL_USE_TEMPLATE_NAME = "tool_use"
+
+# The default tool prompt: for chat templates that do not render tools themselves (they never
+# read the `tools` variable), the tools are described in a system message in this wording and
+# the model is asked for Hermes-style calls, which the `hermes` tool parser reads back. Earlier
+# calls and their results are written into the conversation the same way: an assistant turn's
+# tool_calls become <tool_call> blocks in its content, and tool messages become a user turn of
+# <tool_response> blocks (consecutive results in one turn), so templates that know only
+# system/user/assistant render a tool conversation too.
+DEFAULT_TOOL_PROMPT = (
+    "You can call functions to help with the request. These are the functions available, "
+    "as JSON signatures:\n<tools>\n{tools}\n</tools>\n"
+    "To call one or more functions, reply with one block per call, each holding a JSON object "
+    "with the function's name and its arguments:\n"
+    '<tool_call>\n{{"name": "<function name>", "arguments": {{<arguments>}}}}\n</tool_call>\n'
+    "Each result comes back in a <tool_response></tool_response> block."
+)
 
 # Names under which a message's reasoning may arrive; templates read the first, gpt-oss's read
 # "thinking". transformers fills both, so we do too.
@@ -154,6 +171,93 @@ def normalize_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, 
     return normalized
 
 
+def _arguments_object(arguments: Any) -> Any:
+    """OpenAI sends a call's arguments as JSON text; templates expect the object."""
+    if isinstance(arguments, str):
+        try:
+            return json.loads(arguments)
+        except ValueError:
+            return arguments
+    return arguments
+
+
+def _call_json(call: Mapping[str, Any]) -> dict[str, Any]:
+    function = call.get("function", call)
+    return {
+        "name": function.get("name", ""),
+        "arguments": _arguments_object(function.get("arguments", {})),
+    }
+
+
+def native_tool_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Messages for a template that renders tools itself: each call's arguments as an object
+    (as transformers' templates expect) and an empty content beside tool calls."""
+    out = []
+    for message in messages:
+        calls = message.get("tool_calls")
+        if calls:
+            message = {
+                **message,
+                "content": message.get("content") or "",
+                "tool_calls": [
+                    {
+                        **call,
+                        "function": {
+                            **call.get("function", {}),
+                            "arguments": _arguments_object(
+                                call.get("function", {}).get("arguments", {})
+                            ),
+                        },
+                    }
+                    for call in calls
+                    if isinstance(call, Mapping)
+                ],
+            }
+        out.append(message)
+    return out
+
+
+def default_tool_messages(
+    messages: list[dict[str, Any]], tools: Sequence[Mapping[str, Any]] | None
+) -> list[dict[str, Any]]:
+    """Messages for a template without tool support: the default tool prompt in the system
+    message, calls and results written as text (see DEFAULT_TOOL_PROMPT)."""
+    out: list[dict[str, Any]] = []
+    for message in messages:
+        role = message.get("role")
+        calls = message.get("tool_calls")
+        if role == "assistant" and calls:
+            blocks = [
+                "<tool_call>\n" + json.dumps(_call_json(c), ensure_ascii=False) + "\n</tool_call>"
+                for c in calls
+                if isinstance(c, Mapping)
+            ]
+            text = message.get("content") or ""
+            content = "\n".join([text, *blocks] if text else blocks)
+            out.append(
+                {k: v for k, v in message.items() if k != "tool_calls"} | {"content": content}
+            )
+        elif role == "tool":
+            block = f"<tool_response>\n{message.get('content') or ''}\n</tool_response>"
+            previous = out[-1] if out else None
+            if previous is not None and previous.get("_tool_results"):
+                previous["content"] += "\n" + block
+            else:
+                out.append({"role": "user", "content": block, "_tool_results": True})
+        else:
+            out.append(dict(message))
+    for message in out:
+        message.pop("_tool_results", None)
+    if tools:
+        listing = "\n".join(json.dumps(t, ensure_ascii=False) for t in tools)
+        prompt = DEFAULT_TOOL_PROMPT.format(tools=listing)
+        if out and out[0].get("role") == "system":
+            out[0] = {**out[0], "content": f"{out[0].get('content') or ''}\n\n{prompt}".lstrip()}
+        else:
+            out.insert(0, {"role": "system", "content": prompt})
+    return out
+
+
 class ChatTemplate:
     """A model's named chat templates; picks one per request and renders messages to a prompt."""
 
@@ -176,6 +280,15 @@ class ChatTemplate:
         raise FailedPrecondition(
             f"the model has several chat templates and none is named 'default': {self.names}"
         )
+
+    def renders_tools(self, tools: Sequence[Any] | None = None) -> bool:
+        """Whether the template picked for these tools reads the `tools` variable itself."""
+        try:
+            source = self.source(tools if tools is not None else [])
+            parsed = _environment().parse(source)
+        except (FailedPrecondition, jinja2.TemplateSyntaxError):
+            return False
+        return "tools" in jinja2.meta.find_undeclared_variables(parsed)
 
     def _compile(self, source: str) -> jinja2.Template:
         template = self._compiled.get(source)
@@ -202,6 +315,10 @@ class ChatTemplate:
         """Render messages; errors raised by the template become InvalidArgument(field="messages")."""
         template = self._compile(self.source(tools))
         chat = normalize_messages(messages)
+        if self.renders_tools(tools):
+            chat = native_tool_messages(chat)
+        else:
+            chat, tools = default_tool_messages(chat, tools), None
         variables: dict[str, Any] = dict(special_tokens or {})
         # Caller kwargs (e.g. enable_thinking) override the special tokens, as in transformers.
         variables.update(_plain(template_kwargs))

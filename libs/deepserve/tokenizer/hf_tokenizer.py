@@ -89,6 +89,20 @@ def _chat_templates(model_dir: Path, config: Mapping[str, Any]) -> dict[str, str
     return templates
 
 
+# generation_config.json fields that are sampling defaults for requests that leave them out
+# (vLLM's --generation-config behaviour); do_sample and the rest are not API knobs.
+GENERATION_DEFAULT_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+
+def generation_defaults(config: Mapping[str, Any]) -> dict[str, float]:
+    """The sampling defaults a model's generation_config.json sets."""
+    return {
+        name: float(config[name])
+        for name in GENERATION_DEFAULT_FIELDS
+        if isinstance(config.get(name), int | float) and not isinstance(config.get(name), bool)
+    }
+
+
 def _ids_from(value: Any) -> list[int]:
     if isinstance(value, int) and not isinstance(value, bool):
         return [value]
@@ -107,6 +121,7 @@ class Tokenizer:
         special_tokens: Mapping[str, str] | None = None,
         chat_templates: Mapping[str, str] | None = None,
         extra_eos_token_ids: Iterable[int] = (),
+        generation_defaults: Mapping[str, float] | None = None,
     ) -> None:
         self._backend = backend
         # The engine decides how long a prompt may be; never cut or pad silently here.
@@ -114,6 +129,8 @@ class Tokenizer:
         self._backend.no_padding()
         self.special_tokens: dict[str, str] = dict(special_tokens or {})
         self.chat_template = ChatTemplate(chat_templates or {})
+        # Sampling defaults from generation_config.json (temperature, top_p, ...).
+        self.generation_defaults: dict[str, float] = dict(generation_defaults or {})
         # The config's eos first, then generation_config's (chat models often list several).
         eos_candidates = [self.eos_token_id, *extra_eos_token_ids]
         self.eos_token_ids: tuple[int, ...] = tuple(
@@ -169,6 +186,7 @@ class Tokenizer:
             special_tokens={name: token.content for name, token in named.items()},
             chat_templates=_chat_templates(model_dir, config),
             extra_eos_token_ids=_ids_from(generation_config.get("eos_token_id")),
+            generation_defaults=generation_defaults(generation_config),
         )
 
     def _id_or_none(self, token: str | None) -> int | None:

@@ -26,8 +26,62 @@ KV_TRANSPORT_UNSPECIFIED: KVTransport
 KV_TRANSPORT_GRPC: KVTransport
 KV_TRANSPORT_SHARED_MEMORY: KVTransport
 
+class PinContextRequest(_message.Message):
+    __slots__ = ("context_id", "model", "prompt_token_ids", "cache_salt", "expires_at_unix")
+    CONTEXT_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    CACHE_SALT_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_UNIX_FIELD_NUMBER: _ClassVar[int]
+    context_id: str
+    model: str
+    prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    cache_salt: str
+    expires_at_unix: float
+    def __init__(self, context_id: _Optional[str] = ..., model: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., cache_salt: _Optional[str] = ..., expires_at_unix: _Optional[float] = ...) -> None: ...
+
+class PinContextResponse(_message.Message):
+    __slots__ = ("pinned_tokens", "cached_tokens")
+    PINNED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    pinned_tokens: int
+    cached_tokens: int
+    def __init__(self, pinned_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ...) -> None: ...
+
+class UnpinContextRequest(_message.Message):
+    __slots__ = ("context_id",)
+    CONTEXT_ID_FIELD_NUMBER: _ClassVar[int]
+    context_id: str
+    def __init__(self, context_id: _Optional[str] = ...) -> None: ...
+
+class UnpinContextResponse(_message.Message):
+    __slots__ = ("unpinned",)
+    UNPINNED_FIELD_NUMBER: _ClassVar[int]
+    unpinned: bool
+    def __init__(self, unpinned: _Optional[bool] = ...) -> None: ...
+
+class ListPinnedContextsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class PinnedContext(_message.Message):
+    __slots__ = ("context_id", "pinned_tokens", "expires_at_unix")
+    CONTEXT_ID_FIELD_NUMBER: _ClassVar[int]
+    PINNED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_UNIX_FIELD_NUMBER: _ClassVar[int]
+    context_id: str
+    pinned_tokens: int
+    expires_at_unix: float
+    def __init__(self, context_id: _Optional[str] = ..., pinned_tokens: _Optional[int] = ..., expires_at_unix: _Optional[float] = ...) -> None: ...
+
+class ListPinnedContextsResponse(_message.Message):
+    __slots__ = ("contexts",)
+    CONTEXTS_FIELD_NUMBER: _ClassVar[int]
+    contexts: _containers.RepeatedCompositeFieldContainer[PinnedContext]
+    def __init__(self, contexts: _Optional[_Iterable[_Union[PinnedContext, _Mapping]]] = ...) -> None: ...
+
 class GenerateRequest(_message.Message):
-    __slots__ = ("request_id", "model", "prompt_token_ids", "sampling", "detokenize", "tenant", "priority", "prefill_address", "kv_transfer_mode", "output_token_ids")
+    __slots__ = ("request_id", "model", "prompt_token_ids", "sampling", "detokenize", "tenant", "priority", "prefill_address", "kv_transfer_mode", "output_token_ids", "cache_salt", "cached_context_id", "cached_context_tokens", "cached_context_expires_at_unix")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -38,6 +92,10 @@ class GenerateRequest(_message.Message):
     PREFILL_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     KV_TRANSFER_MODE_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    CACHE_SALT_FIELD_NUMBER: _ClassVar[int]
+    CACHED_CONTEXT_ID_FIELD_NUMBER: _ClassVar[int]
+    CACHED_CONTEXT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CACHED_CONTEXT_EXPIRES_AT_UNIX_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -48,10 +106,14 @@ class GenerateRequest(_message.Message):
     prefill_address: str
     kv_transfer_mode: KVTransferMode
     output_token_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., detokenize: _Optional[bool] = ..., tenant: _Optional[str] = ..., priority: _Optional[int] = ..., prefill_address: _Optional[str] = ..., kv_transfer_mode: _Optional[_Union[KVTransferMode, str]] = ..., output_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    cache_salt: str
+    cached_context_id: str
+    cached_context_tokens: int
+    cached_context_expires_at_unix: float
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., detokenize: _Optional[bool] = ..., tenant: _Optional[str] = ..., priority: _Optional[int] = ..., prefill_address: _Optional[str] = ..., kv_transfer_mode: _Optional[_Union[KVTransferMode, str]] = ..., output_token_ids: _Optional[_Iterable[int]] = ..., cache_salt: _Optional[str] = ..., cached_context_id: _Optional[str] = ..., cached_context_tokens: _Optional[int] = ..., cached_context_expires_at_unix: _Optional[float] = ...) -> None: ...
 
 class PrefillRequest(_message.Message):
-    __slots__ = ("request_id", "model", "prompt_token_ids", "sampling", "skip_blocks", "block_size", "mode", "transports", "host_id")
+    __slots__ = ("request_id", "model", "prompt_token_ids", "sampling", "skip_blocks", "block_size", "mode", "transports", "host_id", "cache_salt")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -61,6 +123,7 @@ class PrefillRequest(_message.Message):
     MODE_FIELD_NUMBER: _ClassVar[int]
     TRANSPORTS_FIELD_NUMBER: _ClassVar[int]
     HOST_ID_FIELD_NUMBER: _ClassVar[int]
+    CACHE_SALT_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -70,7 +133,8 @@ class PrefillRequest(_message.Message):
     mode: KVTransferMode
     transports: _containers.RepeatedScalarFieldContainer[KVTransport]
     host_id: str
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., skip_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., mode: _Optional[_Union[KVTransferMode, str]] = ..., transports: _Optional[_Iterable[_Union[KVTransport, str]]] = ..., host_id: _Optional[str] = ...) -> None: ...
+    cache_salt: str
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., skip_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., mode: _Optional[_Union[KVTransferMode, str]] = ..., transports: _Optional[_Iterable[_Union[KVTransport, str]]] = ..., host_id: _Optional[str] = ..., cache_salt: _Optional[str] = ...) -> None: ...
 
 class PrefillResponse(_message.Message):
     __slots__ = ("kv", "done", "heartbeat")

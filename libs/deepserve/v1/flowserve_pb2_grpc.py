@@ -75,6 +75,21 @@ class FlowServeServiceStub:
                 request_serializer=deepserve_dot_v1_dot_flowserve__pb2.RunTrainingRequest.SerializeToString,
                 response_deserializer=deepserve_dot_v1_dot_flowserve__pb2.RunTrainingResponse.FromString,
                 _registered_method=True)
+        self.PinContext = channel.unary_unary(
+                '/deepserve.v1.FlowServeService/PinContext',
+                request_serializer=deepserve_dot_v1_dot_flowserve__pb2.PinContextRequest.SerializeToString,
+                response_deserializer=deepserve_dot_v1_dot_flowserve__pb2.PinContextResponse.FromString,
+                _registered_method=True)
+        self.UnpinContext = channel.unary_unary(
+                '/deepserve.v1.FlowServeService/UnpinContext',
+                request_serializer=deepserve_dot_v1_dot_flowserve__pb2.UnpinContextRequest.SerializeToString,
+                response_deserializer=deepserve_dot_v1_dot_flowserve__pb2.UnpinContextResponse.FromString,
+                _registered_method=True)
+        self.ListPinnedContexts = channel.unary_unary(
+                '/deepserve.v1.FlowServeService/ListPinnedContexts',
+                request_serializer=deepserve_dot_v1_dot_flowserve__pb2.ListPinnedContextsRequest.SerializeToString,
+                response_deserializer=deepserve_dot_v1_dot_flowserve__pb2.ListPinnedContextsResponse.FromString,
+                _registered_method=True)
 
 
 class FlowServeServiceServicer:
@@ -141,6 +156,28 @@ class FlowServeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PinContext(self, request, context):
+        """Explicit context caching: computes a prompt's KV (unless cached) and pins its full blocks
+        under a context id, so they are never evicted until unpinned or expired.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnpinContext(self, request, context):
+        """Drops a pinned context (its blocks stay prefix-cached until evicted).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListPinnedContexts(self, request, context):
+        """The contexts this instance holds pinned.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FlowServeServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -183,6 +220,21 @@ def add_FlowServeServiceServicer_to_server(servicer, server):
                     servicer.RunTraining,
                     request_deserializer=deepserve_dot_v1_dot_flowserve__pb2.RunTrainingRequest.FromString,
                     response_serializer=deepserve_dot_v1_dot_flowserve__pb2.RunTrainingResponse.SerializeToString,
+            ),
+            'PinContext': grpc.unary_unary_rpc_method_handler(
+                    servicer.PinContext,
+                    request_deserializer=deepserve_dot_v1_dot_flowserve__pb2.PinContextRequest.FromString,
+                    response_serializer=deepserve_dot_v1_dot_flowserve__pb2.PinContextResponse.SerializeToString,
+            ),
+            'UnpinContext': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnpinContext,
+                    request_deserializer=deepserve_dot_v1_dot_flowserve__pb2.UnpinContextRequest.FromString,
+                    response_serializer=deepserve_dot_v1_dot_flowserve__pb2.UnpinContextResponse.SerializeToString,
+            ),
+            'ListPinnedContexts': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListPinnedContexts,
+                    request_deserializer=deepserve_dot_v1_dot_flowserve__pb2.ListPinnedContextsRequest.FromString,
+                    response_serializer=deepserve_dot_v1_dot_flowserve__pb2.ListPinnedContextsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -402,6 +454,87 @@ class FlowServeService:
             '/deepserve.v1.FlowServeService/RunTraining',
             deepserve_dot_v1_dot_flowserve__pb2.RunTrainingRequest.SerializeToString,
             deepserve_dot_v1_dot_flowserve__pb2.RunTrainingResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PinContext(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/deepserve.v1.FlowServeService/PinContext',
+            deepserve_dot_v1_dot_flowserve__pb2.PinContextRequest.SerializeToString,
+            deepserve_dot_v1_dot_flowserve__pb2.PinContextResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnpinContext(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/deepserve.v1.FlowServeService/UnpinContext',
+            deepserve_dot_v1_dot_flowserve__pb2.UnpinContextRequest.SerializeToString,
+            deepserve_dot_v1_dot_flowserve__pb2.UnpinContextResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListPinnedContexts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/deepserve.v1.FlowServeService/ListPinnedContexts',
+            deepserve_dot_v1_dot_flowserve__pb2.ListPinnedContextsRequest.SerializeToString,
+            deepserve_dot_v1_dot_flowserve__pb2.ListPinnedContextsResponse.FromString,
             options,
             channel_credentials,
             insecure,

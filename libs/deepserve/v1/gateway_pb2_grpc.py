@@ -60,6 +60,46 @@ class GatewayServiceStub:
                 request_serializer=deepserve_dot_v1_dot_gateway__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=deepserve_dot_v1_dot_gateway__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
+        self.CreateResponse = channel.unary_unary(
+                '/deepserve.v1.GatewayService/CreateResponse',
+                request_serializer=deepserve_dot_v1_dot_gateway__pb2.CreateResponseRequest.SerializeToString,
+                response_deserializer=deepserve_dot_v1_dot_gateway__pb2.CreateResponseResponse.FromString,
+                _registered_method=True)
+        self.StreamResponse = channel.unary_stream(
+                '/deepserve.v1.GatewayService/StreamResponse',
+                request_serializer=deepserve_dot_v1_dot_gateway__pb2.StreamResponseRequest.SerializeToString,
+                response_deserializer=deepserve_dot_v1_dot_gateway__pb2.StreamResponseResponse.FromString,
+                _registered_method=True)
+        self.GetResponse = channel.unary_unary(
+                '/deepserve.v1.GatewayService/GetResponse',
+                request_serializer=deepserve_dot_v1_dot_gateway__pb2.GetResponseRequest.SerializeToString,
+                response_deserializer=deepserve_dot_v1_dot_gateway__pb2.GetResponseResponse.FromString,
+                _registered_method=True)
+        self.DeleteResponse = channel.unary_unary(
+                '/deepserve.v1.GatewayService/DeleteResponse',
+                request_serializer=deepserve_dot_v1_dot_gateway__pb2.DeleteResponseRequest.SerializeToString,
+                response_deserializer=deepserve_dot_v1_dot_gateway__pb2.DeleteResponseResponse.FromString,
+                _registered_method=True)
+        self.CreateCachedContext = channel.unary_unary(
+                '/deepserve.v1.GatewayService/CreateCachedContext',
+                request_serializer=deepserve_dot_v1_dot_gateway__pb2.CreateCachedContextRequest.SerializeToString,
+                response_deserializer=deepserve_dot_v1_dot_gateway__pb2.CreateCachedContextResponse.FromString,
+                _registered_method=True)
+        self.GetCachedContext = channel.unary_unary(
+                '/deepserve.v1.GatewayService/GetCachedContext',
+                request_serializer=deepserve_dot_v1_dot_gateway__pb2.GetCachedContextRequest.SerializeToString,
+                response_deserializer=deepserve_dot_v1_dot_gateway__pb2.GetCachedContextResponse.FromString,
+                _registered_method=True)
+        self.ListCachedContexts = channel.unary_unary(
+                '/deepserve.v1.GatewayService/ListCachedContexts',
+                request_serializer=deepserve_dot_v1_dot_gateway__pb2.ListCachedContextsRequest.SerializeToString,
+                response_deserializer=deepserve_dot_v1_dot_gateway__pb2.ListCachedContextsResponse.FromString,
+                _registered_method=True)
+        self.DeleteCachedContext = channel.unary_unary(
+                '/deepserve.v1.GatewayService/DeleteCachedContext',
+                request_serializer=deepserve_dot_v1_dot_gateway__pb2.DeleteCachedContextRequest.SerializeToString,
+                response_deserializer=deepserve_dot_v1_dot_gateway__pb2.DeleteCachedContextResponse.FromString,
+                _registered_method=True)
 
 
 class GatewayServiceServicer:
@@ -96,6 +136,56 @@ class GatewayServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateResponse(self, request, context):
+        """The Responses API: one turn (whole or as events), stored conversation state per tenant.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StreamResponse(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetResponse(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteResponse(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateCachedContext(self, request, context):
+        """Explicit context caching: prompt prefixes kept pinned in engines' KV caches for a TTL.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetCachedContext(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListCachedContexts(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteCachedContext(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GatewayServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -123,6 +213,46 @@ def add_GatewayServiceServicer_to_server(servicer, server):
                     servicer.ListModels,
                     request_deserializer=deepserve_dot_v1_dot_gateway__pb2.ListModelsRequest.FromString,
                     response_serializer=deepserve_dot_v1_dot_gateway__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'CreateResponse': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateResponse,
+                    request_deserializer=deepserve_dot_v1_dot_gateway__pb2.CreateResponseRequest.FromString,
+                    response_serializer=deepserve_dot_v1_dot_gateway__pb2.CreateResponseResponse.SerializeToString,
+            ),
+            'StreamResponse': grpc.unary_stream_rpc_method_handler(
+                    servicer.StreamResponse,
+                    request_deserializer=deepserve_dot_v1_dot_gateway__pb2.StreamResponseRequest.FromString,
+                    response_serializer=deepserve_dot_v1_dot_gateway__pb2.StreamResponseResponse.SerializeToString,
+            ),
+            'GetResponse': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetResponse,
+                    request_deserializer=deepserve_dot_v1_dot_gateway__pb2.GetResponseRequest.FromString,
+                    response_serializer=deepserve_dot_v1_dot_gateway__pb2.GetResponseResponse.SerializeToString,
+            ),
+            'DeleteResponse': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteResponse,
+                    request_deserializer=deepserve_dot_v1_dot_gateway__pb2.DeleteResponseRequest.FromString,
+                    response_serializer=deepserve_dot_v1_dot_gateway__pb2.DeleteResponseResponse.SerializeToString,
+            ),
+            'CreateCachedContext': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateCachedContext,
+                    request_deserializer=deepserve_dot_v1_dot_gateway__pb2.CreateCachedContextRequest.FromString,
+                    response_serializer=deepserve_dot_v1_dot_gateway__pb2.CreateCachedContextResponse.SerializeToString,
+            ),
+            'GetCachedContext': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetCachedContext,
+                    request_deserializer=deepserve_dot_v1_dot_gateway__pb2.GetCachedContextRequest.FromString,
+                    response_serializer=deepserve_dot_v1_dot_gateway__pb2.GetCachedContextResponse.SerializeToString,
+            ),
+            'ListCachedContexts': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListCachedContexts,
+                    request_deserializer=deepserve_dot_v1_dot_gateway__pb2.ListCachedContextsRequest.FromString,
+                    response_serializer=deepserve_dot_v1_dot_gateway__pb2.ListCachedContextsResponse.SerializeToString,
+            ),
+            'DeleteCachedContext': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteCachedContext,
+                    request_deserializer=deepserve_dot_v1_dot_gateway__pb2.DeleteCachedContextRequest.FromString,
+                    response_serializer=deepserve_dot_v1_dot_gateway__pb2.DeleteCachedContextResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -261,6 +391,222 @@ class GatewayService:
             '/deepserve.v1.GatewayService/ListModels',
             deepserve_dot_v1_dot_gateway__pb2.ListModelsRequest.SerializeToString,
             deepserve_dot_v1_dot_gateway__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateResponse(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/deepserve.v1.GatewayService/CreateResponse',
+            deepserve_dot_v1_dot_gateway__pb2.CreateResponseRequest.SerializeToString,
+            deepserve_dot_v1_dot_gateway__pb2.CreateResponseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamResponse(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/deepserve.v1.GatewayService/StreamResponse',
+            deepserve_dot_v1_dot_gateway__pb2.StreamResponseRequest.SerializeToString,
+            deepserve_dot_v1_dot_gateway__pb2.StreamResponseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetResponse(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/deepserve.v1.GatewayService/GetResponse',
+            deepserve_dot_v1_dot_gateway__pb2.GetResponseRequest.SerializeToString,
+            deepserve_dot_v1_dot_gateway__pb2.GetResponseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteResponse(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/deepserve.v1.GatewayService/DeleteResponse',
+            deepserve_dot_v1_dot_gateway__pb2.DeleteResponseRequest.SerializeToString,
+            deepserve_dot_v1_dot_gateway__pb2.DeleteResponseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateCachedContext(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/deepserve.v1.GatewayService/CreateCachedContext',
+            deepserve_dot_v1_dot_gateway__pb2.CreateCachedContextRequest.SerializeToString,
+            deepserve_dot_v1_dot_gateway__pb2.CreateCachedContextResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetCachedContext(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/deepserve.v1.GatewayService/GetCachedContext',
+            deepserve_dot_v1_dot_gateway__pb2.GetCachedContextRequest.SerializeToString,
+            deepserve_dot_v1_dot_gateway__pb2.GetCachedContextResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListCachedContexts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/deepserve.v1.GatewayService/ListCachedContexts',
+            deepserve_dot_v1_dot_gateway__pb2.ListCachedContextsRequest.SerializeToString,
+            deepserve_dot_v1_dot_gateway__pb2.ListCachedContextsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteCachedContext(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/deepserve.v1.GatewayService/DeleteCachedContext',
+            deepserve_dot_v1_dot_gateway__pb2.DeleteCachedContextRequest.SerializeToString,
+            deepserve_dot_v1_dot_gateway__pb2.DeleteCachedContextResponse.FromString,
             options,
             channel_credentials,
             insecure,

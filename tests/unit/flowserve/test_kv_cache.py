@@ -23,6 +23,7 @@ class Req:
     request_id: str
     tokens: list[int]
     block_hashes: list[bytes] = field(default_factory=list)
+    cache_salt: str = ""
 
     @property
     def all_token_ids(self) -> list[int]:

@@ -36,6 +36,8 @@ class EchoRecord:
     seen: list[flowserve_pb2.GenerateRequest] = field(default_factory=list)
     cancelled: set[str] = field(default_factory=set)
     finished: set[str] = field(default_factory=set)
+    # Contexts pinned through PinContext, by id.
+    pinned: dict[str, flowserve_pb2.PinContextRequest] = field(default_factory=dict)
 
 
 class EchoEngine(flowserve_pb2_grpc.FlowServeServiceServicer):
@@ -124,3 +126,17 @@ class EchoEngine(flowserve_pb2_grpc.FlowServeServiceServicer):
         self, request: flowserve_pb2.AbortRequest, context: grpc.aio.ServicerContext
     ) -> flowserve_pb2.AbortResponse:
         return flowserve_pb2.AbortResponse(aborted=False)
+
+    async def PinContext(
+        self, request: flowserve_pb2.PinContextRequest, context: grpc.aio.ServicerContext
+    ) -> flowserve_pb2.PinContextResponse:
+        self.record.pinned[request.context_id] = request
+        return flowserve_pb2.PinContextResponse(
+            pinned_tokens=len(request.prompt_token_ids) // 16 * 16
+        )
+
+    async def UnpinContext(
+        self, request: flowserve_pb2.UnpinContextRequest, context: grpc.aio.ServicerContext
+    ) -> flowserve_pb2.UnpinContextResponse:
+        found = self.record.pinned.pop(request.context_id, None)
+        return flowserve_pb2.UnpinContextResponse(unpinned=found is not None)

@@ -12,7 +12,7 @@ import pytest
 import pytest_asyncio
 
 from deepserve import records
-from deepserve.completions.prepare import prefix_block_size
+from deepserve.completions.prepare import cache_salt_for, prefix_block_size
 from deepserve.prefix_hash import prompt_block_hashes
 from deepserve.records import InstanceRecord, Role
 from deepserve.v1 import common_pb2, scheduler_pb2
@@ -75,6 +75,11 @@ async def routed(h: GatewayHarness, model: str, key: str) -> scheduler_pb2.Route
     return request
 
 
+def salted(request: scheduler_pb2.RouteRequest, block_size: int) -> list[str]:
+    """The prompt's hash chain under the routed request's tenant salt."""
+    return prompt_block_hashes(PROMPT, block_size, cache_salt_for(request.tenant, None))
+
+
 @pytest.mark.parametrize("block_size", [8, 16])
 async def test_prompts_are_hashed_with_the_block_size_of_the_models_engines(
     harness: GatewayHarness, engines: list[str], block_size: int
@@ -82,7 +87,7 @@ async def test_prompts_are_hashed_with_the_block_size_of_the_models_engines(
     model, key = await serve_model(harness, engines, [block_size])
     request = await routed(harness, model, key)
     assert request.block_size == block_size
-    assert list(request.prefix_block_hashes) == prompt_block_hashes(PROMPT, block_size)
+    assert list(request.prefix_block_hashes) == salted(request, block_size)
     assert len(request.prefix_block_hashes) == len(PROMPT) // block_size
 
 
@@ -92,7 +97,7 @@ async def test_engines_that_disagree_are_hashed_for_with_the_most_common_size(
     model, key = await serve_model(harness, engines, [16, 8, 8])
     request = await routed(harness, model, key)
     assert request.block_size == 8
-    assert list(request.prefix_block_hashes) == prompt_block_hashes(PROMPT, 8)
+    assert list(request.prefix_block_hashes) == salted(request, 8)
 
 
 async def test_engines_of_unknown_block_size_get_no_hashes(

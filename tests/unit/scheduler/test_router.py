@@ -7,6 +7,7 @@ import pytest
 from deepserve.errors import InvalidArgument, NotFound, Unavailable
 from deepserve.jobs.records import RoutingPolicy
 from deepserve.records import Role
+from deepserve.scheduler.load_tracker import InstanceLoad
 from deepserve.scheduler.router import RouteFacts, RoutingConfig
 
 from .router_fixtures import BLOCK, MODEL, instance, make_router
@@ -178,3 +179,22 @@ def test_exclusions_and_errors() -> None:
         router.route(RouteFacts(request_id="r", model="other"))
     with pytest.raises(InvalidArgument):
         router.route(RouteFacts(request_id="r", model=""))
+
+
+def test_a_request_naming_a_cached_context_goes_to_an_instance_holding_it() -> None:
+    router = make_router(
+        [instance("a"), instance("b"), instance("c")], loads={"a": 0, "b": 2, "c": 3}
+    )
+    router.loads.set_pinned({"b": frozenset({"ctx_1"}), "c": frozenset({"ctx_1"})})
+    decision = router.route(RouteFacts("r1", MODEL, cached_context_id="ctx_1"))
+    assert decision.instances[0].instance_id == "b"  # the least-loaded holder
+    assert "cached context" in decision.reason
+    # A context nobody holds routes as usual; an overloaded holder is passed over.
+    assert (
+        router.route(RouteFacts("r2", MODEL, cached_context_id="ctx_2")).instances[0].instance_id
+        == "a"
+    )
+    router.loads.set_loads({"a": InstanceLoad(waiting=0), "b": InstanceLoad(waiting=40)})
+    router.loads.set_pinned({"b": frozenset({"ctx_1"})})
+    overloaded = router.route(RouteFacts("r3", MODEL, cached_context_id="ctx_1"))
+    assert overloaded.instances[0].instance_id != "b"

@@ -23,6 +23,7 @@ import pytest
 
 from deepserve.flowserve.engine.stats import EngineStats
 from deepserve.flowserve.kv_cache.events import KVEvent
+from deepserve.flowserve.kv_cache.manager import PinnedContext
 from deepserve.flowserve.pod.shell import TaskExecutorShell
 from deepserve.flowserve.settings import FlowServeSettings
 from deepserve.gateway.demand import DemandHold
@@ -51,13 +52,22 @@ async def stores(etcd_endpoint: str, redis_url: str) -> AsyncIterator[tuple[Etcd
 
 
 class ServingEngine:
-    """The part of a loaded engine the shell's reporter reads: its stats snapshot."""
+    """The part of a loaded engine the shell's reporter reads: its stats snapshot and pins."""
 
     def __init__(self, stats: EngineStats) -> None:
         self._stats = stats
+        self.pins = [PinnedContext("ctx_live", 32, 0.0), PinnedContext("ctx_old", 16, 1.0)]
 
     def stats(self) -> EngineStats:
         return self._stats
+
+    async def unpin_expired(self, now: float) -> list[str]:
+        expired = [p.context_id for p in self.pins if 0 < p.expires_at <= now]
+        self.pins = [p for p in self.pins if p.context_id not in expired]
+        return expired
+
+    async def pinned_contexts(self) -> list[PinnedContext]:
+        return list(self.pins)
 
 
 def loaded_shell(etcd: EtcdStore, redis: RedisStore, stats: EngineStats) -> TaskExecutorShell:
@@ -110,6 +120,9 @@ async def test_the_shells_load_report_is_read_by_the_scheduler_and_the_autoscale
     load = tracker.load_of(shell.instance_id)
     assert (load.running, load.waiting, load.kv_use) == (2, 5, 0.25)
     assert load.report_at >= before
+    # Pinned contexts travel with the report (the expired one was unpinned first).
+    assert tracker.holders("ctx_live", [shell.instance_id]) == [shell.instance_id]
+    assert tracker.holders("ctx_old", [shell.instance_id]) == []
 
     job_id = f"pairs-{uuid.uuid4().hex[:6]}"
     mine = {shell.instance_id: instance(shell.instance_id, job_id)}

@@ -17,6 +17,8 @@ import redis.asyncio as aioredis
 from opentelemetry import trace
 
 from deepserve.completions.call import ApiCall
+from deepserve.completions.context_store import ContextStore
+from deepserve.completions.conversation_store import ResponseStore
 from deepserve.completions.dispatcher import Dispatcher
 from deepserve.completions.prepare import prefix_block_size, prepare_chat, prepare_completion
 from deepserve.completions.prepared import GenerationJob
@@ -25,9 +27,11 @@ from deepserve.completions.tokenizer_registry import TokenizerRegistry
 from deepserve.completions.upstream import EngineStubs, SchedulerClient
 from deepserve.errors import InvalidArgument
 from deepserve.gateway.auth import Authenticator, Caller
+from deepserve.gateway.cached_contexts import CachedContexts
 from deepserve.gateway.demand import DemandHold
 from deepserve.gateway.gateway_metrics import REQUEST_E2E, REQUEST_TPOT, REQUEST_TTFT
 from deepserve.gateway.model_directory import ModelDirectory
+from deepserve.gateway.responses import ResponsesService
 from deepserve.gateway.settings import GatewaySettings
 from deepserve.store.etcd import EtcdStore
 from deepserve.tenancy.rate_limiter import Admission, RateLimiter
@@ -68,6 +72,7 @@ class Gateway:
         scheduler: SchedulerClient,
         engines: EngineStubs,
         demand: DemandHold | None = None,
+        etcd: EtcdStore | None = None,
     ) -> None:
         self.settings = settings
         self.models = models
@@ -84,6 +89,14 @@ class Gateway:
         self._background: set[asyncio.Future[None]] = set()
         # Scale from zero (holds requests for models at zero replicas) and latency reports.
         self.demand = demand
+        # Responses API conversation state and explicit cached contexts (both in etcd).
+        self.responses: ResponsesService | None = None
+        self.contexts: CachedContexts | None = None
+        if etcd is not None:
+            self.responses = ResponsesService(
+                self, ResponseStore(etcd, settings.response_retention_s)
+            )
+            self.contexts = CachedContexts(self, ContextStore(etcd))
 
     @classmethod
     def build(
@@ -110,6 +123,7 @@ class Gateway:
                 hold_timeout_s=settings.scale_from_zero_timeout_s,
                 redis_client=redis_client,
             ),
+            etcd,
         )
 
     async def start(self, ready_timeout_s: float = 30.0) -> None:
@@ -165,6 +179,13 @@ class Gateway:
             await self.demand.hold(body.model)  # a model at zero replicas: wait for one
         self.models.get(body.model)  # 404 for a model nobody serves or registered
         tokenizer = await self.tokenizers.get(body.model)
+        context = None
+        if body.cached_context_id:
+            if self.contexts is None:
+                raise InvalidArgument(
+                    "cached contexts are not served here", field="cached_context_id"
+                )
+            context = await self.contexts.prefix(caller.tenant, body.cached_context_id, body.model)
         live = self.models.live_instances(body.model)
         max_model_len = min((i.max_model_len for i in live if i.max_model_len), default=0)
         prepare = functools.partial(
@@ -176,6 +197,8 @@ class Gateway:
             max_model_len=max_model_len,
             # Hashed the way the model's engines cache: their block size, from their records.
             block_size=prefix_block_size(body.model, live),
+            tool_parser=self.settings.tool_parsers.get(body.model, self.settings.tool_parser),
+            context=context,
         )
         # Short prompts tokenize in well under a millisecond; long ones would stall the loop.
         with _tracer.start_as_current_span("tokenize") as span:

@@ -19,6 +19,7 @@ from deepserve.completions.protocol import ChatCompletionRequest, CompletionRequ
 from deepserve.completions.response_format import ResponseFormatter
 from deepserve.errors import DeepServeError, ResourceExhausted, Unavailable
 from deepserve.gateway.auth import Caller
+from deepserve.gateway.cached_contexts_api import cached_contexts_router
 from deepserve.gateway.gateway import Gateway
 from deepserve.gateway.http_streams import (
     SSE_DONE,
@@ -28,6 +29,7 @@ from deepserve.gateway.http_streams import (
     until_disconnect,
 )
 from deepserve.gateway.model_directory import ModelCard
+from deepserve.gateway.responses_api import responses_router
 
 log = logging.getLogger(__name__)
 
@@ -177,6 +179,10 @@ def create_app(gateway: Gateway, routers: Sequence[RouterFactory] = ()) -> FastA
     ) -> Any:
         return await run(body, request, who)
 
+    if gateway.responses is not None:
+        app.include_router(responses_router(gateway.responses, caller))
+    if gateway.contexts is not None:
+        app.include_router(cached_contexts_router(gateway.contexts, caller))
     for build_router in routers:
         app.include_router(build_router(caller))
     return app

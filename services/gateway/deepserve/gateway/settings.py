@@ -53,3 +53,15 @@ class GatewaySettings(ServiceSettings):
     # Scale from zero: how long a request for an autoscaled model with no live instance waits
     # for the first one before a 503 with Retry-After (0 disables holding).
     scale_from_zero_timeout_s: float = 60.0
+    # Tool calling: the parser of every model's tool calls (hermes, llama3_json, mistral), or
+    # per model ({"model": "parser"}); unset, each model's is detected from its chat template.
+    tool_parser: str = ""
+    tool_parsers: dict[str, str] = {}
+    # Responses API: how long stored responses (conversation state) live in etcd.
+    response_retention_s: float = 30 * 24 * 3600.0
+    # Explicit context caching: default and longest TTL, size, and contexts per tenant (a
+    # tenant's own limit, when set, overrides the last).
+    cached_context_default_ttl_s: int = 3600
+    cached_context_max_ttl_s: int = 7 * 24 * 3600
+    cached_context_max_tokens: int = 32768
+    max_cached_contexts_per_tenant: int = 16

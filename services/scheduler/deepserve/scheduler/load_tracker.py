@@ -74,6 +74,8 @@ class LoadTracker:
         self._loads: dict[str, InstanceLoad] = {}
         # Scores of the last view, precomputed: routing reads these for every candidate.
         self._base_scores: dict[str, float] = {}
+        # Explicit cached contexts each instance holds pinned, from its last report.
+        self._pinned: dict[str, frozenset[str]] = {}
         # Routed by this replica since the last flush to Redis.
         self._unflushed: Counter[str] = Counter()
         # Being written to Redis now; still counted until the next view includes them.
@@ -113,6 +115,15 @@ class LoadTracker:
             i: base.get(i, 0.0) + unflushed.get(i, 0) + flushing.get(i, 0) for i in instance_ids
         }
 
+    def holders(self, context_id: str, instance_ids: Iterable[str]) -> list[str]:
+        """Those of `instance_ids` whose last report says they hold `context_id` pinned."""
+        empty: frozenset[str] = frozenset()
+        return [i for i in instance_ids if context_id in self._pinned.get(i, empty)]
+
+    def set_pinned(self, pinned: dict[str, frozenset[str]]) -> None:
+        """Replaces the pinned-context mirror (tests drive routing without Redis this way)."""
+        self._pinned = dict(pinned)
+
     def note_routed(self, instance_id: str) -> None:
         self._unflushed[instance_id] += 1
 
@@ -146,11 +157,15 @@ class LoadTracker:
                 pipe.hget(RedisKeys.routed(instance_id), RoutedSince.field_for(at))
             replies = await pipe.execute()
         loads: dict[str, InstanceLoad] = {}
+        pinned: dict[str, frozenset[str]] = {}
         for instance_id, raw in zip(live, replies, strict=True):
             report = reports.get(instance_id, no_report)
             routed = RoutedSince.decode(report.at, raw)
             loads[instance_id] = InstanceLoad.from_report(report, routed.count)
+            if report.pinned_contexts:
+                pinned[instance_id] = frozenset(report.pinned_contexts)
         self.set_loads(loads)
+        self.set_pinned(pinned)
         self._flushing = Counter()
         self.refreshes += 1
 

@@ -60,6 +60,8 @@ class RouteFacts:
     # hold the prompt's prefix under these hashes.
     block_size: int = 0
     exclude_instance_ids: set[str] = field(default_factory=set)
+    # An explicit cached context the prompt starts with; its holders are preferred.
+    cached_context_id: str = ""
 
 
 @dataclass(slots=True)
@@ -232,6 +234,10 @@ class Router:
         if policy == RoutingPolicy.LEAST_LOADED or not with_locality:
             return self._least_loaded(group, loads, "least loaded")
         low, high = min(loads.values()), max(loads.values())
+        if facts.cached_context_id:
+            pick = self._context_holder(facts, group, loads, low)
+            if pick is not None:
+                return pick
         if not self.is_balanced(low, high):
             return self._least_loaded(
                 group,
@@ -255,6 +261,31 @@ class Router:
             chosen,
             "load",
             f"{why}: {chosen.instance_id} (load {loads[chosen.instance_id]:.1f})",
+            {i.instance_id: loads[i.instance_id] for i in ranked[: self.config.reported_scores]},
+        )
+
+    def _context_holder(
+        self,
+        facts: RouteFacts,
+        group: Sequence[InstanceRecord],
+        loads: dict[str, float],
+        low: float,
+    ) -> _Pick | None:
+        """The least-loaded instance holding the request's cached context pinned, unless it
+        is so loaded that the load branch would not have considered it balanced."""
+        holders = set(self.loads.holders(facts.cached_context_id, loads))
+        ranked = sorted(
+            (i for i in group if i.instance_id in holders),
+            key=lambda i: (loads[i.instance_id], i.instance_id),
+        )
+        if not ranked or not self.is_balanced(low, loads[ranked[0].instance_id]):
+            return None
+        chosen = ranked[0]
+        return _Pick(
+            chosen,
+            "locality",
+            f"holds cached context {facts.cached_context_id}: {chosen.instance_id} "
+            f"(load {loads[chosen.instance_id]:.1f})",
             {i.instance_id: loads[i.instance_id] for i in ranked[: self.config.reported_scores]},
         )
 

@@ -77,6 +77,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
                 prefix_block_hashes=list(request.prefix_block_hashes),
                 block_size=request.block_size,
                 exclude_instance_ids=set(request.exclude_instance_ids),
+                cached_context_id=request.cached_context_id,
             )
         )
 

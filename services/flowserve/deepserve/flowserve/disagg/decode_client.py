@@ -80,6 +80,7 @@ class GrpcPrefillSource:
         settings: TransferSettings,
         layerwise: bool,
         stats: TransferStats | None = None,
+        cache_salt: str = "",
     ) -> None:
         self.peers = peers
         self.address = address
@@ -88,6 +89,7 @@ class GrpcPrefillSource:
         self.sampling = sampling
         self.settings = settings
         self.layerwise = layerwise
+        self.cache_salt = cache_salt
         self.stats = stats if stats is not None else TransferStats()
         # Figures of the last transfer (for stats and the benchmark).
         self.done: flowserve_pb2.PrefillDone | None = None
@@ -110,6 +112,7 @@ class GrpcPrefillSource:
             ),
             transports=transports,
             host_id=local_host_id(),
+            cache_salt=self.cache_salt,
         )
 
     async def _receive(self, assembler: KVAssembler, msg: flowserve_pb2.KVChunk) -> None:

@@ -42,6 +42,7 @@ class DisaggEndpoint:
         model: str,
         sampling: common_pb2.SamplingParams,
         mode: flowserve_pb2.KVTransferMode.ValueType = flowserve_pb2.KV_TRANSFER_MODE_UNSPECIFIED,
+        cache_salt: str = "",
     ) -> GrpcPrefillSource:
         if mode == flowserve_pb2.KV_TRANSFER_MODE_UNSPECIFIED:
             layerwise = self.settings.transfer_mode == "layerwise"
@@ -56,6 +57,7 @@ class DisaggEndpoint:
             settings=self.settings,
             layerwise=layerwise,
             stats=self.received,
+            cache_salt=cache_salt,
         )
 
     def prefill_stream(

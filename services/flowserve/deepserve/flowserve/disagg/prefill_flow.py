@@ -30,6 +30,8 @@ class PrefillJob:
     skip_blocks: int
     block_size: int
     layerwise: bool = False
+    # The prompt's cache salt: this side caches (and skips) blocks under the same chain.
+    cache_salt: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,7 +157,11 @@ class PrefillServer:
         last: GenerationOutput | None = None
         try:
             async for output in self.engine.generate(
-                job.request_id, job.prompt_token_ids, params, hold_kv=True
+                job.request_id,
+                job.prompt_token_ids,
+                params,
+                hold_kv=True,
+                cache_salt=job.cache_salt,
             ):
                 last = output
         except asyncio.CancelledError:

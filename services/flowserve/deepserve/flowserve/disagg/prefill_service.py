@@ -54,6 +54,7 @@ async def serve_prefill(
         skip_blocks=request.skip_blocks,
         block_size=request.block_size,
         layerwise=request.mode == flowserve_pb2.KV_TRANSFER_MODE_LAYERWISE,
+        cache_salt=request.cache_salt,
     )
     segments: list[str] = []
     completed = False

@@ -35,6 +35,8 @@ from deepserve.flowserve.engine.outputs import GenerationOutput, TokenLogprobs
 from deepserve.flowserve.engine.request import Request
 from deepserve.flowserve.engine.stats import EngineStats
 from deepserve.flowserve.kv_cache import HostTransport, KVEventListener
+from deepserve.flowserve.kv_cache.manager import PinnedContext
+from deepserve.flowserve.sampling.grammar import GrammarCompiler
 from deepserve.flowserve.sampling.sampler import Sampler
 from deepserve.sampling_params import SamplingParams
 
@@ -67,8 +69,10 @@ class AsyncEngine:
         detokenizer_factory: DetokenizerFactory | None = None,
         host_transport: HostTransport | None = None,
         kv_event_listener: KVEventListener | None = None,
+        grammar_compiler: GrammarCompiler | None = None,
     ) -> None:
         self.config = config
+        self.grammar_compiler = grammar_compiler
         self.core = EngineCore(
             config,
             executor,
@@ -78,6 +82,7 @@ class AsyncEngine:
             host_transport=host_transport,
             kv_event_listener=kv_event_listener,
             on_dequeued=self._on_dequeued,
+            grammar_compiler=grammar_compiler,
         )
         self._capacity_tokens = self.core.kv_cache.pool.num_blocks * config.block_size
         self._lock = threading.Lock()
@@ -132,13 +137,15 @@ class AsyncEngine:
         hold_kv: bool = False,
         priority: int = 0,
         output_token_ids: Sequence[int] = (),
+        cache_salt: str = "",
     ) -> AsyncIterator[GenerationOutput]:
         """Stream a request's outputs; the last one has finish_reason set.
 
-        Raises InvalidArgument (bad input), ResourceExhausted (queue full, or the KV cache can
-        never hold the request) before the first output. Closing the iterator early aborts the
-        request. With hold_kv, a request that finishes normally keeps its KV blocks until
-        `release_kv` (a prefill instance exports them first with `export_kv`).
+        Raises InvalidArgument (bad input, a structured-output grammar that does not compile),
+        ResourceExhausted (queue full, or the KV cache can never hold the request) before the
+        first output. Closing the iterator early aborts the request. With hold_kv, a request
+        that finishes normally keeps its KV blocks until `release_kv` (a prefill instance
+        exports them first with `export_kv`). `cache_salt` seeds its prefix-cache hashes.
 
         `output_token_ids` resumes a migrated request: tokens another instance generated and
         streamed. They count as generated (limits, penalties, stop rules, the seeded sampler,
@@ -149,6 +156,8 @@ class AsyncEngine:
         )
         request.hold_kv = hold_kv
         request.priority = priority
+        request.cache_salt = cache_salt
+        await self._compile_grammar(request)
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         with self._wakeup:
             if self._stopping:
@@ -175,6 +184,7 @@ class AsyncEngine:
         source: RemotePrefillSource,
         *,
         reserve_timeout_s: float = 30.0,
+        cache_salt: str = "",
     ) -> AsyncIterator[GenerationOutput]:
         """Like generate, but the prompt's KV and first token come from `source` (a prefill
         instance): blocks are reserved here (the cached prefix is reused and not sent), filled
@@ -184,6 +194,8 @@ class AsyncEngine:
         reservation is freed on every failure, abort or early close.
         """
         request = self._build_request(request_id, prompt_token_ids, sampling_params)
+        request.cache_salt = cache_salt
+        await self._compile_grammar(request)
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         with self._wakeup:
             if self._stopping:
@@ -214,6 +226,82 @@ class AsyncEngine:
             raise
         async for output in self._stream_outputs(request_id, stream):
             yield output
+
+    async def _compile_grammar(self, request: Request) -> None:
+        """Structured outputs: compile (or take from the cache) the request's grammar in a
+        worker thread, so a first compile never stalls the step loop."""
+        constraint = request.sampling_params.structured_output
+        if constraint is None:
+            return
+        compiler = self.grammar_compiler
+        if compiler is None:
+            raise InvalidArgument(
+                "this engine has no tokenizer to enforce structured outputs",
+                field=constraint.field,
+            )
+        # A grammar compiled before is copied here; only a first compile goes to a thread (a
+        # thread hop per request would stagger the admission of requests sent together).
+        request.grammar = compiler.cached_state(constraint) or await asyncio.to_thread(
+            compiler.state, constraint
+        )
+
+    # ----- explicit context caching -----------------------------------------------------------
+
+    async def pin_context(
+        self,
+        context_id: str,
+        token_ids: Sequence[int],
+        *,
+        salt: str = "",
+        expires_at: float = 0.0,
+        attempts: int = 3,
+    ) -> tuple[int, int]:
+        """Pin a prompt's full blocks under `context_id`, computing what is not cached (a
+        one-token generation; blocks on the host tier are populated back). Returns (tokens
+        pinned, tokens that were already cached here)."""
+        tokens = list(token_ids)
+        block_size = self.config.block_size
+        full = len(tokens) // block_size * block_size
+        if full == 0:
+            raise InvalidArgument(
+                f"a context shorter than one KV block ({block_size} tokens) cannot be pinned",
+                field="prompt_token_ids",
+            )
+
+        def cached(core: EngineCore) -> int:
+            return core.kv_cache.match_prefix(tokens, salt=salt).num_device_tokens
+
+        already = await asyncio.wrap_future(self.call_in_engine(cached))
+        pinned = 0
+        for attempt in range(attempts):
+            if attempt or already < full:
+                params = SamplingParams(temperature=0.0, max_tokens=1)
+                request_id = f"pin-{context_id}-{attempt}-{time.monotonic_ns()}"
+                async for _ in self.generate(request_id, tokens, params, cache_salt=salt):
+                    pass
+            pinned = await asyncio.wrap_future(
+                self.call_in_engine(
+                    lambda core: core.kv_cache.pin(
+                        context_id, tokens, salt=salt, expires_at=expires_at
+                    )
+                )
+            )
+            if pinned >= full:
+                break  # else evicted between the prefill and the pin: compute again
+        return pinned, min(already, pinned)
+
+    async def unpin_context(self, context_id: str) -> bool:
+        return await asyncio.wrap_future(
+            self.call_in_engine(lambda core: core.kv_cache.unpin(context_id))
+        )
+
+    async def pinned_contexts(self) -> list[PinnedContext]:
+        return await asyncio.wrap_future(self.call_in_engine(lambda core: core.kv_cache.pinned()))
+
+    async def unpin_expired(self, now: float) -> list[str]:
+        return await asyncio.wrap_future(
+            self.call_in_engine(lambda core: core.kv_cache.unpin_expired(now))
+        )
 
     async def export_kv(
         self, request_id: str, first_block: int = 0, num_blocks: int | None = None

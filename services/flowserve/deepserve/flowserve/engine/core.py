@@ -30,6 +30,12 @@ from deepserve.flowserve.engine.stats import EngineStats, ThroughputMeter
 from deepserve.flowserve.engine.step_plan import StepPlan
 from deepserve.flowserve.engine.step_planner import StepPlanner, StepPlannerConfig
 from deepserve.flowserve.kv_cache import HostTransport, KVCacheManager, KVEventListener
+from deepserve.flowserve.sampling.grammar import (
+    GrammarCompiler,
+    TokenBitmask,
+    apply_token_bitmask,
+    compute_bitmask,
+)
 from deepserve.flowserve.sampling.request_sampler import RequestSampler
 from deepserve.flowserve.sampling.sampler import Sampler, SampleResult
 
@@ -67,6 +73,7 @@ class EngineCore:
         host_transport: HostTransport | None = None,
         kv_event_listener: KVEventListener | None = None,
         on_dequeued: Callable[[str], None] | None = None,
+        grammar_compiler: GrammarCompiler | None = None,
     ) -> None:
         config.validate()
         self.config = config
@@ -97,9 +104,13 @@ class EngineCore:
         self._sampler = RequestSampler(sampler)
         self._outputs = OutputProcessor(self.planner, detokenizer_factory)
         self._on_dequeued = on_dequeued
+        self.grammar_compiler = grammar_compiler
         self._unstarted: set[str] = set()
-        # The submitted step: its plan, the request behind each logits row, its logits.
-        self._in_flight: tuple[StepPlan, list[Request], Future[torch.Tensor]] | None = None
+        # The submitted step: its plan, the request behind each logits row, its logits, and
+        # the grammar masks of its constrained rows (computed while it runs).
+        self._in_flight: (
+            tuple[StepPlan, list[Request], Future[torch.Tensor], TokenBitmask | None] | None
+        ) = None
         self._in_flight_started_ns = 0
         self._generated = ThroughputMeter()
         self._computed = ThroughputMeter()
@@ -112,6 +123,7 @@ class EngineCore:
     def add_request(self, request: Request) -> None:
         """Queue a request (raises InvalidArgument if it can never fit the KV cache)."""
         self._default_eos(request)
+        self.attach_grammar(request)
         self.planner.add_request(request)
         self._unstarted.add(request.request_id)
         self._outputs.add_request(request)
@@ -134,6 +146,27 @@ class EngineCore:
             outputs.append(self._outputs.final_output(request, error))
         return outputs
 
+    def attach_grammar(self, request: Request) -> None:
+        """Give a structured-output request its matcher if it has none yet (AsyncEngine
+        compiles off this thread first; direct callers pay the compile here)."""
+        constraint = request.sampling_params.structured_output
+        if constraint is None or request.grammar is not None:
+            return
+        if self.grammar_compiler is None:
+            raise FailedPrecondition("this engine has no tokenizer to enforce structured outputs")
+        request.grammar = self.grammar_compiler.state(constraint)
+
+    def _bitmask(self, rows: list[Request]) -> TokenBitmask | None:
+        if not any(r.grammar is not None for r in rows):
+            return None
+        vocab_size = (
+            self.grammar_compiler.vocab_size
+            if self.grammar_compiler is not None
+            else self.config.vocab_size
+        )
+        assert vocab_size is not None, "a constrained request needs the vocabulary size"
+        return compute_bitmask(rows, vocab_size)
+
     # ----- KV hand-off, decode side -----------------------------------------------------------
 
     def reserve_remote_prefill(self, request: Request) -> KVReservation | None:
@@ -144,6 +177,7 @@ class EngineCore:
         `activate_remote_prefill`; abort_request frees the blocks meanwhile.
         """
         self._default_eos(request)
+        self.attach_grammar(request)
         match = self.planner.reserve_remote_kv(request)
         if match is None:
             return None
@@ -234,8 +268,11 @@ class EngineCore:
             rows = self._logit_rows(plan)
             self.last_step_ran = True
             started_ns = time.time_ns()
+            mask = self._bitmask(rows)
             logits = self.executor.execute(plan)
             self._note_step_timing(plan, started_ns, time.time_ns())
+            if mask is not None:
+                apply_token_bitmask(logits, mask)
             sampled = self._sample(rows, logits)
             self._computed.add(plan.num_tokens)
         outputs.extend(self._emit(sampled))
@@ -248,10 +285,12 @@ class EngineCore:
         self._note_started(plan)
         sampled: list[tuple[Request, SampleResult]] = []
         if self._in_flight is not None:
-            previous, rows, future = self._in_flight
+            previous, rows, future, mask = self._in_flight
             self._in_flight = None
             logits = future.result()
             self._note_step_timing(previous, self._in_flight_started_ns, time.time_ns())
+            if mask is not None:
+                apply_token_bitmask(logits, mask)
             sampled = self._sample(rows, logits)
             self._computed.add(previous.num_tokens)
         # After the previous step finished: host copies may read blocks it wrote.
@@ -260,7 +299,11 @@ class EngineCore:
         if not plan.is_empty:
             self.last_step_ran = True
             self._in_flight_started_ns = time.time_ns()
-            self._in_flight = (plan, self._logit_rows(plan), self.executor.submit(plan))
+            rows = self._logit_rows(plan)
+            future = self.executor.submit(plan)
+            # The grammar masks of this step's rows are computed while it runs: every token
+            # they depend on was sampled above.
+            self._in_flight = (plan, rows, future, self._bitmask(rows))
         # Detokenizing overlaps the step just submitted.
         outputs.extend(self._emit(sampled))
         return outputs
@@ -375,7 +418,7 @@ class EngineCore:
     def shutdown(self) -> None:
         """Wait for the step in flight, then stop the executor if it can be stopped."""
         if self._in_flight is not None:
-            _, _, future = self._in_flight
+            _, _, future, _ = self._in_flight
             self._in_flight = None
             try:
                 future.result()

@@ -2,7 +2,8 @@
 
 Two hold-backs make the stream safe:
 - UTF-8: a byte-level token may carry part of a character; its decode then ends in U+FFFD. Text
-  is only released once the window decodes cleanly. Decoding uses a small window of tokens
+  is only released once the window decodes cleanly, and a character still incomplete when
+  generation ends (cut at max_tokens) is dropped, never sent as U+FFFD. Decoding uses a small window of tokens
   (prefix offset .. end) and emits what the window adds beyond its prefix (prefix .. read
   offset), so each step costs a few tokens, not the whole sequence, and tokenizers that drop a
   leading space on the first decoded token still get the space right.
@@ -61,13 +62,16 @@ class IncrementalDetokenizer:
         return self._release(final=False)
 
     def flush(self) -> str:
-        """End of generation: release everything held back, even a trailing broken character."""
+        """End of generation: release everything held back, except a trailing character whose
+        bytes never all arrived (generation was cut mid-character, e.g. at max_tokens): its
+        U+FFFD would be a character the model never wrote."""
         if self.stopped:
             return ""
         tail = self._decode_window(self._prefix_offset, len(self._tokens))
         head = self._decode_window(self._prefix_offset, self._read_offset)
         if len(tail) > len(head):
-            self._pending += tail[len(head) :]
+            # Held back only because it ended in U+FFFD: the incomplete bytes at the very end.
+            self._pending += tail[len(head) :].rstrip(REPLACEMENT_CHAR)
         self._read_offset = self._prefix_offset = len(self._tokens)
         return self._release(final=True)
 

@@ -7,6 +7,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from deepserve.flowserve.sampling.grammar import GrammarState
 from deepserve.prefix_hash import BlockHash
 from deepserve.sampling_params import FinishReason, SamplingParams
 
@@ -88,6 +89,10 @@ class Request:
     # Keep the KV blocks after a normal finish until released (a prefill instance hands them
     # to a decode instance first); aborted or failed requests free them as usual.
     hold_kv: bool = False
+    # Enters the block hash chain: prompts with different salts never share cached blocks.
+    cache_salt: str = ""
+    # Structured outputs: the matcher of the request's grammar (it follows output_token_ids).
+    grammar: GrammarState | None = None
 
     # Generated tokens. Given at construction, they are a migrated request's tokens generated
     # (and streamed) by an instance that died: the request resumes after them.

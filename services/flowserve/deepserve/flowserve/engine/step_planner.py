@@ -179,7 +179,10 @@ class StepPlanner:
             raise FailedPrecondition(f"request id {request.request_id!r} is already in use")
         num_prompt = request.num_prompt_tokens
         match = self.kv_cache.match_prefix(
-            request.all_token_ids, block_hashes=request.block_hashes, max_cached_tokens=num_prompt
+            request.all_token_ids,
+            block_hashes=request.block_hashes,
+            max_cached_tokens=num_prompt,
+            salt=request.cache_salt,
         )
         if not self.kv_cache.alloc(request, num_prompt - match.num_tokens, match):
             return None
@@ -289,6 +292,7 @@ class StepPlanner:
                 request.all_token_ids,
                 block_hashes=request.block_hashes,
                 max_cached_tokens=request.num_tokens - 1,
+                salt=request.cache_salt,
             )
             num_new = min(request.num_tokens - match.num_tokens, budget)
             if not self.kv_cache.alloc(request, num_new, match):

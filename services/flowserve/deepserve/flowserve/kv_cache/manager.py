@@ -26,6 +26,8 @@ class KVRequest(Protocol):
     request_id: str
     # Chain hashes of the request's full blocks of known tokens; filled lazily by the cache.
     block_hashes: list[BlockHash]
+    # Seeds the hash chain (tenant isolation); "" is the unsalted chain.
+    cache_salt: str
 
     @property
     def all_token_ids(self) -> Sequence[int]: ...
@@ -79,6 +81,17 @@ class KVCacheStats:
 class _Pinned:
     blocks: list[KVBlock]
     token_ids: list[int]
+    # Unix time the pin lapses (0: never); `unpin_expired` honours it.
+    expires_at: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class PinnedContext:
+    """A context id held pinned: how many tokens, and until when."""
+
+    context_id: str
+    num_tokens: int
+    expires_at: float
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -126,6 +139,7 @@ class KVCacheManager:
         *,
         block_hashes: list[BlockHash] | None = None,
         max_cached_tokens: int | None = None,
+        salt: str = "",
     ) -> PrefixMatch:
         """Longest run of leading full blocks already cached, on the device and then on the host.
 
@@ -141,7 +155,7 @@ class KVCacheManager:
         )
         max_blocks = max(limit, 0) // self.block_size
         hashes = block_hashes if block_hashes is not None else []
-        extend_block_hashes(hashes, token_ids, self.block_size, max_blocks=max_blocks)
+        extend_block_hashes(hashes, token_ids, self.block_size, max_blocks=max_blocks, salt=salt)
         for block_hash in hashes[:max_blocks]:
             if not match.host_entries:
                 block = self.pool.get_cached(block_hash)
@@ -165,17 +179,40 @@ class KVCacheManager:
         pinned = self._pinned.get(context_id)
         return list(pinned.token_ids) if pinned is not None else None
 
-    def pin(self, context_id: str, token_ids: Sequence[int]) -> int:
+    def pin(
+        self,
+        context_id: str,
+        token_ids: Sequence[int],
+        *,
+        salt: str = "",
+        expires_at: float = 0.0,
+    ) -> int:
         """Hold the device-cached prefix of `token_ids` under `context_id` so it is never evicted.
 
         Returns the number of tokens pinned (whole blocks only). Pinning an id again replaces
         the old pin.
         """
-        match = self.match_prefix(token_ids)
+        match = self.match_prefix(token_ids, salt=salt)
         self.pool.touch(match.blocks)
         self.unpin(context_id)
-        self._pinned[context_id] = _Pinned(match.blocks, list(token_ids[: match.num_device_tokens]))
+        self._pinned[context_id] = _Pinned(
+            match.blocks, list(token_ids[: match.num_device_tokens]), expires_at
+        )
         return match.num_device_tokens
+
+    def pinned(self) -> list[PinnedContext]:
+        """Every pinned context, by id."""
+        return [
+            PinnedContext(context_id, len(p.token_ids), p.expires_at)
+            for context_id, p in sorted(self._pinned.items())
+        ]
+
+    def unpin_expired(self, now: float) -> list[str]:
+        """Unpin every context whose expiry has passed; returns their ids."""
+        expired = [cid for cid, p in self._pinned.items() if 0 < p.expires_at <= now]
+        for context_id in expired:
+            self.unpin(context_id)
+        return expired
 
     def unpin(self, context_id: str) -> bool:
         pinned = self._pinned.pop(context_id, None)
@@ -265,7 +302,11 @@ class KVCacheManager:
         if num_full <= start:
             return
         hashes = extend_block_hashes(
-            request.block_hashes, token_ids, self.block_size, max_blocks=num_full
+            request.block_hashes,
+            token_ids,
+            self.block_size,
+            max_blocks=num_full,
+            salt=request.cache_salt,
         )
         self.pool.cache(zip(blocks[start:num_full], hashes[start:num_full], strict=True))
         self._req_num_cached_blocks[request.request_id] = num_full

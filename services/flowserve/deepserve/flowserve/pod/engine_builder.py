@@ -18,6 +18,7 @@ from deepserve.flowserve.runner.device import detect_platform, parse_dtype
 from deepserve.flowserve.runner.executor import Executor, MultiprocExecutor, UniprocExecutor
 from deepserve.flowserve.runner.host_transport import ExecutorHostTransport
 from deepserve.flowserve.runner.kv_cache_tensors import KVCacheTensors
+from deepserve.flowserve.sampling.grammar import GrammarCompiler
 from deepserve.flowserve.settings import FlowServeSettings
 from deepserve.tokenizer import Tokenizer
 from deepserve.tokenizer.cache import shared_tokenizers
@@ -89,6 +90,11 @@ def build_engine(
         vocab_size=config.vocab_size,
     )
     eos = tuple(dict.fromkeys([*config.eos_token_ids, *tokenizer.eos_token_ids]))
+    # Structured outputs: grammars compile against this tokenizer (its token trie is built
+    # on the first constrained request).
+    grammars = GrammarCompiler(
+        tokenizer.backend.to_str, max(config.vocab_size, tokenizer.vocab_size), eos
+    )
     engine = AsyncEngine(
         engine_config,
         executor,
@@ -96,6 +102,7 @@ def build_engine(
         detokenizer_factory=detokenizer_factory_for(tokenizer),
         host_transport=ExecutorHostTransport(executor) if settings.kv_host_blocks > 0 else None,
         kv_event_listener=on_kv_event,
+        grammar_compiler=grammars,
     )
     engine.start()
     return engine, tokenizer, max_model_len

@@ -16,7 +16,7 @@ from deepserve.flowserve.pod.scale_up_wire import load_model_reply, weights_plan
 from deepserve.flowserve.pod.shell import TaskExecutorShell
 from deepserve.sampling_params import SamplingParams
 from deepserve.v1 import common_pb2, flowserve_pb2, flowserve_pb2_grpc
-from deepserve.wire import role_from_proto, role_to_proto
+from deepserve.wire import role_from_proto, role_to_proto, structured_output_from_proto
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,7 @@ def sampling_from_proto(msg: common_pb2.SamplingParams) -> SamplingParams:
         logprobs=msg.logprobs,
         top_logprobs=msg.top_logprobs,
         skip_special_tokens=not msg.keep_special_tokens,
+        structured_output=structured_output_from_proto(msg.structured_output),
     )
 
 
@@ -107,6 +108,7 @@ class FlowServeServicer(flowserve_pb2_grpc.FlowServeServiceServicer):
                 model=request.model,
                 sampling=request.sampling,
                 mode=request.kv_transfer_mode,
+                cache_salt=request.cache_salt,
             )
             outputs = engine.generate_remote(
                 request.request_id,
@@ -114,6 +116,7 @@ class FlowServeServicer(flowserve_pb2_grpc.FlowServeServiceServicer):
                 params,
                 source,
                 reserve_timeout_s=disagg.settings.reserve_timeout_s,
+                cache_salt=request.cache_salt,
             )
         else:
             outputs = engine.generate(
@@ -122,12 +125,23 @@ class FlowServeServicer(flowserve_pb2_grpc.FlowServeServiceServicer):
                 params,
                 priority=request.priority,
                 output_token_ids=resumed,
+                cache_salt=request.cache_salt,
             )
         # Leaving the loop early (the caller went away: grpc cancels this coroutine) closes the
         # engine's generator, which aborts the request and frees its KV blocks.
         latency = RequestLatency(request.model or self._shell.model_name)
         token_times: list[int] = []
+        context_noted = not request.cached_context_id
         async for out in outputs:
+            if not context_noted and out.new_token_ids:
+                # The prompt's KV is computed: keep its context pinned here from now on.
+                context_noted = True
+                self._shell.keep_context_pinned(
+                    request.cached_context_id,
+                    prompt[: request.cached_context_tokens or len(prompt)],
+                    salt=request.cache_salt,
+                    expires_at=request.cached_context_expires_at_unix,
+                )
             if out.new_token_ids:
                 latency.on_tokens(len(out.new_token_ids))
                 if len(token_times) < MAX_TOKEN_EVENTS:
@@ -224,6 +238,43 @@ class FlowServeServicer(flowserve_pb2_grpc.FlowServeServiceServicer):
     ) -> flowserve_pb2.UnloadModelResponse:
         await self._shell.unload_model()
         return flowserve_pb2.UnloadModelResponse()
+
+    async def PinContext(
+        self, request: flowserve_pb2.PinContextRequest, context: grpc.aio.ServicerContext
+    ) -> flowserve_pb2.PinContextResponse:
+        engine = self._shell.require_engine(request.model)
+        if not request.context_id:
+            raise InvalidArgument("a context id is required", field="context_id")
+        pinned, cached = await engine.pin_context(
+            request.context_id,
+            list(request.prompt_token_ids),
+            salt=request.cache_salt,
+            expires_at=request.expires_at_unix,
+        )
+        return flowserve_pb2.PinContextResponse(pinned_tokens=pinned, cached_tokens=cached)
+
+    async def UnpinContext(
+        self, request: flowserve_pb2.UnpinContextRequest, context: grpc.aio.ServicerContext
+    ) -> flowserve_pb2.UnpinContextResponse:
+        if self._shell.engine is None:
+            return flowserve_pb2.UnpinContextResponse(unpinned=False)
+        unpinned = await self._shell.engine.unpin_context(request.context_id)
+        return flowserve_pb2.UnpinContextResponse(unpinned=unpinned)
+
+    async def ListPinnedContexts(
+        self, request: flowserve_pb2.ListPinnedContextsRequest, context: grpc.aio.ServicerContext
+    ) -> flowserve_pb2.ListPinnedContextsResponse:
+        pinned = await self._shell.engine.pinned_contexts() if self._shell.engine else []
+        return flowserve_pb2.ListPinnedContextsResponse(
+            contexts=[
+                flowserve_pb2.PinnedContext(
+                    context_id=p.context_id,
+                    pinned_tokens=p.num_tokens,
+                    expires_at_unix=p.expires_at,
+                )
+                for p in pinned
+            ]
+        )
 
     async def RunTraining(
         self, request: flowserve_pb2.RunTrainingRequest, context: grpc.aio.ServicerContext

@@ -53,6 +53,8 @@ class TaskExecutorShell:
         self.last_timeline: Any | None = None
         # Set once start() registered the pod: a LoadModel that arrives earlier waits for it.
         self._started = asyncio.Event()
+        # Explicit cached contexts being pinned here in the background, by id.
+        self._pinning: dict[str, asyncio.Task[None]] = {}
 
     async def start(self, address: str) -> None:
         # Importing torch and probing the device here is what makes a pod "warm".
@@ -203,10 +205,40 @@ class TaskExecutorShell:
             )
         )
 
+    def keep_context_pinned(
+        self, context_id: str, token_ids: list[int], *, salt: str, expires_at: float
+    ) -> None:
+        """A request named an explicit cached context this instance may not hold yet (it was
+        routed elsewhere, or this instance restarted): pin it, in the background, from the KV
+        the request just computed (or the host tier), until its expiry."""
+        engine = self.engine
+        if engine is None or context_id in self._pinning:
+            return
+        if expires_at and expires_at <= time.time():
+            return
+
+        async def pin() -> None:
+            try:
+                held = {p.context_id for p in await engine.pinned_contexts()}
+                if context_id not in held:
+                    await engine.pin_context(
+                        context_id, token_ids, salt=salt, expires_at=expires_at
+                    )
+            except Exception as exc:  # a lost pin costs a recompute later, nothing more
+                log.warning("pinning context %s failed: %s", context_id, exc)
+            finally:
+                self._pinning.pop(context_id, None)
+
+        self._pinning[context_id] = asyncio.create_task(pin(), name=f"pin-{context_id}")
+
     async def publish_state(self) -> None:
         """Publishes the engine's load report and the KV events since the last call to Redis."""
         if self.engine is None:
             return
+        # Explicit cached contexts past their expiry are unpinned here (the instance is the
+        # one holder of its pins); the rest are reported, so schedulers route to them.
+        await self.engine.unpin_expired(time.time())
+        pinned = await self.engine.pinned_contexts()
         stats = self.engine.stats()
         report = LoadReport(
             at=time.time(),
@@ -217,6 +249,7 @@ class TaskExecutorShell:
             kv_blocks_total=stats.kv_blocks_total,
             prefix_cache_hit_rate=stats.prefix_cache_hit_rate,
             tokens_per_s=stats.generation_tokens_per_s,
+            pinned_contexts=tuple(p.context_id for p in pinned),
         )
         ttl_s = max(3 * self.settings.load_report_interval_s, 2)
         await self.redis.publish_load(self.instance_id, report, ttl_s=ttl_s)
