@@ -226,3 +226,22 @@ def test_a_fresh_matcher_replays_the_output_it_is_given(tokenizer: Tokenizer) ->
     allowed = (logits[0] > float("-inf")).nonzero().flatten().tolist()
     assert tokenizer.encode("h")[0] in allowed
     assert tokenizer.encode("e")[0] not in allowed
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_masks_forbid_exactly_the_unset_bits_and_padded_ids(dtype: torch.dtype) -> None:
+    # float32 takes the host (numpy) path, bfloat16 the torch one: both must agree with the bits.
+    generator = torch.Generator().manual_seed(7)
+    vocab, padded = 100, 160  # the embedding is padded past the mask's 128 bits
+    bits = torch.randint(-(2**31), 2**31 - 1, (2, bitmask_words(vocab)), generator=generator)
+    bits = bits.to(torch.int32)
+    with torch.inference_mode():  # executors hand back inference tensors
+        logits = torch.randn(3, padded, generator=generator).to(dtype)
+    untouched = logits[1].clone()
+    apply_token_bitmask(logits, TokenBitmask([0, 2], bits))
+    for slot, row in enumerate([0, 2]):
+        words = bits[slot].tolist()
+        for token in range(padded):
+            allowed = token < 32 * len(words) and (words[token // 32] >> (token % 32)) & 1
+            assert (logits[row, token] > float("-inf")) == bool(allowed), (dtype, row, token)
+    assert torch.equal(logits[1], untouched)  # unconstrained rows keep their logits
