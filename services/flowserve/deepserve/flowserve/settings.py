@@ -55,3 +55,8 @@ class FlowServeSettings(ServiceSettings):
     fork_shared_memory: bool = True
     # Run one dummy request before the instance registers (scale-up step 4).
     warmup_request: bool = True
+    # Skip that dummy request when the weights are a DRAM copy and the KV cache needs no
+    # profiling now (configured, or profiled earlier for this model and device): the copy was
+    # prepared and run on this host before, so the dummy request proves nothing new, and in a
+    # burst of N loads it costs N forwards on shared cores.
+    warmup_skip_on_dram: bool = True
