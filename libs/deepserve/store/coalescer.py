@@ -38,6 +38,8 @@ class Coalescer(Generic[T, R]):
             self.flushes += 1
             try:
                 results = await self._flush([item for item, _ in batch])
+                if len(results) != len(batch):
+                    raise ValueError(f"flush returned {len(results)} results for {len(batch)}")
             except asyncio.CancelledError:
                 for _, future in batch:
                     future.cancel()

@@ -149,6 +149,11 @@ class WarmPodPool:
                 await self._refill_task
         await self.backend.close()
 
+    @property
+    def claim_flushes(self) -> int:
+        """Claim transactions so far (each claims the pods of every acquire queued for it)."""
+        return self._claims.flushes
+
     # --- acquire / release -----------------------------------------------------------------
 
     async def acquire(self, request: PodRequest) -> AcquiredPod:
