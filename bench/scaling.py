@@ -52,7 +52,13 @@ import httpx
 
 from bench.common import markdown_table, progress
 from bench.fresh_copy import fresh_copy_gbps
-from bench.machine import load_average, machine_line, platform_processes
+from bench.machine import (
+    cpu_seconds_by_role,
+    cpu_spent,
+    load_average,
+    machine_line,
+    platform_processes,
+)
 from deepserve.cluster.layout import ClusterLayout
 from deepserve.cluster.state_stores import start_etcd, start_redis_server
 from deepserve.models.catalog import default_cache_dir, resolve_model
@@ -338,6 +344,11 @@ def cluster(
             out.close()
 
 
+def cluster_pids(layout: ClusterLayout) -> list[int]:
+    """The processes `deepserve up` started (stores, services; pods are under podpool)."""
+    return list(json.loads(layout.state_file.read_text()).get("pids", {}).values())
+
+
 async def wait_pool(layout: ClusterLayout, warm: int, timeout_s: float = 300) -> None:
     async with insecure_channel(layout.address("podpool"), traced=False) as channel:
         stub = podpool_pb2_grpc.PodPoolServiceStub(channel)
@@ -372,6 +383,8 @@ async def burst(
         progress(f"[scaling] burst 0 -> {n}")
         served: dict[str, float] = {}
         pending: set[asyncio.Task[None]] = set()
+        roots = cluster_pids(layout)
+        cpu_before = cpu_seconds_by_role(*roots)
         started = time.monotonic()
         await jobs.ScaleJob(jpb.ScaleJobRequest(job_id=job_id, replicas=n))
 
@@ -407,6 +420,9 @@ async def burst(
         await asyncio.gather(*pending)
         if len(served) < n:
             raise TimeoutError(f"only {len(served)} of {n} instances served within 300s")
+        spent = cpu_spent(cpu_before, cpu_seconds_by_role(*roots))
+        results["cpu_s"] = sum(spent.values())
+        results["cpu_by_process"] = ", ".join(f"{r} {s:.1f}" for r, s in spent.items())
         times = sorted(served.values())
         results["first_served_s"] = times[0]
         results["half_served_s"] = times[len(times) // 2]
@@ -575,6 +591,8 @@ def main() -> None:
         [f"all {args.burst} served (s)", col("all_served_s")],
         ["median weights_loaded step (s)", col("median_weights_loaded_s")],
         ["median step durations (s), last burst", runs[-1]["median_steps"]],
+        ["CPU seconds, platform processes, from ScaleJob to all served", col("cpu_s")],
+        ["CPU seconds by process, last burst", runs[-1]["cpu_by_process"]],
         ["weights sources, last burst", runs[-1]["weights"]],
         ["TTFT of a request at zero replicas (s)", col("ttft_at_zero_s")],
         ["autoscaler event", runs[-1]["from_zero_event"]],
