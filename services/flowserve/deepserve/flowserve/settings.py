@@ -49,6 +49,11 @@ class FlowServeSettings(ServiceSettings):
     # Models (catalog names or directories, comma-separated) whose tokenizers a warm pod loads
     # ahead of its LoadModel; the copies in the weights cache are added to them.
     preload_tokenizers: str = ""
+    # A warm pod maps the DRAM copies on its host (page tables only) before any LoadModel, up
+    # to this many MB in all, so the DRAM path's load skips the mapping (0: never).
+    premap_dram_copies_mb: int = 8192
+    # How often a warm pod looks for new DRAM copies to map.
+    premap_interval_s: float = 2.0
     # Longest a fork (weights streamed from a running instance) may take before disk is used.
     fork_timeout_s: float = 120.0
     # A fork source on this host writes the weights into shared memory instead of streaming.

@@ -279,7 +279,10 @@ def open_prepared(
             f"prepared weights in {path} are {entry.dtype} tp{entry.tp_size}, "
             f"this rank needs {dtype_name(dtype)} tp{tp_size}"
         )
-    named = map_rank_file(entry.rank_path(tp_rank))
+    from deepserve.flowserve.model.premapped import premapped
+
+    rank_path = entry.rank_path(tp_rank)
+    named = premapped.get(rank_path) or map_rank_file(rank_path)
     target = torch.device(device)
     if target.type != "cpu":
         named = {name: t.to(target, non_blocking=True) for name, t in named.items()}

@@ -53,6 +53,7 @@ class TaskExecutorShell:
         self.last_timeline: Any | None = None
         # Set once start() registered the pod: a LoadModel that arrives earlier waits for it.
         self._started = asyncio.Event()
+        self._premapper: asyncio.Task[None] | None = None
         # Explicit cached contexts being pinned here in the background, by id.
         self._pinning: dict[str, asyncio.Task[None]] = {}
 
@@ -69,6 +70,21 @@ class TaskExecutorShell:
         )
         await self.pod.register()
         self._started.set()
+        if self.settings.premap_dram_copies_mb > 0 and self.settings.use_weights_cache:
+            self._premapper = asyncio.create_task(self._premap_loop(), name="premap")
+
+    async def _premap_loop(self) -> None:
+        """While warm and idle, maps DRAM copies that appeared since the start (a pool fills
+        its pods while podpool is still preparing the copies)."""
+        from deepserve.flowserve.pod.startup import premap_dram_copies
+
+        while True:
+            await asyncio.sleep(self.settings.premap_interval_s)
+            if self.engine is None and not self._load_lock.locked():
+                try:
+                    await asyncio.to_thread(premap_dram_copies, self.settings)
+                except Exception:  # an optimisation: never takes the pod down
+                    log.warning("premapping DRAM copies failed", exc_info=True)
 
     @property
     def ready(self) -> bool:
@@ -278,6 +294,10 @@ class TaskExecutorShell:
             self._reporter = None
 
     async def close(self) -> None:
+        if self._premapper is not None:
+            self._premapper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._premapper
         await self._stop_reporter()
         if self.pod is not None:
             await self.pod.close()
