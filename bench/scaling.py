@@ -113,6 +113,7 @@ class Pod:
         model: str = "",
         cache: Path,
         fork_shm: bool = True,
+        use_cache: bool = False,
         preload: str = "",
     ) -> None:
         self.port = free_port()
@@ -128,8 +129,8 @@ class Pod:
             "DEEPSERVE_FLOWSERVE_MODEL": model,
             "DEEPSERVE_FLOWSERVE_KV_CACHE_BLOCKS": KV_BLOCKS,
             "DEEPSERVE_FLOWSERVE_WEIGHTS_CACHE_DIR": str(cache),
-            # Only the DRAM run maps a copy, and only the one it is told to.
-            "DEEPSERVE_FLOWSERVE_USE_WEIGHTS_CACHE": "false",
+            # Only the DRAM pod sees the host's copy (it premaps it while warm, as pool pods do).
+            "DEEPSERVE_FLOWSERVE_USE_WEIGHTS_CACHE": "true" if use_cache else "false",
             # false: fork over the gRPC stream even from this host (as across hosts).
             "DEEPSERVE_FLOWSERVE_FORK_SHARED_MEMORY": "true" if fork_shm else "false",
             # A warm pod of a pool that expects this model to scale loads its tokenizer early.
@@ -244,8 +245,9 @@ async def single_instance(model: str, reps: int) -> SingleInstance:
             )  # fmt: skip
             progress("[scaling] starting warm pods")
             warm = [
-                Pod(st, f"warm-{i}", cache=st.root / f"cache-{i}", preload=model) for i in range(3)
+                Pod(st, f"warm-{i}", cache=st.root / f"cache-{i}", preload=model) for i in range(2)
             ]
+            warm.append(Pod(st, "warm-dram", cache=dram_root, use_cache=True, preload=model))
             warm.append(
                 Pod(st, "warm-stream", cache=st.root / "cache-s", fork_shm=False, preload=model)
             )
@@ -274,7 +276,8 @@ async def single_instance(model: str, reps: int) -> SingleInstance:
                                                 "fork_from": source.address}),
                     ):  # fmt: skip
                         progress(f"[scaling] rep {rep + 1}/{reps}: {kind}")
-                        shutil.rmtree(pod.cache, ignore_errors=True)  # no copy left by a fork
+                        if kind != "dram":  # no copy left by a fork
+                            shutil.rmtree(pod.cache, ignore_errors=True)
                         started = time.monotonic()
                         reply = await load(pod.address, model, **weights)
                         await first_token(pod.address, model, f"{kind}-{rep}")
@@ -349,7 +352,12 @@ def cluster_pids(layout: ClusterLayout) -> list[int]:
     return list(json.loads(layout.state_file.read_text()).get("pids", {}).values())
 
 
-async def wait_pool(layout: ClusterLayout, warm: int, timeout_s: float = 300) -> None:
+async def wait_pool(
+    layout: ClusterLayout, warm: int, timeout_s: float = 300, settle_s: float = 3.0
+) -> None:
+    """Until `warm` pods are warm and the DRAM copy is ready, then `settle_s` more: the state of
+    a pool that has been up a little while (pods forked before the copy was ready premap it
+    within their premap interval, 2 s)."""
     async with insecure_channel(layout.address("podpool"), traced=False) as channel:
         stub = podpool_pb2_grpc.PodPoolServiceStub(channel)
         deadline = time.monotonic() + timeout_s
@@ -357,6 +365,7 @@ async def wait_pool(layout: ClusterLayout, warm: int, timeout_s: float = 300) ->
             reply = await stub.ListPods(podpool_pb2.ListPodsRequest())
             warm_now = sum(p.state == common_pb2.POD_STATE_WARM for p in reply.pods)
             if warm_now >= warm and any(c.ready for c in reply.dram_copies):
+                await asyncio.sleep(settle_s)
                 return
             await asyncio.sleep(0.5)
     raise TimeoutError("the pool did not fill or the DRAM copy is missing")
@@ -453,7 +462,8 @@ async def burst(
             if time.monotonic() > deadline:
                 raise TimeoutError("the burst did not scale down")
             await asyncio.sleep(0.2)
-        await wait_pool(layout, 1)
+        # Scale from zero as it is meant: a warm pool (refilled after the burst) and a DRAM copy.
+        await wait_pool(layout, n)
         progress("[scaling] first request at zero replicas (through the gateway)")
         started = time.monotonic()
         async with httpx.AsyncClient(base_url=layout.gateway_url, timeout=300) as http:
