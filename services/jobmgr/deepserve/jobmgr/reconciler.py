@@ -290,6 +290,11 @@ class Reconciler:
         return any(key.startswith(f"{job_id}-") for key in self._ops)
 
     @property
+    def event_writes(self) -> int:
+        """Job-record writes that carried operations' events (each carries every queued one)."""
+        return sum(w.flushes for w in self._event_writers.values())
+
+    @property
     def operations_in_flight(self) -> int:
         return len(self._ops)
 
