@@ -21,7 +21,6 @@ import signal
 import sys
 from typing import Any
 
-
 # The pod's own modules: imported once here instead of once per pod after the fork (what a pod
 # imports before it registers warm; none of them starts a thread or a gRPC core on import).
 POD_MODULES = (
