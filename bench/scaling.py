@@ -115,6 +115,7 @@ class Pod:
         fork_shm: bool = True,
         use_cache: bool = False,
         preload: str = "",
+        threads: int = 0,
     ) -> None:
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
@@ -135,6 +136,9 @@ class Pod:
             "DEEPSERVE_FLOWSERVE_FORK_SHARED_MEMORY": "true" if fork_shm else "false",
             # A warm pod of a pool that expects this model to scale loads its tokenizer early.
             "DEEPSERVE_FLOWSERVE_PRELOAD_TOKENIZERS": preload,
+            # 0: one per core. Two OpenMP threads on a host loaded beyond its cores wait at
+            # every barrier for a descheduled partner: a 1-token forward took 2-6 s at load 12.
+            "DEEPSERVE_FLOWSERVE_THREADS": str(threads),
         }
         self.log = st.root / f"{name}.log"
         with self.log.open("wb") as out:
@@ -222,11 +226,12 @@ class SingleInstance:
 
 async def part1(model: str, reps: int) -> tuple[dict[str, float], dict[str, str]]:
     """Part 1's medians and steps (see `single_instance` for everything it measures)."""
-    result = await single_instance(model, reps)
+    result = await single_instance(model, reps, threads=0)
     return result.medians(), result.steps
 
 
-async def single_instance(model: str, reps: int) -> SingleInstance:
+async def single_instance(model: str, reps: int, *, threads: int = 1) -> SingleInstance:
+    """Part 1; `threads` per pod (0: one per core)."""
     model_dir = resolve_model(model, default_cache_dir())
     times: dict[str, list[float]] = {k: [] for k in ("cold", "disk", "dram", "fork", "stream")}
     steps: dict[str, str] = {}
@@ -245,11 +250,23 @@ async def single_instance(model: str, reps: int) -> SingleInstance:
             )  # fmt: skip
             progress("[scaling] starting warm pods")
             warm = [
-                Pod(st, f"warm-{i}", cache=st.root / f"cache-{i}", preload=model) for i in range(2)
+                Pod(st, f"warm-{i}", cache=st.root / f"cache-{i}", preload=model, threads=threads)
+                for i in range(2)
             ]
-            warm.append(Pod(st, "warm-dram", cache=dram_root, use_cache=True, preload=model))
             warm.append(
-                Pod(st, "warm-stream", cache=st.root / "cache-s", fork_shm=False, preload=model)
+                Pod(
+                    st, "warm-dram", cache=dram_root, use_cache=True, preload=model, threads=threads
+                )
+            )
+            warm.append(
+                Pod(
+                    st,
+                    "warm-stream",
+                    cache=st.root / "cache-s",
+                    fork_shm=False,
+                    preload=model,
+                    threads=threads,
+                )
             )
             try:
                 for pod in warm:
@@ -259,7 +276,13 @@ async def single_instance(model: str, reps: int) -> SingleInstance:
                 for rep in range(reps):
                     progress(f"[scaling] rep {rep + 1}/{reps}: cold")
                     started = time.monotonic()
-                    cold = Pod(st, f"cold-{rep}", model=model, cache=st.root / "cache-cold")
+                    cold = Pod(
+                        st,
+                        f"cold-{rep}",
+                        model=model,
+                        cache=st.root / "cache-cold",
+                        threads=threads,
+                    )
                     try:
                         await wait_record(etcd, Keys.instances_prefix(), cold.address)
                         await first_token(cold.address, model, f"cold-{rep}")
@@ -536,6 +559,11 @@ def main() -> None:
         "--burst-pod-threads", type=int, default=1,
         help="CPU threads per pod in the burst (64 pods share this host's cores); 0: all cores",
     )  # fmt: skip
+    parser.add_argument(
+        "--single-pod-threads", type=int, default=1,
+        help="CPU threads per pod in part 1; 0: all cores (a host loaded beyond its cores makes "
+             "OpenMP teams wait for descheduled partners)",
+    )  # fmt: skip
     args = parser.parse_args()
     if args.quick:
         args.reps, args.burst = 1, min(args.burst, 16)
@@ -550,7 +578,9 @@ def main() -> None:
                      "pass --allow-busy and report the load")  # fmt: skip
 
     if not args.skip_single:
-        single = asyncio.run(single_instance(args.model, args.reps))
+        single = asyncio.run(
+            single_instance(args.model, args.reps, threads=args.single_pod_threads)
+        )
         medians = single.medians()
         cold = medians["cold"]
         labels = {
@@ -563,7 +593,11 @@ def main() -> None:
         rows = [
             [labels[k], spread(single.times[k]), cold / medians[k], single.steps[k]] for k in labels
         ]
-        print(f"\n## Scale-up to first token, {args.model}, median (range) of {args.reps}\n")
+        threads = args.single_pod_threads or "all cores"
+        print(
+            f"\n## Scale-up to first token, {args.model}, {threads} thread(s) per pod, "
+            f"median (range) of {args.reps}\n"
+        )
         print(machine_line())
         print(
             markdown_table(["path", "seconds", "speed-up vs (a)", "pod's steps (last run)"], rows)
