@@ -230,8 +230,19 @@ async def part1(model: str, reps: int) -> tuple[dict[str, float], dict[str, str]
     return result.medians(), result.steps
 
 
-async def single_instance(model: str, reps: int, *, threads: int = 1) -> SingleInstance:
-    """Part 1; `threads` per pod (0: one per core)."""
+async def single_instance(
+    model: str, reps: int, *, threads: int = 1, shm_dir: Path = Path("/dev/shm")
+) -> SingleInstance:
+    """Part 1; `threads` per pod (0: one per core). The pods' weights caches and the DRAM copy
+    live on `shm_dir` (tmpfs, as in production): on /tmp a fork wrote to a disk file system."""
+    shm = shm_dir / f"bench-scaling-{os.getpid()}"
+    try:
+        return await _single_instance(model, reps, threads, shm)
+    finally:
+        shutil.rmtree(shm, ignore_errors=True)
+
+
+async def _single_instance(model: str, reps: int, threads: int, shm: Path) -> SingleInstance:
     model_dir = resolve_model(model, default_cache_dir())
     times: dict[str, list[float]] = {k: [] for k in ("cold", "disk", "dram", "fork", "stream")}
     steps: dict[str, str] = {}
@@ -239,7 +250,7 @@ async def single_instance(model: str, reps: int, *, threads: int = 1) -> SingleI
     fresh_gbps: list[float] = []
     with stores() as st:
         async with EtcdStore(st.etcd) as etcd:
-            dram_root = st.root / "dram"
+            dram_root = shm / "dram"
             progress("[scaling] preparing the DRAM copy")
             from deepserve.flowserve.model.prepared_weights import prepare_copy
             from deepserve.flowserve.runner.device import detect_platform
@@ -250,7 +261,7 @@ async def single_instance(model: str, reps: int, *, threads: int = 1) -> SingleI
             )  # fmt: skip
             progress("[scaling] starting warm pods")
             warm = [
-                Pod(st, f"warm-{i}", cache=st.root / f"cache-{i}", preload=model, threads=threads)
+                Pod(st, f"warm-{i}", cache=shm / f"cache-{i}", preload=model, threads=threads)
                 for i in range(2)
             ]
             warm.append(
@@ -262,7 +273,7 @@ async def single_instance(model: str, reps: int, *, threads: int = 1) -> SingleI
                 Pod(
                     st,
                     "warm-stream",
-                    cache=st.root / "cache-s",
+                    cache=shm / "cache-s",
                     fork_shm=False,
                     preload=model,
                     threads=threads,
@@ -280,7 +291,7 @@ async def single_instance(model: str, reps: int, *, threads: int = 1) -> SingleI
                         st,
                         f"cold-{rep}",
                         model=model,
-                        cache=st.root / "cache-cold",
+                        cache=shm / "cache-cold",
                         threads=threads,
                     )
                     try:
@@ -553,7 +564,7 @@ def main() -> None:
     )  # fmt: skip
     parser.add_argument(
         "--shm-dir", type=Path, default=Path("/dev/shm"),
-        help="tmpfs for the burst's DRAM copy, e.g. one mounted with huge=always",
+        help="tmpfs for the DRAM copies and weights caches, e.g. one mounted with huge=always",
     )  # fmt: skip
     parser.add_argument(
         "--burst-pod-threads", type=int, default=1,
@@ -579,7 +590,9 @@ def main() -> None:
 
     if not args.skip_single:
         single = asyncio.run(
-            single_instance(args.model, args.reps, threads=args.single_pod_threads)
+            single_instance(
+                args.model, args.reps, threads=args.single_pod_threads, shm_dir=args.shm_dir
+            )
         )
         medians = single.medians()
         cold = medians["cold"]
