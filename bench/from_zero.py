@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import shutil
 import statistics
@@ -68,7 +69,7 @@ def spans_in(telemetry: Path, start_ns: int, end_ns: int) -> list[tuple[str, Spa
         service = path.stem.rsplit("-", 1)[0]
         for line in path.read_text().splitlines():
             try:
-                span = __import__("json").loads(line)
+                span = json.loads(line)
             except ValueError:
                 continue
             if start_ns <= int(span["start_unix_ns"]) <= end_ns:

@@ -27,6 +27,11 @@ processes run on the host (they share its cores) unless `--allow-busy`.
     .venv/bin/python -m bench.scaling --quick         # 1 rep, burst of 16
     .venv/bin/python -m bench.scaling --burst-model tiny   # burst with a tiny random Llama
     .venv/bin/python -m bench.scaling --skip-single   # the burst only
+    .venv/bin/python -m bench.scaling --allow-busy    # beside other platform processes
+
+Part 1's pods run one CPU thread each (`--single-pod-threads`; 0 = all cores), the burst's too
+(`--burst-pod-threads`): on a host loaded beyond its cores, OpenMP teams of two wait for
+descheduled partners and every forward becomes seconds.
 """
 
 from __future__ import annotations
