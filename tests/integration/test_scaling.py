@@ -5,8 +5,8 @@ One scenario on one cluster: a request to an autoscaled deployment at zero repli
 the gateway and served once the autoscaler brought up the first instance (weights from disk),
 whose task in etcd shows the five scale-up steps; with no traffic it scales back to zero; a
 second replica of another deployment forks its weights from the first, which leaves a DRAM copy
-that a third replica maps (`deepserve job` shows the steps and sources); a deployment that
-cannot come up answers 503 + Retry-After.
+that a third replica maps, skipping the warm-up request (`deepserve job` shows the steps and
+sources); a deployment that cannot come up answers 503 + Retry-After.
 """
 
 from __future__ import annotations
@@ -136,6 +136,11 @@ async def scenario(cluster: RunningCluster, model: str, cache_dir: Path) -> None
             placed = await eventually(lambda n=replicas: _running(tasks, n), 60)
             newest = max(placed, key=lambda t: t.created_at_unix)
             sources[replicas] = newest.weights_source
+            warm_up = next(s.detail for s in newest.scale_steps if s.step == "warmed_up")
+            if replicas == 2:  # a fork: the dummy request runs
+                assert warm_up == "one dummy request", warm_up
+            else:  # a DRAM copy and a configured KV size: nothing new to prove
+                assert warm_up.startswith("skipped: DRAM copy"), warm_up
             if replicas == 2:
                 copies = WeightsCacheLayout(cache_dir).entries()
                 assert [c.origin for c in copies] == ["fork"]

@@ -187,6 +187,18 @@ class JobStore:
         with contextlib.suppress(DeepServeError):
             await self.update(job_id, add)
 
+    async def add_events(self, job_id: str, events: list[tuple[str, str]]) -> list[None]:
+        """Appends (reason, message) events in one write; best effort like `add_event`."""
+
+        def add(job: JobRecord) -> JobRecord:
+            for reason, message in events:
+                job.record_event(reason, message)
+            return job
+
+        with contextlib.suppress(DeepServeError):
+            await self.update(job_id, add)
+        return [None] * len(events)
+
     async def remove(self, job: Versioned[JobRecord]) -> None:
         """Deletes the record if unchanged since `job` was read (else Conflict)."""
         await self._store.delete(job.key, expected_mod_revision=job.mod_revision)

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -44,6 +44,16 @@ class WatchEvent:
     key: str
     value: bytes
     mod_revision: int
+
+
+@dataclass(frozen=True, slots=True)
+class CasWrite:
+    """One key of a `compare_and_swap_many`: written only if its revision is still this."""
+
+    key: str
+    value: bytes
+    expected_mod_revision: int
+    lease_id: int | None = None
 
 
 def _kv(raw: object) -> KeyValue:
@@ -139,6 +149,22 @@ class EtcdStore:
         )
         if not ok:
             raise Conflict(f"{key} changed since revision {expected_mod_revision}")
+        return responses[0].response_put.header.revision
+
+    async def compare_and_swap_many(self, writes: Sequence[CasWrite]) -> int:
+        """All or nothing, in one transaction: writes every key only if none of them changed
+        since its expected revision; returns the new revision or raises Conflict. etcd bounds
+        a transaction's operations (`--max-txn-ops`, 128 by default)."""
+        if not writes:
+            raise ValueError("no writes")
+        txn = self._client.transactions
+        ok, responses = await self._client.transaction(
+            compare=[txn.mod(w.key.encode()) == w.expected_mod_revision for w in writes],
+            success=[txn.put(w.key.encode(), w.value, lease=w.lease_id) for w in writes],
+            failure=[],
+        )
+        if not ok:
+            raise Conflict(f"one of {len(writes)} keys changed since it was read")
         return responses[0].response_put.header.revision
 
     async def delete(self, key: str, *, expected_mod_revision: int | None = None) -> bool:
@@ -350,6 +376,17 @@ class TypedPrefix(Generic[ModelT]):
             self.encode(record),
             expected_mod_revision=expected_mod_revision,
             lease_id=lease_id,
+        )
+
+    async def compare_and_swap_many(
+        self, writes: Sequence[tuple[str, ModelT, int, int | None]]
+    ) -> int:
+        """(name, record, expected revision, lease) for each; all written or none (Conflict)."""
+        return await self.store.compare_and_swap_many(
+            [
+                CasWrite(self.key(name), self.encode(rec), rev, lease)
+                for name, rec, rev, lease in writes
+            ]
         )
 
     async def update(

@@ -59,6 +59,26 @@ async def test_the_pods_own_change_keeps_the_pools_claim(
     assert pod.pod == found.record
 
 
+async def test_a_change_the_pools_claim_already_made_is_not_written_again(
+    etcd: EtcdStore, pod: PodRegistration
+) -> None:
+    pods = records.pods(etcd)
+    pod_id = pod.pod.pod_id
+    await pool_marks(pods, pod_id, state=PodState.ASSIGNED, task_id="task-1", model="m")
+    claimed = await pods.get(pod_id)
+    assert claimed is not None
+    # LoadModel's own "assigned to task-1 for m": the record already says so.
+    await pod.set_pod(state=PodState.ASSIGNED, model="m", task_id="task-1")
+    after = await pods.get(pod_id)
+    assert after is not None and after.mod_revision == claimed.mod_revision
+    assert pod.pod == claimed.record
+    # A real change is still written.
+    await pod.set_pod(state=PodState.WARM, model="", task_id="")
+    after = await pods.get(pod_id)
+    assert after is not None and after.record.state == PodState.WARM
+    assert after.mod_revision > claimed.mod_revision
+
+
 async def test_a_pod_being_ended_stays_terminating(etcd: EtcdStore, pod: PodRegistration) -> None:
     pods = records.pods(etcd)
     await pool_marks(pods, pod.pod.pod_id, state=PodState.TERMINATING)

@@ -193,3 +193,19 @@ async def test_a_task_placed_by_a_previous_leader_is_adopted(harness: Harness) -
     await h.settle(ready)
     (running,) = await h.running(job_id)
     assert running.task_id == task.record.task_id  # the same task, not a duplicate
+
+
+async def test_a_burst_records_every_event_in_fewer_job_writes(harness: Harness) -> None:
+    h = harness
+    job_id = await deploy(h, replicas=12, max_replicas=12)
+
+    async def ready() -> bool:
+        job = await h.jobs.get(job_id)
+        return job.record.status.ready_replicas == 12 and reasons(job).count("TaskRunning") == 12
+
+    await h.settle(ready)
+    job = await h.jobs.get(job_id)
+    # Twelve operations finished together: none of their events lost to the contended record,
+    # and they shared job-record writes instead of racing twelve read-modify-writes.
+    assert reasons(job).count("TaskRunning") == 12
+    assert h.reconciler.event_writes < 12

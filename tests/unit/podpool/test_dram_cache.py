@@ -43,13 +43,19 @@ def resolver(models: dict[str, Path]):  # type: ignore[no-untyped-def]
     return resolve
 
 
-def fake_copy(layout: WeightsCacheLayout, model: str, model_dir: Path, nbytes: int = 100) -> None:
+def fake_copy(
+    layout: WeightsCacheLayout,
+    model: str,
+    model_dir: Path,
+    nbytes: int = 100,
+    origin: str = "preload",
+) -> None:
     """A published copy without torch (the planner and the eviction only read manifests)."""
     staging = layout.new_staging_dir()
     (staging / "rank0-of-1.weights").write_bytes(b"\0" * nbytes)
     layout.publish(
         staging, model=model, model_dir=model_dir, dtype="float32", tp_size=1, nbytes=nbytes,
-        origin="preload",
+        origin=origin,
     )  # fmt: skip
 
 
@@ -132,6 +138,22 @@ async def test_eviction_keeps_pinned_and_recent_copies_within_the_budget(
     tight.note_demand("c")
     await tight.reconcile()
     assert [e.model for e in layout.entries()] == ["a"]  # over budget: the unpinned one goes
+
+
+async def test_a_copy_a_fork_left_is_kept_for_the_next_instance(
+    models: dict[str, Path], tmp_path: Path
+) -> None:
+    # No recent models are kept (dram_recent_models 0): a copy a fork just left is still the
+    # next instance's DRAM copy, until it is fork_copy_keep_s old.
+    layout = WeightsCacheLayout(tmp_path / "cache")
+    fake_copy(layout, "a", models["a"], origin="fork")
+    fake_copy(layout, "b", models["b"], origin="preload")
+    dram = DramPreloader(layout, resolver(models), pinned=[], recent=0)
+    await dram.reconcile()
+    assert [e.model for e in layout.entries()] == ["a"]
+    dram.fork_copy_keep_s = 0.0
+    await dram.reconcile()
+    assert layout.entries() == []
 
 
 async def test_planner_prefers_dram_then_forks_from_the_least_busy_source(

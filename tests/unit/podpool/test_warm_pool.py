@@ -193,3 +193,51 @@ async def test_surplus_warm_pods_this_pool_started_are_trimmed(make_pool) -> Non
     await pool.refill_once()
     await warm_count(pool, 1)
     assert len(backend.deleted) == 2
+
+
+async def test_a_burst_of_acquires_claims_its_pods_in_one_transaction(make_pool) -> None:  # type: ignore[no-untyped-def]
+    pool, _, _ = await make_pool(warm_target=6)
+    await warm_count(pool, 6)
+    flushes = pool.claim_flushes
+    got = await asyncio.gather(*(pool.acquire(ask(f"t{i}")) for i in range(6)))
+    assert len({a.pod.pod_id for a in got}) == 6
+    assert not any(a.cold_start for a in got)
+    assert pool.claim_flushes == flushes + 1  # one read and one etcd transaction for all six
+    for acquired in got:
+        found = await pool.view.records.get(acquired.pod.pod_id)
+        assert found is not None and found.record.task_id == acquired.pod.task_id
+
+
+async def test_two_pools_claiming_at_once_never_share_a_pod(make_pool) -> None:  # type: ignore[no-untyped-def]
+    # Two podpool replicas over one etcd: a batch whose pod the other took falls back to
+    # claiming one by one, and no pod goes to two tasks.
+    first, _, _ = await make_pool(warm_target=4)
+    await warm_count(first, 4)
+    second, _, _ = await make_pool(warm_target=0, start=False)
+    await second.view.wait_for(lambda pods: len(pods) >= 4, timeout_s=10)
+    got = await asyncio.gather(
+        *(first.acquire(ask(f"a{i}")) for i in range(4)),
+        *(second.acquire(ask(f"b{i}")) for i in range(4)),
+    )
+    assert len({a.pod.pod_id for a in got}) == 8
+    assert sum(not a.cold_start for a in got) == 4  # each warm pod handed out exactly once
+
+
+async def test_refill_waits_until_the_burst_is_loaded(make_pool) -> None:  # type: ignore[no-untyped-def]
+    pool, backend, agent = await make_pool(warm_target=2, refill_defer_s=1.5)
+    await warm_count(pool, 2)
+    loading = asyncio.Event()
+    load = agent.load
+
+    async def slow_load(*args: object, **kw: object):  # type: ignore[no-untyped-def]
+        await loading.wait()
+        return await load(*args, **kw)
+
+    agent.load = slow_load
+    burst = [asyncio.create_task(pool.acquire(ask(f"t{i}"))) for i in range(2)]
+    await asyncio.sleep(0.3)
+    assert len(backend.created) == 2  # the loads are in flight: no new pod takes their cores
+    loading.set()
+    await asyncio.gather(*burst)
+    await warm_count(pool, 2, timeout_s=20)  # then the pool refills
+    assert len(backend.created) == 4

@@ -11,7 +11,7 @@ from pydantic import BaseModel
 
 from deepserve.errors import Conflict, NotFound
 from deepserve.store.election import LeaderElection
-from deepserve.store.etcd import EtcdStore, TypedPrefix
+from deepserve.store.etcd import CasWrite, EtcdStore, TypedPrefix
 from deepserve.store.informer import Informer
 from deepserve.store.keys import ROOT, Keys
 
@@ -50,6 +50,27 @@ async def test_create_is_exclusive_and_cas_detects_concurrent_writes(store: Etcd
         await store.delete(key, expected_mod_revision=rev)
     assert await store.delete(key, expected_mod_revision=rev2)
     assert await store.get(key) is None
+
+
+async def test_compare_and_swap_many_writes_all_keys_or_none(store: EtcdStore) -> None:
+    prefix = unique_prefix()
+    revs = [await store.create(f"{prefix}{i}", b"free") for i in range(3)]
+    rev = await store.compare_and_swap_many(
+        [CasWrite(f"{prefix}{i}", b"claimed", revs[i]) for i in range(2)]
+    )
+    assert [(await store.get(f"{prefix}{i}")).value for i in range(3)] == [  # type: ignore[union-attr]
+        b"claimed",
+        b"claimed",
+        b"free",
+    ]
+    assert [(await store.get(f"{prefix}{i}")).mod_revision for i in range(2)] == [rev, rev]  # type: ignore[union-attr]
+    # One stale revision among them: nothing is written.
+    with pytest.raises(Conflict):
+        await store.compare_and_swap_many(
+            [CasWrite(f"{prefix}2", b"claimed", revs[2]), CasWrite(f"{prefix}0", b"again", revs[0])]
+        )
+    assert (await store.get(f"{prefix}2")).value == b"free"  # type: ignore[union-attr]
+    assert (await store.get(f"{prefix}0")).value == b"claimed"  # type: ignore[union-attr]
 
 
 async def test_typed_update_retries_lost_races(store: EtcdStore) -> None:

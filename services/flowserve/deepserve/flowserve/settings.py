@@ -49,9 +49,19 @@ class FlowServeSettings(ServiceSettings):
     # Models (catalog names or directories, comma-separated) whose tokenizers a warm pod loads
     # ahead of its LoadModel; the copies in the weights cache are added to them.
     preload_tokenizers: str = ""
+    # A warm pod maps the DRAM copies on its host (page tables only) before any LoadModel, up
+    # to this many MB in all, so the DRAM path's load skips the mapping (0: never).
+    premap_dram_copies_mb: int = 8192
+    # How often a warm pod looks for new DRAM copies to map.
+    premap_interval_s: float = 2.0
     # Longest a fork (weights streamed from a running instance) may take before disk is used.
     fork_timeout_s: float = 120.0
     # A fork source on this host writes the weights into shared memory instead of streaming.
     fork_shared_memory: bool = True
     # Run one dummy request before the instance registers (scale-up step 4).
     warmup_request: bool = True
+    # Skip that dummy request when the weights are a DRAM copy and the KV cache needs no
+    # profiling now (configured, or profiled earlier for this model and device): the copy was
+    # prepared and run on this host before, so the dummy request proves nothing new, and in a
+    # burst of N loads it costs N forwards on shared cores.
+    warmup_skip_on_dram: bool = True

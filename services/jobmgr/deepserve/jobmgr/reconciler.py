@@ -18,6 +18,7 @@ import time
 import uuid
 from collections import defaultdict
 from collections.abc import Callable, Coroutine, Mapping
+from functools import partial
 from typing import Any, Protocol
 
 from opentelemetry import trace
@@ -30,6 +31,7 @@ from deepserve.jobmgr.task_store import TaskStore
 from deepserve.jobs.records import JobKind, JobPhase, JobRecord
 from deepserve.jobs.store import JobStore
 from deepserve.records import InstanceRecord, PodRecord, PodState
+from deepserve.store.coalescer import Coalescer
 from deepserve.store.etcd import EtcdStore, Versioned
 from deepserve.store.keys import Keys
 
@@ -86,6 +88,9 @@ class Reconciler:
         # Set when a background operation ends, so the loop runs another pass at once.
         self.wake = asyncio.Event()
         self.passes = 0
+        # Per job: events of concurrent operations written together (a burst of 64 tasks
+        # would otherwise race 64 read-modify-writes on one job record).
+        self._event_writers: dict[str, Coalescer[tuple[str, str], None]] = {}
 
     # --- passes ----------------------------------------------------------------------------
 
@@ -219,6 +224,7 @@ class Reconciler:
         if record.delete_requested and not has_tasks and not self._ops_of(job_id):
             with contextlib.suppress(Conflict):
                 await self._jobs.remove(job)
+                self._event_writers.pop(job_id, None)
                 log.info("job deleted", extra={"fields": {"job_id": job_id}})
             return
         replicas = {s.replica for s in desired.values()}
@@ -282,6 +288,11 @@ class Reconciler:
 
     def _ops_of(self, job_id: str) -> bool:
         return any(key.startswith(f"{job_id}-") for key in self._ops)
+
+    @property
+    def event_writes(self) -> int:
+        """Job-record writes that carried operations' events (each carries every queued one)."""
+        return sum(w.flushes for w in self._event_writers.values())
 
     @property
     def operations_in_flight(self) -> int:
@@ -433,7 +444,10 @@ class Reconciler:
         await self._tasks.update(rec.job_id, rec.task_id, change)
 
     async def _job_event(self, job_id: str, reason: str, message: str) -> None:
-        await self._jobs.add_event(job_id, reason, message)
+        writer = self._event_writers.get(job_id)
+        if writer is None:
+            writer = self._event_writers[job_id] = Coalescer(partial(self._jobs.add_events, job_id))
+        await writer.submit((reason, message))
 
     # --- retry backoff ---------------------------------------------------------------------
 

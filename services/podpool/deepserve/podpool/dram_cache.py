@@ -52,8 +52,12 @@ class DramPreloader:
         budget_bytes: int = 0,
         device: str = "",
         prepare_timeout_s: float = 600.0,
+        fork_copy_keep_s: float = 600.0,
     ) -> None:
         self.layout = layout
+        # A copy a fork left (an instance of the model was just scaled up here) is kept this
+        # long even when unwanted, so the next instance maps it instead of forking again.
+        self.fork_copy_keep_s = fork_copy_keep_s
         self._resolve = resolve
         self.pinned = list(dict.fromkeys(m for m in pinned if m))
         self.recent = recent
@@ -125,8 +129,10 @@ class DramPreloader:
         recent = [model for (model, _) in reversed(self._demand)][: self.recent]
         wanted |= {str(d) for d in self._dirs(recent)}
         ranked = sorted(self.layout.entries(), key=self._last_use)
+        now = time.time()
         for entry in ranked:
-            if entry.source_dir not in wanted:
+            fresh_fork = entry.origin == "fork" and now - entry.created_at < self.fork_copy_keep_s
+            if entry.source_dir not in wanted and not fresh_fork:
                 self._evict(entry, "not pinned and not recently used")
         if self.budget_bytes > 0:
             kept = [e for e in sorted(self.layout.entries(), key=self._last_use)]

@@ -85,6 +85,7 @@ async def serve(settings: PodPoolSettings) -> None:
             start_timeout_s=settings.pod_start_timeout_s,
             planner=planner,
             max_concurrent_loads=settings.max_concurrent_loads,
+            refill_defer_s=settings.refill_defer_s,
         )
         pool.start()
         servicer = PodPoolServicer(view, pool)

@@ -55,3 +55,7 @@ class PodPoolSettings(ServiceSettings):
     # Model loads (LoadModel on a claimed pod) run at once on this host; the rest queue (0: no
     # bound). Loads share the host's cores: a bound brings the first instances up sooner.
     max_concurrent_loads: int = 0
+    # New warm pods wait while a burst is loading: until no load is in flight and no acquire
+    # came for this long (at most 10x this). A pod started mid-burst takes the burst's cores
+    # (imports, tokenizers) exactly when 64 loads need them. 0: refill at once.
+    refill_defer_s: float = 1.0

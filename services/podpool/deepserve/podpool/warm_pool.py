@@ -35,9 +35,13 @@ from deepserve.podpool.weights_planner import WeightsPlanner
 from deepserve.records import PodPurpose, PodRecord, PodState, Role
 from deepserve.scaling.timeline import ScaleStep, ScaleTimeline
 from deepserve.scaling.weights_plan import WeightsPlan
+from deepserve.store.coalescer import Coalescer
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer(__name__)
+
+# Pods one claim transaction takes at most (etcd's --max-txn-ops is 128 by default).
+CLAIMS_PER_TXN = 64
 
 
 def new_pod_id() -> str:
@@ -101,6 +105,7 @@ class WarmPodPool:
         start_timeout_s: float = 120.0,
         planner: WeightsPlanner | None = None,
         max_concurrent_loads: int = 0,
+        refill_defer_s: float = 0.0,
     ) -> None:
         self.view = view
         # Picks each load's weights source (DRAM copy, fork, disk); None lets the pod pick.
@@ -118,6 +123,14 @@ class WarmPodPool:
         self._reserved: set[str] = set()
         self._wake = asyncio.Event()
         self._refill_task: asyncio.Task[None] | None = None
+        # Concurrent acquires claim their pods in one etcd transaction (group commit).
+        self._claims: Coalescer[PodRequest, PodRecord | None] = Coalescer(self._claim_many)
+        # New warm pods wait while a burst is loading (they would take its cores): until no
+        # load is in flight and no acquire came for `refill_defer_s`, or 10x that at most.
+        self.refill_defer_s = refill_defer_s
+        self._loads_in_flight = 0
+        self._last_acquire = -1e9
+        self._deferring_since: float | None = None
         self._load_slots = (
             asyncio.Semaphore(max_concurrent_loads)
             if max_concurrent_loads > 0
@@ -136,6 +149,11 @@ class WarmPodPool:
                 await self._refill_task
         await self.backend.close()
 
+    @property
+    def claim_flushes(self) -> int:
+        """Claim transactions so far (each claims the pods of every acquire queued for it)."""
+        return self._claims.flushes
+
     # --- acquire / release -----------------------------------------------------------------
 
     async def acquire(self, request: PodRequest) -> AcquiredPod:
@@ -144,7 +162,7 @@ class WarmPodPool:
 
         Idempotent per task: a retry after a lost reply finds the pod already assigned to it.
         """
-        started = time.monotonic()
+        started = self._last_acquire = time.monotonic()
         cold = False
         self.backend.check_model(request.model)
         with tracer.start_as_current_span("scale_up.pod_acquired") as span:
@@ -172,6 +190,7 @@ class WarmPodPool:
             current = self.view.get(pod.pod_id) or pod
             timeline = scale_up_timeline(ScaleTimeline(), pod.pod_id, cold, claim_seconds)
             return AcquiredPod(current, cold, "", 0.0, claim_seconds, timeline)
+        self._loads_in_flight += 1
         try:
             async with self._load_slots, self._weights_plan(pod, request) as plan:
                 result = await self.agent.load(
@@ -203,6 +222,9 @@ class WarmPodPool:
             else:
                 await self._end(pod)
             raise
+        finally:
+            self._loads_in_flight -= 1
+            self._last_acquire = time.monotonic()
         if self.planner is not None and self.planner.dram is not None:
             # Recent demand: keep (or make) this model's DRAM copy for the next scale-up.
             self.planner.dram.note_demand(request.model, request.tensor_parallel_size)
@@ -264,14 +286,7 @@ class WarmPodPool:
         found = await self.view.records.get(pod_id)
         if found is None or found.record.state != PodState.WARM or found.record.task_id:
             return None
-        claimed = found.record.model_copy(
-            update={
-                "state": PodState.ASSIGNED,
-                "task_id": request.task_id,
-                "model": request.model,
-                "role": request.role,
-            }
-        )
+        claimed = _claimed(found.record, request)
         try:
             await self.view.records.compare_and_swap(
                 pod_id, claimed, found.mod_revision, lease_id=found.lease_id or None
@@ -294,6 +309,50 @@ class WarmPodPool:
         self._wake.set()
 
     async def _claim_warm(self, request: PodRequest) -> PodRecord | None:
+        return await self._claims.submit(request)
+
+    async def _claim_many(self, requests: list[PodRequest]) -> list[PodRecord | None]:
+        """Claims a distinct warm pod for each request: one read of the pods, one transaction
+        per `CLAIMS_PER_TXN` (not a read and a CAS per pod); None where no warm pod is left."""
+        found, _ = await self.view.records.list()
+        free = sorted(
+            (
+                f
+                for f in found
+                if f.record.state == PodState.WARM
+                and not f.record.task_id
+                and f.record.pod_id not in self._reserved
+            ),
+            key=lambda f: (f.record.created_at, f.record.pod_id),
+        )
+        results: list[PodRecord | None] = []
+        for start in range(0, len(requests), CLAIMS_PER_TXN):
+            chunk = requests[start : start + CLAIMS_PER_TXN]
+            picks = list(zip(chunk, free[start : start + CLAIMS_PER_TXN], strict=False))
+            claimed = [_claimed(f.record, r) for r, f in picks]
+            try:
+                if picks:
+                    await self.view.records.compare_and_swap_many(
+                        [
+                            (f.record.pod_id, c, f.mod_revision, f.lease_id or None)
+                            for (_, f), c in zip(picks, claimed, strict=True)
+                        ]
+                    )
+            except Conflict:
+                # A pod changed since the read (it ended, another pool replica claimed it):
+                # claim one by one for this chunk.
+                claimed = [await self._claim_one_by_one(r) for r in chunk]
+                results.extend(claimed)
+                continue
+            for pod in claimed:
+                log.info(
+                    "pod claimed", extra={"fields": {"pod_id": pod.pod_id, "task_id": pod.task_id}}
+                )
+            results.extend(claimed)
+            results.extend([None] * (len(chunk) - len(picks)))
+        return results
+
+    async def _claim_one_by_one(self, request: PodRequest) -> PodRecord | None:
         candidates = self._claimable()
         if len(candidates) > 1:
             # Concurrent acquires start at different pods (by task), so a burst of N does not
@@ -324,7 +383,7 @@ class WarmPodPool:
                     if claimed is not None:
                         return claimed
                     # Another pool replica took it; fall back to any other warm pod.
-                    other = await self._claim_warm(request)
+                    other = await self._claim_one_by_one(request)
                     if other is not None:
                         return other
                 elif not self.backend.is_starting(pod_id):
@@ -380,11 +439,30 @@ class WarmPodPool:
                 asyncio.create_task(self._wake.wait()),
                 asyncio.create_task(self.view.changed.wait()),
             ]
+            deferred = self._refill_deferred_for()
+            timeout = 1.0 if deferred is None else min(1.0, max(deferred, 0.02))
             try:
-                await asyncio.wait(waiters, timeout=1.0, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
             finally:
                 for waiter in waiters:
                     waiter.cancel()
+
+    def _refill_deferred_for(self) -> float | None:
+        """Seconds new warm pods still wait for a burst to finish loading; None: not waiting."""
+        if self.refill_defer_s <= 0:
+            return None
+        now = time.monotonic()
+        busy = self._loads_in_flight > 0 or now - self._last_acquire < self.refill_defer_s
+        if not busy:
+            self._deferring_since = None
+            return None
+        if self._deferring_since is None:
+            self._deferring_since = now
+        left_in_cap = self._deferring_since + 10 * self.refill_defer_s - now
+        if left_in_cap <= 0:
+            return None
+        quiet_in = max(self.refill_defer_s - (now - self._last_acquire), 0.05)
+        return min(quiet_in, left_in_cap)
 
     async def refill_once(self) -> None:
         """One level-triggered pass: start pods up to the target, end surplus warm ones."""
@@ -406,12 +484,25 @@ class WarmPodPool:
                 )
         supply = self._warm_supply()
         total = len(self.view.list()) + len(self._starting)
-        for _ in range(min(self.warm_target - supply, self.max_pods - total)):
-            await self._create(new_pod_id())
+        if self._refill_deferred_for() is None:
+            for _ in range(min(self.warm_target - supply, self.max_pods - total)):
+                await self._create(new_pod_id())
         if supply > self.warm_target:
             surplus = [p for p in self._claimable() if self.backend.started_here(p.pod_id)]
             for pod in surplus[::-1][: supply - self.warm_target]:
                 await self._end(pod)
+
+
+def _claimed(pod: PodRecord, request: PodRequest) -> PodRecord:
+    """The pod's record once claimed for the request (what the pod itself would write)."""
+    return pod.model_copy(
+        update={
+            "state": PodState.ASSIGNED,
+            "task_id": request.task_id,
+            "model": request.model,
+            "role": request.role,
+        }
+    )
 
 
 def scale_up_timeline(

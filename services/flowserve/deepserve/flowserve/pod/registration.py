@@ -80,6 +80,8 @@ class PodRegistration:
         def apply(current: PodRecord) -> PodRecord | None:
             if current.state == PodState.TERMINATING:
                 return None
+            if all(getattr(current, name) == value for name, value in changes.items()):
+                return None  # already so (podpool's claim wrote it): no second write
             return current.model_copy(update=changes)
 
         self.pod = (await self._pods.update(self.pod.pod_id, apply)).record

@@ -54,6 +54,8 @@ class ModelLoadSteps:
         self.etcd = etcd
         self.layout = WeightsCacheLayout(settings.weights_cache_dir)
         self.timeline = ScaleTimeline()
+        # Set by the load: whether the KV cache had to be profiled now (a first load here).
+        self.kv_profiled_now = False
         if warmth is not None:
             before = max(0.0, time.time() - warmth.ready_at)
             detail = f"runtime ready on {warmth.device} {before:.1f}s before the load"
@@ -203,6 +205,7 @@ class ModelLoadSteps:
             config = ModelConfig.from_model_dir(model_dir)
             blocks = kv_blocks_for(settings, config, tp_size)
             how = "profiled now"
+            self.kv_profiled_now = True
             with contextlib.suppress(DeepServeError):
                 await profiles.put(
                     KVProfile(
@@ -221,10 +224,22 @@ class ModelLoadSteps:
 
     # --- step 4: warm-up -----------------------------------------------------------------------
 
+    def warmup_redundant(self) -> bool:
+        """A DRAM copy (prepared and run on this host before) and a KV size known without
+        profiling: the dummy request would prove nothing new."""
+        return (
+            self.settings.warmup_skip_on_dram
+            and self.timeline.weights_source == WeightsSource.DRAM
+            and not self.kv_profiled_now
+        )
+
     async def warm_up(self, engine: Any, model_dir: Path) -> None:
         """One dummy request through the whole engine before the instance is routable."""
         with self.step(ScaleStep.WARMED_UP, "skipped") as note:
             if not self.settings.warmup_request:
+                return
+            if self.warmup_redundant():
+                note["detail"] = "skipped: DRAM copy and a stored KV profile"
                 return
             from deepserve.flowserve.model.config import ModelConfig
             from deepserve.sampling_params import SamplingParams

@@ -8,7 +8,6 @@ Redis and KV events to the global prefix index. `unload_model` returns the pod t
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 import uuid
@@ -24,6 +23,19 @@ from deepserve.store.redis_messages import KVEventEntry, LoadReport
 from deepserve.store.redis_store import RedisStore
 
 log = logging.getLogger(__name__)
+
+
+async def stop_task(task: asyncio.Task[None], retry_s: float = 0.5) -> None:
+    """Cancels `task` and waits for it to end, cancelling again while it runs on.
+
+    One cancel is not enough: a library the task awaits can swallow the CancelledError (seen
+    with the load reporter's Redis call), and the task then loops on, "cancelling" but alive;
+    an UnloadModel that awaited it hung until its caller's 60 s deadline."""
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=retry_s)
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("background task %s failed", task.get_name(), exc_info=task.exception())
 
 
 class TaskExecutorShell:
@@ -53,6 +65,7 @@ class TaskExecutorShell:
         self.last_timeline: Any | None = None
         # Set once start() registered the pod: a LoadModel that arrives earlier waits for it.
         self._started = asyncio.Event()
+        self._premapper: asyncio.Task[None] | None = None
         # Explicit cached contexts being pinned here in the background, by id.
         self._pinning: dict[str, asyncio.Task[None]] = {}
 
@@ -69,6 +82,21 @@ class TaskExecutorShell:
         )
         await self.pod.register()
         self._started.set()
+        if self.settings.premap_dram_copies_mb > 0 and self.settings.use_weights_cache:
+            self._premapper = asyncio.create_task(self._premap_loop(), name="premap")
+
+    async def _premap_loop(self) -> None:
+        """While warm and idle, maps DRAM copies that appeared since the start (a pool fills
+        its pods while podpool is still preparing the copies)."""
+        from deepserve.flowserve.pod.startup import premap_dram_copies
+
+        while True:
+            await asyncio.sleep(self.settings.premap_interval_s)
+            if self.engine is None and not self._load_lock.locked():
+                try:
+                    await asyncio.to_thread(premap_dram_copies, self.settings)
+                except Exception:  # an optimisation: never takes the pod down
+                    log.warning("premapping DRAM copies failed", exc_info=True)
 
     @property
     def ready(self) -> bool:
@@ -271,13 +299,13 @@ class TaskExecutorShell:
             await asyncio.sleep(interval)
 
     async def _stop_reporter(self) -> None:
-        if self._reporter is not None:
-            self._reporter.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reporter
-            self._reporter = None
+        reporter, self._reporter = self._reporter, None
+        if reporter is not None:
+            await stop_task(reporter)
 
     async def close(self) -> None:
+        if self._premapper is not None:
+            await stop_task(self._premapper)
         await self._stop_reporter()
         if self.pod is not None:
             await self.pod.close()

@@ -55,6 +55,7 @@ def prewarm_runtime(settings: FlowServeSettings) -> RuntimeWarmth:
         preload_tokenizers(settings)
     except Exception:  # a preload is an optimisation: it never keeps a pod from starting
         log.exception("preloading tokenizers failed")
+    premap_dram_copies(settings)
     return RuntimeWarmth(process_age_s(), time.time(), str(device))
 
 
@@ -94,3 +95,27 @@ def preload_tokenizers(settings: FlowServeSettings) -> list[Path]:
             },
         )
     return loaded
+
+
+def premap_dram_copies(settings: FlowServeSettings) -> int:
+    """Maps the rank files of this host's DRAM copies (tp 1, the engine's dtype) ahead of any
+    LoadModel, within `premap_dram_copies_mb`; drops those gone. Returns how many it mapped."""
+    if settings.premap_dram_copies_mb <= 0 or not settings.use_weights_cache:
+        return 0
+    from deepserve.flowserve.model.premapped import premapped
+    from deepserve.flowserve.model.prepared_weights import dtype_name
+    from deepserve.flowserve.pod.engine_builder import engine_dtype
+    from deepserve.scaling.weights_cache import WeightsCacheLayout
+
+    premapped.prune()
+    dtype = dtype_name(engine_dtype(settings))
+    mapped = 0
+    budget = settings.premap_dram_copies_mb << 20
+    for entry in WeightsCacheLayout(settings.weights_cache_dir).entries():
+        if entry.tp_size != 1 or entry.dtype != dtype:
+            continue
+        try:
+            mapped += premapped.premap(entry.rank_path(0), max_total_bytes=budget)
+        except Exception:  # an optimisation: a copy being deleted right now is skipped
+            log.warning("premapping %s failed", entry.path, exc_info=True)
+    return mapped

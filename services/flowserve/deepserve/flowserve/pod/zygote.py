@@ -21,9 +21,32 @@ import signal
 import sys
 from typing import Any
 
+# The pod's own modules: imported once here instead of once per pod after the fork (what a pod
+# imports before it registers warm; none of them starts a thread or a gRPC core on import).
+POD_MODULES = (
+    "deepserve.flowserve.pod.main",
+    "deepserve.flowserve.pod.shell",
+    "deepserve.flowserve.pod.startup",
+    "deepserve.flowserve.pod.engine_builder",
+    "deepserve.flowserve.pod.fork",
+    "deepserve.flowserve.disagg.endpoint",
+)
+
 
 def _preload() -> None:
+    import importlib
+    import threading
+
     import torch  # noqa: F401
+
+    for module in POD_MODULES:
+        try:
+            importlib.import_module(module)
+        except Exception as exc:  # an optimisation: the child imports what is missing
+            print(f"zygote: not preloading {module}: {exc}", file=sys.stderr, flush=True)
+    if threading.active_count() > 1:  # a fork copies no threads: children would miss them
+        names = [t.name for t in threading.enumerate()]
+        print(f"zygote: threads started while preloading: {names}", file=sys.stderr, flush=True)
 
 
 def _child(command: dict[str, Any]) -> None:
