@@ -90,6 +90,9 @@ class ZygoteBackend(LocalProcessBackend):
     def started_here(self, pod_id: str) -> bool:
         return pod_id in self._pids
 
+    def started(self) -> list[str]:
+        return list(self._pids)
+
     async def delete_pod(self, pod: PodRecord) -> None:
         pid = self._pids.pop(pod.pod_id, None) or (pod.pid if pod.pid > 0 else None)
         if pid is None:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import signal
 import time
 import uuid
 from pathlib import Path
@@ -24,6 +26,12 @@ from deepserve.store.redis_messages import KVEventEntry, LoadReport
 from deepserve.store.redis_store import RedisStore
 
 log = logging.getLogger(__name__)
+
+
+def end_this_process() -> None:
+    """Ends the pod the way podpool would (SIGTERM: drain, then exit)."""
+    log.warning("pod lease lost: ending this pod (it has been replaced)")
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 class TaskExecutorShell:
@@ -65,9 +73,17 @@ class TaskExecutorShell:
 
         self.warmth = await asyncio.to_thread(prewarm_runtime, self.settings)
         self.pod = PodRegistration(
-            self.etcd, self.settings.pod_id, address, self.settings.common.lease_ttl_s, self.device
+            self.etcd,
+            self.settings.pod_id,
+            address,
+            self.settings.common.lease_ttl_s,
+            self.device,
+            host=self.settings.common.host_name,
         )
         await self.pod.register()
+        # A pod whose lease is gone (cut off from etcd past its TTL) has been replaced already:
+        # it ends itself rather than serve unseen, and never registers a second copy.
+        self.pod.on_lease_lost(end_this_process)
         self._started.set()
 
     @property
