@@ -26,6 +26,7 @@ async def serve(settings: HostAgentSettings) -> None:
     async with ServiceRuntime(SERVICE, settings) as rt:
         backend = make_local_backend(settings.pods)
         pods = HostPods(backend, settings.common.host_name)
+        await pods.prepare()
         view = PodView(rt.etcd)
         exits = PodExitWatcher(view, rt.etcd, settings.common.host_name, backend=backend.name)
         exits.start()

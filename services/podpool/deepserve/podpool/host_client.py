@@ -12,7 +12,7 @@ from deepserve.v1 import podhost_pb2, podhost_pb2_grpc
 class GrpcHostClient:
     """One channel per agent address, kept while the agent is registered."""
 
-    def __init__(self, timeout_s: float = 5.0) -> None:
+    def __init__(self, timeout_s: float = 15.0) -> None:
         self._timeout_s = timeout_s
         self._channels: dict[str, grpc.aio.Channel] = {}
 

@@ -32,6 +32,11 @@ class HostPods:
         self._backend = backend
         self.host_name = host_name
 
+    async def prepare(self) -> None:
+        """Before the agent registers: the pool's first CreatePod then starts a pod at once
+        (a zygote imports the runtime first, which takes seconds to minutes)."""
+        await self._backend.prepare()
+
     async def create(self, pod_id: str) -> None:
         if not pod_id:
             raise InvalidArgument("a pod id is required", field="pod_id")

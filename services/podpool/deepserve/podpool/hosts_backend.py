@@ -1,9 +1,10 @@
 """The `hosts` pod backend: pods spread over the hosts whose agents registered in etcd.
 
 Each host that runs pods runs a host agent (`deepserve.podpool.host_agent`, service `podhost`).
-The backend learns the agents by watch, places each new pod on the agent with the fewest pods
-this pool placed there (ties by agent id, so a burst alternates between hosts), and asks it to
-start or end the pod. The pod registers itself in etcd as any pod does; the pool needs nothing
+The backend learns the agents by watch, places each new pod on the host with the fewest warm
+(or starting) pods, then the fewest pods this pool placed there, then by agent id, so the warm
+supply is spread (consecutive claims land on different hosts, a host's loss leaves warm pods
+elsewhere) and a burst alternates between hosts; and it asks that agent to start or end pods. The pod registers itself in etcd as any pod does; the pool needs nothing
 else from the host. Each agent is asked every `poll_s` which pods it still runs, only to notice
 a pod that died before it registered; a registered pod's death shows in etcd (the agent
 deregisters it on exit; its lease is the fallback). A host that leaves etcd (it died, or its
@@ -18,12 +19,12 @@ import contextlib
 import logging
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
 from deepserve.errors import DeepServeError, Unavailable
-from deepserve.records import PodRecord, ServiceRecord
+from deepserve.records import PodRecord, PodState, ServiceRecord
 
 log = logging.getLogger(__name__)
 
@@ -56,10 +57,16 @@ class HostsBackend:
     name = "hosts"
 
     def __init__(
-        self, agents: Mapping[str, ServiceRecord], client: HostClient, poll_s: float = 1.0
+        self,
+        agents: Mapping[str, ServiceRecord],
+        client: HostClient,
+        pods: Callable[[], Iterable[PodRecord]] = list,
+        poll_s: float = 1.0,
     ) -> None:
         # Live agents by process id (an Informer's items: current without polling).
         self._agents = agents
+        # The registered pods (podpool's view).
+        self._pods = pods
         self._client = client
         self._poll_s = poll_s
         self._placed: dict[str, Placement] = {}
@@ -81,9 +88,22 @@ class HostsBackend:
         """Pods placed per agent (those not seen ending)."""
         return Counter(p.agent for p in self._placed.values())
 
+    def _order(self) -> list[tuple[str, ServiceRecord]]:
+        """Agents, best host for a new warm pod first."""
+        placed = self.placements()
+        registered = {p.pod_id: p for p in self._pods()}
+        warm: Counter[str] = Counter()  # by agent
+        agent_of_host = {host: agent for agent, host in self._host_of.items()}
+        for pod in registered.values():
+            if pod.state == PodState.WARM and pod.host in agent_of_host:
+                warm[agent_of_host[pod.host]] += 1
+        for pod_id, where in self._placed.items():
+            if pod_id not in registered:  # starting: warm soon
+                warm[where.agent] += 1
+        return sorted(self._agents.items(), key=lambda kv: (warm[kv[0]], placed[kv[0]], kv[0]))
+
     async def create_pod(self, pod_id: str) -> None:
-        load = self.placements()
-        agents = sorted(self._agents.items(), key=lambda kv: (load[kv[0]], kv[0]))
+        agents = self._order()
         if not agents:
             raise Unavailable("no host agent is registered (service 'podhost')")
         errors: list[str] = []

@@ -80,6 +80,9 @@ class LocalProcessBackend:
 
         resolve_model(model, default_cache_dir())
 
+    async def prepare(self) -> None:
+        """Readies pod starts ahead of the first (nothing to do for plain processes)."""
+
     async def create_pod(self, pod_id: str) -> None:
         proc = ManagedProcess(
             pod_id,

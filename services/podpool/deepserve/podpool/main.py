@@ -30,10 +30,12 @@ from deepserve.v1 import podpool_pb2, podpool_pb2_grpc
 SERVICE_NAME = podpool_pb2.DESCRIPTOR.services_by_name["PodPoolService"].full_name
 
 
-def make_backend(settings: PodPoolSettings, agents: Informer[ServiceRecord]) -> PodBackend:
+def make_backend(
+    settings: PodPoolSettings, agents: Informer[ServiceRecord], view: PodView
+) -> PodBackend:
     if settings.backend == "hosts":
         agents.start()
-        hosts = HostsBackend(agents.items, GrpcHostClient())
+        hosts = HostsBackend(agents.items, GrpcHostClient(), view.list)
         hosts.start()
         return hosts
     if settings.backend == "local":
@@ -90,7 +92,7 @@ async def serve(settings: PodPoolSettings) -> None:
         agents = Informer(records.services(rt.etcd, AGENT_SERVICE))
         pool = WarmPodPool(
             view,
-            make_backend(settings, agents),
+            make_backend(settings, agents, view),
             GrpcPodAgent(),
             warm_target=settings.warm_pods,
             max_pods=settings.max_pods,

@@ -14,6 +14,7 @@ import logging
 import time
 import uuid
 import zlib
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -300,6 +301,12 @@ class WarmPodPool:
             # race N ways for the same first pod and retry down the list.
             start = zlib.crc32(request.task_id.encode()) % len(candidates)
             candidates = candidates[start:] + candidates[:start]
+            # Then replicas of a model spread over hosts (a stable sort keeps that order among
+            # equals): a host's loss takes fewer of them, and a new replica's fork crosses hosts.
+            serving = Counter(
+                p.host for p in self.view.list(PodState.ASSIGNED) if p.model == request.model
+            )
+            candidates.sort(key=lambda p: serving[p.host])
         for candidate in candidates:
             claimed = await self._claim(candidate.pod_id, request)
             if claimed is not None:

@@ -68,6 +68,11 @@ class ZygoteBackend(LocalProcessBackend):
         log.info("pod zygote ready", extra={"fields": {"pid": proc.pid}})
         return proc
 
+    async def prepare(self) -> None:
+        """Starts the zygote now, so the first pod forks at once."""
+        async with self._lock:
+            await self._ensure_zygote()
+
     async def create_pod(self, pod_id: str) -> None:
         async with self._lock:  # one command and its reply at a time
             zygote = await self._ensure_zygote()
