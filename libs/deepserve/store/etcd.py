@@ -276,8 +276,9 @@ class KeepAliveLease:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
+        # Bounded: a process cut off from etcd still exits (its lease expires there anyway).
         with contextlib.suppress(Exception):
-            await self._client.revoke_lease(self.id)
+            await asyncio.wait_for(self._client.revoke_lease(self.id), timeout=self.ttl_s)
 
 
 @dataclass(frozen=True, slots=True)
