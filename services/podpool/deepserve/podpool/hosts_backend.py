@@ -108,11 +108,19 @@ class HostsBackend:
             raise Unavailable("no host agent is registered (service 'podhost')")
         errors: list[str] = []
         for agent, record in agents:
+            # Counted before the call, so concurrent creates see it and spread.
+            self._placed[pod_id] = Placement(
+                agent, record.address, self._host_of.get(agent, ""), time.monotonic()
+            )
             try:
                 host = await self._client.create_pod(record.address, pod_id)
             except DeepServeError as exc:  # that host is unreachable: try the next one
+                del self._placed[pod_id]
                 errors.append(f"{agent}: {exc}")
                 continue
+            except BaseException:
+                del self._placed[pod_id]
+                raise
             self._host_of[agent] = host
             self._placed[pod_id] = Placement(agent, record.address, host, time.monotonic())
             log.info(

@@ -117,6 +117,9 @@ class WarmPodPool:
         self._starting: dict[str, float] = {}
         # Pods started cold for one acquire: never handed to another task, never trimmed.
         self._reserved: set[str] = set()
+        # Pods this pool claimed (or is claiming) that its view may not show assigned yet:
+        # pod id -> (model, host). Concurrent claims of one model spread over hosts with them.
+        self._claims: dict[str, tuple[str, str]] = {}
         self._wake = asyncio.Event()
         self._refill_task: asyncio.Task[None] | None = None
         self._load_slots = (
@@ -303,15 +306,26 @@ class WarmPodPool:
             candidates = candidates[start:] + candidates[:start]
             # Then replicas of a model spread over hosts (a stable sort keeps that order among
             # equals): a host's loss takes fewer of them, and a new replica's fork crosses hosts.
-            serving = Counter(
-                p.host for p in self.view.list(PodState.ASSIGNED) if p.model == request.model
-            )
+            serving = self._serving_hosts(request.model)
             candidates.sort(key=lambda p: serving[p.host])
         for candidate in candidates:
+            self._claims[candidate.pod_id] = (request.model, candidate.host)
             claimed = await self._claim(candidate.pod_id, request)
             if claimed is not None:
                 return claimed
+            self._claims.pop(candidate.pod_id, None)
         return None
+
+    def _serving_hosts(self, model: str) -> Counter[str]:
+        """Pods per host that serve (or are being claimed for) `model`."""
+        hosts = Counter(p.host for p in self.view.list(PodState.ASSIGNED) if p.model == model)
+        for pod_id, (claimed_model, host) in list(self._claims.items()):
+            seen = self.view.get(pod_id)
+            if seen is None or seen.state != PodState.WARM:
+                del self._claims[pod_id]  # the view shows the claim now (or the pod is gone)
+            elif claimed_model == model:
+                hosts[host] += 1
+        return hosts
 
     async def _start_cold(self, request: PodRequest) -> PodRecord:
         pod_id = new_pod_id()
