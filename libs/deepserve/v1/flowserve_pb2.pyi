@@ -321,28 +321,42 @@ class UnloadModelResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class StreamWeightsRequest(_message.Message):
-    __slots__ = ("model", "tensor_parallel_size", "max_chunk_bytes", "host_id", "shared_memory_dir")
+    __slots__ = ("model", "tensor_parallel_size", "max_chunk_bytes", "host_id", "shared_memory_dir", "bulk_tcp")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     TENSOR_PARALLEL_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
     HOST_ID_FIELD_NUMBER: _ClassVar[int]
     SHARED_MEMORY_DIR_FIELD_NUMBER: _ClassVar[int]
+    BULK_TCP_FIELD_NUMBER: _ClassVar[int]
     model: str
     tensor_parallel_size: int
     max_chunk_bytes: int
     host_id: str
     shared_memory_dir: str
-    def __init__(self, model: _Optional[str] = ..., tensor_parallel_size: _Optional[int] = ..., max_chunk_bytes: _Optional[int] = ..., host_id: _Optional[str] = ..., shared_memory_dir: _Optional[str] = ...) -> None: ...
+    bulk_tcp: bool
+    def __init__(self, model: _Optional[str] = ..., tensor_parallel_size: _Optional[int] = ..., max_chunk_bytes: _Optional[int] = ..., host_id: _Optional[str] = ..., shared_memory_dir: _Optional[str] = ..., bulk_tcp: _Optional[bool] = ...) -> None: ...
 
 class StreamWeightsResponse(_message.Message):
-    __slots__ = ("manifest", "chunk", "shared_memory_file")
+    __slots__ = ("manifest", "chunk", "shared_memory_file", "bulk_offer")
     MANIFEST_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
     SHARED_MEMORY_FILE_FIELD_NUMBER: _ClassVar[int]
+    BULK_OFFER_FIELD_NUMBER: _ClassVar[int]
     manifest: WeightsManifest
     chunk: WeightsChunk
     shared_memory_file: str
-    def __init__(self, manifest: _Optional[_Union[WeightsManifest, _Mapping]] = ..., chunk: _Optional[_Union[WeightsChunk, _Mapping]] = ..., shared_memory_file: _Optional[str] = ...) -> None: ...
+    bulk_offer: BulkOffer
+    def __init__(self, manifest: _Optional[_Union[WeightsManifest, _Mapping]] = ..., chunk: _Optional[_Union[WeightsChunk, _Mapping]] = ..., shared_memory_file: _Optional[str] = ..., bulk_offer: _Optional[_Union[BulkOffer, _Mapping]] = ...) -> None: ...
+
+class BulkOffer(_message.Message):
+    __slots__ = ("address", "token", "nbytes")
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    NBYTES_FIELD_NUMBER: _ClassVar[int]
+    address: str
+    token: bytes
+    nbytes: int
+    def __init__(self, address: _Optional[str] = ..., token: _Optional[bytes] = ..., nbytes: _Optional[int] = ...) -> None: ...
 
 class WeightsManifest(_message.Message):
     __slots__ = ("tensors", "total_bytes")

@@ -187,6 +187,17 @@ class RankFileWriter:
         self._map[start : start + len(data)] = data
         self.written += len(data)
 
+    def view(self, offset: int, nbytes: int) -> memoryview:
+        """The data range [offset, offset + nbytes) to be filled in place (e.g. by a socket);
+        release it before `close`. Counted in `written` by whoever fills it."""
+        if offset < 0 or offset + nbytes > self.total_bytes:
+            raise InvalidArgument(
+                f"range [{offset}, {offset + nbytes}) outside the {self.total_bytes}-byte range",
+                field="offset",
+            )
+        start = self._data_start + offset
+        return memoryview(self._map)[start : start + nbytes]
+
     def write_tensors(self, named: dict[str, torch.Tensor]) -> None:
         for slot in self.slots:
             self.write(slot.offset, tensor_bytes(named[slot.name]))
