@@ -105,6 +105,11 @@ async def receive(offer: BulkOffer, destinations: Sequence[memoryview], timeout_
         raise DeadlineExceeded(
             f"bulk transfer from {offer.address} took over {timeout_s}s"
         ) from None
+    finally:
+        # Released here, not left to the collector: the worker thread may still hold them a
+        # moment after returning, and a mapping cannot close while views of it exist.
+        for view in views:
+            view.release()
 
 
 def _receive(offer: BulkOffer, views: Sequence[memoryview]) -> int:
@@ -119,7 +124,8 @@ def _receive(offer: BulkOffer, views: Sequence[memoryview]) -> int:
         for view in views:
             filled = 0
             while filled < len(view):
-                n = conn.recv_into(view[filled:], len(view) - filled, socket.MSG_WAITALL)
+                with view[filled:] as rest:
+                    n = conn.recv_into(rest, len(rest), socket.MSG_WAITALL)
                 if n == 0:
                     raise Unavailable(
                         f"bulk source {offer.address} closed after {received + filled} of "
