@@ -3,7 +3,8 @@ network-namespace hosts (veth pair + bridge, 198.18.0.0/15), beside a plain sock
 same kind of bytes between the same two hosts in the same run.
 
 Paths, each timed `--repeats` times, alternating (median reported, GB/s and % of the socket):
-  socket     one TCP connection, `sendall` from memory / `recv_into` memory (the wire's speed);
+  socket     one TCP connection, `sendall` from memory / `recv_into` memory already touched
+             (the wire's speed; the KV paths write into such memory too);
   socket_to_shm  the same, received into a new /dev/shm file's mapping, where a fork target
              writes its copy (tmpfs allocates pages as they fill: the ceiling of any fork);
   fork_grpc  the real fork (`StreamWeights` + `receive_weights`) over gRPC chunks;

@@ -10,6 +10,7 @@ down`). Needs root, as CI has.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 import urllib.request
@@ -267,7 +268,13 @@ async def streams(c: MultiHostCluster, model: str, fault: asyncio.Future[None]) 
     client = openai.AsyncOpenAI(
         base_url=f"{c.gateway_url}/v1", api_key="none", max_retries=0, timeout=90
     )
-    started = [asyncio.Event() for _ in range(STREAMS)]
+    started: set[int] = set()
+    enough = asyncio.Event()  # CUT_AFTER streams have a token
+
+    def mark(i: int) -> None:
+        started.add(i)
+        if len(started) >= CUT_AFTER:
+            enough.set()
 
     async def one(i: int) -> Stream:
         out = Stream(i)
@@ -289,16 +296,15 @@ async def streams(c: MultiHostCluster, model: str, fault: asyncio.Future[None]) 
                 for choice in chunk.choices:
                     if choice.logprobs is not None and choice.logprobs.tokens:
                         out.tokens += len(choice.logprobs.tokens)
-                        started[i].set()
+                        mark(i)
         except Exception as exc:
             out.error = f"{type(exc).__name__}: {exc}"
-            started[i].set()
+            mark(i)
         return out
 
     tasks = [asyncio.create_task(one(i)) for i in range(STREAMS)]
-    deadline = time.monotonic() + 90
-    while sum(e.is_set() for e in started) < CUT_AFTER and time.monotonic() < deadline:
-        await asyncio.sleep(0.02)
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(enough.wait(), 90)
     fault.set_result(None)
     results = list(await asyncio.gather(*tasks))
     await client.close()
