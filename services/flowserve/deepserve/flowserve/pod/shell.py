@@ -148,9 +148,12 @@ class TaskExecutorShell:
                 await self.pod.set_pod(state=PodState.WARM, model="", task_id="")
                 raise
             from deepserve.flowserve.disagg.endpoint import DisaggEndpoint
+            from deepserve.flowserve.transfer.settings import TransferSettings
 
             self.engine, self.tokenizer = engine, tokenizer
-            self.disagg = DisaggEndpoint(engine)
+            # KV for a decode instance on another host is offered on this pod's own address.
+            transfer = TransferSettings(tcp_bind_host=self.settings.common.host)
+            self.disagg = DisaggEndpoint(engine, transfer)
             self.model_name, self.role = model, role
             self.instance_id = f"inst-{uuid.uuid4().hex[:10]}"
             with steps.step(ScaleStep.VISIBLE, "instance registered in etcd"):

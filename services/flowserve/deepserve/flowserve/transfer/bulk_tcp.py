@@ -134,3 +134,83 @@ def _receive(offer: BulkOffer, views: Sequence[memoryview]) -> int:
                 filled += n
             received += filled
     return received
+
+
+class StreamSender:
+    """One connection (the one presenting the token), many payloads sent in order: a PD
+    hand-off's KV chunks, whose metadata travel in the gRPC messages."""
+
+    def __init__(self, host: str) -> None:
+        self._token = secrets.token_bytes(TOKEN_BYTES)
+        self._listener = socket.create_server((host, 0), backlog=4)
+        self.offer = BulkOffer(f"{host}:{self._listener.getsockname()[1]}", self._token, 0)
+        self._conn: socket.socket | None = None
+        self.bytes_sent = 0
+
+    def _accept(self) -> socket.socket:
+        while True:
+            conn, peer = self._listener.accept()
+            conn.settimeout(30)
+            token = _recv_exact(conn, TOKEN_BYTES)
+            if token is not None and hmac.compare_digest(token, self._token):
+                return conn
+            log.warning("bulk connection without the token dropped: %s", peer)
+            conn.close()
+
+    async def send(self, payload: memoryview, timeout_s: float) -> None:
+        """Sends one payload (waiting for the receiver's connection the first time)."""
+        try:
+            if self._conn is None:
+                self._conn = await asyncio.wait_for(asyncio.to_thread(self._accept), timeout_s)
+            await asyncio.wait_for(asyncio.to_thread(self._conn.sendall, payload), timeout_s)
+        except TimeoutError:
+            raise DeadlineExceeded(f"KV receiver did not read within {timeout_s}s") from None
+        except OSError as exc:
+            raise Unavailable(f"KV receiver went away: {exc}") from exc
+        self.bytes_sent += len(payload)
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)
+        self._listener.close()
+
+
+class StreamReceiver:
+    """The receiving end of a StreamSender: reads each payload into the room given for it."""
+
+    def __init__(self, conn: socket.socket, address: str) -> None:
+        self._conn = conn
+        self.address = address
+
+    @classmethod
+    async def connect(cls, offer: BulkOffer, timeout_s: float) -> StreamReceiver:
+        def connect() -> socket.socket:
+            host, port = offer.address.rsplit(":", 1)
+            conn = socket.create_connection((host, int(port)), timeout=timeout_s)
+            conn.sendall(offer.token)
+            return conn
+
+        try:
+            return cls(await asyncio.to_thread(connect), offer.address)
+        except OSError as exc:
+            raise Unavailable(f"KV source {offer.address} unreachable: {exc}") from exc
+
+    async def read_into(self, room: memoryview) -> None:
+        def read() -> None:
+            filled = 0
+            while filled < len(room):
+                with room[filled:] as rest:
+                    n = self._conn.recv_into(rest, len(rest), socket.MSG_WAITALL)
+                if n == 0:
+                    raise Unavailable(f"KV source {self.address} closed mid-transfer")
+                filled += n
+
+        try:
+            await asyncio.to_thread(read)
+        except OSError as exc:
+            raise Unavailable(f"KV source {self.address} failed: {exc}") from exc
+
+    def close(self) -> None:
+        self._conn.close()
