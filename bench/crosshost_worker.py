@@ -29,9 +29,15 @@ from deepserve.flowserve.model.config import ModelConfig
 from deepserve.flowserve.model.weights import load_llama_weights
 from deepserve.flowserve.pod.fork import receive_weights
 from deepserve.flowserve.pod.servicer import FlowServeServicer
-from deepserve.flowserve.transfer.bulk_tcp import BulkSender, receive
+from deepserve.flowserve.transfer.bulk_tcp import BulkOffer, StreamReceiver, StreamSender
 from deepserve.flowserve.transfer.chunks import split_by_blocks
-from deepserve.flowserve.transfer.wire import chunk_from_proto, chunk_to_proto
+from deepserve.flowserve.transfer.wire import (
+    chunk_from_proto,
+    chunk_meta_to_proto,
+    chunk_of,
+    chunk_to_proto,
+    tcp_room,
+)
 from deepserve.scaling.weights_cache import WeightsCacheLayout
 from deepserve.v1 import flowserve_pb2, flowserve_pb2_grpc
 
@@ -64,8 +70,27 @@ class Source(FlowServeServicer):
         self.host = host
 
     async def Prefill(self, request: Any, context: Any) -> Any:
-        for chunk in split_by_blocks(self.kv, 0, KV_CHUNK_BYTES):
-            yield flowserve_pb2.PrefillResponse(kv=chunk_to_proto(chunk))
+        """The hand-off's wire as `disagg.prefill_service` speaks it: gRPC bytes, or (asked
+        for TCP) an offer, then each chunk's metadata in a message and its bytes on the
+        socket."""
+        chunks = split_by_blocks(self.kv, 0, KV_CHUNK_BYTES)
+        if flowserve_pb2.KV_TRANSPORT_TCP not in request.transports:
+            for chunk in chunks:
+                yield flowserve_pb2.PrefillResponse(kv=chunk_to_proto(chunk))
+            return
+        stream = StreamSender(self.host)
+        try:
+            offer = stream.offer
+            yield flowserve_pb2.PrefillResponse(
+                kv_offer=flowserve_pb2.BulkOffer(address=offer.address, token=offer.token)
+            )
+            for chunk in chunks:
+                meta, payload = chunk_meta_to_proto(chunk)
+                stream.send(payload)
+                yield flowserve_pb2.PrefillResponse(kv=meta)
+            await stream.flush(60)
+        finally:
+            stream.close()
 
 
 def socket_server(host: str, port: int, payload: memoryview) -> None:
@@ -79,24 +104,6 @@ def socket_server(host: str, port: int, payload: memoryview) -> None:
             conn.recv(1)
 
 
-def kv_offer_server(host: str, port: int, kv: torch.Tensor) -> None:
-    """Per connection: a fresh bulk TCP offer of the KV bytes (address, token, size)."""
-    listener = socket.create_server((host, port), backlog=8)
-    payload = memoryview(kv.reshape(-1).view(torch.uint8).numpy())
-    while True:
-        conn, _ = listener.accept()
-        sender = BulkSender(host, [payload])
-        with conn:
-            offer = sender.offer
-            conn.sendall(
-                json.dumps(
-                    {"address": offer.address, "token": offer.token.hex(), "nbytes": offer.nbytes}
-                ).encode()
-                + b"\n"
-            )
-        asyncio.run(sender.serve(60))
-
-
 async def serve(args: argparse.Namespace) -> None:
     config = ModelConfig.from_model_dir(Path(args.model))
     weights = load_llama_weights(Path(args.model), config)
@@ -104,9 +111,6 @@ async def serve(args: argparse.Namespace) -> None:
     payload = memoryview(bytearray(args.socket_bytes))
     threading.Thread(
         target=socket_server, args=(args.host, args.socket_port, payload), daemon=True
-    ).start()
-    threading.Thread(
-        target=kv_offer_server, args=(args.host, args.kv_port, kv), daemon=True
     ).start()
     server = grpc.aio.server(options=GRPC_OPTIONS)
     flowserve_pb2_grpc.add_FlowServeServiceServicer_to_server(
@@ -176,30 +180,46 @@ async def fork(address: str, model: str, bulk_tcp: bool) -> tuple[float, int]:
         shutil.rmtree(root, ignore_errors=True)
 
 
-async def kv_grpc(address: str, dst: torch.Tensor) -> float:
+async def kv_handoff(address: str, dst: torch.Tensor, tcp: bool) -> float:
+    """GB/s of one KV hand-off's transfer into place, as `disagg.decode_client` receives it."""
     nbytes = dst.numel() * dst.element_size()
+    transports = [flowserve_pb2.KV_TRANSPORT_TCP] if tcp else [flowserve_pb2.KV_TRANSPORT_GRPC]
+    stream: StreamReceiver | None = None
+    reads: list[tuple[Any, Any, torch.Tensor, memoryview]] = []
+
+    async def place(read: Any, msg: Any, tensor: torch.Tensor, room: memoryview) -> None:
+        await read
+        room.release()
+        back = chunk_of(msg, tensor)
+        dst.narrow(2, back.first_block, back.num_blocks).copy_(back.tensor)
+
     async with grpc.aio.insecure_channel(address, options=GRPC_OPTIONS) as channel:
         stub = flowserve_pb2_grpc.FlowServeServiceStub(channel)
         started = time.perf_counter()
-        async for reply in stub.Prefill(flowserve_pb2.PrefillRequest()):
-            back = chunk_from_proto(reply.kv)
-            dst.narrow(2, back.first_block, back.num_blocks).copy_(back.tensor)
+        try:
+            async for reply in stub.Prefill(flowserve_pb2.PrefillRequest(transports=transports)):
+                if reply.HasField("kv_offer"):
+                    offer = reply.kv_offer
+                    stream = await StreamReceiver.connect(
+                        BulkOffer(offer.address, offer.token, 0), 30
+                    )
+                    continue
+                if reply.kv.WhichOneof("payload") == "tcp_nbytes":
+                    # As the decode side does: the read runs while the next message arrives.
+                    assert stream is not None
+                    tensor, room = tcp_room(reply.kv)
+                    reads.append((stream.read_into(room), reply.kv, tensor, room))
+                    if len(reads) > 1:
+                        await place(*reads.pop(0))
+                    continue
+                back = chunk_from_proto(reply.kv)
+                dst.narrow(2, back.first_block, back.num_blocks).copy_(back.tensor)
+            while reads:
+                await place(*reads.pop(0))
+        finally:
+            if stream is not None:
+                stream.close()
         return nbytes / (time.perf_counter() - started) / 1e9
-
-
-async def kv_tcp(address: str, dst: torch.Tensor) -> float:
-    from deepserve.flowserve.transfer.bulk_tcp import BulkOffer
-
-    host, port = address.rsplit(":", 1)
-    started = time.perf_counter()
-    reader, writer = await asyncio.open_connection(host, int(port))
-    line = json.loads(await reader.readline())
-    writer.close()
-    offer = BulkOffer(line["address"], bytes.fromhex(line["token"]), line["nbytes"])
-    view = memoryview(dst.reshape(-1).view(torch.uint8).numpy())
-    await receive(offer, [view], 60)
-    view.release()
-    return offer.nbytes / (time.perf_counter() - started) / 1e9
 
 
 async def fetch(args: argparse.Namespace) -> None:
@@ -221,8 +241,8 @@ async def fetch(args: argparse.Namespace) -> None:
         rate, weights_bytes = await fork(f"{host}:{args.grpc_port}", args.model, bulk_tcp=False)
         rows["fork_grpc"].append(rate)
         rows["fork_tcp"].append((await fork(f"{host}:{args.grpc_port}", args.model, True))[0])
-        rows["kv_grpc"].append(await kv_grpc(f"{host}:{args.grpc_port}", dst))
-        rows["kv_tcp"].append(await kv_tcp(f"{host}:{args.kv_port}", dst))
+        rows["kv_grpc"].append(await kv_handoff(f"{host}:{args.grpc_port}", dst, tcp=False))
+        rows["kv_tcp"].append(await kv_handoff(f"{host}:{args.grpc_port}", dst, tcp=True))
     print(
         json.dumps(
             {
@@ -244,7 +264,6 @@ def main() -> None:
     parser.add_argument("--source-host", default="")
     parser.add_argument("--grpc-port", type=int, default=50061)
     parser.add_argument("--socket-port", type=int, default=50062)
-    parser.add_argument("--kv-port", type=int, default=50063)
     parser.add_argument("--socket-bytes", type=int, required=True)
     parser.add_argument("--kv-shape", type=lambda s: tuple(int(x) for x in s.split(",")))
     parser.add_argument("--repeats", type=int, default=3)

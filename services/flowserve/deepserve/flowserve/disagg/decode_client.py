@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass
 
 import grpc
+import torch
 
 from deepserve.errors import (
     Cancelled,
@@ -122,29 +123,38 @@ class GrpcPrefillSource:
     async def _receive(self, assembler: KVAssembler, msg: flowserve_pb2.KVChunk) -> None:
         await _receive_chunk(self.address, assembler, msg)
 
-    async def _receive_tcp(
-        self,
-        assembler: KVAssembler,
-        msg: flowserve_pb2.KVChunk,
-        stream: StreamReceiver | None,
-    ) -> None:
-        """A chunk whose bytes come on the transfer's TCP connection, read straight into a
-        tensor of its shape."""
+    def _receive_tcp(
+        self, msg: flowserve_pb2.KVChunk, stream: StreamReceiver | None
+    ) -> tuple[asyncio.Future[None], flowserve_pb2.KVChunk, torch.Tensor, memoryview]:
+        """Queues the read of a chunk whose bytes come on the transfer's TCP connection, into
+        a tensor of its shape; the caller adds it to the assembler once read."""
         if stream is None:
             raise Unavailable(f"prefill instance {self.address} sent TCP KV without an offer")
         try:
             tensor, room = tcp_room(msg)
-            try:
-                await stream.read_into(room)
-            finally:
-                room.release()
-            await assembler.add(chunk_of(msg, tensor))
-        except Cancelled:
-            raise
         except DeepServeError as exc:
             raise Unavailable(
                 f"KV transfer from prefill instance {self.address} failed: {exc}"
             ) from exc
+        return stream.read_into(room), msg, tensor, room
+
+    async def _add_read(
+        self,
+        assembler: KVAssembler,
+        read: tuple[asyncio.Future[None], flowserve_pb2.KVChunk, torch.Tensor, memoryview],
+    ) -> None:
+        future, msg, tensor, room = read
+        try:
+            await future
+            await assembler.add(chunk_of(msg, tensor))
+        except Cancelled:
+            raise
+        except (DeepServeError, OSError) as exc:
+            raise Unavailable(
+                f"KV transfer from prefill instance {self.address} failed: {exc}"
+            ) from exc
+        finally:
+            room.release()
 
     async def _flush(self, assembler: KVAssembler) -> None:
         try:
@@ -165,6 +175,9 @@ class GrpcPrefillSource:
         first_kv: float | None = None
         ok = False
         stream: StreamReceiver | None = None
+        reads: list[
+            tuple[asyncio.Future[None], flowserve_pb2.KVChunk, torch.Tensor, memoryview]
+        ] = []
         try:
             while True:
                 try:
@@ -190,11 +203,16 @@ class GrpcPrefillSource:
                     if first_kv is None:
                         first_kv = time.monotonic()
                     if msg.kv.WhichOneof("payload") == "tcp_nbytes":
-                        await self._receive_tcp(assembler, msg.kv, stream)
+                        # Read on the socket's own thread while the next message arrives.
+                        reads.append(self._receive_tcp(msg.kv, stream))
+                        if len(reads) > 1:
+                            await self._add_read(assembler, reads.pop(0))
                     else:
                         await self._receive(assembler, msg.kv)
                     continue
                 done = msg.done
+                while reads:
+                    await self._add_read(assembler, reads.pop(0))
                 await self._flush(assembler)
                 if not assembler.complete:
                     raise Unavailable(
@@ -222,6 +240,9 @@ class GrpcPrefillSource:
         finally:
             if stream is not None:
                 stream.close()
+            for _, _, _, room in reads:  # reads cut short by a failure
+                with contextlib.suppress(BufferError):
+                    room.release()
             if not ok:
                 self.stats.failures += 1
             # A no-op once the stream ended; otherwise it tells the prefill side to free its KV.

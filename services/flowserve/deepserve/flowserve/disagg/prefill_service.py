@@ -76,6 +76,9 @@ async def serve_prefill(
                 yield flowserve_pb2.PrefillResponse(heartbeat=flowserve_pb2.PrefillHeartbeat())
                 continue
             if isinstance(event, PrefillOutcome):
+                if stream is not None:
+                    # Every byte on the wire before the result that says all blocks were sent.
+                    await stream.flush(settings.idle_timeout_s)
                 completed = True
                 yield flowserve_pb2.PrefillResponse(
                     done=flowserve_pb2.PrefillDone(
@@ -91,8 +94,8 @@ async def serve_prefill(
             if stream is not None:
                 # The metadata first: the receiver reads the bytes once it has it.
                 meta, payload = chunk_meta_to_proto(event)
+                stream.send(payload)  # queued: the bytes flow while the next chunk is made
                 yield flowserve_pb2.PrefillResponse(kv=meta)
-                await stream.send(payload, settings.idle_timeout_s)
                 continue
             chunk = chunk_to_proto(event, pool)
             path = segment_path(chunk)

@@ -20,6 +20,7 @@ import logging
 import secrets
 import socket
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from deepserve.errors import DeadlineExceeded, InvalidArgument, Unavailable
@@ -138,13 +139,17 @@ def _receive(offer: BulkOffer, views: Sequence[memoryview]) -> int:
 
 class StreamSender:
     """One connection (the one presenting the token), many payloads sent in order: a PD
-    hand-off's KV chunks, whose metadata travel in the gRPC messages."""
+    hand-off's KV chunks, whose metadata travel in the gRPC messages. Sends run on one worker
+    thread in submission order, so the caller queues a payload and moves on (the bytes flow
+    while it produces the next chunk); `flush` waits for all of them."""
 
     def __init__(self, host: str) -> None:
         self._token = secrets.token_bytes(TOKEN_BYTES)
         self._listener = socket.create_server((host, 0), backlog=4)
         self.offer = BulkOffer(f"{host}:{self._listener.getsockname()[1]}", self._token, 0)
         self._conn: socket.socket | None = None
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kv-send")
+        self._pending: list[asyncio.Future[None]] = []
         self.bytes_sent = 0
 
     def _accept(self) -> socket.socket:
@@ -157,32 +162,47 @@ class StreamSender:
             log.warning("bulk connection without the token dropped: %s", peer)
             conn.close()
 
-    async def send(self, payload: memoryview, timeout_s: float) -> None:
-        """Sends one payload (waiting for the receiver's connection the first time)."""
+    def _send(self, payload: memoryview) -> None:
+        if self._conn is None:
+            self._conn = self._accept()  # the first send waits for the receiver
+        self._conn.sendall(payload)
+
+    def send(self, payload: memoryview) -> None:
+        """Queues one payload (keep it alive until `flush`)."""
+        loop = asyncio.get_running_loop()
+        self._pending.append(loop.run_in_executor(self._worker, self._send, payload))
+        self.bytes_sent += len(payload)
+
+    async def flush(self, timeout_s: float) -> None:
+        """Waits until every queued payload is sent."""
+        pending, self._pending = self._pending, []
         try:
-            if self._conn is None:
-                self._conn = await asyncio.wait_for(asyncio.to_thread(self._accept), timeout_s)
-            await asyncio.wait_for(asyncio.to_thread(self._conn.sendall, payload), timeout_s)
+            await asyncio.wait_for(asyncio.gather(*pending), timeout_s)
         except TimeoutError:
             raise DeadlineExceeded(f"KV receiver did not read within {timeout_s}s") from None
         except OSError as exc:
             raise Unavailable(f"KV receiver went away: {exc}") from exc
-        self.bytes_sent += len(payload)
 
     def close(self) -> None:
         if self._conn is not None:
-            self._conn.close()
+            with contextlib.suppress(OSError):
+                self._conn.shutdown(socket.SHUT_RDWR)  # unblocks a send in flight
         with contextlib.suppress(OSError):
-            self._listener.shutdown(socket.SHUT_RDWR)
+            self._listener.shutdown(socket.SHUT_RDWR)  # unblocks an accept in flight
         self._listener.close()
+        self._worker.shutdown(wait=False, cancel_futures=True)
+        if self._conn is not None:
+            self._conn.close()
 
 
 class StreamReceiver:
-    """The receiving end of a StreamSender: reads each payload into the room given for it."""
+    """The receiving end of a StreamSender: reads each payload into the room given for it, in
+    order, on one worker thread (the caller queues a read and goes on to the next message)."""
 
     def __init__(self, conn: socket.socket, address: str) -> None:
         self._conn = conn
         self.address = address
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kv-recv")
 
     @classmethod
     async def connect(cls, offer: BulkOffer, timeout_s: float) -> StreamReceiver:
@@ -197,20 +217,21 @@ class StreamReceiver:
         except OSError as exc:
             raise Unavailable(f"KV source {offer.address} unreachable: {exc}") from exc
 
-    async def read_into(self, room: memoryview) -> None:
-        def read() -> None:
-            filled = 0
-            while filled < len(room):
-                with room[filled:] as rest:
-                    n = self._conn.recv_into(rest, len(rest), socket.MSG_WAITALL)
-                if n == 0:
-                    raise Unavailable(f"KV source {self.address} closed mid-transfer")
-                filled += n
+    def _read(self, room: memoryview) -> None:
+        filled = 0
+        while filled < len(room):
+            with room[filled:] as rest:
+                n = self._conn.recv_into(rest, len(rest), socket.MSG_WAITALL)
+            if n == 0:
+                raise Unavailable(f"KV source {self.address} closed mid-transfer")
+            filled += n
 
-        try:
-            await asyncio.to_thread(read)
-        except OSError as exc:
-            raise Unavailable(f"KV source {self.address} failed: {exc}") from exc
+    def read_into(self, room: memoryview) -> asyncio.Future[None]:
+        """Queues a read that fills `room`; await the result to know it is filled."""
+        return asyncio.get_running_loop().run_in_executor(self._worker, self._read, room)
 
     def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._conn.shutdown(socket.SHUT_RDWR)  # unblocks a read in flight
         self._conn.close()
+        self._worker.shutdown(wait=False, cancel_futures=True)
