@@ -116,6 +116,19 @@ async def instances(cluster: MultiHostCluster, model: str) -> list[records.Insta
     return [v.record for v in found if v.record.model == model]
 
 
+async def warm_on_every_host(cluster: MultiHostCluster, timeout_s: float = 90) -> None:
+    """Waits for a warm pod on each pod host: claims then spread a model over the hosts (the
+    pool keeps its warm pods spread, but a test may start right after others took some)."""
+    async with EtcdStore(cluster.layout.etcd_endpoint) as etcd:
+
+        async def spread() -> bool:
+            found, _ = await records.pods(etcd).list()
+            warm = {v.record.host for v in found if v.record.state.value == "warm"}
+            return warm >= set(POD_HOSTS)
+
+        await eventually(spread, timeout_s)
+
+
 def complete(cluster: MultiHostCluster, model: str, prompt: str, max_tokens: int) -> dict:
     reply = httpx.post(
         f"{cluster.gateway_url}/v1/completions",
@@ -132,6 +145,7 @@ async def test_deploy_across_hosts_and_route_to_both(mh: Fixture) -> None:
         serving = pb.ServingSpec(
             model=model, replicas=2, max_replicas=2, policy=pb.ROUTING_POLICY_ROUND_ROBIN
         )
+        await warm_on_every_host(c)
         job = await jobs.create(serving)
         tasks = await jobs.running(job, 2)
         # One replica per host, each at its host's own address.
@@ -170,6 +184,7 @@ async def test_pd_pair_across_hosts_moves_kv_over_the_network(mh: Fixture) -> No
             prefill_instances=1,
             decode_instances=1,
         )
+        await warm_on_every_host(c)
         job = await jobs.create(serving)
         await jobs.running(job, 2)
         pair = {i.role.value: i for i in await instances(c, model)}
@@ -211,6 +226,7 @@ async def test_fork_from_an_instance_on_another_host(mh: Fixture) -> None:
         (first,) = await jobs.running(job, 1)
         assert first.weights_source == common_pb2.WEIGHTS_SOURCE_DISK
         source_host = c.host_of(first.address)
+        await warm_on_every_host(c)
         sent_before, _ = c.fabric.link_bytes(source_host)
         await jobs.stub.ScaleJob(pb.ScaleJobRequest(job_id=job, replicas=2))
         tasks = await jobs.running(job, 2)
@@ -334,6 +350,7 @@ async def test_a_host_cut_off_under_load_then_restored(mh: Fixture) -> None:
         serving = pb.ServingSpec(
             model=model, replicas=2, max_replicas=2, policy=pb.ROUTING_POLICY_ROUND_ROBIN
         )
+        await warm_on_every_host(c)
         job = await jobs.create(serving)
         tasks = await jobs.running(job, 2)
         assert sorted(c.host_of(t.address) for t in tasks) == list(POD_HOSTS)
