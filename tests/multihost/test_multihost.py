@@ -64,7 +64,7 @@ def mh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fixture]:
         "DEEPSERVE_PODPOOL_DRAM_RECENT_MODELS": "0",
     }
     with multihost_cluster(
-        tmp_path_factory.mktemp("mh"), POD_HOSTS, warm_pods=2, lease_ttl_s=LEASE_TTL_S, env=env
+        tmp_path_factory.mktemp("mh"), POD_HOSTS, warm_pods=4, lease_ttl_s=LEASE_TTL_S, env=env
     ) as cluster:
         yield Fixture(cluster, tmp_path_factory.mktemp("models"))
 

@@ -133,3 +133,13 @@ async def test_close_ends_the_pods_it_placed(agents: Agents) -> None:
     await backend.create_pod("q")
     await backend.close()
     assert all(not pods for pods in agents.running.values())
+
+
+def test_surplus_warm_pods_end_where_they_crowd() -> None:
+    from deepserve.podpool.warm_pool import _crowded_first
+
+    pods = [warm(f"a{i}", "h1") for i in range(3)] + [warm("b0", "h2")]
+    ended = _crowded_first(pods, pods, 2)
+    # Both from h1 (3 warm there, 1 on h2), newest first; h2 keeps its only one.
+    assert [p.pod_id for p in ended] == ["a2", "a1"]
+    assert [p.pod_id for p in _crowded_first(pods, pods, 3)] == ["a2", "a1", "b0"]

@@ -431,8 +431,23 @@ class WarmPodPool:
             await self._create(new_pod_id())
         if supply > self.warm_target:
             surplus = [p for p in self._claimable() if self.backend.started_here(p.pod_id)]
-            for pod in surplus[::-1][: supply - self.warm_target]:
+            for pod in _crowded_first(surplus, self._claimable(), supply - self.warm_target):
                 await self._end(pod)
+
+
+def _crowded_first(surplus: list[PodRecord], warm: list[PodRecord], n: int) -> list[PodRecord]:
+    """`n` pods of `surplus` to end: each from the host with the most warm pods then (newest
+    first among its pods), so the warm supply stays spread over hosts (one host's loss, or a
+    burst's claims, then leave warm pods elsewhere). On one host: simply the newest."""
+    crowd = Counter(p.host for p in warm)
+    left = surplus[::-1]
+    chosen: list[PodRecord] = []
+    for _ in range(min(n, len(left))):
+        pod = max(left, key=lambda p: crowd[p.host])  # max keeps the first (newest) of ties
+        left.remove(pod)
+        crowd[pod.host] -= 1
+        chosen.append(pod)
+    return chosen
 
 
 def scale_up_timeline(
