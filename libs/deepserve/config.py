@@ -9,6 +9,7 @@ code reads the environment. Shared connection settings sit in `CommonSettings`
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 from pydantic import Field
@@ -34,6 +35,10 @@ class CommonSettings(BaseSettings):
     lease_ttl_s: int = 5
     # Where this host's processes listen and advertise themselves.
     host: str = "127.0.0.1"
+    # The name this host goes by on pod records (which pods share a host's DRAM copies and
+    # pidfd watch). Defaults to the hostname; hosts that share one (network namespaces on one
+    # machine) set their own.
+    host_name: str = Field(default_factory=socket.gethostname)
     otlp_endpoint: str | None = None
     # Local span export (JSON lines) when no OTLP endpoint is set; None disables it.
     telemetry_dir: Path | None = None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -25,6 +27,7 @@ class ServiceRegistration:
         self.record = record
         self.ttl_s = ttl_s
         self.lease: KeepAliveLease | None = None
+        self._rejoin: asyncio.Task[None] | None = None
 
     @classmethod
     async def register(
@@ -55,7 +58,36 @@ class ServiceRegistration:
         await records.services(self.store, self.record.service).put(
             self.record.process_id, self.record, lease_id=self.lease.id
         )
+        self.lease.on_lost(self._on_lost)
+
+    def _on_lost(self) -> None:
+        # Cut off from etcd past the TTL: the record is gone. Put it back, under the same
+        # process id (one record per process, never a duplicate), once etcd answers again.
+        if self._rejoin is None or self._rejoin.done():
+            self._rejoin = asyncio.create_task(self._register_again())
+
+    async def _register_again(self) -> None:
+        while True:
+            try:
+                # Bounded: while the link is still cut the call would hang (a lease granted by
+                # a timed-out try expires by itself).
+                await asyncio.wait_for(self._put(), timeout=max(self.ttl_s, 2))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("re-registering %s failed: %s", self.record.process_id, exc)
+                await asyncio.sleep(1.0)
+                continue
+            log.warning(
+                "service registration lost and restored",
+                extra={"fields": {"process_id": self.record.process_id}},
+            )
+            return
 
     async def close(self) -> None:
+        if self._rejoin is not None:
+            self._rejoin.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._rejoin
         if self.lease is not None:
             await self.lease.revoke()

@@ -72,6 +72,11 @@ class SchedulerClient:
         await self._channel.close()
 
 
+# Engine channels ping this often: a stream from an instance whose host was cut off fails in a
+# few seconds (and migrates) instead of hanging until the request's deadline.
+ENGINE_KEEPALIVE_S = 2.0
+
+
 class EngineStubs:
     """One channel and FlowServeService stub per engine address, opened on first use."""
 
@@ -82,7 +87,7 @@ class EngineStubs:
     def get(self, address: str) -> flowserve_pb2_grpc.FlowServeServiceStub:
         stub = self._stubs.get(address)
         if stub is None:
-            channel = insecure_channel(address)
+            channel = insecure_channel(address, keepalive_s=ENGINE_KEEPALIVE_S)
             self._channels[address] = channel
             stub = self._stubs[address] = flowserve_pb2_grpc.FlowServeServiceStub(channel)
         return stub

@@ -17,7 +17,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from deepserve.metrics import RpcMetricsInterceptor
-from deepserve.rpc.client import CHANNEL_OPTIONS
+from deepserve.rpc.client import SERVER_OPTIONS
 from deepserve.rpc.errors import DomainErrorInterceptor
 from deepserve.telemetry import grpc_server_interceptors
 
@@ -68,7 +68,7 @@ async def start_grpc_server(
             DomainErrorInterceptor(),
             *grpc_server_interceptors(),
         ],
-        options=CHANNEL_OPTIONS,
+        options=SERVER_OPTIONS,
     )
     for register in registrars:
         register(server)

@@ -278,7 +278,11 @@ class KeepAliveLease:
         while True:
             await asyncio.sleep(max(self.ttl_s / 3, 0.2))
             try:
-                reply = await self._client.refresh_lease(self.id)
+                # Bounded: across a cut link the call would hang, never fail, and the lease
+                # would never count as lost.
+                reply = await asyncio.wait_for(
+                    self._client.refresh_lease(self.id), timeout=max(self.ttl_s / 2, 0.5)
+                )
                 if reply is not None and reply.TTL <= 0:
                     break  # the server no longer knows this lease
                 last_ok = loop.time()
@@ -298,8 +302,9 @@ class KeepAliveLease:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
+        # Bounded: a process cut off from etcd still exits (its lease expires there anyway).
         with contextlib.suppress(Exception):
-            await self._client.revoke_lease(self.id)
+            await asyncio.wait_for(self._client.revoke_lease(self.id), timeout=self.ttl_s)
 
 
 @dataclass(frozen=True, slots=True)

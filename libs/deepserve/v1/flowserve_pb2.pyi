@@ -19,12 +19,14 @@ class KVTransport(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     KV_TRANSPORT_UNSPECIFIED: _ClassVar[KVTransport]
     KV_TRANSPORT_GRPC: _ClassVar[KVTransport]
     KV_TRANSPORT_SHARED_MEMORY: _ClassVar[KVTransport]
+    KV_TRANSPORT_TCP: _ClassVar[KVTransport]
 KV_TRANSFER_MODE_UNSPECIFIED: KVTransferMode
 KV_TRANSFER_MODE_WHOLE_REQUEST: KVTransferMode
 KV_TRANSFER_MODE_LAYERWISE: KVTransferMode
 KV_TRANSPORT_UNSPECIFIED: KVTransport
 KV_TRANSPORT_GRPC: KVTransport
 KV_TRANSPORT_SHARED_MEMORY: KVTransport
+KV_TRANSPORT_TCP: KVTransport
 
 class PinContextRequest(_message.Message):
     __slots__ = ("context_id", "model", "prompt_token_ids", "cache_salt", "expires_at_unix")
@@ -137,21 +139,23 @@ class PrefillRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., skip_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., mode: _Optional[_Union[KVTransferMode, str]] = ..., transports: _Optional[_Iterable[_Union[KVTransport, str]]] = ..., host_id: _Optional[str] = ..., cache_salt: _Optional[str] = ...) -> None: ...
 
 class PrefillResponse(_message.Message):
-    __slots__ = ("kv", "done", "heartbeat")
+    __slots__ = ("kv", "done", "heartbeat", "kv_offer")
     KV_FIELD_NUMBER: _ClassVar[int]
     DONE_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
+    KV_OFFER_FIELD_NUMBER: _ClassVar[int]
     kv: KVChunk
     done: PrefillDone
     heartbeat: PrefillHeartbeat
-    def __init__(self, kv: _Optional[_Union[KVChunk, _Mapping]] = ..., done: _Optional[_Union[PrefillDone, _Mapping]] = ..., heartbeat: _Optional[_Union[PrefillHeartbeat, _Mapping]] = ...) -> None: ...
+    kv_offer: BulkOffer
+    def __init__(self, kv: _Optional[_Union[KVChunk, _Mapping]] = ..., done: _Optional[_Union[PrefillDone, _Mapping]] = ..., heartbeat: _Optional[_Union[PrefillHeartbeat, _Mapping]] = ..., kv_offer: _Optional[_Union[BulkOffer, _Mapping]] = ...) -> None: ...
 
 class PrefillHeartbeat(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class KVChunk(_message.Message):
-    __slots__ = ("first_block", "num_blocks", "layer_start", "num_layers", "total_layers", "dtype", "shape", "data", "shared_memory")
+    __slots__ = ("first_block", "num_blocks", "layer_start", "num_layers", "total_layers", "dtype", "shape", "data", "shared_memory", "tcp_nbytes")
     FIRST_BLOCK_FIELD_NUMBER: _ClassVar[int]
     NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     LAYER_START_FIELD_NUMBER: _ClassVar[int]
@@ -161,6 +165,7 @@ class KVChunk(_message.Message):
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
+    TCP_NBYTES_FIELD_NUMBER: _ClassVar[int]
     first_block: int
     num_blocks: int
     layer_start: int
@@ -170,7 +175,8 @@ class KVChunk(_message.Message):
     shape: _containers.RepeatedScalarFieldContainer[int]
     data: bytes
     shared_memory: SharedMemorySegment
-    def __init__(self, first_block: _Optional[int] = ..., num_blocks: _Optional[int] = ..., layer_start: _Optional[int] = ..., num_layers: _Optional[int] = ..., total_layers: _Optional[int] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., shared_memory: _Optional[_Union[SharedMemorySegment, _Mapping]] = ...) -> None: ...
+    tcp_nbytes: int
+    def __init__(self, first_block: _Optional[int] = ..., num_blocks: _Optional[int] = ..., layer_start: _Optional[int] = ..., num_layers: _Optional[int] = ..., total_layers: _Optional[int] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., shared_memory: _Optional[_Union[SharedMemorySegment, _Mapping]] = ..., tcp_nbytes: _Optional[int] = ...) -> None: ...
 
 class SharedMemorySegment(_message.Message):
     __slots__ = ("path", "nbytes")
@@ -321,28 +327,42 @@ class UnloadModelResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class StreamWeightsRequest(_message.Message):
-    __slots__ = ("model", "tensor_parallel_size", "max_chunk_bytes", "host_id", "shared_memory_dir")
+    __slots__ = ("model", "tensor_parallel_size", "max_chunk_bytes", "host_id", "shared_memory_dir", "bulk_tcp")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     TENSOR_PARALLEL_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
     HOST_ID_FIELD_NUMBER: _ClassVar[int]
     SHARED_MEMORY_DIR_FIELD_NUMBER: _ClassVar[int]
+    BULK_TCP_FIELD_NUMBER: _ClassVar[int]
     model: str
     tensor_parallel_size: int
     max_chunk_bytes: int
     host_id: str
     shared_memory_dir: str
-    def __init__(self, model: _Optional[str] = ..., tensor_parallel_size: _Optional[int] = ..., max_chunk_bytes: _Optional[int] = ..., host_id: _Optional[str] = ..., shared_memory_dir: _Optional[str] = ...) -> None: ...
+    bulk_tcp: bool
+    def __init__(self, model: _Optional[str] = ..., tensor_parallel_size: _Optional[int] = ..., max_chunk_bytes: _Optional[int] = ..., host_id: _Optional[str] = ..., shared_memory_dir: _Optional[str] = ..., bulk_tcp: _Optional[bool] = ...) -> None: ...
 
 class StreamWeightsResponse(_message.Message):
-    __slots__ = ("manifest", "chunk", "shared_memory_file")
+    __slots__ = ("manifest", "chunk", "shared_memory_file", "bulk_offer")
     MANIFEST_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
     SHARED_MEMORY_FILE_FIELD_NUMBER: _ClassVar[int]
+    BULK_OFFER_FIELD_NUMBER: _ClassVar[int]
     manifest: WeightsManifest
     chunk: WeightsChunk
     shared_memory_file: str
-    def __init__(self, manifest: _Optional[_Union[WeightsManifest, _Mapping]] = ..., chunk: _Optional[_Union[WeightsChunk, _Mapping]] = ..., shared_memory_file: _Optional[str] = ...) -> None: ...
+    bulk_offer: BulkOffer
+    def __init__(self, manifest: _Optional[_Union[WeightsManifest, _Mapping]] = ..., chunk: _Optional[_Union[WeightsChunk, _Mapping]] = ..., shared_memory_file: _Optional[str] = ..., bulk_offer: _Optional[_Union[BulkOffer, _Mapping]] = ...) -> None: ...
+
+class BulkOffer(_message.Message):
+    __slots__ = ("address", "token", "nbytes")
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    NBYTES_FIELD_NUMBER: _ClassVar[int]
+    address: str
+    token: bytes
+    nbytes: int
+    def __init__(self, address: _Optional[str] = ..., token: _Optional[bytes] = ..., nbytes: _Optional[int] = ...) -> None: ...
 
 class WeightsManifest(_message.Message):
     __slots__ = ("tensors", "total_bytes")

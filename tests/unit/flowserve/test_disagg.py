@@ -86,11 +86,14 @@ def shm_dir(tmp_path: Path) -> Iterator[Path]:
     yield path
 
 
-@pytest.mark.parametrize("shared_memory", [True, False], ids=["shm", "grpc-bytes"])
-async def test_greedy_outputs_match_colocated_and_reference(
-    shm_dir: Path, shared_memory: bool
-) -> None:
-    pair = await make_pair(shm_dir, allow_shared_memory=shared_memory, max_chunk_bytes=64)
+@pytest.mark.parametrize("transport", ["shm", "grpc-bytes", "tcp"])
+async def test_greedy_outputs_match_colocated_and_reference(shm_dir: Path, transport: str) -> None:
+    shared_memory = transport == "shm"
+    # TCP: the prefill side offers a connection on its address (a pod offers its own).
+    bind = "127.0.0.1" if transport == "tcp" else ""
+    pair = await make_pair(
+        shm_dir, allow_shared_memory=shared_memory, max_chunk_bytes=64, tcp_bind_host=bind
+    )
     colocated = make_engine()
     try:
         for i, (length, max_tokens) in enumerate([(1, 5), (4, 3), (9, 7), (33, 4), (64, 1)]):
@@ -109,6 +112,7 @@ async def test_greedy_outputs_match_colocated_and_reference(
         received = pair.decode.shell.disagg.received
         assert received.transfers == 5 and received.failures == 0
         assert received.shared_memory == (5 if shared_memory else 0)
+        assert received.tcp == (5 if transport == "tcp" else 0)
         assert not segments(shm_dir)  # every segment claimed and removed
         for side in (pair.prefill, pair.decode):
             assert not any((await wait_idle(side.engine)).values())

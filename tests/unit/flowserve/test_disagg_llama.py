@@ -65,14 +65,26 @@ def greedy() -> SamplingParams:
 
 
 @pytest.mark.parametrize(
-    "mode",
-    [flowserve_pb2.KV_TRANSFER_MODE_WHOLE_REQUEST, flowserve_pb2.KV_TRANSFER_MODE_LAYERWISE],
-    ids=["whole", "layerwise"],
+    ("mode", "tcp"),
+    [
+        (flowserve_pb2.KV_TRANSFER_MODE_WHOLE_REQUEST, False),
+        (flowserve_pb2.KV_TRANSFER_MODE_LAYERWISE, False),
+        (flowserve_pb2.KV_TRANSFER_MODE_LAYERWISE, True),
+    ],
+    ids=["whole", "layerwise", "layerwise-tcp"],
 )
-async def test_greedy_tokens_match_colocated(model_dir: Path, tmp_path: Path, mode: int) -> None:
+async def test_greedy_tokens_match_colocated(
+    model_dir: Path, tmp_path: Path, mode: int, tcp: bool
+) -> None:
     colocated = make_engine(model_dir)
-    # A small step budget on the prefill side: long prompts run in several chunks.
-    transfer = settings(tmp_path, max_chunk_bytes=2048)
+    # A small step budget on the prefill side: long prompts run in several chunks. With `tcp`
+    # the pair passes KV as on two hosts: bytes over the TCP connection the prefill side offers.
+    transfer = settings(
+        tmp_path,
+        max_chunk_bytes=2048,
+        allow_shared_memory=not tcp,
+        tcp_bind_host="127.0.0.1" if tcp else "",
+    )
     prefill = await serve(make_engine(model_dir, max_batched=16), transfer, Role.PREFILL)
     decode = await serve(make_engine(model_dir), transfer, Role.DECODE)
     try:
@@ -108,6 +120,7 @@ async def test_greedy_tokens_match_colocated(model_dir: Path, tmp_path: Path, mo
         assert received.transfers == 2 * len(prompts()) and received.failures == 0
         layerwise = mode == flowserve_pb2.KV_TRANSFER_MODE_LAYERWISE
         assert received.layerwise == (received.transfers if layerwise else 0)
+        assert received.tcp == (received.transfers if tcp else 0)
         assert received.skipped_blocks > 0  # the decode side's prefix cache was used
         for side in (prefill, decode):
             state = await wait_idle(side.engine)

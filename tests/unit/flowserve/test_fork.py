@@ -43,6 +43,8 @@ class SourceShell:
 
     def __init__(self, model: str, weights: LlamaWeights) -> None:
         self.model = model
+        # Where a bulk (TCP) fork's socket listens: the pod's own address.
+        self.settings = SimpleNamespace(common=SimpleNamespace(host="127.0.0.1"))
         runner = SimpleNamespace(model=SimpleNamespace(weights=weights))
         self.engine = SimpleNamespace(core=SimpleNamespace(executor=SimpleNamespace(runner=runner)))
 
@@ -64,9 +66,11 @@ async def source(model_dir: Path) -> AsyncIterator[tuple[str, LlamaWeights]]:
     await server.stop(None)
 
 
-@pytest.mark.parametrize("shared_memory", [False, True], ids=["stream", "shared-memory"])
+@pytest.mark.parametrize(
+    "via", ["stream", "bulk tcp", "shared memory"], ids=["stream", "bulk-tcp", "shared-memory"]
+)
 async def test_one_source_feeds_many_targets_at_once(
-    source: tuple[str, LlamaWeights], model_dir: Path, tmp_path: Path, shared_memory: bool
+    source: tuple[str, LlamaWeights], model_dir: Path, tmp_path: Path, via: str
 ) -> None:
     address, weights = source
     layout = WeightsCacheLayout(tmp_path / "cache")
@@ -74,14 +78,15 @@ async def test_one_source_feeds_many_targets_at_once(
         *(
             receive_weights(
                 address, model=str(model_dir), model_dir=model_dir, layout=layout,
-                dtype=torch.float32, max_chunk_bytes=4096, shared_memory=shared_memory,
+                dtype=torch.float32, max_chunk_bytes=4096, shared_memory=via == "shared memory",
+                bulk_tcp=via == "bulk tcp",
             )
             for _ in range(4)
         )
     )  # fmt: skip
     expected = sum(t.numel() * t.element_size() for t in flatten_llama_weights(weights).values())
     assert all(r.nbytes >= expected for r in results)
-    assert {r.via for r in results} == {"shared memory" if shared_memory else "stream"}
+    assert {r.via for r in results} == {via}
     # Every target published the same copy: one per host, the first writer's.
     [entry] = layout.entries()
     assert entry.origin == "fork" and {r.entry.path for r in results} == {entry.path}

@@ -58,6 +58,9 @@ class FlowServeSettings(ServiceSettings):
     fork_timeout_s: float = 120.0
     # A fork source on this host writes the weights into shared memory instead of streaming.
     fork_shared_memory: bool = True
+    # A fork source on another host sends the weights over a plain TCP connection (the gRPC
+    # call carries the manifest and the offer) instead of gRPC chunks: ~2.5x faster.
+    fork_bulk_tcp: bool = True
     # Run one dummy request before the instance registers (scale-up step 4).
     warmup_request: bool = True
     # Skip that dummy request when the weights are a DRAM copy and the KV cache needs no

@@ -7,7 +7,6 @@ import contextlib
 import logging
 import os
 import signal
-import socket
 import sys
 import tempfile
 from pathlib import Path
@@ -37,7 +36,7 @@ class LocalProcessBackend:
         self._settings = settings
         self._log_dir = settings.pod_log_dir or Path(tempfile.mkdtemp(prefix="deepserve-pods-"))
         self._procs: dict[str, ManagedProcess] = {}
-        self._host = socket.gethostname()
+        self._host = settings.common.host_name
 
     def pod_env(self, pod_id: str) -> dict[str, str]:
         common = self._settings.common
@@ -47,6 +46,7 @@ class LocalProcessBackend:
             "DEEPSERVE_ETCD_ENDPOINT": common.etcd_endpoint,
             "DEEPSERVE_REDIS_URL": common.redis_url,
             "DEEPSERVE_HOST": common.host,
+            "DEEPSERVE_HOST_NAME": common.host_name,
             "DEEPSERVE_LEASE_TTL_S": str(common.lease_ttl_s),
             "DEEPSERVE_LOG_LEVEL": common.log_level,
             "DEEPSERVE_FLOWSERVE_POD_ID": pod_id,
@@ -80,6 +80,9 @@ class LocalProcessBackend:
 
         resolve_model(model, default_cache_dir())
 
+    async def prepare(self) -> None:
+        """Readies pod starts ahead of the first (nothing to do for plain processes)."""
+
     async def create_pod(self, pod_id: str) -> None:
         proc = ManagedProcess(
             pod_id,
@@ -100,6 +103,10 @@ class LocalProcessBackend:
 
     def started_here(self, pod_id: str) -> bool:
         return pod_id in self._procs
+
+    def started(self) -> list[str]:
+        """Ids of the pods this backend started and has not seen end."""
+        return list(self._procs)
 
     def log_path(self, pod_id: str) -> Path:
         return self._log_dir / f"{pod_id}.log"

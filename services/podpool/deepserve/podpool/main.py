@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 
 from deepserve import records
 from deepserve.errors import InvalidArgument
 from deepserve.metrics import registry
 from deepserve.podpool.backend import PodBackend
 from deepserve.podpool.dram_cache import DramPreloader, ModelResolver
-from deepserve.podpool.local_backend import LocalProcessBackend
+from deepserve.podpool.host_client import GrpcHostClient
+from deepserve.podpool.host_pods import make_local_backend
+from deepserve.podpool.hosts_backend import AGENT_SERVICE, HostsBackend
 from deepserve.podpool.pod_agent import GrpcPodAgent
 from deepserve.podpool.pod_exits import PodExitWatcher
 from deepserve.podpool.pod_view import PodView
@@ -20,7 +21,7 @@ from deepserve.podpool.servicer import PodPoolServicer
 from deepserve.podpool.settings import PodPoolSettings
 from deepserve.podpool.warm_pool import WarmPodPool
 from deepserve.podpool.weights_planner import WeightsPlanner
-from deepserve.podpool.zygote_backend import ZygoteBackend
+from deepserve.records import ServiceRecord
 from deepserve.runtime import ServiceRuntime
 from deepserve.scaling.weights_cache import WeightsCacheLayout
 from deepserve.store.informer import Informer
@@ -29,13 +30,18 @@ from deepserve.v1 import podpool_pb2, podpool_pb2_grpc
 SERVICE_NAME = podpool_pb2.DESCRIPTOR.services_by_name["PodPoolService"].full_name
 
 
-def make_backend(settings: PodPoolSettings) -> PodBackend:
+def make_backend(
+    settings: PodPoolSettings, agents: Informer[ServiceRecord], view: PodView
+) -> PodBackend:
+    if settings.backend == "hosts":
+        agents.start()
+        hosts = HostsBackend(agents.items, GrpcHostClient(), view.list)
+        hosts.start()
+        return hosts
     if settings.backend == "local":
-        if settings.pod_start == "zygote":
-            return ZygoteBackend(settings, settings.pod_start_timeout_s)
-        return LocalProcessBackend(settings)
+        return make_local_backend(settings)
     raise InvalidArgument(
-        f"unknown pod backend {settings.backend!r} (only 'local' exists so far)", field="backend"
+        f"unknown pod backend {settings.backend!r} ('local' or 'hosts')", field="backend"
     )
 
 
@@ -56,7 +62,7 @@ async def serve(settings: PodPoolSettings) -> None:
     async with ServiceRuntime("podpool", settings) as rt:
         view = PodView(rt.etcd)
         # Before the view starts, so it sees every pod of the first listing.
-        exits = PodExitWatcher(view, rt.etcd, socket.gethostname(), backend=settings.backend)
+        exits = PodExitWatcher(view, rt.etcd, settings.common.host_name, backend=settings.backend)
         exits.start()
         view.start()
         registry().register(PoolCollector(view))
@@ -65,7 +71,12 @@ async def serve(settings: PodPoolSettings) -> None:
         instances.start()
         dram = make_dram(settings)
         dram_loop = asyncio.create_task(dram.run()) if dram is not None else None
-        planner = WeightsPlanner(lambda: instances.items, dram=dram, fork=settings.fork)
+        planner = WeightsPlanner(
+            lambda: instances.items,
+            dram=dram,
+            fork=settings.fork,
+            host=settings.common.host_name,
+        )
 
         async def stop_scaling() -> None:
             if dram_loop is not None:
@@ -75,10 +86,13 @@ async def serve(settings: PodPoolSettings) -> None:
             if dram is not None:
                 await dram.close()
             await instances.stop()
+            await agents.stop()
 
+        # The host agents (service `podhost`), watched only by the `hosts` backend.
+        agents = Informer(records.services(rt.etcd, AGENT_SERVICE))
         pool = WarmPodPool(
             view,
-            make_backend(settings),
+            make_backend(settings, agents, view),
             GrpcPodAgent(),
             warm_target=settings.warm_pods,
             max_pods=settings.max_pods,

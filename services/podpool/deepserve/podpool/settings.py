@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from deepserve.config import ServiceSettings
@@ -20,7 +21,9 @@ class PodPoolSettings(ServiceSettings):
     warm_pods: int = 0
     # Upper bound on pods this pool runs at once (warm + assigned + starting).
     max_pods: int = 64
-    # Where pods run: "local" (processes on this host); "kubernetes" is the production target.
+    # Where pods run: "local" (processes on this host); "hosts" (spread over the host agents
+    # registered in etcd, `python -m deepserve.podpool.host_agent` on each host);
+    # "kubernetes" is the production target.
     backend: str = "local"
     # Seconds a new pod may take to register as warm before it is given up on.
     pod_start_timeout_s: float = 120.0
@@ -59,3 +62,14 @@ class PodPoolSettings(ServiceSettings):
     # came for this long (at most 10x this). A pod started mid-burst takes the burst's cores
     # (imports, tokenizers) exactly when 64 loads need them. 0: refill at once.
     refill_defer_s: float = 1.0
+
+
+class HostAgentSettings(ServiceSettings):
+    """A host agent (`python -m deepserve.podpool.host_agent`): starts the pods of its host for
+    a podpool elsewhere. Its pods take the pool's pod settings (`DEEPSERVE_PODPOOL_POD_*`,
+    weights cache, DRAM models) from this host's environment."""
+
+    model_config = SettingsConfigDict(env_prefix="DEEPSERVE_PODHOST_", extra="ignore")
+
+    grpc_port: int = 50054
+    pods: PodPoolSettings = Field(default_factory=PodPoolSettings)

@@ -14,6 +14,7 @@ import logging
 import time
 import uuid
 import zlib
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -121,6 +122,9 @@ class WarmPodPool:
         self._starting: dict[str, float] = {}
         # Pods started cold for one acquire: never handed to another task, never trimmed.
         self._reserved: set[str] = set()
+        # Pods this pool claimed (or is claiming) that its view may not show assigned yet:
+        # pod id -> (model, host). Concurrent claims of one model spread over hosts with them.
+        self._claiming: dict[str, tuple[str, str]] = {}
         self._wake = asyncio.Event()
         self._refill_task: asyncio.Task[None] | None = None
         # Concurrent acquires claim their pods in one etcd transaction (group commit).
@@ -325,10 +329,21 @@ class WarmPodPool:
             ),
             key=lambda f: (f.record.created_at, f.record.pod_id),
         )
+        # Replicas of a model spread over hosts: each request takes the oldest free pod on the
+        # host serving (or being claimed for) the fewest of its model, counting this batch.
+        serving = {model: self._serving_hosts(model) for model in {r.model for r in requests}}
         results: list[PodRecord | None] = []
         for start in range(0, len(requests), CLAIMS_PER_TXN):
             chunk = requests[start : start + CLAIMS_PER_TXN]
-            picks = list(zip(chunk, free[start : start + CLAIMS_PER_TXN], strict=False))
+            picks = []
+            for request in chunk:
+                if not free:
+                    break
+                hosts = serving[request.model]
+                pick = min(free, key=lambda f, h=hosts: h[f.record.host])  # oldest of ties
+                free.remove(pick)
+                hosts[pick.record.host] += 1
+                picks.append((request, pick))
             claimed = [_claimed(f.record, r) for r, f in picks]
             try:
                 if picks:
@@ -345,6 +360,7 @@ class WarmPodPool:
                 results.extend(claimed)
                 continue
             for pod in claimed:
+                self._claiming[pod.pod_id] = (pod.model, pod.host)
                 log.info(
                     "pod claimed", extra={"fields": {"pod_id": pod.pod_id, "task_id": pod.task_id}}
                 )
@@ -359,11 +375,28 @@ class WarmPodPool:
             # race N ways for the same first pod and retry down the list.
             start = zlib.crc32(request.task_id.encode()) % len(candidates)
             candidates = candidates[start:] + candidates[:start]
+            # Then replicas of a model spread over hosts (a stable sort keeps that order among
+            # equals): a host's loss takes fewer of them, and a new replica's fork crosses hosts.
+            serving = self._serving_hosts(request.model)
+            candidates.sort(key=lambda p: serving[p.host])
         for candidate in candidates:
+            self._claiming[candidate.pod_id] = (request.model, candidate.host)
             claimed = await self._claim(candidate.pod_id, request)
             if claimed is not None:
                 return claimed
+            self._claiming.pop(candidate.pod_id, None)
         return None
+
+    def _serving_hosts(self, model: str) -> Counter[str]:
+        """Pods per host that serve (or are being claimed for) `model`."""
+        hosts = Counter(p.host for p in self.view.list(PodState.ASSIGNED) if p.model == model)
+        for pod_id, (claimed_model, host) in list(self._claiming.items()):
+            seen = self.view.get(pod_id)
+            if seen is None or seen.state != PodState.WARM:
+                del self._claiming[pod_id]  # the view shows the claim now (or the pod is gone)
+            elif claimed_model == model:
+                hosts[host] += 1
+        return hosts
 
     async def _start_cold(self, request: PodRequest) -> PodRecord:
         pod_id = new_pod_id()
@@ -489,7 +522,7 @@ class WarmPodPool:
                 await self._create(new_pod_id())
         if supply > self.warm_target:
             surplus = [p for p in self._claimable() if self.backend.started_here(p.pod_id)]
-            for pod in surplus[::-1][: supply - self.warm_target]:
+            for pod in _crowded_first(surplus, self._claimable(), supply - self.warm_target):
                 await self._end(pod)
 
 
@@ -503,6 +536,21 @@ def _claimed(pod: PodRecord, request: PodRequest) -> PodRecord:
             "role": request.role,
         }
     )
+
+
+def _crowded_first(surplus: list[PodRecord], warm: list[PodRecord], n: int) -> list[PodRecord]:
+    """`n` pods of `surplus` to end: each from the host with the most warm pods then (newest
+    first among its pods), so the warm supply stays spread over hosts (one host's loss, or a
+    burst's claims, then leave warm pods elsewhere). On one host: simply the newest."""
+    crowd = Counter(p.host for p in warm)
+    left = surplus[::-1]
+    chosen: list[PodRecord] = []
+    for _ in range(min(n, len(left))):
+        pod = max(left, key=lambda p: crowd[p.host])  # max keeps the first (newest) of ties
+        left.remove(pod)
+        crowd[pod.host] -= 1
+        chosen.append(pod)
+    return chosen
 
 
 def scale_up_timeline(

@@ -68,6 +68,11 @@ class ZygoteBackend(LocalProcessBackend):
         log.info("pod zygote ready", extra={"fields": {"pid": proc.pid}})
         return proc
 
+    async def prepare(self) -> None:
+        """Starts the zygote now, so the first pod forks at once."""
+        async with self._lock:
+            await self._ensure_zygote()
+
     async def create_pod(self, pod_id: str) -> None:
         async with self._lock:  # one command and its reply at a time
             zygote = await self._ensure_zygote()
@@ -89,6 +94,9 @@ class ZygoteBackend(LocalProcessBackend):
 
     def started_here(self, pod_id: str) -> bool:
         return pod_id in self._pids
+
+    def started(self) -> list[str]:
+        return list(self._pids)
 
     async def delete_pod(self, pod: PodRecord) -> None:
         pid = self._pids.pop(pod.pod_id, None) or (pod.pid if pod.pid > 0 else None)

@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass
 
 import grpc
+import torch
 
 from deepserve.errors import (
     Cancelled,
@@ -20,9 +21,10 @@ from deepserve.errors import (
 )
 from deepserve.flowserve.engine.kv_handoff import KVReservation, KVSink, PrefillResult
 from deepserve.flowserve.transfer.assembler import KVAssembler
+from deepserve.flowserve.transfer.bulk_tcp import BulkOffer, StreamReceiver
 from deepserve.flowserve.transfer.host import local_host_id
 from deepserve.flowserve.transfer.settings import TransferSettings
-from deepserve.flowserve.transfer.wire import chunk_from_proto
+from deepserve.flowserve.transfer.wire import chunk_from_proto, chunk_of, tcp_room
 from deepserve.rpc.client import insecure_channel
 from deepserve.rpc.errors import error_from_rpc
 from deepserve.v1 import common_pb2, flowserve_pb2, flowserve_pb2_grpc
@@ -59,6 +61,7 @@ class TransferStats:
     bytes: int = 0
     layerwise: int = 0
     shared_memory: int = 0
+    tcp: int = 0
     # Wall time from the Prefill call to its last message, summed (includes prefill compute).
     seconds: float = 0.0
     # Wall time from the first KV message to the last, summed (the transfer itself).
@@ -96,6 +99,8 @@ class GrpcPrefillSource:
 
     def _request(self, reservation: KVReservation) -> flowserve_pb2.PrefillRequest:
         transports = [flowserve_pb2.KV_TRANSPORT_GRPC]
+        if self.settings.allow_tcp:
+            transports.insert(0, flowserve_pb2.KV_TRANSPORT_TCP)
         if self.settings.allow_shared_memory:
             transports.insert(0, flowserve_pb2.KV_TRANSPORT_SHARED_MEMORY)
         return flowserve_pb2.PrefillRequest(
@@ -118,6 +123,39 @@ class GrpcPrefillSource:
     async def _receive(self, assembler: KVAssembler, msg: flowserve_pb2.KVChunk) -> None:
         await _receive_chunk(self.address, assembler, msg)
 
+    def _receive_tcp(
+        self, msg: flowserve_pb2.KVChunk, stream: StreamReceiver | None
+    ) -> tuple[asyncio.Future[None], flowserve_pb2.KVChunk, torch.Tensor, memoryview]:
+        """Queues the read of a chunk whose bytes come on the transfer's TCP connection, into
+        a tensor of its shape; the caller adds it to the assembler once read."""
+        if stream is None:
+            raise Unavailable(f"prefill instance {self.address} sent TCP KV without an offer")
+        try:
+            tensor, room = tcp_room(msg)
+        except DeepServeError as exc:
+            raise Unavailable(
+                f"KV transfer from prefill instance {self.address} failed: {exc}"
+            ) from exc
+        return stream.read_into(room), msg, tensor, room
+
+    async def _add_read(
+        self,
+        assembler: KVAssembler,
+        read: tuple[asyncio.Future[None], flowserve_pb2.KVChunk, torch.Tensor, memoryview],
+    ) -> None:
+        future, msg, tensor, room = read
+        try:
+            await future
+            await assembler.add(chunk_of(msg, tensor))
+        except Cancelled:
+            raise
+        except (DeepServeError, OSError) as exc:
+            raise Unavailable(
+                f"KV transfer from prefill instance {self.address} failed: {exc}"
+            ) from exc
+        finally:
+            room.release()
+
     async def _flush(self, assembler: KVAssembler) -> None:
         try:
             await assembler.flush()
@@ -136,6 +174,10 @@ class GrpcPrefillSource:
         started = time.monotonic()
         first_kv: float | None = None
         ok = False
+        stream: StreamReceiver | None = None
+        reads: list[
+            tuple[asyncio.Future[None], flowserve_pb2.KVChunk, torch.Tensor, memoryview]
+        ] = []
         try:
             while True:
                 try:
@@ -151,12 +193,26 @@ class GrpcPrefillSource:
                     )
                 if msg.HasField("heartbeat"):
                     continue
+                if msg.HasField("kv_offer"):
+                    offer = msg.kv_offer
+                    stream = await StreamReceiver.connect(
+                        BulkOffer(offer.address, offer.token, 0), self.settings.idle_timeout_s
+                    )
+                    continue
                 if msg.HasField("kv"):
                     if first_kv is None:
                         first_kv = time.monotonic()
-                    await self._receive(assembler, msg.kv)
+                    if msg.kv.WhichOneof("payload") == "tcp_nbytes":
+                        # Read on the socket's own thread while the next message arrives.
+                        reads.append(self._receive_tcp(msg.kv, stream))
+                        if len(reads) > 1:
+                            await self._add_read(assembler, reads.pop(0))
+                    else:
+                        await self._receive(assembler, msg.kv)
                     continue
                 done = msg.done
+                while reads:
+                    await self._add_read(assembler, reads.pop(0))
                 await self._flush(assembler)
                 if not assembler.complete:
                     raise Unavailable(
@@ -175,12 +231,18 @@ class GrpcPrefillSource:
                 stats.shared_memory += int(
                     done.transport == flowserve_pb2.KV_TRANSPORT_SHARED_MEMORY
                 )
+                stats.tcp += int(done.transport == flowserve_pb2.KV_TRANSPORT_TCP)
                 stats.seconds += now - started
                 stats.transfer_seconds += now - first_kv if first_kv is not None else 0.0
                 return PrefillResult(done.first_token_id, done.cached_tokens)
         except grpc.aio.AioRpcError as exc:
             raise _prefill_failed(self.address, exc) from None
         finally:
+            if stream is not None:
+                stream.close()
+            for _, _, _, room in reads:  # reads cut short by a failure
+                with contextlib.suppress(BufferError):
+                    room.release()
             if not ok:
                 self.stats.failures += 1
             # A no-op once the stream ended; otherwise it tells the prefill side to free its KV.

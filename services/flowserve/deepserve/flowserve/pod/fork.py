@@ -14,6 +14,7 @@ new ones included, which makes a burst a relay tree rather than one source feedi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import shutil
@@ -37,6 +38,7 @@ from deepserve.flowserve.model.prepared_weights import (
     tensor_bytes,
     write_rank_file,
 )
+from deepserve.flowserve.transfer.bulk_tcp import BulkOffer, BulkSender, receive_to_writer
 from deepserve.flowserve.transfer.host import local_host_id
 from deepserve.rpc.client import insecure_channel
 from deepserve.rpc.errors import error_from_rpc
@@ -47,6 +49,8 @@ log = logging.getLogger(__name__)
 
 # Measured on localhost: larger messages were slower (more copying per message).
 DEFAULT_CHUNK_BYTES = 1024 * 1024
+# Seconds a bulk (TCP) fork may take from the offer to the last byte.
+BULK_TIMEOUT_S = 300.0
 
 
 def loaded_weights(engine: Any) -> LlamaWeights:
@@ -69,7 +73,7 @@ class WeightsBroadcaster:
         self.bytes_sent = 0
 
     async def stream(
-        self, max_chunk_bytes: int = 0, shared_memory_dir: str = ""
+        self, max_chunk_bytes: int = 0, shared_memory_dir: str = "", bulk_host: str = ""
     ) -> AsyncIterator[flowserve_pb2.StreamWeightsResponse]:
         chunk = max_chunk_bytes if max_chunk_bytes > 0 else DEFAULT_CHUNK_BYTES
         named = flatten_llama_weights(self._weights_of())
@@ -97,6 +101,18 @@ class WeightsBroadcaster:
         self.active_streams += 1
         try:
             yield flowserve_pb2.StreamWeightsResponse(manifest=manifest)
+            if bulk_host:
+                # Another host asked for a socket: the bytes go there, this call only waits.
+                sender = BulkSender(bulk_host, [tensor_bytes(named[s.name]) for s in slots])
+                offer = sender.offer
+                yield flowserve_pb2.StreamWeightsResponse(
+                    bulk_offer=flowserve_pb2.BulkOffer(
+                        address=offer.address, token=offer.token, nbytes=offer.nbytes
+                    )
+                )
+                self.bytes_sent += await sender.serve(BULK_TIMEOUT_S)
+                self.streams_served += 1
+                return
             for slot in slots:
                 data = tensor_bytes(named[slot.name])
                 for start in range(0, slot.nbytes, chunk):
@@ -146,7 +162,10 @@ async def stream_weights(
         raise FailedPrecondition("fork is supported for tensor_parallel_size 1 only")
     same_host = bool(request.host_id) and request.host_id == local_host_id()
     shm_dir = request.shared_memory_dir if same_host else ""
-    async for message in broadcaster_for(engine).stream(request.max_chunk_bytes, shm_dir):
+    # The socket listens on this pod's own advertised address.
+    bulk_host = shell.settings.common.host if request.bulk_tcp and not shm_dir else ""
+    broadcaster = broadcaster_for(engine)
+    async for message in broadcaster.stream(request.max_chunk_bytes, shm_dir, bulk_host):
         yield message
 
 
@@ -171,15 +190,19 @@ async def receive_weights(
     timeout_s: float = 120.0,
     max_chunk_bytes: int = 0,
     shared_memory: bool = True,
+    bulk_tcp: bool = True,
 ) -> ForkResult:
     """Streams a running instance's weights into this host's cache; returns the published copy.
 
-    With `shared_memory`, a source on this host writes the file itself instead of streaming.
+    With `shared_memory`, a source on this host writes the file itself instead of streaming;
+    with `bulk_tcp`, a source on another host sends the bytes over a plain TCP connection
+    (`transfer.bulk_tcp`), the gRPC call carrying only the manifest and the offer.
     """
     started = time.monotonic()
     staging = layout.new_staging_dir()
     writer: RankFileWriter | None = None
     shared_file = ""
+    bulk: asyncio.Task[int] | None = None
     try:
         async with insecure_channel(address) as channel:
             stub = flowserve_pb2_grpc.FlowServeServiceStub(channel)
@@ -190,6 +213,7 @@ async def receive_weights(
                     max_chunk_bytes=max_chunk_bytes,
                     host_id=local_host_id() if shared_memory else "",
                     shared_memory_dir=str(staging) if shared_memory else "",
+                    bulk_tcp=bulk_tcp,
                 ),
                 timeout=timeout_s,
             )
@@ -204,8 +228,13 @@ async def receive_weights(
                         )
                     elif writer is None:
                         raise InvalidArgument("weights chunk before the manifest", field="chunk")
+                    elif message.HasField("bulk_offer"):
+                        # Fetched beside the call, which ends once the source sent it all.
+                        bulk = asyncio.create_task(_fetch(message.bulk_offer, writer, timeout_s))
                     else:
                         writer.write(message.chunk.offset, message.chunk.data)
+                if bulk is not None:
+                    await bulk
             except grpc.aio.AioRpcError as exc:
                 if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
                     raise DeadlineExceeded(f"fork from {address} took over {timeout_s}s") from None
@@ -234,8 +263,13 @@ async def receive_weights(
             origin="fork",
         )
     except BaseException:
+        if bulk is not None and not bulk.done():
+            bulk.cancel()
+            with contextlib.suppress(BaseException):
+                await bulk
         if writer is not None:
-            writer.close()
+            with contextlib.suppress(BufferError):  # a view a failed fetch still holds
+                writer.close()
         shutil.rmtree(staging, ignore_errors=True)
         raise
     seconds = time.monotonic() - started
@@ -243,8 +277,18 @@ async def receive_weights(
         "weights forked",
         extra={"fields": {"source": address, "bytes": nbytes, "seconds": round(seconds, 3)}},
     )
-    via = "shared memory" if shared_file else "stream"
+    via = "shared memory" if shared_file else "bulk tcp" if bulk is not None else "stream"
     return ForkResult(entry, nbytes, seconds, via)
+
+
+async def _fetch(offer: flowserve_pb2.BulkOffer, writer: RankFileWriter, timeout_s: float) -> int:
+    """Receives a bulk offer into the rank file's data range, slot by slot (pwrite)."""
+    if offer.nbytes != sum(s.nbytes for s in writer.slots):
+        raise InvalidArgument("bulk offer size differs from the manifest", field="bulk_offer")
+    segments = [(s.offset, s.nbytes) for s in writer.slots]
+    return await receive_to_writer(
+        BulkOffer(offer.address, offer.token, offer.nbytes), segments, writer.write, timeout_s
+    )
 
 
 def _slots(manifest: flowserve_pb2.WeightsManifest, dtype: torch.dtype) -> list[TensorSlot]:

@@ -12,6 +12,7 @@ import logging
 import os
 import socket
 import uuid
+from collections.abc import Callable
 
 from deepserve import records
 from deepserve.errors import Conflict
@@ -29,7 +30,13 @@ class PodRegistration:
     """Writes this process's pod and instance records under its lease."""
 
     def __init__(
-        self, store: EtcdStore, pod_id: str, address: str, ttl_s: int, device: str
+        self,
+        store: EtcdStore,
+        pod_id: str,
+        address: str,
+        ttl_s: int,
+        device: str,
+        host: str = "",
     ) -> None:
         self.store = store
         self.ttl_s = ttl_s
@@ -37,7 +44,7 @@ class PodRegistration:
             pod_id=pod_id or new_pod_id(),
             state=PodState.WARM,
             address=address,
-            host=socket.gethostname(),
+            host=host or socket.gethostname(),
             pid=os.getpid(),
             device=device,
         )
@@ -55,6 +62,12 @@ class PodRegistration:
             # take it over, by CAS, with this process's address and lease.
             await self._replace_stale()
         log.info("pod registered", extra={"fields": {"pod_id": self.pod.pod_id, "state": "warm"}})
+
+    def on_lease_lost(self, callback: Callable[[], None]) -> None:
+        """Calls `callback` once the lease is gone on the server (refreshes failed past the TTL,
+        or etcd no longer knows it): the records are gone and jobmgr replaces the instance."""
+        assert self.lease is not None
+        self.lease.on_lost(callback)
 
     async def _replace_stale(self) -> None:
         assert self.lease is not None

@@ -157,6 +157,7 @@ class ModelLoadSteps:
                         dtype=dtype,
                         timeout_s=self.settings.fork_timeout_s,
                         shared_memory=self.settings.fork_shared_memory,
+                        bulk_tcp=self.settings.fork_bulk_tcp,
                     )
                 except DeepServeError as exc:
                     log.warning("fork from %s failed (%s); reading the disk", plan.fork_from, exc)

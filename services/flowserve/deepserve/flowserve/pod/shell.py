@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import signal
 import time
 import uuid
 from pathlib import Path
@@ -36,6 +38,12 @@ async def stop_task(task: asyncio.Task[None], retry_s: float = 0.5) -> None:
         await asyncio.wait({task}, timeout=retry_s)
     if not task.cancelled() and task.exception() is not None:
         log.warning("background task %s failed", task.get_name(), exc_info=task.exception())
+
+
+def end_this_process() -> None:
+    """Ends the pod the way podpool would (SIGTERM: drain, then exit)."""
+    log.warning("pod lease lost: ending this pod (it has been replaced)")
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 class TaskExecutorShell:
@@ -78,9 +86,17 @@ class TaskExecutorShell:
 
         self.warmth = await asyncio.to_thread(prewarm_runtime, self.settings)
         self.pod = PodRegistration(
-            self.etcd, self.settings.pod_id, address, self.settings.common.lease_ttl_s, self.device
+            self.etcd,
+            self.settings.pod_id,
+            address,
+            self.settings.common.lease_ttl_s,
+            self.device,
+            host=self.settings.common.host_name,
         )
         await self.pod.register()
+        # A pod whose lease is gone (cut off from etcd past its TTL) has been replaced already:
+        # it ends itself rather than serve unseen, and never registers a second copy.
+        self.pod.on_lease_lost(end_this_process)
         self._started.set()
         if self.settings.premap_dram_copies_mb > 0 and self.settings.use_weights_cache:
             self._premapper = asyncio.create_task(self._premap_loop(), name="premap")
@@ -160,9 +176,12 @@ class TaskExecutorShell:
                 await self.pod.set_pod(state=PodState.WARM, model="", task_id="")
                 raise
             from deepserve.flowserve.disagg.endpoint import DisaggEndpoint
+            from deepserve.flowserve.transfer.settings import TransferSettings
 
             self.engine, self.tokenizer = engine, tokenizer
-            self.disagg = DisaggEndpoint(engine)
+            # KV for a decode instance on another host is offered on this pod's own address.
+            transfer = TransferSettings(tcp_bind_host=self.settings.common.host)
+            self.disagg = DisaggEndpoint(engine, transfer)
             self.model_name, self.role = model, role
             self.instance_id = f"inst-{uuid.uuid4().hex[:10]}"
             with steps.step(ScaleStep.VISIBLE, "instance registered in etcd"):

@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import functools
+import os
 import socket
 from pathlib import Path
 
 
 @functools.cache
 def local_host_id() -> str:
-    """Hostname plus boot id: equal only for processes on the same running kernel."""
+    """Hostname, boot id and network namespace: equal only for processes on the same running
+    kernel that also share a network. Separate network namespaces count as separate hosts (a
+    Kubernetes pod has its own /dev/shm too, and the namespace test hosts must use the wire)."""
     try:
         boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
     except OSError:
         boot_id = ""
-    return f"{socket.gethostname()}/{boot_id}"
+    try:
+        netns = str(os.stat("/proc/self/ns/net").st_ino)
+    except OSError:
+        netns = ""
+    return f"{socket.gethostname()}/{boot_id}/{netns}"

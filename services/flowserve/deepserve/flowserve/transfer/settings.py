@@ -20,6 +20,12 @@ class TransferSettings(BaseSettings):
     # Let same-host pairs pass KV through shared memory (the gRPC message carries a handle).
     allow_shared_memory: bool = True
     shared_memory_dir: Path = Path("/dev/shm")
+    # Let pairs on different hosts pass KV bytes over a plain TCP connection the prefill side
+    # offers (messages carry the metadata): ~10x gRPC chunks across hosts.
+    allow_tcp: bool = True
+    # Where a prefill instance listens for those connections: its own address (set by the pod;
+    # empty: it offers none, and pairs fall back to gRPC bytes).
+    tcp_bind_host: str = ""
     # Largest KV payload in one message (and one shared-memory segment).
     max_chunk_bytes: int = 4 * 1024 * 1024
     # The whole prefill + transfer, seen from the decode side; then the request fails.

@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
+import torch
+
+from deepserve.errors import InvalidArgument
 from deepserve.flowserve.transfer.chunks import KVChunk
-from deepserve.flowserve.transfer.codec import decode_tensor, encode_tensor
+from deepserve.flowserve.transfer.codec import (
+    decode_tensor,
+    dtype_from_name,
+    dtype_name,
+    encode_tensor,
+    tensor_bytes,
+)
 from deepserve.flowserve.transfer.shared_memory import SharedMemoryHandle, SharedMemoryPool
 from deepserve.v1 import flowserve_pb2
 
@@ -27,6 +36,37 @@ def chunk_to_proto(
     data, dtype, shape = encode_tensor(chunk.tensor)
     msg.dtype, msg.shape[:], msg.data = dtype, shape, data
     return msg
+
+
+def chunk_meta_to_proto(chunk: KVChunk) -> tuple[flowserve_pb2.KVChunk, memoryview]:
+    """For KV over TCP: the message (metadata, `tcp_nbytes`) and the bytes sent beside it."""
+    payload = tensor_bytes(chunk.tensor)
+    msg = flowserve_pb2.KVChunk(
+        first_block=chunk.first_block,
+        num_blocks=chunk.num_blocks,
+        layer_start=chunk.layer_start,
+        num_layers=chunk.num_layers,
+        total_layers=chunk.total_layers,
+        dtype=dtype_name(chunk.tensor.dtype),
+        shape=list(chunk.tensor.shape),
+        tcp_nbytes=payload.numel(),
+    )
+    return msg, memoryview(payload.numpy())
+
+
+def tcp_room(msg: flowserve_pb2.KVChunk) -> tuple[torch.Tensor, memoryview]:
+    """An empty tensor for a TCP chunk and the byte view its payload is read into."""
+    tensor = torch.empty(tuple(msg.shape), dtype=dtype_from_name(msg.dtype))
+    if tensor.numel() * tensor.element_size() != msg.tcp_nbytes:
+        raise InvalidArgument(
+            f"KV chunk of {msg.tcp_nbytes} bytes for shape {list(msg.shape)} of {msg.dtype}",
+            field="tcp_nbytes",
+        )
+    return tensor, memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+
+
+def chunk_of(msg: flowserve_pb2.KVChunk, tensor: torch.Tensor) -> KVChunk:
+    return KVChunk(msg.first_block, msg.layer_start, msg.total_layers, tensor)
 
 
 def chunk_from_proto(msg: flowserve_pb2.KVChunk) -> KVChunk:
