@@ -1,0 +1,50 @@
+"""Adapter records: a LoRA adapter registered against a base model, owned by one tenant.
+
+jobmgr is the one writer (`RegisterAdapter`, `DeleteAdapter`, and its fine-tuning controller);
+gateways read them to resolve a request's `model` and to list a tenant's models.
+"""
+
+from __future__ import annotations
+
+import time
+
+from pydantic import BaseModel, Field
+
+from deepserve.store.etcd import EtcdStore, TypedPrefix
+from deepserve.store.keys import Keys
+
+
+class AdapterRecord(BaseModel):
+    """One registered adapter; `path` is a directory every instance of its base can read."""
+
+    name: str
+    tenant: str
+    base_model: str
+    path: str
+    rank: int
+    source: str = "upload"  # "upload" or "fine_tuning"
+    job_id: str = ""
+    created_at: float = Field(default_factory=time.time)
+
+    @property
+    def adapter_id(self) -> str:
+        """The engine's name for it, unique across tenants: slots and prefix caches key on it."""
+        return adapter_id(self.tenant, self.name)
+
+
+def adapter_id(tenant: str, name: str) -> str:
+    return f"{tenant}/{name}"
+
+
+def adapters(store: EtcdStore) -> TypedPrefix[AdapterRecord]:
+    return TypedPrefix(
+        store,
+        Keys.adapters_prefix(),
+        AdapterRecord,
+        _key_of,
+    )
+
+
+def _key_of(adapter: str) -> str:
+    tenant, _, name = adapter.partition("/")
+    return Keys.adapter(tenant, name)
