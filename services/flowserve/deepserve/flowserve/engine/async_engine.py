@@ -36,8 +36,8 @@ from deepserve.flowserve.engine.outputs import GenerationOutput, TokenLogprobs
 from deepserve.flowserve.engine.request import Request
 from deepserve.flowserve.engine.stats import EngineStats
 from deepserve.flowserve.kv_cache import HostTransport, KVEventListener
-from deepserve.flowserve.lora.host_cache import AdapterHostCache
 from deepserve.flowserve.kv_cache.manager import PinnedContext
+from deepserve.flowserve.lora.host_cache import AdapterHostCache
 from deepserve.flowserve.sampling.grammar import GrammarCompiler
 from deepserve.flowserve.sampling.sampler import Sampler
 from deepserve.prefix_hash import adapter_salt

@@ -328,7 +328,9 @@ class EngineCore:
             slot = self.adapter_slots.place(request.adapter_id, self.planner.adapter_slots_in_use())
             if slot is None:
                 return  # every slot is busy: wait for a running adapter request to finish
-            getattr(self.executor, "load_adapter")(
+            load = getattr(self.executor, "load_adapter", None)
+            assert load is not None  # add_request refused adapter requests otherwise
+            load(
                 slot,
                 request.adapter_weights,
                 num_slots=self.config.lora_slots,
