@@ -41,10 +41,5 @@ def adapters(store: EtcdStore) -> TypedPrefix[AdapterRecord]:
         store,
         Keys.adapters_prefix(),
         AdapterRecord,
-        _key_of,
+        Keys.adapter,
     )
-
-
-def _key_of(adapter: str) -> str:
-    tenant, _, name = adapter.partition("/")
-    return Keys.adapter(tenant, name)

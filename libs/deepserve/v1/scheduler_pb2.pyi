@@ -16,12 +16,14 @@ class RouteBranch(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ROUTE_BRANCH_ROUND_ROBIN: _ClassVar[RouteBranch]
     ROUTE_BRANCH_RANDOM: _ClassVar[RouteBranch]
     ROUTE_BRANCH_ANY: _ClassVar[RouteBranch]
+    ROUTE_BRANCH_ADAPTER: _ClassVar[RouteBranch]
 ROUTE_BRANCH_UNSPECIFIED: RouteBranch
 ROUTE_BRANCH_LOCALITY: RouteBranch
 ROUTE_BRANCH_LOAD: RouteBranch
 ROUTE_BRANCH_ROUND_ROBIN: RouteBranch
 ROUTE_BRANCH_RANDOM: RouteBranch
 ROUTE_BRANCH_ANY: RouteBranch
+ROUTE_BRANCH_ADAPTER: RouteBranch
 
 class RouteRequest(_message.Message):
     __slots__ = ("request_id", "model", "tenant", "prompt_tokens", "max_tokens", "prefix_block_hashes", "exclude_instance_ids", "block_size", "cached_context_id", "adapter")
