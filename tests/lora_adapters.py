@@ -66,3 +66,46 @@ def peft_merged_greedy(
             )
             outputs.append(out[0, len(prompt) :].tolist())
     return outputs
+
+
+def write_synthetic_adapter(
+    base_dir: Path,
+    out_dir: Path,
+    *,
+    rank: int = 16,
+    alpha: int = 32,
+    seed: int = 0,
+    targets: list[str] | None = None,
+    std: float = 0.02,
+) -> Path:
+    """A PEFT adapter for `base_dir` written directly (no model load): random A and B."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from deepserve.adapters.peft_format import BaseShape
+
+    base = BaseShape.from_config_json(base_dir)
+    generator = torch.Generator().manual_seed(seed)
+    tensors: dict[str, torch.Tensor] = {}
+    chosen = targets or ALL_TARGETS
+    for layer in range(base.num_layers):
+        for target in chosen:
+            module = "self_attn" if target in ALL_TARGETS[:4] else "mlp"
+            in_f, out_f = base.in_out(target)
+            prefix = f"base_model.model.model.layers.{layer}.{module}.{target}"
+            tensors[f"{prefix}.lora_A.weight"] = torch.randn(rank, in_f, generator=generator) * std
+            tensors[f"{prefix}.lora_B.weight"] = torch.randn(out_f, rank, generator=generator) * std
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out_dir / "adapter_model.safetensors"))
+    config = {
+        "peft_type": "LORA",
+        "r": rank,
+        "lora_alpha": alpha,
+        "target_modules": chosen,
+        "bias": "none",
+        "base_model_name_or_path": str(base_dir),
+        "task_type": "CAUSAL_LM",
+    }
+    (out_dir / "adapter_config.json").write_text(json.dumps(config))
+    return out_dir
