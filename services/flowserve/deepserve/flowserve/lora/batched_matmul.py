@@ -93,26 +93,34 @@ class LoRAStep:
         return self._padded is None and not self._segments
 
     def add(self, projection: str, layer: int, x: torch.Tensor, out: torch.Tensor) -> None:
-        """out[t] += x[t] @ A[slot(t)] @ B[slot(t)] for every adapter token t of the step."""
-        a = self.slots.a[projection][layer]  # [slots, in, W]
-        b = self.slots.b[projection][layer]  # [slots, W, out]
+        """out[t] += x[t] @ A[slot(t)] @ B[slot(t)] for every adapter token t of the step.
+
+        One shrink over the fused targets' stacked A, then one expand per target into its
+        columns of `out`."""
+        slots = self.slots
+        a = slots.a[projection][layer]  # [slots, in, targets * R]
+        bs = [b[layer] for b in slots.b[projection]]  # each [slots, R, out_t]
+        offsets = slots.out_offsets[projection]
+        rank = slots.max_rank
         padded = self._padded
         if padded is None:
             for segment in self._segments:
-                rows = x.index_select(0, segment.rows)
-                delta = (rows @ a[segment.slot]) @ b[segment.slot]
-                out.index_add_(0, segment.rows, delta)
+                shrunk = x.index_select(0, segment.rows) @ a[segment.slot]
+                for j, (b, start) in enumerate(zip(bs, offsets, strict=True)):
+                    delta = shrunk[:, j * rank : (j + 1) * rank] @ b[segment.slot]
+                    out[:, start : start + b.shape[-1]].index_add_(0, segment.rows, delta)
             return
         gathered = x.index_select(0, padded.rows).mul_(padded.valid)
         gathered = gathered.view(padded.groups, padded.group_len, x.shape[-1])
         if padded.slot_range is not None:
-            start, stop = padded.slot_range
-            a_sel, b_sel = a[start:stop], b[start:stop]
+            first, stop = padded.slot_range
+            a_sel, b_sels = a[first:stop], [b[first:stop] for b in bs]
         else:
             assert padded.slot_index is not None
-            a_sel, b_sel = (
-                a.index_select(0, padded.slot_index),
-                b.index_select(0, padded.slot_index),
-            )
-        delta = torch.bmm(torch.bmm(gathered, a_sel), b_sel)
-        out.index_add_(0, padded.rows, delta.view(-1, out.shape[-1]))
+            a_sel = a.index_select(0, padded.slot_index)
+            b_sels = [b.index_select(0, padded.slot_index) for b in bs]
+        shrunk = torch.bmm(gathered, a_sel)  # [groups, G, targets * R]
+        for j, (b_sel, start) in enumerate(zip(b_sels, offsets, strict=True)):
+            delta = torch.bmm(shrunk[..., j * rank : (j + 1) * rank], b_sel)
+            width = b_sel.shape[-1]
+            out[:, start : start + width].index_add_(0, padded.rows, delta.view(-1, width))

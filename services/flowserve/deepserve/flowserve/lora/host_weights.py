@@ -18,16 +18,18 @@ from deepserve.flowserve.lora.layout import FUSED_TARGETS, projection_shapes
 
 @dataclass(slots=True)
 class AdapterWeights:
-    """One adapter: per fused projection, A [layers, in, W] and B [layers, W, out] tensors."""
+    """One adapter: per fused projection A [layers, in, targets * R], and per target of it
+    B [layers, R, out]."""
 
     adapter_id: str
     rank: int
     a: dict[str, torch.Tensor]
-    b: dict[str, torch.Tensor]
+    b: dict[str, list[torch.Tensor]]
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in [*self.a.values(), *self.b.values()])
+        tensors = [*self.a.values(), *(t for bs in self.b.values() for t in bs)]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def load_adapter_weights(
@@ -43,19 +45,15 @@ def load_adapter_weights(
     shapes = projection_shapes(base.hidden_size, base.intermediate_size, base.q_size, base.kv_size)
     layers, r, width = base.num_layers, spec.rank, max_rank
     a: dict[str, torch.Tensor] = {}
-    b: dict[str, torch.Tensor] = {}
+    b: dict[str, list[torch.Tensor]] = {}
     for fused, targets in FUSED_TARGETS.items():
         shape = shapes[fused]
         a[fused] = torch.zeros(layers, shape.in_features, width * len(targets), dtype=dtype)
-        b[fused] = torch.zeros(layers, width * len(targets), shape.out_total, dtype=dtype)
+        b[fused] = [torch.zeros(layers, width, out, dtype=dtype) for out in shape.out_features]
     with safe_open(str(Path(path) / WEIGHTS_FILE), framework="pt") as f:
         for fused, targets in FUSED_TARGETS.items():
-            out_start = 0
             for t_index, target in enumerate(targets):
-                out_size = shapes[fused].out_features[t_index]
                 cols = slice(t_index * width, t_index * width + r)
-                outs = slice(out_start, out_start + out_size)
-                out_start += out_size
                 for layer in range(layers):
                     a_name = spec.tensor_names.get((layer, target, "A"))
                     if a_name is None:
@@ -63,5 +61,5 @@ def load_adapter_weights(
                     lora_a = f.get_tensor(a_name)  # [r, in]
                     lora_b = f.get_tensor(spec.tensor_names[(layer, target, "B")])  # [out, r]
                     a[fused][layer, :, cols] = lora_a.t().to(dtype)
-                    b[fused][layer, cols, outs] = (lora_b.t().float() * spec.scaling).to(dtype)
+                    b[fused][t_index][layer, :r] = (lora_b.t().float() * spec.scaling).to(dtype)
     return AdapterWeights(adapter_id=adapter_id, rank=r, a=a, b=b)

@@ -1,10 +1,11 @@
 """How one adapter's LoRA weights are laid out to match the engine's fused projections.
 
 The decoder fuses q/k/v into one matmul and gate/up into another, so an adapter's A matrices of
-those targets are stacked side by side ([in, 3R] for q/k/v: the shrink is one matmul) and its B
-matrices block-diagonally ([3R, q + 2kv]: the expand is one matmul into the fused output). Every
-target is R = the platform's rank limit wide; a lower-rank adapter is zero-padded, and a target
-the adapter leaves out is all zeros. Scaling (alpha / r) is folded into B.
+those targets are stacked side by side ([in, 3R] for q/k/v: the shrink is one matmul over the
+shared input); each target keeps its own B ([R, out]: the expand writes that target's columns of
+the fused output, with no zero blocks to read). Every target is R = the platform's rank limit
+wide; a lower-rank adapter is zero-padded, and a target the adapter leaves out is all zeros.
+Scaling (alpha / r) is folded into B.
 """
 
 from __future__ import annotations

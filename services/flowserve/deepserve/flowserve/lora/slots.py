@@ -14,7 +14,8 @@ from deepserve.flowserve.lora.layout import FUSED_TARGETS, ProjectionShape
 
 
 class LoRASlots:
-    """Per fused projection: A [layers, slots, in, W] and B [layers, slots, W, out]."""
+    """Per fused projection: A [layers, slots, in, targets * R]; per target B [layers, slots,
+    R, out] and the target's first column in the fused output."""
 
     def __init__(
         self,
@@ -29,20 +30,28 @@ class LoRASlots:
         self.num_slots = num_slots
         self.max_rank = max_rank
         self.a: dict[str, torch.Tensor] = {}
-        self.b: dict[str, torch.Tensor] = {}
+        self.b: dict[str, list[torch.Tensor]] = {}
+        self.out_offsets: dict[str, list[int]] = {}
         for fused, targets in FUSED_TARGETS.items():
             shape = shapes[fused]
             width = max_rank * len(targets)
             self.a[fused] = torch.zeros(
                 num_layers, num_slots, shape.in_features, width, device=device, dtype=dtype
             )
-            self.b[fused] = torch.zeros(
-                num_layers, num_slots, width, shape.out_total, device=device, dtype=dtype
-            )
+            self.b[fused] = [
+                torch.zeros(num_layers, num_slots, max_rank, out, device=device, dtype=dtype)
+                for out in shape.out_features
+            ]
+            offsets, start = [], 0
+            for out in shape.out_features:
+                offsets.append(start)
+                start += out
+            self.out_offsets[fused] = offsets
 
     def write(self, slot: int, weights: AdapterWeights) -> None:
         if not 0 <= slot < self.num_slots:
             raise ValueError(f"slot {slot} outside [0, {self.num_slots})")
         for fused in FUSED_TARGETS:
             self.a[fused][:, slot].copy_(weights.a[fused], non_blocking=True)
-            self.b[fused][:, slot].copy_(weights.b[fused], non_blocking=True)
+            for device_b, host_b in zip(self.b[fused], weights.b[fused], strict=True):
+                device_b[:, slot].copy_(host_b, non_blocking=True)
