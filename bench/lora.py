@@ -129,14 +129,19 @@ async def cold_load(engine: AsyncEngine, work: Path, base_dir: Path, n: int) -> 
         path = write_synthetic_adapter(base_dir, work / f"cold{i}", rank=RANK, seed=200 + i)
         fresh = prompts(2, 32, seed=300 + i)
         _, warm, _ = await run_one(engine, f"w{i}", fresh[0], 2, ("bench/resident", str(resident)))
-        read_ms = []
+        read_ms: list[float] = []
 
-        async def cold(i: int = i, path: Path = path) -> float:
+        async def cold(
+            i: int = i,
+            path: Path = path,
+            prompt: list[int] = fresh[1],
+            read_ms: list[float] = read_ms,
+        ) -> float:
             params = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)
             started = time.perf_counter()
             first = 0.0
             async for out in engine.generate(
-                f"c{i}", fresh[1], params, adapter=f"bench/cold{i}", adapter_path=str(path)
+                f"c{i}", prompt, params, adapter=f"bench/cold{i}", adapter_path=str(path)
             ):
                 if out.new_token_ids and not first:
                     first = time.perf_counter() - started
