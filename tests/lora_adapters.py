@@ -7,6 +7,8 @@ from pathlib import Path
 import torch
 import transformers
 
+from tests.unit.flowserve.runner.tiny_models import greedy_tokens
+
 ALL_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -51,21 +53,7 @@ def peft_merged_greedy(
     model = transformers.AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     if adapter_dir is not None:
         model = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
-    model.eval()
-    model.generation_config.eos_token_id = None
-    outputs = []
-    with torch.no_grad():
-        for prompt in prompts:
-            ids = torch.tensor([prompt])
-            out = model.generate(
-                ids,
-                attention_mask=torch.ones_like(ids),
-                do_sample=False,
-                max_new_tokens=max_new_tokens,
-                pad_token_id=0,
-            )
-            outputs.append(out[0, len(prompt) :].tolist())
-    return outputs
+    return greedy_tokens(model, prompts, max_new_tokens)
 
 
 def write_synthetic_adapter(
