@@ -25,7 +25,7 @@ _MAX_PADDING_FACTOR = 2
 @dataclass(slots=True)
 class _Padded:
     rows: torch.Tensor  # [n * G] flat token index of each padded row (pads: 0)
-    valid: torch.Tensor  # [n * G, 1] 1 for real rows, 0 for pads
+    valid: torch.Tensor  # [n, G, 1] 1 for real rows, 0 for pads
     groups: int
     group_len: int
     slot_range: tuple[int, int] | None  # contiguous slots [start, stop) or None
@@ -79,7 +79,7 @@ class LoRAStep:
             valid.extend([1.0] * len(members) + [0.0] * pad)
         self._padded = _Padded(
             rows=torch.tensor(rows, dtype=torch.long, device=device),
-            valid=torch.tensor(valid, dtype=dtype, device=device).unsqueeze(1),
+            valid=torch.tensor(valid, dtype=dtype, device=device).view(len(used), group_len, 1),
             groups=len(used),
             group_len=group_len,
             slot_range=(used[0], used[-1] + 1) if contiguous else None,
@@ -110,7 +110,7 @@ class LoRAStep:
                     delta = shrunk[:, j * rank : (j + 1) * rank] @ b[segment.slot]
                     out[:, start : start + b.shape[-1]].index_add_(0, segment.rows, delta)
             return
-        gathered = x.index_select(0, padded.rows).mul_(padded.valid)
+        gathered = x.index_select(0, padded.rows)
         gathered = gathered.view(padded.groups, padded.group_len, x.shape[-1])
         if padded.slot_range is not None:
             first, stop = padded.slot_range
@@ -119,7 +119,9 @@ class LoRAStep:
             assert padded.slot_index is not None
             a_sel = a.index_select(0, padded.slot_index)
             b_sels = [b.index_select(0, padded.slot_index) for b in bs]
-        shrunk = torch.bmm(gathered, a_sel)  # [groups, G, targets * R]
+        # Pads are zeroed after the shrink (a few columns, not the input's width), so their
+        # expanded rows add nothing to the row they point at.
+        shrunk = torch.bmm(gathered, a_sel).mul_(padded.valid)  # [groups, G, targets * R]
         for j, (b_sel, start) in enumerate(zip(b_sels, offsets, strict=True)):
             delta = torch.bmm(shrunk[..., j * rank : (j + 1) * rank], b_sel)
             width = b_sel.shape[-1]
