@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors.torch import load_file
 
 from deepserve.adapters.peft_format import WEIGHTS_FILE, BaseShape, inspect_adapter
 from deepserve.flowserve.lora.layout import FUSED_TARGETS, projection_shapes
@@ -50,16 +50,18 @@ def load_adapter_weights(
         shape = shapes[fused]
         a[fused] = torch.zeros(layers, shape.in_features, width * len(targets), dtype=dtype)
         b[fused] = [torch.zeros(layers, width, out, dtype=dtype) for out in shape.out_features]
-    with safe_open(str(Path(path) / WEIGHTS_FILE), framework="pt") as f:
-        for fused, targets in FUSED_TARGETS.items():
-            for t_index, target in enumerate(targets):
-                cols = slice(t_index * width, t_index * width + r)
-                for layer in range(layers):
-                    a_name = spec.tensor_names.get((layer, target, "A"))
-                    if a_name is None:
-                        continue
-                    lora_a = f.get_tensor(a_name)  # [r, in]
-                    lora_b = f.get_tensor(spec.tensor_names[(layer, target, "B")])  # [out, r]
-                    a[fused][layer, :, cols] = lora_a.t().to(dtype)
-                    b[fused][t_index][layer, :r] = (lora_b.t().float() * spec.scaling).to(dtype)
+    # One read of the whole file, then one copy per target over all its layers at once.
+    tensors = load_file(str(Path(path) / WEIGHTS_FILE))
+    for fused, targets in FUSED_TARGETS.items():
+        for t_index, target in enumerate(targets):
+            cols = slice(t_index * width, t_index * width + r)
+            present = [n for n in range(layers) if (n, target, "A") in spec.tensor_names]
+            if not present:
+                continue
+            names = spec.tensor_names
+            lora_a = torch.stack([tensors[names[(n, target, "A")]] for n in present])
+            lora_b = torch.stack([tensors[names[(n, target, "B")]] for n in present])
+            index = torch.tensor(present)
+            a[fused][index, :, cols] = lora_a.transpose(1, 2).to(dtype)  # [n, in, r]
+            b[fused][t_index][index, :r] = (lora_b.transpose(1, 2) * spec.scaling).to(dtype)
     return AdapterWeights(adapter_id=adapter_id, rank=r, a=a, b=b)
