@@ -146,6 +146,9 @@ async def test_bad_adapters_are_refused_at_registration_with_the_reason(
         )
         assert reply.status_code == 400 and "DoRA" in reply.json()["error"]["message"]
 
+        reply = await register(client, "../escape", platform.model, good_adapter)
+        assert reply.status_code == 400 and reply.json()["error"]["param"] == "name"
+
         reply = await register(client, "nobase", "no-such-model", good_adapter)
         assert reply.status_code == 400 and reply.json()["error"]["param"] == "model"
 

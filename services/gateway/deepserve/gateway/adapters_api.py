@@ -9,6 +9,7 @@ and the field. A registered adapter is used by naming it as a request's `model`.
 from __future__ import annotations
 
 import asyncio
+import re
 import shutil
 import uuid
 from collections.abc import Awaitable, Callable
@@ -24,6 +25,8 @@ from deepserve.gateway.auth import Caller
 from deepserve.jobs.client import JobManagerClient
 
 CallerDependency = Callable[..., Awaitable[Caller]]
+# Also a directory name under the files root: no separators, no leading dot.
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,199}")
 
 
 def adapter_json(record: AdapterRecord) -> dict[str, Any]:
@@ -59,8 +62,11 @@ def adapters_router(
         adapter_model: UploadFile = File(...),
         who: Caller = Depends(caller),
     ) -> dict[str, Any]:
-        if not name or "/" in name or name.startswith("."):
-            raise InvalidArgument("a plain adapter name is required", field="name")
+        if not _NAME.fullmatch(name):
+            raise InvalidArgument(
+                "an adapter name is up to 200 letters, digits, '.', '_', ':' or '-'",
+                field="name",
+            )
         directory = root / who.tenant / f"{name}-{uuid.uuid4().hex[:12]}"
         await asyncio.to_thread(directory.mkdir, parents=True)
         try:

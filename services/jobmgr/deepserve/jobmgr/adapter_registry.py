@@ -9,6 +9,7 @@ only; gateways mirror the records to resolve a request's model.
 from __future__ import annotations
 
 import asyncio
+import re
 from pathlib import Path
 
 from deepserve.adapters.peft_format import AdapterSpec, BaseShape, inspect_adapter
@@ -17,7 +18,8 @@ from deepserve.errors import AlreadyExists, Conflict, InvalidArgument, NotFound
 from deepserve.models.catalog import resolve_model
 from deepserve.store.etcd import EtcdStore
 
-_FORBIDDEN_NAME_CHARS = set("/\\ \t\n")
+# Letters, digits, '.', '_', ':' and '-' (fine-tuned names are ft:BASE:SUFFIX:ID).
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,199}")
 
 
 class AdapterRegistry:
@@ -32,9 +34,9 @@ class AdapterRegistry:
         for field in ("name", "tenant", "base_model", "path"):
             if not getattr(record, field):
                 raise InvalidArgument(f"{field} is required", field=field)
-        if _FORBIDDEN_NAME_CHARS & set(record.name) or len(record.name) > 200:
+        if not _NAME.fullmatch(record.name):
             raise InvalidArgument(
-                "an adapter name has no slashes or spaces and at most 200 characters",
+                "an adapter name is up to 200 letters, digits, '.', '_', ':' or '-'",
                 field="name",
             )
         try:
