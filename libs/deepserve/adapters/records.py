@@ -28,8 +28,14 @@ class AdapterRecord(BaseModel):
 
     @property
     def adapter_id(self) -> str:
-        """The engine's name for it, unique across tenants: slots and prefix caches key on it."""
+        """Its record's name, unique across tenants."""
         return adapter_id(self.tenant, self.name)
+
+    @property
+    def serving_id(self) -> str:
+        """What engines, routing and prefix caches key it by: its id and registration time, so
+        an adapter deleted and registered again with other weights is never served stale."""
+        return f"{self.adapter_id}@{int(self.created_at * 1000)}"
 
 
 def adapter_id(tenant: str, name: str) -> str:

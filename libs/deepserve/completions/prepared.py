@@ -15,7 +15,8 @@ from deepserve.sampling_params import SamplingParams
 
 @dataclass(frozen=True, slots=True)
 class AdapterTarget:
-    """A request served with a LoRA adapter: its engine id and files; `model` names the base."""
+    """A request served with a LoRA adapter: the id engines serve it under (the record's
+    `serving_id`) and its files; the job's `model` names the base."""
 
     adapter_id: str
     path: str

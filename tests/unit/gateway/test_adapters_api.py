@@ -94,9 +94,10 @@ async def test_a_registered_adapter_is_listed_and_served_for_its_tenant_only(
         assert reply.status_code == 200, reply.text
         assert reply.json()["model"] == "support-bot"
         route = platform.scheduler.requests[-1]
-        assert route.model == platform.model and route.adapter == f"{tenant}/support-bot"
+        assert route.model == platform.model
+        assert route.adapter.startswith(f"{tenant}/support-bot@")
         sent = platform.engine.record.seen[-1]
-        assert sent.model == platform.model and sent.adapter == f"{tenant}/support-bot"
+        assert sent.model == platform.model and sent.adapter == route.adapter
         assert Path(sent.adapter_path).name.startswith("support-bot-")
         # Same prompt, other namespace: no prefix hash is shared with the base model's.
         assert base_reply.status_code == 200

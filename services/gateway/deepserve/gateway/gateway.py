@@ -246,7 +246,7 @@ class Gateway:
         record = self.models.adapter_for(caller.tenant, model)
         if record is None:
             return None
-        return AdapterTarget(record.adapter_id, record.path, record.name), record.base_model
+        return AdapterTarget(record.serving_id, record.path, record.name), record.base_model
 
     async def _admit_and_route(
         self, job: GenerationJob, caller: Caller, max_model_len: int

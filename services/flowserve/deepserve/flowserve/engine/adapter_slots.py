@@ -40,9 +40,6 @@ class AdapterSlotTable:
         self._slot_of[adapter_id] = free
         return free
 
-    def forget(self, adapter_id: str) -> None:
-        self._slot_of.pop(adapter_id, None)
-
     @property
     def resident(self) -> list[str]:
         return list(self._slot_of)

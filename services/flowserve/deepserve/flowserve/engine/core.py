@@ -102,7 +102,7 @@ class EngineCore:
             StepPlannerConfig(config.max_num_seqs, config.step_token_budget), self.kv_cache
         )
         self.adapter_slots = AdapterSlotTable(config.lora_slots)
-        self.planner.adapter_slot_of = self.adapter_slots.slot_of
+        self.planner.adapter_slot_of = self._adapter_slot
         self.planner.max_loras = config.max_loras
         self.eos_token_ids = frozenset(eos_token_ids)
         self._sampler = RequestSampler(sampler)
@@ -314,6 +314,13 @@ class EngineCore:
         # Detokenizing overlaps the step just submitted.
         outputs.extend(self._emit(sampled))
         return outputs
+
+    def _adapter_slot(self, adapter_id: str) -> int | None:
+        """The adapter's slot, marking it used (slots are evicted least recently used first)."""
+        slot = self.adapter_slots.slot_of(adapter_id)
+        if slot is not None:
+            self.adapter_slots.touch(adapter_id)
+        return slot
 
     def _place_adapter(self) -> None:
         """Put the first waiting request's missing adapter into a device slot (one per step).

@@ -77,10 +77,6 @@ class AdapterHostCache:
                 self._weights.popitem(last=False)
         return weights, True
 
-    def forget(self, adapter_id: str) -> None:
-        with self._lock:
-            self._weights.pop(adapter_id, None)
-
     @property
     def held(self) -> list[str]:
         with self._lock:
