@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 
 from deepserve.cluster.state_stores import start_etcd, start_redis_server
+from deepserve.models.catalog import DEFAULT_MODEL
+from deepserve.models.pull import pull_model
 from deepserve.processes import free_port, wait_for_port
 
 
@@ -40,3 +42,9 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 def model_cache_dir() -> Path:
     """Where pulled models live; shared across tests so the default model converts once."""
     return Path(os.environ.get("DEEPSERVE_MODEL_CACHE", Path.home() / ".cache/deepserve/models"))
+
+
+@pytest.fixture(scope="session")
+def default_model_dir(model_cache_dir: Path) -> Path:
+    """The default model, pulled (once) if this machine lacks it, so any test can run first."""
+    return pull_model(DEFAULT_MODEL, model_cache_dir, progress=print)

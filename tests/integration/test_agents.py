@@ -147,8 +147,8 @@ def tiny(cluster: RunningCluster, tmp_path_factory: pytest.TempPathFactory) -> s
 
 
 @pytest.fixture(scope="module")
-def tokenizer(model_cache_dir: Path) -> Tokenizer:
-    return Tokenizer.from_model_dir(model_cache_dir / MODEL)
+def tokenizer(default_model_dir: Path) -> Tokenizer:
+    return Tokenizer.from_model_dir(default_model_dir)
 
 
 def client(url: str, key: str = "EMPTY") -> openai.OpenAI:

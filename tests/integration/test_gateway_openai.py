@@ -116,8 +116,8 @@ def second_gateway(cluster: RunningCluster) -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def tokenizer(model_cache_dir: Path) -> Tokenizer:
-    return Tokenizer.from_model_dir(model_cache_dir / MODEL)
+def tokenizer(default_model_dir: Path) -> Tokenizer:
+    return Tokenizer.from_model_dir(default_model_dir)
 
 
 async def _new_key(cluster: RunningCluster, limits: TenantLimits | None = None) -> tuple[str, str]:

@@ -207,8 +207,8 @@ def test_a_template_that_renders_tools_gets_them_natively() -> None:
     assert "CALL get_weather Oslo" in text  # arguments became an object for the template
 
 
-def test_a_template_without_tools_gets_the_default_tool_prompt(model_cache_dir: Path) -> None:
-    tokenizer = Tokenizer.from_model_dir(model_cache_dir / "smollm2-135m")
+def test_a_template_without_tools_gets_the_default_tool_prompt(default_model_dir: Path) -> None:
+    tokenizer = Tokenizer.from_model_dir(default_model_dir)
     assert not tokenizer.chat_template.renders_tools([])
     text = tokenizer.apply_chat_template(
         [

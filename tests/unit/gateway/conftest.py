@@ -71,8 +71,8 @@ class GatewayHarness:
 
 
 @pytest.fixture(scope="session")
-def smollm_tokenizer(model_cache_dir: Path) -> Tokenizer:
-    return Tokenizer.from_model_dir(model_cache_dir / "smollm2-135m")
+def smollm_tokenizer(default_model_dir: Path) -> Tokenizer:
+    return Tokenizer.from_model_dir(default_model_dir)
 
 
 @contextlib.asynccontextmanager

@@ -51,8 +51,8 @@ class ThreadHarness:
 
 
 @pytest.fixture(scope="module")
-def served(etcd_endpoint: str, redis_url: str, model_cache_dir: Path) -> Iterator[ThreadHarness]:
-    tokenizer = Tokenizer.from_model_dir(model_cache_dir / "smollm2-135m")
+def served(etcd_endpoint: str, redis_url: str, default_model_dir: Path) -> Iterator[ThreadHarness]:
+    tokenizer = Tokenizer.from_model_dir(default_model_dir)
     stack = ThreadHarness(etcd_endpoint, redis_url, tokenizer)
     yield stack
     stack.close()
