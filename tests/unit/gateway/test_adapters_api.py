@@ -11,7 +11,6 @@ import httpx
 import pytest
 import pytest_asyncio
 
-from deepserve.models.catalog import default_cache_dir
 from deepserve.tokenizer import Tokenizer
 from tests.lora_adapters import write_synthetic_adapter
 from tests.unit.flowserve.runner.tiny_models import save_tiny_model
@@ -19,7 +18,6 @@ from tests.unit.gateway.conftest import GatewayHarness, running_harness
 from tests.unit.jobmgr.api_server import MAX_LORA_RANK
 
 pytestmark = pytest.mark.timeout(90)
-BASE_DIR = default_cache_dir() / "smollm2-135m"
 
 
 @pytest_asyncio.fixture(scope="module")
@@ -37,9 +35,9 @@ async def new_client(platform: GatewayHarness) -> tuple[str, httpx.AsyncClient]:
 
 
 @pytest.fixture(scope="module")
-def good_adapter(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def good_adapter(default_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_synthetic_adapter(
-        BASE_DIR, tmp_path_factory.mktemp("good"), rank=8, targets=["q_proj", "v_proj"]
+        default_model_dir, tmp_path_factory.mktemp("good"), rank=8, targets=["q_proj", "v_proj"]
     )
 
 
@@ -118,11 +116,13 @@ async def test_a_registered_adapter_is_listed_and_served_for_its_tenant_only(
 
 
 async def test_bad_adapters_are_refused_at_registration_with_the_reason(
-    platform: GatewayHarness, good_adapter: Path, tmp_path: Path
+    platform: GatewayHarness, good_adapter: Path, default_model_dir: Path, tmp_path: Path
 ) -> None:
     _, client = await new_client(platform)
     async with client:
-        too_big = write_synthetic_adapter(BASE_DIR, tmp_path / "big", rank=MAX_LORA_RANK * 2)
+        too_big = write_synthetic_adapter(
+            default_model_dir, tmp_path / "big", rank=MAX_LORA_RANK * 2
+        )
         reply = await register(client, "big", platform.model, too_big)
         assert reply.status_code == 400
         error = reply.json()["error"]
