@@ -48,6 +48,9 @@ class CommonSettings(BaseSettings):
     files_root: Path | None = None
     # Largest file one upload may carry.
     files_max_bytes: int = 512 * 1024 * 1024
+    # The one LoRA rank limit: adapters above it are refused at registration, and the engines'
+    # adapter slots are this wide.
+    lora_max_rank: int = 16
 
 
 class ServiceSettings(BaseSettings):

@@ -9,6 +9,10 @@ A cache salt seeds the chain (like vLLM's `cache_salt`): the first block's paren
 of the salt, so the same tokens under different salts hash apart at every block. The gateway
 salts each prompt with its tenant, so a tenant never hits a prefix another tenant cached,
 unless requests share an explicit salt on purpose. The empty salt is the unsalted chain.
+
+A LoRA adapter changes every layer's KV, so the adapter's id is mixed into the salt too
+(`adapter_salt`): the engine's cache keys and the router's hashes both use it, and no block
+computed under one adapter (or the base model) is ever a hit for another.
 """
 
 from __future__ import annotations
@@ -20,6 +24,13 @@ from collections.abc import Sequence
 BlockHash = bytes
 
 _DIGEST_BYTES = 16
+
+
+def adapter_salt(salt: str, adapter: str) -> str:
+    """The cache salt of a request served with `adapter` ("" for the base model)."""
+    if not adapter:
+        return salt
+    return f"{salt}\x00lora:{adapter}"
 
 
 def salt_root(salt: str) -> BlockHash | None:

@@ -2,8 +2,9 @@
 etcd, valkey, scheduler, jobmgr, podpool, gateway, flowserve pods).
 
 A small chat dataset teaches the default model a made-up fact; the job runs preprocess ->
-LoRA training on a pod from the pool -> evaluation -> registration, and the fine-tuned model,
-once deployed, states the fact while the base model does not. Also: the Files API round trip,
+LoRA training on a pod from the pool -> evaluation -> registration of its adapter, and the
+fine-tuned model, served by the running base instance, states the fact while the base model
+does not. Also: the Files API round trip,
 a bad dataset failing in preprocess, cancel, and a jobmgr restart resuming from a checkpoint.
 """
 
@@ -18,17 +19,20 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import openai
 import pytest
 
 from deepserve import records
+from deepserve.cli.trace_view import find_trace, read_spans
 from deepserve.models.catalog import default_cache_dir
 from deepserve.processes import ManagedProcess, free_port
 from deepserve.rpc.health_check import check_health
 from deepserve.store.etcd import EtcdStore
 from tests.cluster_harness import RunningCluster, local_cluster
+from tests.lora_adapters import write_synthetic_adapter
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
@@ -155,8 +159,14 @@ def test_bad_dataset_fails_in_preprocess(client: openai.OpenAI) -> None:
     assert not any(m.startswith("Step ") for m in messages), messages
 
 
-def test_fine_tuned_model_learns_the_fact(client: openai.OpenAI, cluster: RunningCluster) -> None:
+def test_fine_tuned_adapter_is_served_on_the_base_deployment_at_once(
+    client: openai.OpenAI, cluster: RunningCluster
+) -> None:
+    """The job's product is a LoRA adapter: its `ft:` model answers from the running base
+    instance seconds after success, with no new instance. The merged export (asked for here)
+    still deploys as a model of its own."""
     assert FACT not in answer(client, MODEL)
+    instances_before = pods_of_model(cluster, MODEL)
     file_id = upload(client, dataset())
     job = client.fine_tuning.jobs.create(
         model=MODEL,
@@ -164,10 +174,12 @@ def test_fine_tuned_model_learns_the_fact(client: openai.OpenAI, cluster: Runnin
         suffix="zorblax",
         seed=7,
         hyperparameters={"n_epochs": 6, "batch_size": 4, "learning_rate_multiplier": 25},
+        extra_body={"export_merged_model": True},
     )
     assert job.status == "queued"
     done = wait_for(finished(client, job.id), 400, "fine-tuning did not finish")
     assert done.status == "succeeded", client.fine_tuning.jobs.list_events(job.id, limit=50)
+    succeeded_at = time.monotonic()
     name = done.fine_tuned_model
     assert name == f"ft:{MODEL}:zorblax:{job.id.removeprefix('ftjob-')}"
     assert done.trained_tokens and done.trained_tokens > 0
@@ -177,6 +189,23 @@ def test_fine_tuned_model_learns_the_fact(client: openai.OpenAI, cluster: Runnin
     checkpoints = client.fine_tuning.jobs.checkpoints.list(job.id).data
     assert checkpoints and all(c.fine_tuning_job_id == job.id for c in checkpoints)
     assert name in [m.id for m in client.models.list().data]
+
+    def served(model: str) -> Callable[[], str | None]:
+        def check() -> str | None:
+            try:
+                return answer(client, model)
+            except openai.APIError:
+                return None
+
+        return check
+
+    assert FACT in wait_for(served(name), 60, "the fine-tuned adapter was not served")
+    # Served within seconds (generously bounded: the host is shared), on the same instance.
+    assert time.monotonic() - succeeded_at < 60
+    assert pods_of_model(cluster, MODEL) == instances_before
+    assert FACT not in answer(client, MODEL)
+
+    # The merged full model: written beside the adapter, deployable as a model of its own.
     subprocess.run(
         [
             sys.executable,
@@ -191,15 +220,18 @@ def test_fine_tuned_model_learns_the_fact(client: openai.OpenAI, cluster: Runnin
         capture_output=True,
         timeout=60,
     )
+    wait_for(lambda: pods_of_model(cluster, name), 180, "the merged model was not deployed")
 
-    def served() -> str | None:
-        try:
-            return answer(client, name)
-        except openai.APIError:
-            return None
 
-    assert FACT in wait_for(served, 180, "the fine-tuned model was not served")
-    assert FACT not in answer(client, MODEL)
+def pods_of_model(cluster: RunningCluster, model: str) -> list[str]:
+    """Ids of the live serving instances of `model`."""
+
+    async def read() -> list[str]:
+        async with EtcdStore(cluster.layout.etcd_endpoint) as store:
+            found, _ = await records.instances(store).list()
+            return sorted(i.record.instance_id for i in found if i.record.model == model)
+
+    return asyncio.run(read())
 
 
 def step_numbers(client: openai.OpenAI, job_id: str) -> list[int]:
@@ -332,3 +364,68 @@ def test_jobmgr_restart_resumes_from_the_last_checkpoint(
         # the job API alone again, and the long job ends (its pod back in the pool).
         wait_for(lambda: jobmgr_restarted(cluster, old_pid), 60, "up did not restart jobmgr")
         end_job(client, cluster, job_id)
+
+
+def cli(cluster: RunningCluster, *argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "deepserve.cli.main",
+            *argv,
+            "--run-dir",
+            str(cluster.layout.run_dir),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_an_adapter_registered_with_the_cli_loads_on_its_first_request_inside_its_trace(
+    client: openai.OpenAI, cluster: RunningCluster, tmp_path: Path
+) -> None:
+    base = default_cache_dir() / MODEL
+    adapter = write_synthetic_adapter(base, tmp_path / "cli-lora", rank=8, seed=3)
+    done = cli(
+        cluster,
+        "adapters", "register", "cli-lora",
+        "--model", MODEL, "--path", str(adapter), "--tenant", "anonymous",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "cli-lora" in cli(cluster, "adapters", "list", "--tenant", "anonymous").stdout
+    too_big = write_synthetic_adapter(base, tmp_path / "big", rank=64, seed=4)
+    refused = cli(
+        cluster,
+        "adapters", "register", "big",
+        "--model", MODEL, "--path", str(too_big), "--tenant", "anonymous",
+    )  # fmt: skip
+    assert refused.returncode == 1 and "exceeds the limit" in refused.stderr
+
+    def listed() -> bool:
+        return "cli-lora" in [m.id for m in client.models.list().data]
+
+    wait_for(listed, 30, "the adapter was not listed")
+    reply = client.chat.completions.create(
+        model="cli-lora",
+        messages=[{"role": "user", "content": QUESTION}],
+        max_tokens=4,
+        extra_headers={"x-request-id": "lora-first-1"},
+    )
+    assert reply.model == "cli-lora" and reply.usage and reply.usage.completion_tokens == 4
+
+    def load_span() -> bool:
+        try:
+            spans = find_trace(read_spans(cluster.layout.telemetry_dir), "lora-first-1")
+        except Exception:
+            return False
+        return "engine.adapter_load" in {s["name"] for s in spans}
+
+    wait_for(load_span, 30, "the adapter's load is not in the request's trace")
+
+    assert cli(cluster, "adapters", "delete", "cli-lora", "--tenant", "anonymous").returncode == 0
+    wait_for(lambda: not listed(), 30, "the adapter was still listed")
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(
+            model="cli-lora", messages=[{"role": "user", "content": "hi"}], max_tokens=2
+        )

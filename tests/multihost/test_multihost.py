@@ -30,7 +30,7 @@ from deepserve.rpc.client import insecure_channel
 from deepserve.store.etcd import EtcdStore
 from deepserve.store.redis_keys import RedisKeys
 from deepserve.store.redis_store import RedisStore
-from deepserve.v1 import common_pb2, jobmgr_pb2_grpc
+from deepserve.v1 import common_pb2, jobmgr_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 from deepserve.v1 import jobmgr_pb2 as pb
 from tests.multihost.cluster import MultiHostCluster, multihost_cluster
 from tests.tiny_model import make_tiny_llama
@@ -114,6 +114,19 @@ async def instances(cluster: MultiHostCluster, model: str) -> list[records.Insta
     async with EtcdStore(cluster.layout.etcd_endpoint) as etcd:
         found, _ = await records.instances(etcd).list()
     return [v.record for v in found if v.record.model == model]
+
+
+async def routable(cluster: MultiHostCluster, model: str, n: int, timeout_s: float = 60) -> None:
+    """Waits until the scheduler routes to `n` instances of the model (a running task can be a
+    moment ahead of the scheduler's table, and a stream sent then never reaches the newcomer)."""
+    async with insecure_channel(cluster.layout.address("scheduler"), traced=False) as channel:
+        stub = scheduler_pb2_grpc.SchedulerServiceStub(channel)
+
+        async def probe() -> bool:
+            reply = await stub.ListInstances(scheduler_pb2.ListInstancesRequest(model=model))
+            return len(reply.instances) >= n
+
+        await eventually(probe, timeout_s)
 
 
 async def warm_on_every_host(cluster: MultiHostCluster, timeout_s: float = 90) -> None:
@@ -354,6 +367,7 @@ async def test_a_host_cut_off_under_load_then_restored(mh: Fixture) -> None:
         job = await jobs.create(serving)
         tasks = await jobs.running(job, 2)
         assert sorted(c.host_of(t.address) for t in tasks) == list(POD_HOSTS)
+        await routable(c, model, 2)  # round robin then sends streams to both hosts
         agents_before = {
             v.record.process_id for v in (await records.services(etcd, "podhost").list())[0]
         }

@@ -133,6 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_parser(name, help=f"run the {name} service in this process (DEEPSERVE_* settings)")
     models = sub.add_parser("models", help="list, pull and locate models", add_help=False)
     models.add_argument("args", nargs=argparse.REMAINDER)
+    adapters = sub.add_parser(
+        "adapters", help="register, list and delete LoRA adapters", add_help=False
+    )
+    adapters.add_argument("args", nargs=argparse.REMAINDER)
     for name, help_text in (
         ("keys", "create, list and revoke API keys (etcd keeps only their hash)"),
         ("tenants", "set and list per-tenant limits"),
@@ -226,6 +230,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from deepserve.cli.models import main as models_main
 
         return models_main(raw[1:])
+    if raw[:1] == ["adapters"]:
+        from deepserve.cli.adapters import main as adapters_main
+
+        return adapters_main(raw[1:])
     from deepserve.cli.tenancy import COMMANDS as TENANCY_COMMANDS
 
     if raw[:1] and raw[0] in TENANCY_COMMANDS:

@@ -177,6 +177,7 @@ class Dispatcher:
                 block_size=job.block_size if prompt.block_hashes else 0,
                 exclude_instance_ids=list(exclude),
                 cached_context_id=job.context.context_id if job.context else "",
+                adapter=job.adapter.adapter_id if job.adapter else "",
             ),
             timeout_s=self._remaining(job),
             metadata=self._metadata(job),
@@ -236,6 +237,8 @@ class Dispatcher:
             tenant=job.tenant,
             priority=job.priority,
             cache_salt=job.cache_salt,
+            adapter=job.adapter.adapter_id if job.adapter else "",
+            adapter_path=job.adapter.path if job.adapter else "",
         )
         if job.context is not None and job.context_tokens:
             request.cached_context_id = job.context.context_id

@@ -11,7 +11,7 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from deepserve.completions.prepared import ContextPrefix, GenerationJob, Prompt
+from deepserve.completions.prepared import AdapterTarget, ContextPrefix, GenerationJob, Prompt
 from deepserve.completions.protocol import (
     ChatCompletionRequest,
     ChatMessage,
@@ -20,7 +20,7 @@ from deepserve.completions.protocol import (
 from deepserve.completions.structured import request_constraint
 from deepserve.completions.tools import ToolSetup, tool_setup
 from deepserve.errors import InvalidArgument
-from deepserve.prefix_hash import prompt_block_hashes
+from deepserve.prefix_hash import adapter_salt, prompt_block_hashes
 from deepserve.records import InstanceRecord
 from deepserve.sampling_params import SamplingParams
 from deepserve.structured_output import StructuredOutput
@@ -296,6 +296,7 @@ def prepare_chat(
     block_size: int,
     tool_parser: str = "",
     context: ContextPrefix | None = None,
+    adapter: AdapterTarget | None = None,
 ) -> GenerationJob:
     max_tokens = body.max_completion_tokens or body.max_tokens
     tools = tool_setup(
@@ -323,7 +324,10 @@ def prepare_chat(
         endpoint="chat",
         tenant=tenant,
         model=body.model,
-        prompts=with_block_hashes(prompts, block_size, salt),
+        prompts=with_block_hashes(
+            prompts, block_size, adapter_salt(salt, adapter.adapter_id if adapter else "")
+        ),
+        adapter=adapter,
         sampling=sampling,
         n=body.n,
         stream=body.stream,
@@ -348,6 +352,7 @@ def prepare_completion(
     block_size: int,
     tool_parser: str = "",
     context: ContextPrefix | None = None,
+    adapter: AdapterTarget | None = None,
 ) -> GenerationJob:
     del tool_parser  # completions have no tools
     if body.echo and body.logprobs is not None:
@@ -373,7 +378,10 @@ def prepare_completion(
         endpoint="text",
         tenant=tenant,
         model=body.model,
-        prompts=with_block_hashes(prompts, block_size, salt),
+        prompts=with_block_hashes(
+            prompts, block_size, adapter_salt(salt, adapter.adapter_id if adapter else "")
+        ),
+        adapter=adapter,
         sampling=sampling,
         n=body.n,
         stream=body.stream,

@@ -14,6 +14,16 @@ from deepserve.sampling_params import SamplingParams
 
 
 @dataclass(frozen=True, slots=True)
+class AdapterTarget:
+    """A request served with a LoRA adapter: the id engines serve it under (the record's
+    `serving_id`) and its files; the job's `model` names the base."""
+
+    adapter_id: str
+    path: str
+    name: str  # what the caller asked for (the response's model)
+
+
+@dataclass(frozen=True, slots=True)
 class Prompt:
     """One prompt as token ids, plus its text when the response echoes it."""
 
@@ -62,6 +72,13 @@ class GenerationJob:
     # The explicit cached context the prompts start with, and how many of their tokens it is.
     context: ContextPrefix | None = None
     context_tokens: int = 0
+    # A LoRA adapter the request is served with (None: the base model alone).
+    adapter: AdapterTarget | None = None
+
+    @property
+    def response_model(self) -> str:
+        """The model the caller named: the adapter's name, else the model."""
+        return self.adapter.name if self.adapter is not None else self.model
 
     @property
     def fanout(self) -> int:

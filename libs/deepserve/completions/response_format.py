@@ -153,7 +153,7 @@ class ResponseFormatter:
             "id": self.id,
             "object": "chat.completion.chunk" if self.chat else "text_completion",
             "created": self.job.created,
-            "model": self.job.model,
+            "model": self.job.response_model,
             "system_fingerprint": None,
             "choices": choices,
         }
@@ -262,7 +262,7 @@ class ResponseFormatter:
             "id": self.id,
             "object": "chat.completion" if self.chat else "text_completion",
             "created": self.job.created,
-            "model": self.job.model,
+            "model": self.job.response_model,
             "system_fingerprint": None,
             "choices": body_choices,
             "usage": usage_json(self.call.usage()),

@@ -10,6 +10,8 @@ from __future__ import annotations
 import grpc
 
 from deepserve import records
+from deepserve.adapters.records import AdapterRecord
+from deepserve.adapters.wire import adapter_from_proto, adapter_to_proto
 from deepserve.errors import DeadlineExceeded, Unavailable
 from deepserve.jobs.batch import BatchSpec
 from deepserve.jobs.fine_tuning import FineTuningSpec
@@ -64,6 +66,20 @@ class JobManagerClient:
         request = pb.CancelJobRequest(job_id=job_id, tenant=tenant, kind=kind_to_proto(kind))
         reply: pb.CancelJobResponse = await self._call("CancelJob", request)
         return job_from_proto(reply.job).record
+
+    async def register_adapter(self, record: AdapterRecord) -> AdapterRecord:
+        request = pb.RegisterAdapterRequest(adapter=adapter_to_proto(record))
+        reply: pb.RegisterAdapterResponse = await self._call("RegisterAdapter", request)
+        return adapter_from_proto(reply.adapter)
+
+    async def delete_adapter(self, tenant: str, name: str) -> None:
+        await self._call("DeleteAdapter", pb.DeleteAdapterRequest(tenant=tenant, name=name))
+
+    async def list_adapters(self, tenant: str = "") -> list[AdapterRecord]:
+        reply: pb.ListAdaptersResponse = await self._call(
+            "ListAdapters", pb.ListAdaptersRequest(tenant=tenant)
+        )
+        return [adapter_from_proto(a) for a in reply.adapters]
 
     async def close(self) -> None:
         if self._channel is not None:

@@ -41,6 +41,9 @@ class FineTuningSpec(BaseModel):
     # Held-out share of the training file when no validation file is given (>= 10 examples).
     validation_split: float = 0.1
     metadata: dict[str, str] | None = None
+    # The job's product is a LoRA adapter served on the base model's running instances; this
+    # also writes the base with the adapter merged in, as a model of its own.
+    export_merged_model: bool = False
 
     def normalized(self) -> FineTuningSpec:
         spec = self.model_copy(deep=True)
@@ -123,6 +126,7 @@ class FineTuningProgress(BaseModel):
     metrics: list[StepMetric] = Field(default_factory=list)
     checkpoints: list[Checkpoint] = Field(default_factory=list)
     merged_model_dir: str = ""
+    adapter_dir: str = ""
     fine_tuned_model: str = ""
     error_code: str = ""
     error_message: str = ""

@@ -183,6 +183,7 @@ def fine_tuning_spec_from_proto(msg: pb.FineTuningSpec) -> FineTuningSpec:
         if msg.HasField("validation_split")
         else defaults.validation_split,
         metadata=_metadata(msg.metadata),
+        export_merged_model=msg.export_merged_model,
     )
 
 
@@ -203,6 +204,7 @@ def fine_tuning_spec_to_proto(spec: FineTuningSpec) -> pb.FineTuningSpec:
         checkpoint_every_steps=spec.checkpoint_every_steps,
         validation_split=spec.validation_split,
         metadata=spec.metadata or {},
+        export_merged_model=spec.export_merged_model,
     )
 
 
@@ -230,6 +232,7 @@ def fine_tuning_progress_to_proto(progress: FineTuningProgress) -> pb.FineTuning
             for c in progress.checkpoints
         ],
         merged_model_dir=progress.merged_model_dir,
+        adapter_dir=progress.adapter_dir,
         fine_tuned_model=progress.fine_tuned_model,
         error_code=progress.error_code,
         error_message=progress.error_message,
@@ -260,6 +263,7 @@ def fine_tuning_progress_from_proto(msg: pb.FineTuningProgress) -> FineTuningPro
             for c in msg.checkpoints
         ],
         merged_model_dir=msg.merged_model_dir,
+        adapter_dir=msg.adapter_dir,
         fine_tuned_model=msg.fine_tuned_model,
         error_code=msg.error_code,
         error_message=msg.error_message,

@@ -17,6 +17,7 @@ Keys are built here and nowhere else, so the layout is visible in one place:
     /deepserve/kvprofiles/<model id>/<device>    KV capacity profiled once per (model, device)
     /deepserve/responses/<tenant>/<response id>  stored Responses API turns (leased: expiry)
     /deepserve/contexts/<tenant>/<context id>    explicit cached contexts (leased: their TTL)
+    /deepserve/adapters/<tenant>%2F<adapter>     LoRA adapters registered against a base model
 """
 
 from __future__ import annotations
@@ -141,6 +142,15 @@ class Keys:
     @staticmethod
     def context(tenant: str, context_id: str) -> str:
         return _join("contexts", tenant, context_id)
+
+    @staticmethod
+    def adapters_prefix() -> str:
+        return ROOT + "adapters/"
+
+    @staticmethod
+    def adapter(adapter_id: str) -> str:
+        """`adapter_id` is "<tenant>/<name>", kept one segment: watchers key records by it."""
+        return _join("adapters", adapter_id)
 
     @staticmethod
     def kv_profiles_prefix() -> str:

@@ -86,6 +86,9 @@ class LoadReport:
     # Ids of the explicit cached contexts the instance holds pinned (routing prefers it for
     # requests that name one).
     pinned_contexts: tuple[str, ...] = ()
+    # Ids of the LoRA adapters the instance holds (device slots and host DRAM): routing sends
+    # an adapter's requests where it is already loaded.
+    adapters: tuple[str, ...] = ()
 
     @property
     def kv_use(self) -> float:
@@ -113,6 +116,7 @@ class LoadReport:
             pinned_contexts=_strings(
                 data.get("pinned_contexts", ()), "load report pinned_contexts"
             ),
+            adapters=_strings(data.get("adapters", ()), "load report adapters"),
         )
 
 

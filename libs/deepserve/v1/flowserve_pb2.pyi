@@ -83,7 +83,7 @@ class ListPinnedContextsResponse(_message.Message):
     def __init__(self, contexts: _Optional[_Iterable[_Union[PinnedContext, _Mapping]]] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("request_id", "model", "prompt_token_ids", "sampling", "detokenize", "tenant", "priority", "prefill_address", "kv_transfer_mode", "output_token_ids", "cache_salt", "cached_context_id", "cached_context_tokens", "cached_context_expires_at_unix")
+    __slots__ = ("request_id", "model", "prompt_token_ids", "sampling", "detokenize", "tenant", "priority", "prefill_address", "kv_transfer_mode", "output_token_ids", "cache_salt", "cached_context_id", "cached_context_tokens", "cached_context_expires_at_unix", "adapter", "adapter_path")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -98,6 +98,8 @@ class GenerateRequest(_message.Message):
     CACHED_CONTEXT_ID_FIELD_NUMBER: _ClassVar[int]
     CACHED_CONTEXT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     CACHED_CONTEXT_EXPIRES_AT_UNIX_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_PATH_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -112,7 +114,9 @@ class GenerateRequest(_message.Message):
     cached_context_id: str
     cached_context_tokens: int
     cached_context_expires_at_unix: float
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., detokenize: _Optional[bool] = ..., tenant: _Optional[str] = ..., priority: _Optional[int] = ..., prefill_address: _Optional[str] = ..., kv_transfer_mode: _Optional[_Union[KVTransferMode, str]] = ..., output_token_ids: _Optional[_Iterable[int]] = ..., cache_salt: _Optional[str] = ..., cached_context_id: _Optional[str] = ..., cached_context_tokens: _Optional[int] = ..., cached_context_expires_at_unix: _Optional[float] = ...) -> None: ...
+    adapter: str
+    adapter_path: str
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., detokenize: _Optional[bool] = ..., tenant: _Optional[str] = ..., priority: _Optional[int] = ..., prefill_address: _Optional[str] = ..., kv_transfer_mode: _Optional[_Union[KVTransferMode, str]] = ..., output_token_ids: _Optional[_Iterable[int]] = ..., cache_salt: _Optional[str] = ..., cached_context_id: _Optional[str] = ..., cached_context_tokens: _Optional[int] = ..., cached_context_expires_at_unix: _Optional[float] = ..., adapter: _Optional[str] = ..., adapter_path: _Optional[str] = ...) -> None: ...
 
 class PrefillRequest(_message.Message):
     __slots__ = ("request_id", "model", "prompt_token_ids", "sampling", "skip_blocks", "block_size", "mode", "transports", "host_id", "cache_salt")
@@ -395,7 +399,7 @@ class WeightsChunk(_message.Message):
     def __init__(self, offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class RunTrainingRequest(_message.Message):
-    __slots__ = ("job_id", "base_model", "dataset_artifact", "output_model", "n_epochs", "batch_size", "learning_rate", "lora_rank", "lora_alpha", "seed", "checkpoint_every_steps", "checkpoint_prefix", "resume_checkpoint")
+    __slots__ = ("job_id", "base_model", "dataset_artifact", "output_model", "n_epochs", "batch_size", "learning_rate", "lora_rank", "lora_alpha", "seed", "checkpoint_every_steps", "checkpoint_prefix", "resume_checkpoint", "adapter_only")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
     DATASET_ARTIFACT_FIELD_NUMBER: _ClassVar[int]
@@ -409,6 +413,7 @@ class RunTrainingRequest(_message.Message):
     CHECKPOINT_EVERY_STEPS_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_PREFIX_FIELD_NUMBER: _ClassVar[int]
     RESUME_CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_ONLY_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     base_model: str
     dataset_artifact: str
@@ -422,7 +427,8 @@ class RunTrainingRequest(_message.Message):
     checkpoint_every_steps: int
     checkpoint_prefix: str
     resume_checkpoint: str
-    def __init__(self, job_id: _Optional[str] = ..., base_model: _Optional[str] = ..., dataset_artifact: _Optional[str] = ..., output_model: _Optional[str] = ..., n_epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., lora_rank: _Optional[int] = ..., lora_alpha: _Optional[int] = ..., seed: _Optional[int] = ..., checkpoint_every_steps: _Optional[int] = ..., checkpoint_prefix: _Optional[str] = ..., resume_checkpoint: _Optional[str] = ...) -> None: ...
+    adapter_only: bool
+    def __init__(self, job_id: _Optional[str] = ..., base_model: _Optional[str] = ..., dataset_artifact: _Optional[str] = ..., output_model: _Optional[str] = ..., n_epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., lora_rank: _Optional[int] = ..., lora_alpha: _Optional[int] = ..., seed: _Optional[int] = ..., checkpoint_every_steps: _Optional[int] = ..., checkpoint_prefix: _Optional[str] = ..., resume_checkpoint: _Optional[str] = ..., adapter_only: _Optional[bool] = ...) -> None: ...
 
 class RunTrainingResponse(_message.Message):
     __slots__ = ("step", "checkpoint", "evaluation", "done")
@@ -475,13 +481,15 @@ class TrainingEvaluation(_message.Message):
     def __init__(self, when: _Optional[str] = ..., valid_loss: _Optional[float] = ..., examples: _Optional[int] = ...) -> None: ...
 
 class TrainingDone(_message.Message):
-    __slots__ = ("model_dir", "model", "trained_tokens", "steps")
+    __slots__ = ("model_dir", "model", "trained_tokens", "steps", "adapter_dir")
     MODEL_DIR_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     TRAINED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_DIR_FIELD_NUMBER: _ClassVar[int]
     model_dir: str
     model: str
     trained_tokens: int
     steps: int
-    def __init__(self, model_dir: _Optional[str] = ..., model: _Optional[str] = ..., trained_tokens: _Optional[int] = ..., steps: _Optional[int] = ...) -> None: ...
+    adapter_dir: str
+    def __init__(self, model_dir: _Optional[str] = ..., model: _Optional[str] = ..., trained_tokens: _Optional[int] = ..., steps: _Optional[int] = ..., adapter_dir: _Optional[str] = ...) -> None: ...

@@ -110,6 +110,62 @@ TASK_STATE_RUNNING: TaskState
 TASK_STATE_FAILED: TaskState
 TASK_STATE_TERMINATING: TaskState
 
+class Adapter(_message.Message):
+    __slots__ = ("name", "tenant", "base_model", "path", "rank", "source", "job_id", "created_at_unix")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_UNIX_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    tenant: str
+    base_model: str
+    path: str
+    rank: int
+    source: str
+    job_id: str
+    created_at_unix: float
+    def __init__(self, name: _Optional[str] = ..., tenant: _Optional[str] = ..., base_model: _Optional[str] = ..., path: _Optional[str] = ..., rank: _Optional[int] = ..., source: _Optional[str] = ..., job_id: _Optional[str] = ..., created_at_unix: _Optional[float] = ...) -> None: ...
+
+class RegisterAdapterRequest(_message.Message):
+    __slots__ = ("adapter",)
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    adapter: Adapter
+    def __init__(self, adapter: _Optional[_Union[Adapter, _Mapping]] = ...) -> None: ...
+
+class RegisterAdapterResponse(_message.Message):
+    __slots__ = ("adapter",)
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    adapter: Adapter
+    def __init__(self, adapter: _Optional[_Union[Adapter, _Mapping]] = ...) -> None: ...
+
+class DeleteAdapterRequest(_message.Message):
+    __slots__ = ("tenant", "name")
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    name: str
+    def __init__(self, tenant: _Optional[str] = ..., name: _Optional[str] = ...) -> None: ...
+
+class DeleteAdapterResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListAdaptersRequest(_message.Message):
+    __slots__ = ("tenant",)
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    def __init__(self, tenant: _Optional[str] = ...) -> None: ...
+
+class ListAdaptersResponse(_message.Message):
+    __slots__ = ("adapters",)
+    ADAPTERS_FIELD_NUMBER: _ClassVar[int]
+    adapters: _containers.RepeatedCompositeFieldContainer[Adapter]
+    def __init__(self, adapters: _Optional[_Iterable[_Union[Adapter, _Mapping]]] = ...) -> None: ...
+
 class ServingSpec(_message.Message):
     __slots__ = ("model", "replicas", "min_replicas", "max_replicas", "mode", "prefill_instances", "decode_instances", "policy", "tensor_parallel_size", "autoscaling")
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -167,7 +223,7 @@ class JobSpec(_message.Message):
     def __init__(self, kind: _Optional[_Union[JobKind, str]] = ..., serving: _Optional[_Union[ServingSpec, _Mapping]] = ..., fine_tuning: _Optional[_Union[FineTuningSpec, _Mapping]] = ..., batch: _Optional[_Union[BatchSpec, _Mapping]] = ...) -> None: ...
 
 class FineTuningSpec(_message.Message):
-    __slots__ = ("model", "training_file", "validation_file", "n_epochs", "batch_size", "learning_rate_multiplier", "suffix", "seed", "tenant", "lora_rank", "lora_alpha", "checkpoint_every_steps", "validation_split", "metadata")
+    __slots__ = ("model", "training_file", "validation_file", "n_epochs", "batch_size", "learning_rate_multiplier", "suffix", "seed", "tenant", "lora_rank", "lora_alpha", "checkpoint_every_steps", "validation_split", "metadata", "export_merged_model")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -189,6 +245,7 @@ class FineTuningSpec(_message.Message):
     CHECKPOINT_EVERY_STEPS_FIELD_NUMBER: _ClassVar[int]
     VALIDATION_SPLIT_FIELD_NUMBER: _ClassVar[int]
     METADATA_FIELD_NUMBER: _ClassVar[int]
+    EXPORT_MERGED_MODEL_FIELD_NUMBER: _ClassVar[int]
     model: str
     training_file: str
     validation_file: str
@@ -203,7 +260,8 @@ class FineTuningSpec(_message.Message):
     checkpoint_every_steps: int
     validation_split: float
     metadata: _containers.ScalarMap[str, str]
-    def __init__(self, model: _Optional[str] = ..., training_file: _Optional[str] = ..., validation_file: _Optional[str] = ..., n_epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate_multiplier: _Optional[float] = ..., suffix: _Optional[str] = ..., seed: _Optional[int] = ..., tenant: _Optional[str] = ..., lora_rank: _Optional[int] = ..., lora_alpha: _Optional[int] = ..., checkpoint_every_steps: _Optional[int] = ..., validation_split: _Optional[float] = ..., metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    export_merged_model: bool
+    def __init__(self, model: _Optional[str] = ..., training_file: _Optional[str] = ..., validation_file: _Optional[str] = ..., n_epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate_multiplier: _Optional[float] = ..., suffix: _Optional[str] = ..., seed: _Optional[int] = ..., tenant: _Optional[str] = ..., lora_rank: _Optional[int] = ..., lora_alpha: _Optional[int] = ..., checkpoint_every_steps: _Optional[int] = ..., validation_split: _Optional[float] = ..., metadata: _Optional[_Mapping[str, str]] = ..., export_merged_model: _Optional[bool] = ...) -> None: ...
 
 class FineTuningStepMetric(_message.Message):
     __slots__ = ("step", "train_loss", "at_unix", "seconds")
@@ -230,7 +288,7 @@ class FineTuningCheckpoint(_message.Message):
     def __init__(self, step: _Optional[int] = ..., artifact: _Optional[str] = ..., train_loss: _Optional[float] = ..., at_unix: _Optional[float] = ...) -> None: ...
 
 class FineTuningProgress(_message.Message):
-    __slots__ = ("stage", "dataset_artifact", "train_examples", "valid_examples", "step", "total_steps", "trained_tokens", "valid_loss_before", "valid_loss_after", "metrics", "checkpoints", "merged_model_dir", "fine_tuned_model", "error_code", "error_message", "error_param", "started_at_unix", "first_step_at_unix", "finished_at_unix")
+    __slots__ = ("stage", "dataset_artifact", "train_examples", "valid_examples", "step", "total_steps", "trained_tokens", "valid_loss_before", "valid_loss_after", "metrics", "checkpoints", "merged_model_dir", "fine_tuned_model", "error_code", "error_message", "error_param", "started_at_unix", "first_step_at_unix", "finished_at_unix", "adapter_dir")
     STAGE_FIELD_NUMBER: _ClassVar[int]
     DATASET_ARTIFACT_FIELD_NUMBER: _ClassVar[int]
     TRAIN_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
@@ -250,6 +308,7 @@ class FineTuningProgress(_message.Message):
     STARTED_AT_UNIX_FIELD_NUMBER: _ClassVar[int]
     FIRST_STEP_AT_UNIX_FIELD_NUMBER: _ClassVar[int]
     FINISHED_AT_UNIX_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_DIR_FIELD_NUMBER: _ClassVar[int]
     stage: FineTuningStage
     dataset_artifact: str
     train_examples: int
@@ -269,7 +328,8 @@ class FineTuningProgress(_message.Message):
     started_at_unix: float
     first_step_at_unix: float
     finished_at_unix: float
-    def __init__(self, stage: _Optional[_Union[FineTuningStage, str]] = ..., dataset_artifact: _Optional[str] = ..., train_examples: _Optional[int] = ..., valid_examples: _Optional[int] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., trained_tokens: _Optional[int] = ..., valid_loss_before: _Optional[float] = ..., valid_loss_after: _Optional[float] = ..., metrics: _Optional[_Iterable[_Union[FineTuningStepMetric, _Mapping]]] = ..., checkpoints: _Optional[_Iterable[_Union[FineTuningCheckpoint, _Mapping]]] = ..., merged_model_dir: _Optional[str] = ..., fine_tuned_model: _Optional[str] = ..., error_code: _Optional[str] = ..., error_message: _Optional[str] = ..., error_param: _Optional[str] = ..., started_at_unix: _Optional[float] = ..., first_step_at_unix: _Optional[float] = ..., finished_at_unix: _Optional[float] = ...) -> None: ...
+    adapter_dir: str
+    def __init__(self, stage: _Optional[_Union[FineTuningStage, str]] = ..., dataset_artifact: _Optional[str] = ..., train_examples: _Optional[int] = ..., valid_examples: _Optional[int] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., trained_tokens: _Optional[int] = ..., valid_loss_before: _Optional[float] = ..., valid_loss_after: _Optional[float] = ..., metrics: _Optional[_Iterable[_Union[FineTuningStepMetric, _Mapping]]] = ..., checkpoints: _Optional[_Iterable[_Union[FineTuningCheckpoint, _Mapping]]] = ..., merged_model_dir: _Optional[str] = ..., fine_tuned_model: _Optional[str] = ..., error_code: _Optional[str] = ..., error_message: _Optional[str] = ..., error_param: _Optional[str] = ..., started_at_unix: _Optional[float] = ..., first_step_at_unix: _Optional[float] = ..., finished_at_unix: _Optional[float] = ..., adapter_dir: _Optional[str] = ...) -> None: ...
 
 class BatchSpec(_message.Message):
     __slots__ = ("input_file_id", "endpoint", "completion_window", "metadata", "tenant", "expires_at_unix")

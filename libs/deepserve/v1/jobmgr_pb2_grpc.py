@@ -76,6 +76,21 @@ class JobManagerServiceStub:
                 request_serializer=deepserve_dot_v1_dot_jobmgr__pb2.ListTasksRequest.SerializeToString,
                 response_deserializer=deepserve_dot_v1_dot_jobmgr__pb2.ListTasksResponse.FromString,
                 _registered_method=True)
+        self.RegisterAdapter = channel.unary_unary(
+                '/deepserve.v1.JobManagerService/RegisterAdapter',
+                request_serializer=deepserve_dot_v1_dot_jobmgr__pb2.RegisterAdapterRequest.SerializeToString,
+                response_deserializer=deepserve_dot_v1_dot_jobmgr__pb2.RegisterAdapterResponse.FromString,
+                _registered_method=True)
+        self.DeleteAdapter = channel.unary_unary(
+                '/deepserve.v1.JobManagerService/DeleteAdapter',
+                request_serializer=deepserve_dot_v1_dot_jobmgr__pb2.DeleteAdapterRequest.SerializeToString,
+                response_deserializer=deepserve_dot_v1_dot_jobmgr__pb2.DeleteAdapterResponse.FromString,
+                _registered_method=True)
+        self.ListAdapters = channel.unary_unary(
+                '/deepserve.v1.JobManagerService/ListAdapters',
+                request_serializer=deepserve_dot_v1_dot_jobmgr__pb2.ListAdaptersRequest.SerializeToString,
+                response_deserializer=deepserve_dot_v1_dot_jobmgr__pb2.ListAdaptersResponse.FromString,
+                _registered_method=True)
 
 
 class JobManagerServiceServicer:
@@ -135,6 +150,25 @@ class JobManagerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RegisterAdapter(self, request, context):
+        """LoRA adapters: registered against a base model, owned by a tenant, served as models.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteAdapter(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAdapters(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_JobManagerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -177,6 +211,21 @@ def add_JobManagerServiceServicer_to_server(servicer, server):
                     servicer.ListTasks,
                     request_deserializer=deepserve_dot_v1_dot_jobmgr__pb2.ListTasksRequest.FromString,
                     response_serializer=deepserve_dot_v1_dot_jobmgr__pb2.ListTasksResponse.SerializeToString,
+            ),
+            'RegisterAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.RegisterAdapter,
+                    request_deserializer=deepserve_dot_v1_dot_jobmgr__pb2.RegisterAdapterRequest.FromString,
+                    response_serializer=deepserve_dot_v1_dot_jobmgr__pb2.RegisterAdapterResponse.SerializeToString,
+            ),
+            'DeleteAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteAdapter,
+                    request_deserializer=deepserve_dot_v1_dot_jobmgr__pb2.DeleteAdapterRequest.FromString,
+                    response_serializer=deepserve_dot_v1_dot_jobmgr__pb2.DeleteAdapterResponse.SerializeToString,
+            ),
+            'ListAdapters': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAdapters,
+                    request_deserializer=deepserve_dot_v1_dot_jobmgr__pb2.ListAdaptersRequest.FromString,
+                    response_serializer=deepserve_dot_v1_dot_jobmgr__pb2.ListAdaptersResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -397,6 +446,87 @@ class JobManagerService:
             '/deepserve.v1.JobManagerService/ListTasks',
             deepserve_dot_v1_dot_jobmgr__pb2.ListTasksRequest.SerializeToString,
             deepserve_dot_v1_dot_jobmgr__pb2.ListTasksResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RegisterAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/deepserve.v1.JobManagerService/RegisterAdapter',
+            deepserve_dot_v1_dot_jobmgr__pb2.RegisterAdapterRequest.SerializeToString,
+            deepserve_dot_v1_dot_jobmgr__pb2.RegisterAdapterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/deepserve.v1.JobManagerService/DeleteAdapter',
+            deepserve_dot_v1_dot_jobmgr__pb2.DeleteAdapterRequest.SerializeToString,
+            deepserve_dot_v1_dot_jobmgr__pb2.DeleteAdapterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAdapters(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/deepserve.v1.JobManagerService/ListAdapters',
+            deepserve_dot_v1_dot_jobmgr__pb2.ListAdaptersRequest.SerializeToString,
+            deepserve_dot_v1_dot_jobmgr__pb2.ListAdaptersResponse.FromString,
             options,
             channel_credentials,
             insecure,

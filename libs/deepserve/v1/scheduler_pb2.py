@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from deepserve.v1 import common_pb2 as deepserve_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x64\x65\x65pserve/v1/scheduler.proto\x12\x0c\x64\x65\x65pserve.v1\x1a\x19\x64\x65\x65pserve/v1/common.proto\"\xd6\x01\n\x0cRouteRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06tenant\x18\x03 \x01(\t\x12\x15\n\rprompt_tokens\x18\x04 \x01(\x05\x12\x12\n\nmax_tokens\x18\x05 \x01(\x05\x12\x1b\n\x13prefix_block_hashes\x18\x06 \x03(\t\x12\x1c\n\x14\x65xclude_instance_ids\x18\x07 \x03(\t\x12\x12\n\nblock_size\x18\x08 \x01(\x05\x12\x19\n\x11\x63\x61\x63hed_context_id\x18\t \x01(\t\"\xb8\x02\n\rRouteResponse\x12)\n\tinstances\x18\x01 \x03(\x0b\x32\x16.deepserve.v1.Instance\x12\x15\n\rdisaggregated\x18\x02 \x01(\x08\x12)\n\x06\x62ranch\x18\x03 \x01(\x0e\x32\x19.deepserve.v1.RouteBranch\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x37\n\x06scores\x18\x05 \x03(\x0b\x32\'.deepserve.v1.RouteResponse.ScoresEntry\x12\x1f\n\x17predicted_decode_tokens\x18\x06 \x01(\x05\x12\x0e\n\x06policy\x18\x07 \x01(\t\x12\x11\n\tpd_reason\x18\x08 \x01(\t\x1a-\n\x0bScoresEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"%\n\x14ListInstancesRequest\x12\r\n\x05model\x18\x01 \x01(\t\"v\n\x15ListInstancesResponse\x12)\n\tinstances\x18\x01 \x03(\x0b\x32\x16.deepserve.v1.Instance\x12\x17\n\x0finstances_added\x18\x02 \x01(\x03\x12\x19\n\x11instances_removed\x18\x03 \x01(\x03\"\x92\x01\n\x17ReportCompletionRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06tenant\x18\x03 \x01(\t\x12\x15\n\rprompt_tokens\x18\x04 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x05 \x01(\x05\x12\x12\n\nmax_tokens\x18\x06 \x01(\x05\"L\n\x18ReportCompletionResponse\x12\x1f\n\x17predicted_decode_tokens\x18\x01 \x01(\x05\x12\x0f\n\x07\x63orrect\x18\x02 \x01(\x08\"\x1a\n\x18GetSchedulerStatsRequest\"\x96\x02\n\x19GetSchedulerStatsResponse\x12I\n\tdecisions\x18\x01 \x03(\x0b\x32\x36.deepserve.v1.GetSchedulerStatsResponse.DecisionsEntry\x12\x13\n\x0bpredictions\x18\x02 \x01(\x03\x12\x1b\n\x13predictions_correct\x18\x03 \x01(\x03\x12\x1a\n\x12predictor_accuracy\x18\x04 \x01(\x01\x12\x1b\n\x13prefix_index_blocks\x18\x05 \x01(\x03\x12\x11\n\tinstances\x18\x06 \x01(\x05\x1a\x30\n\x0e\x44\x65\x63isionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"W\n\x1cReportInstanceFailureRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\".\n\x1dReportInstanceFailureResponse\x12\r\n\x05known\x18\x01 \x01(\x08*\xaa\x01\n\x0bRouteBranch\x12\x1c\n\x18ROUTE_BRANCH_UNSPECIFIED\x10\x00\x12\x19\n\x15ROUTE_BRANCH_LOCALITY\x10\x01\x12\x15\n\x11ROUTE_BRANCH_LOAD\x10\x02\x12\x1c\n\x18ROUTE_BRANCH_ROUND_ROBIN\x10\x03\x12\x17\n\x13ROUTE_BRANCH_RANDOM\x10\x04\x12\x14\n\x10ROUTE_BRANCH_ANY\x10\x05\x32\xe9\x03\n\x10SchedulerService\x12@\n\x05Route\x12\x1a.deepserve.v1.RouteRequest\x1a\x1b.deepserve.v1.RouteResponse\x12X\n\rListInstances\x12\".deepserve.v1.ListInstancesRequest\x1a#.deepserve.v1.ListInstancesResponse\x12\x61\n\x10ReportCompletion\x12%.deepserve.v1.ReportCompletionRequest\x1a&.deepserve.v1.ReportCompletionResponse\x12\x64\n\x11GetSchedulerStats\x12&.deepserve.v1.GetSchedulerStatsRequest\x1a\'.deepserve.v1.GetSchedulerStatsResponse\x12p\n\x15ReportInstanceFailure\x12*.deepserve.v1.ReportInstanceFailureRequest\x1a+.deepserve.v1.ReportInstanceFailureResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x64\x65\x65pserve/v1/scheduler.proto\x12\x0c\x64\x65\x65pserve.v1\x1a\x19\x64\x65\x65pserve/v1/common.proto\"\xe7\x01\n\x0cRouteRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06tenant\x18\x03 \x01(\t\x12\x15\n\rprompt_tokens\x18\x04 \x01(\x05\x12\x12\n\nmax_tokens\x18\x05 \x01(\x05\x12\x1b\n\x13prefix_block_hashes\x18\x06 \x03(\t\x12\x1c\n\x14\x65xclude_instance_ids\x18\x07 \x03(\t\x12\x12\n\nblock_size\x18\x08 \x01(\x05\x12\x19\n\x11\x63\x61\x63hed_context_id\x18\t \x01(\t\x12\x0f\n\x07\x61\x64\x61pter\x18\n \x01(\t\"\xb8\x02\n\rRouteResponse\x12)\n\tinstances\x18\x01 \x03(\x0b\x32\x16.deepserve.v1.Instance\x12\x15\n\rdisaggregated\x18\x02 \x01(\x08\x12)\n\x06\x62ranch\x18\x03 \x01(\x0e\x32\x19.deepserve.v1.RouteBranch\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x37\n\x06scores\x18\x05 \x03(\x0b\x32\'.deepserve.v1.RouteResponse.ScoresEntry\x12\x1f\n\x17predicted_decode_tokens\x18\x06 \x01(\x05\x12\x0e\n\x06policy\x18\x07 \x01(\t\x12\x11\n\tpd_reason\x18\x08 \x01(\t\x1a-\n\x0bScoresEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"%\n\x14ListInstancesRequest\x12\r\n\x05model\x18\x01 \x01(\t\"v\n\x15ListInstancesResponse\x12)\n\tinstances\x18\x01 \x03(\x0b\x32\x16.deepserve.v1.Instance\x12\x17\n\x0finstances_added\x18\x02 \x01(\x03\x12\x19\n\x11instances_removed\x18\x03 \x01(\x03\"\x92\x01\n\x17ReportCompletionRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06tenant\x18\x03 \x01(\t\x12\x15\n\rprompt_tokens\x18\x04 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x05 \x01(\x05\x12\x12\n\nmax_tokens\x18\x06 \x01(\x05\"L\n\x18ReportCompletionResponse\x12\x1f\n\x17predicted_decode_tokens\x18\x01 \x01(\x05\x12\x0f\n\x07\x63orrect\x18\x02 \x01(\x08\"\x1a\n\x18GetSchedulerStatsRequest\"\x96\x02\n\x19GetSchedulerStatsResponse\x12I\n\tdecisions\x18\x01 \x03(\x0b\x32\x36.deepserve.v1.GetSchedulerStatsResponse.DecisionsEntry\x12\x13\n\x0bpredictions\x18\x02 \x01(\x03\x12\x1b\n\x13predictions_correct\x18\x03 \x01(\x03\x12\x1a\n\x12predictor_accuracy\x18\x04 \x01(\x01\x12\x1b\n\x13prefix_index_blocks\x18\x05 \x01(\x03\x12\x11\n\tinstances\x18\x06 \x01(\x05\x1a\x30\n\x0e\x44\x65\x63isionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"W\n\x1cReportInstanceFailureRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\".\n\x1dReportInstanceFailureResponse\x12\r\n\x05known\x18\x01 \x01(\x08*\xc4\x01\n\x0bRouteBranch\x12\x1c\n\x18ROUTE_BRANCH_UNSPECIFIED\x10\x00\x12\x19\n\x15ROUTE_BRANCH_LOCALITY\x10\x01\x12\x15\n\x11ROUTE_BRANCH_LOAD\x10\x02\x12\x1c\n\x18ROUTE_BRANCH_ROUND_ROBIN\x10\x03\x12\x17\n\x13ROUTE_BRANCH_RANDOM\x10\x04\x12\x14\n\x10ROUTE_BRANCH_ANY\x10\x05\x12\x18\n\x14ROUTE_BRANCH_ADAPTER\x10\x06\x32\xe9\x03\n\x10SchedulerService\x12@\n\x05Route\x12\x1a.deepserve.v1.RouteRequest\x1a\x1b.deepserve.v1.RouteResponse\x12X\n\rListInstances\x12\".deepserve.v1.ListInstancesRequest\x1a#.deepserve.v1.ListInstancesResponse\x12\x61\n\x10ReportCompletion\x12%.deepserve.v1.ReportCompletionRequest\x1a&.deepserve.v1.ReportCompletionResponse\x12\x64\n\x11GetSchedulerStats\x12&.deepserve.v1.GetSchedulerStatsRequest\x1a\'.deepserve.v1.GetSchedulerStatsResponse\x12p\n\x15ReportInstanceFailure\x12*.deepserve.v1.ReportInstanceFailureRequest\x1a+.deepserve.v1.ReportInstanceFailureResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,32 +36,32 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ROUTERESPONSE_SCORESENTRY']._serialized_options = b'8\001'
   _globals['_GETSCHEDULERSTATSRESPONSE_DECISIONSENTRY']._loaded_options = None
   _globals['_GETSCHEDULERSTATSRESPONSE_DECISIONSENTRY']._serialized_options = b'8\001'
-  _globals['_ROUTEBRANCH']._serialized_start=1438
-  _globals['_ROUTEBRANCH']._serialized_end=1608
+  _globals['_ROUTEBRANCH']._serialized_start=1455
+  _globals['_ROUTEBRANCH']._serialized_end=1651
   _globals['_ROUTEREQUEST']._serialized_start=74
-  _globals['_ROUTEREQUEST']._serialized_end=288
-  _globals['_ROUTERESPONSE']._serialized_start=291
-  _globals['_ROUTERESPONSE']._serialized_end=603
-  _globals['_ROUTERESPONSE_SCORESENTRY']._serialized_start=558
-  _globals['_ROUTERESPONSE_SCORESENTRY']._serialized_end=603
-  _globals['_LISTINSTANCESREQUEST']._serialized_start=605
-  _globals['_LISTINSTANCESREQUEST']._serialized_end=642
-  _globals['_LISTINSTANCESRESPONSE']._serialized_start=644
-  _globals['_LISTINSTANCESRESPONSE']._serialized_end=762
-  _globals['_REPORTCOMPLETIONREQUEST']._serialized_start=765
-  _globals['_REPORTCOMPLETIONREQUEST']._serialized_end=911
-  _globals['_REPORTCOMPLETIONRESPONSE']._serialized_start=913
-  _globals['_REPORTCOMPLETIONRESPONSE']._serialized_end=989
-  _globals['_GETSCHEDULERSTATSREQUEST']._serialized_start=991
-  _globals['_GETSCHEDULERSTATSREQUEST']._serialized_end=1017
-  _globals['_GETSCHEDULERSTATSRESPONSE']._serialized_start=1020
-  _globals['_GETSCHEDULERSTATSRESPONSE']._serialized_end=1298
-  _globals['_GETSCHEDULERSTATSRESPONSE_DECISIONSENTRY']._serialized_start=1250
-  _globals['_GETSCHEDULERSTATSRESPONSE_DECISIONSENTRY']._serialized_end=1298
-  _globals['_REPORTINSTANCEFAILUREREQUEST']._serialized_start=1300
-  _globals['_REPORTINSTANCEFAILUREREQUEST']._serialized_end=1387
-  _globals['_REPORTINSTANCEFAILURERESPONSE']._serialized_start=1389
-  _globals['_REPORTINSTANCEFAILURERESPONSE']._serialized_end=1435
-  _globals['_SCHEDULERSERVICE']._serialized_start=1611
-  _globals['_SCHEDULERSERVICE']._serialized_end=2100
+  _globals['_ROUTEREQUEST']._serialized_end=305
+  _globals['_ROUTERESPONSE']._serialized_start=308
+  _globals['_ROUTERESPONSE']._serialized_end=620
+  _globals['_ROUTERESPONSE_SCORESENTRY']._serialized_start=575
+  _globals['_ROUTERESPONSE_SCORESENTRY']._serialized_end=620
+  _globals['_LISTINSTANCESREQUEST']._serialized_start=622
+  _globals['_LISTINSTANCESREQUEST']._serialized_end=659
+  _globals['_LISTINSTANCESRESPONSE']._serialized_start=661
+  _globals['_LISTINSTANCESRESPONSE']._serialized_end=779
+  _globals['_REPORTCOMPLETIONREQUEST']._serialized_start=782
+  _globals['_REPORTCOMPLETIONREQUEST']._serialized_end=928
+  _globals['_REPORTCOMPLETIONRESPONSE']._serialized_start=930
+  _globals['_REPORTCOMPLETIONRESPONSE']._serialized_end=1006
+  _globals['_GETSCHEDULERSTATSREQUEST']._serialized_start=1008
+  _globals['_GETSCHEDULERSTATSREQUEST']._serialized_end=1034
+  _globals['_GETSCHEDULERSTATSRESPONSE']._serialized_start=1037
+  _globals['_GETSCHEDULERSTATSRESPONSE']._serialized_end=1315
+  _globals['_GETSCHEDULERSTATSRESPONSE_DECISIONSENTRY']._serialized_start=1267
+  _globals['_GETSCHEDULERSTATSRESPONSE_DECISIONSENTRY']._serialized_end=1315
+  _globals['_REPORTINSTANCEFAILUREREQUEST']._serialized_start=1317
+  _globals['_REPORTINSTANCEFAILUREREQUEST']._serialized_end=1404
+  _globals['_REPORTINSTANCEFAILURERESPONSE']._serialized_start=1406
+  _globals['_REPORTINSTANCEFAILURERESPONSE']._serialized_end=1452
+  _globals['_SCHEDULERSERVICE']._serialized_start=1654
+  _globals['_SCHEDULERSERVICE']._serialized_end=2143
 # @@protoc_insertion_point(module_scope)

@@ -16,15 +16,17 @@ class RouteBranch(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ROUTE_BRANCH_ROUND_ROBIN: _ClassVar[RouteBranch]
     ROUTE_BRANCH_RANDOM: _ClassVar[RouteBranch]
     ROUTE_BRANCH_ANY: _ClassVar[RouteBranch]
+    ROUTE_BRANCH_ADAPTER: _ClassVar[RouteBranch]
 ROUTE_BRANCH_UNSPECIFIED: RouteBranch
 ROUTE_BRANCH_LOCALITY: RouteBranch
 ROUTE_BRANCH_LOAD: RouteBranch
 ROUTE_BRANCH_ROUND_ROBIN: RouteBranch
 ROUTE_BRANCH_RANDOM: RouteBranch
 ROUTE_BRANCH_ANY: RouteBranch
+ROUTE_BRANCH_ADAPTER: RouteBranch
 
 class RouteRequest(_message.Message):
-    __slots__ = ("request_id", "model", "tenant", "prompt_tokens", "max_tokens", "prefix_block_hashes", "exclude_instance_ids", "block_size", "cached_context_id")
+    __slots__ = ("request_id", "model", "tenant", "prompt_tokens", "max_tokens", "prefix_block_hashes", "exclude_instance_ids", "block_size", "cached_context_id", "adapter")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     TENANT_FIELD_NUMBER: _ClassVar[int]
@@ -34,6 +36,7 @@ class RouteRequest(_message.Message):
     EXCLUDE_INSTANCE_IDS_FIELD_NUMBER: _ClassVar[int]
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     CACHED_CONTEXT_ID_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     tenant: str
@@ -43,7 +46,8 @@ class RouteRequest(_message.Message):
     exclude_instance_ids: _containers.RepeatedScalarFieldContainer[str]
     block_size: int
     cached_context_id: str
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., tenant: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., max_tokens: _Optional[int] = ..., prefix_block_hashes: _Optional[_Iterable[str]] = ..., exclude_instance_ids: _Optional[_Iterable[str]] = ..., block_size: _Optional[int] = ..., cached_context_id: _Optional[str] = ...) -> None: ...
+    adapter: str
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., tenant: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., max_tokens: _Optional[int] = ..., prefix_block_hashes: _Optional[_Iterable[str]] = ..., exclude_instance_ids: _Optional[_Iterable[str]] = ..., block_size: _Optional[int] = ..., cached_context_id: _Optional[str] = ..., adapter: _Optional[str] = ...) -> None: ...
 
 class RouteResponse(_message.Message):
     __slots__ = ("instances", "disaggregated", "branch", "reason", "scores", "predicted_decode_tokens", "policy", "pd_reason")

@@ -8,11 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from deepserve.adapters.peft_format import BaseShape, inspect_adapter
 from deepserve.flowserve.training.lora_trainer import (
     CheckpointSaved,
     Evaluated,
     StepDone,
     TrainingEvent,
+    TrainingFinished,
     TrainingPlan,
     TrainingStopped,
     batches,
@@ -109,3 +111,16 @@ def test_stop_ends_the_run_before_the_next_step(tmp_path: Path) -> None:
     with pytest.raises(TrainingStopped):
         run_lora_training(plan_for(tmp_path), emit, stop, lambda s, d: f"c{s}")
     assert seen == [1, 2]
+
+
+def test_an_adapter_only_run_writes_a_servable_peft_adapter_and_no_merged_model(
+    tmp_path: Path,
+) -> None:
+    plan = plan_for(tmp_path, n_epochs=1, adapter_only=True, output_dir=tmp_path / "ft:m:x:1")
+    events = run(plan)
+    done = events[-1]
+    assert isinstance(done, TrainingFinished)
+    assert done.model_dir is None and not plan.output_dir.exists()
+    assert done.adapter_dir == plan.adapter_dir
+    spec = inspect_adapter(done.adapter_dir, BaseShape.from_config_json(plan.base_dir), 16)
+    assert spec.rank == 4 and set(spec.targets) == {"q_proj", "k_proj", "v_proj", "o_proj"}

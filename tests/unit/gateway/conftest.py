@@ -25,6 +25,7 @@ from deepserve.gateway.platform_routes import file_service, platform_routers
 from deepserve.gateway.servicer import GatewayServicer
 from deepserve.gateway.settings import GatewaySettings
 from deepserve.jobs.client import JobManagerClient
+from deepserve.models.catalog import default_cache_dir
 from deepserve.records import InstanceRecord, Role
 from deepserve.rpc.server import start_grpc_server
 from deepserve.store.etcd import EtcdStore
@@ -125,8 +126,12 @@ async def running_harness(
     jobmgr = contextlib.AsyncExitStack()
     jobs: JobManagerClient | None = None
     if platform_apis:
+        # jobmgr resolves the harness's model to a real base (the default model's files).
+        models = files_root / "models"
+        models.mkdir()
+        (models / model).symlink_to(default_cache_dir() / "smollm2-135m")
         address = await jobmgr.enter_async_context(
-            jobmgr_api(etcd, file_service(etcd, settings.common))
+            jobmgr_api(etcd, file_service(etcd, settings.common), models)
         )
         jobs = JobManagerClient(address)
         routers = platform_routers(etcd, settings.common, jobs)

@@ -7,24 +7,35 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 from deepserve.files import FileService
+from deepserve.jobmgr.adapter_registry import AdapterRegistry
 from deepserve.jobmgr.job_admission import JobAdmission
 from deepserve.jobmgr.servicer import JobManagerServicer
 from deepserve.jobmgr.task_store import TaskStore
 from deepserve.jobs.store import JobStore
+from deepserve.models.catalog import default_cache_dir
 from deepserve.rpc.server import start_grpc_server
 from deepserve.store.etcd import EtcdStore
 from deepserve.v1 import jobmgr_pb2_grpc
 
 SERVICE_NAME = "deepserve.v1.JobManagerService"
+# The rank limit adapters registered here are held to.
+MAX_LORA_RANK = 16
 
 
 @contextlib.asynccontextmanager
-async def jobmgr_api(etcd: EtcdStore, files: FileService) -> AsyncIterator[str]:
-    """Serves JobManagerService (no reconcile loop) and yields its address."""
+async def jobmgr_api(
+    etcd: EtcdStore, files: FileService, model_cache_dir: Path | None = None
+) -> AsyncIterator[str]:
+    """Serves JobManagerService (no reconcile loop) and yields its address; adapters register
+    against the models of `model_cache_dir`."""
     jobs = JobStore(etcd)
-    servicer = JobManagerServicer(jobs, TaskStore(etcd), JobAdmission(jobs, files))
+    adapters = AdapterRegistry(
+        etcd, model_cache_dir=model_cache_dir or default_cache_dir(), max_rank=MAX_LORA_RANK
+    )
+    servicer = JobManagerServicer(jobs, TaskStore(etcd), JobAdmission(jobs, files), adapters)
     service = await start_grpc_server(
         [lambda s: jobmgr_pb2_grpc.add_JobManagerServiceServicer_to_server(servicer, s)],
         [SERVICE_NAME],

@@ -69,6 +69,9 @@ class ServingEngine:
     async def pinned_contexts(self) -> list[PinnedContext]:
         return list(self.pins)
 
+    def held_adapters(self) -> list[str]:
+        return ["acme/support-bot"]
+
 
 def loaded_shell(etcd: EtcdStore, redis: RedisStore, stats: EngineStats) -> TaskExecutorShell:
     """A pod shell that has loaded a model (without building a real engine)."""
@@ -123,6 +126,9 @@ async def test_the_shells_load_report_is_read_by_the_scheduler_and_the_autoscale
     # Pinned contexts travel with the report (the expired one was unpinned first).
     assert tracker.holders("ctx_live", [shell.instance_id]) == [shell.instance_id]
     assert tracker.holders("ctx_old", [shell.instance_id]) == []
+    # So do the LoRA adapters it holds (routing's adapter affinity).
+    assert tracker.adapter_holders("acme/support-bot", [shell.instance_id]) == [shell.instance_id]
+    assert tracker.adapter_holders("acme/other", [shell.instance_id]) == []
 
     job_id = f"pairs-{uuid.uuid4().hex[:6]}"
     mine = {shell.instance_id: instance(shell.instance_id, job_id)}

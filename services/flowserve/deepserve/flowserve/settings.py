@@ -40,6 +40,11 @@ class FlowServeSettings(ServiceSettings):
     # Tokens one engine step computes at most (vLLM calls it max_num_batched_tokens).
     step_token_budget: int = 1024
     max_queue_len: int = 1024
+    # Multi-LoRA (the rank limit is DEEPSERVE_LORA_MAX_RANK, shared with registration):
+    # distinct adapters one step may mix, adapter slots on the device, adapters kept in DRAM.
+    max_loras: int = 8
+    lora_slots: int = 8
+    max_cpu_loras: int = 32
     # Seconds between load reports to Redis.
     load_report_interval_s: float = 0.5
     # This host's weights cache (DRAM pre-loading): prepared copies that new instances map.

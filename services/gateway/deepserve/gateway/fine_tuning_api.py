@@ -47,6 +47,8 @@ class CreateFineTuningJobBody(BaseModel):
     suffix: str | None = None
     seed: int | None = None
     metadata: dict[str, str] | None = None
+    # DeepServe's own: also write the base with the adapter merged in (the adapter is served).
+    export_merged_model: bool = False
 
 
 def _number(value: Any, field: str) -> Any:
@@ -189,6 +191,7 @@ def fine_tuning_router(jobs: JobManagerClient, caller: CallerDependency) -> APIR
             seed=body.seed if body.seed is not None else 42,
             tenant=who.tenant,
             metadata=body.metadata,
+            export_merged_model=body.export_merged_model,
         )
         return job_json(await jobs.create(spec))
 

@@ -21,7 +21,7 @@ from deepserve.completions.context_store import ContextStore
 from deepserve.completions.conversation_store import ResponseStore
 from deepserve.completions.dispatcher import Dispatcher
 from deepserve.completions.prepare import prefix_block_size, prepare_chat, prepare_completion
-from deepserve.completions.prepared import GenerationJob
+from deepserve.completions.prepared import AdapterTarget, GenerationJob
 from deepserve.completions.protocol import ChatCompletionRequest, CompletionRequest
 from deepserve.completions.tokenizer_registry import TokenizerRegistry
 from deepserve.completions.upstream import EngineStubs, SchedulerClient
@@ -175,6 +175,14 @@ class Gateway:
     ) -> ApiCall:
         """Prepares, admits, routes and starts a call; raises a DeepServeError on refusal."""
         opened_at = time.monotonic()
+        # A request names a LoRA adapter as its model: it runs on the adapter's base model.
+        adapter = self._adapter_target(caller, body.model)
+        if adapter is not None:
+            if body.cached_context_id:
+                raise InvalidArgument(
+                    "cached contexts are not served with LoRA adapters", field="cached_context_id"
+                )
+            body = body.model_copy(update={"model": adapter[1]})
         if self.demand is not None and self.settings.scale_from_zero_timeout_s > 0:
             await self.demand.hold(body.model)  # a model at zero replicas: wait for one
         self.models.get(body.model)  # 404 for a model nobody serves or registered
@@ -199,6 +207,7 @@ class Gateway:
             block_size=prefix_block_size(body.model, live),
             tool_parser=self.settings.tool_parsers.get(body.model, self.settings.tool_parser),
             context=context,
+            adapter=adapter[0] if adapter is not None else None,
         )
         # Short prompts tokenize in well under a millisecond; long ones would stall the loop.
         with _tracer.start_as_current_span("tokenize") as span:
@@ -231,6 +240,13 @@ class Gateway:
         if self.demand is not None:
             self.demand.started(call, opened_at)
         return call
+
+    def _adapter_target(self, caller: Caller, model: str) -> tuple[AdapterTarget, str] | None:
+        """The caller's adapter named `model` and its base; another tenant's is not found."""
+        record = self.models.adapter_for(caller.tenant, model)
+        if record is None:
+            return None
+        return AdapterTarget(record.serving_id, record.path, record.name), record.base_model
 
     async def _admit_and_route(
         self, job: GenerationJob, caller: Caller, max_model_len: int

@@ -148,12 +148,13 @@ def create_app(gateway: Gateway, routers: Sequence[RouterFactory] = ()) -> FastA
         return {"status": "ok"}
 
     @app.get("/v1/models")
-    async def list_models(_caller: Caller = Depends(caller)) -> dict[str, Any]:
-        return {"object": "list", "data": [_model_json(c) for c in gateway.models.list()]}
+    async def list_models(who: Caller = Depends(caller)) -> dict[str, Any]:
+        cards = gateway.models.list(who.tenant)
+        return {"object": "list", "data": [_model_json(c) for c in cards]}
 
     @app.get("/v1/models/{model_id:path}")
-    async def get_model(model_id: str, _caller: Caller = Depends(caller)) -> dict[str, Any]:
-        return _model_json(gateway.models.get(model_id))
+    async def get_model(model_id: str, who: Caller = Depends(caller)) -> dict[str, Any]:
+        return _model_json(gateway.models.get(model_id, who.tenant))
 
     async def run(
         body: ChatCompletionRequest | CompletionRequest, request: Request, who: Caller

@@ -6,6 +6,7 @@ import functools
 
 from deepserve.config import CommonSettings
 from deepserve.files import FileService, LocalFileStore
+from deepserve.gateway.adapters_api import adapters_router
 from deepserve.gateway.batches_api import batches_router
 from deepserve.gateway.files_api import files_router
 from deepserve.gateway.fine_tuning_api import fine_tuning_router
@@ -21,10 +22,13 @@ def file_service(etcd: EtcdStore, common: CommonSettings) -> FileService:
 def platform_routers(
     etcd: EtcdStore, common: CommonSettings, jobs: JobManagerClient
 ) -> list[RouterFactory]:
-    """Router factories for http_app.create_app: Files, Fine-tuning and Batch APIs. Jobs go
-    through jobmgr's API (`jobs`); files are the gateway's own."""
+    """Router factories for http_app.create_app: Files, Adapters, Fine-tuning and Batch APIs.
+    Jobs and adapter records go through jobmgr's API (`jobs`); files are the gateway's own."""
+    files = file_service(etcd, common)
+    adapters_root = LocalFileStore(common.files_root).root / "adapters"
     return [
-        functools.partial(files_router, file_service(etcd, common)),
+        functools.partial(files_router, files),
+        functools.partial(adapters_router, jobs, adapters_root, common.files_max_bytes),
         functools.partial(fine_tuning_router, jobs),
         functools.partial(batches_router, jobs),
     ]

@@ -517,7 +517,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListModelsResponse:
         metadata = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
-        self._gateway.authenticate(metadata.get("authorization"))
+        caller = self._gateway.authenticate(metadata.get("authorization"))
         return pb.ListModelsResponse(
             models=[
                 pb.ModelCard(
@@ -526,6 +526,6 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
                     created_unix=c.created_at,
                     instances=c.instances,
                 )
-                for c in self._gateway.models.list()
+                for c in self._gateway.models.list(caller.tenant)
             ]
         )

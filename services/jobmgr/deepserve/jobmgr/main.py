@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from deepserve.files import FileService, LocalFileStore
+from deepserve.jobmgr.adapter_registry import AdapterRegistry
 from deepserve.jobmgr.autoscaler_loop import Autoscaler
 from deepserve.jobmgr.batch.controller import BatchController
 from deepserve.jobmgr.batch.line_runner import BatchLineRunner
@@ -17,6 +18,7 @@ from deepserve.jobmgr.servicer import JobManagerServicer
 from deepserve.jobmgr.settings import JobMgrSettings
 from deepserve.jobmgr.task_store import TaskStore
 from deepserve.jobs.store import JobStore
+from deepserve.models.catalog import default_cache_dir
 from deepserve.records import InstanceRecord
 from deepserve.registration import new_process_id
 from deepserve.runtime import ServiceRuntime
@@ -32,6 +34,9 @@ async def serve(settings: JobMgrSettings) -> None:
             rt.etcd, LocalFileStore(rt.common.files_root), max_bytes=rt.common.files_max_bytes
         )
         batch_settings = BatchSettings()
+        adapters = AdapterRegistry(
+            rt.etcd, model_cache_dir=default_cache_dir(), max_rank=rt.common.lora_max_rank
+        )
 
         def live_instances(model: str) -> list[InstanceRecord]:
             return [i for i in controller.instance_mirror.items.values() if i.model == model]
@@ -65,13 +70,14 @@ async def serve(settings: JobMgrSettings) -> None:
                     pods,
                     lambda: controller.pod_mirror.items,
                     files,
+                    adapters=adapters,
                 ),
                 BatchController(rt.etcd, files, batch_runner, batch_settings),
             ],
         )
         controller.start()
         jobs = JobStore(rt.etcd)
-        servicer = JobManagerServicer(jobs, TaskStore(rt.etcd), JobAdmission(jobs, files))
+        servicer = JobManagerServicer(jobs, TaskStore(rt.etcd), JobAdmission(jobs, files), adapters)
         await rt.serve(
             [
                 lambda server: jobmgr_pb2_grpc.add_JobManagerServiceServicer_to_server(

@@ -6,6 +6,8 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from deepserve.adapters.wire import adapter_from_proto, adapter_to_proto
+from deepserve.jobmgr.adapter_registry import AdapterRegistry
 from deepserve.jobmgr.job_admission import JobAdmission
 from deepserve.jobmgr.task_store import TaskStore
 from deepserve.jobmgr.task_wire import task_to_proto
@@ -16,10 +18,17 @@ from deepserve.v1 import jobmgr_pb2_grpc
 
 
 class JobManagerServicer(jobmgr_pb2_grpc.JobManagerServiceServicer):
-    def __init__(self, jobs: JobStore, tasks: TaskStore, admission: JobAdmission) -> None:
+    def __init__(
+        self,
+        jobs: JobStore,
+        tasks: TaskStore,
+        admission: JobAdmission,
+        adapters: AdapterRegistry,
+    ) -> None:
         self._jobs = jobs
         self._tasks = tasks
         self._admission = admission
+        self._adapters = adapters
 
     async def CreateJob(
         self, request: pb.CreateJobRequest, context: grpc.aio.ServicerContext
@@ -77,3 +86,21 @@ class JobManagerServicer(jobmgr_pb2_grpc.JobManagerServiceServicer):
     ) -> pb.ListTasksResponse:
         tasks = await self._tasks.list(request.job_id or None)
         return pb.ListTasksResponse(tasks=[task_to_proto(t) for t in tasks])
+
+    async def RegisterAdapter(
+        self, request: pb.RegisterAdapterRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RegisterAdapterResponse:
+        record = await self._adapters.register(adapter_from_proto(request.adapter))
+        return pb.RegisterAdapterResponse(adapter=adapter_to_proto(record))
+
+    async def DeleteAdapter(
+        self, request: pb.DeleteAdapterRequest, context: grpc.aio.ServicerContext
+    ) -> pb.DeleteAdapterResponse:
+        await self._adapters.delete(request.tenant, request.name)
+        return pb.DeleteAdapterResponse()
+
+    async def ListAdapters(
+        self, request: pb.ListAdaptersRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListAdaptersResponse:
+        found = await self._adapters.list(request.tenant)
+        return pb.ListAdaptersResponse(adapters=[adapter_to_proto(r) for r in found])

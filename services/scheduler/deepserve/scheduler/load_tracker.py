@@ -76,6 +76,10 @@ class LoadTracker:
         self._base_scores: dict[str, float] = {}
         # Explicit cached contexts each instance holds pinned, from its last report.
         self._pinned: dict[str, frozenset[str]] = {}
+        # LoRA adapters each instance holds, from its last report, plus those this replica
+        # routed there since (a burst for a new adapter stays on the instance loading it).
+        self._adapters: dict[str, frozenset[str]] = {}
+        self._adapters_routed: dict[str, set[str]] = {}
         # Routed by this replica since the last flush to Redis.
         self._unflushed: Counter[str] = Counter()
         # Being written to Redis now; still counted until the next view includes them.
@@ -120,6 +124,29 @@ class LoadTracker:
         empty: frozenset[str] = frozenset()
         return [i for i in instance_ids if context_id in self._pinned.get(i, empty)]
 
+    def adapter_holders(self, adapter: str, instance_ids: Iterable[str]) -> list[str]:
+        """Those of `instance_ids` that hold `adapter` (reported) or were just sent it."""
+        empty: frozenset[str] = frozenset()
+        return [
+            i
+            for i in instance_ids
+            if adapter in self._adapters.get(i, empty)
+            or adapter in self._adapters_routed.get(i, ())
+        ]
+
+    def note_adapter_routed(self, instance_id: str, adapter: str) -> None:
+        self._adapters_routed.setdefault(instance_id, set()).add(adapter)
+
+    def set_adapters(self, adapters: dict[str, frozenset[str]]) -> None:
+        """Replaces the held-adapter mirror; what reports now show needs no local note."""
+        self._adapters = dict(adapters)
+        for instance_id in list(self._adapters_routed):
+            if instance_id not in adapters:
+                continue
+            self._adapters_routed[instance_id] -= adapters[instance_id]
+            if not self._adapters_routed[instance_id]:
+                del self._adapters_routed[instance_id]
+
     def set_pinned(self, pinned: dict[str, frozenset[str]]) -> None:
         """Replaces the pinned-context mirror (tests drive routing without Redis this way)."""
         self._pinned = dict(pinned)
@@ -158,14 +185,18 @@ class LoadTracker:
             replies = await pipe.execute()
         loads: dict[str, InstanceLoad] = {}
         pinned: dict[str, frozenset[str]] = {}
+        adapters: dict[str, frozenset[str]] = {}
         for instance_id, raw in zip(live, replies, strict=True):
             report = reports.get(instance_id, no_report)
             routed = RoutedSince.decode(report.at, raw)
             loads[instance_id] = InstanceLoad.from_report(report, routed.count)
             if report.pinned_contexts:
                 pinned[instance_id] = frozenset(report.pinned_contexts)
+            if report.adapters:
+                adapters[instance_id] = frozenset(report.adapters)
         self.set_loads(loads)
         self.set_pinned(pinned)
+        self.set_adapters(adapters)
         self._flushing = Counter()
         self.refreshes += 1
 

@@ -62,6 +62,8 @@ class RouteFacts:
     exclude_instance_ids: set[str] = field(default_factory=set)
     # An explicit cached context the prompt starts with; its holders are preferred.
     cached_context_id: str = ""
+    # A LoRA adapter (tenant/name): instances holding it are preferred, then load.
+    adapter: str = ""
 
 
 @dataclass(slots=True)
@@ -170,6 +172,8 @@ class Router:
             reason = f"prefill: {first.reason}; decode: {second.reason}"
         for instance in chosen:
             self.loads.note_routed(instance.instance_id)
+            if facts.adapter:
+                self.loads.note_adapter_routed(instance.instance_id, facts.adapter)
         self.decisions[first.branch] += 1
         self.decisions["pd:disaggregated" if disaggregated else "pd:colocated"] += 1
         return RouteDecision(
@@ -196,6 +200,8 @@ class Router:
     ) -> tuple[bool, str]:
         if not has_pair:
             return False, "only colocated instances are live"
+        if facts.adapter and has_colocated:
+            return False, "LoRA adapters are served by colocated instances"
         if not has_colocated:
             return True, "only prefill/decode pairs are live"
         if policy != RoutingPolicy.DEEPSERVE:
@@ -234,6 +240,8 @@ class Router:
         if policy == RoutingPolicy.LEAST_LOADED or not with_locality:
             return self._least_loaded(group, loads, "least loaded")
         low, high = min(loads.values()), max(loads.values())
+        if facts.adapter:
+            return self._adapter_affinity(facts, group, loads, low)
         if facts.cached_context_id:
             pick = self._context_holder(facts, group, loads, low)
             if pick is not None:
@@ -288,6 +296,35 @@ class Router:
             f"(load {loads[chosen.instance_id]:.1f})",
             {i.instance_id: loads[i.instance_id] for i in ranked[: self.config.reported_scores]},
         )
+
+    def _adapter_affinity(
+        self,
+        facts: RouteFacts,
+        group: Sequence[InstanceRecord],
+        loads: dict[str, float],
+        low: float,
+    ) -> _Pick:
+        """The least-loaded instance holding the adapter, unless it is loaded past the balance
+        thresholds; else the least-loaded instance of the base, which loads the adapter."""
+        holders = set(self.loads.adapter_holders(facts.adapter, loads))
+        ranked = sorted(
+            (i for i in group if i.instance_id in holders),
+            key=lambda i: (loads[i.instance_id], i.instance_id),
+        )
+        if ranked and self.is_balanced(low, loads[ranked[0].instance_id]):
+            chosen = ranked[0]
+            return _Pick(
+                chosen,
+                "adapter",
+                f"holds adapter {facts.adapter}: {chosen.instance_id} "
+                f"(load {loads[chosen.instance_id]:.1f})",
+                {
+                    i.instance_id: loads[i.instance_id]
+                    for i in ranked[: self.config.reported_scores]
+                },
+            )
+        why = "no instance holds adapter" if not ranked else "adapter holders too loaded"
+        return self._least_loaded(group, loads, f"{why} {facts.adapter}; least loaded")
 
     def _locality(
         self,

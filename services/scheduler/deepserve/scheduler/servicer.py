@@ -22,6 +22,7 @@ _BRANCHES = {
     "round_robin": scheduler_pb2.ROUTE_BRANCH_ROUND_ROBIN,
     "random": scheduler_pb2.ROUTE_BRANCH_RANDOM,
     "any": scheduler_pb2.ROUTE_BRANCH_ANY,
+    "adapter": scheduler_pb2.ROUTE_BRANCH_ADAPTER,
 }
 
 
@@ -78,6 +79,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
                 block_size=request.block_size,
                 exclude_instance_ids=set(request.exclude_instance_ids),
                 cached_context_id=request.cached_context_id,
+                adapter=request.adapter,
             )
         )
 

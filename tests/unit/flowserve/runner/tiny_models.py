@@ -46,6 +46,11 @@ def save_tiny_model(path: Path, *, family: str = "llama", seed: int = 0, **overr
 def hf_greedy(model_dir: Path, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
     """Greedy continuations from transformers' own generate(), one prompt at a time."""
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    return greedy_tokens(model, prompts, max_new_tokens)
+
+
+def greedy_tokens(model: Any, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    """`model.generate()` greedy continuations of each prompt alone."""
     model.eval()
     # No early stop: the comparison wants exactly max_new_tokens argmax tokens, eos included
     # (min_new_tokens would instead mask eos out of the argmax).

@@ -23,6 +23,7 @@ import torch
 from deepserve.errors import (
     Cancelled,
     DeepServeError,
+    FailedPrecondition,
     InvalidArgument,
     ResourceExhausted,
     Unavailable,
@@ -36,8 +37,10 @@ from deepserve.flowserve.engine.request import Request
 from deepserve.flowserve.engine.stats import EngineStats
 from deepserve.flowserve.kv_cache import HostTransport, KVEventListener
 from deepserve.flowserve.kv_cache.manager import PinnedContext
+from deepserve.flowserve.lora.host_cache import AdapterHostCache
 from deepserve.flowserve.sampling.grammar import GrammarCompiler
 from deepserve.flowserve.sampling.sampler import Sampler
+from deepserve.prefix_hash import adapter_salt
 from deepserve.sampling_params import SamplingParams
 
 __all__ = ["AsyncEngine", "EngineConfig", "EngineCore", "GenerationOutput", "TokenLogprobs"]
@@ -70,9 +73,12 @@ class AsyncEngine:
         host_transport: HostTransport | None = None,
         kv_event_listener: KVEventListener | None = None,
         grammar_compiler: GrammarCompiler | None = None,
+        adapter_cache: AdapterHostCache | None = None,
     ) -> None:
         self.config = config
         self.grammar_compiler = grammar_compiler
+        # Multi-LoRA: the host-DRAM tier of adapters (None: this engine serves no adapters).
+        self.adapter_cache = adapter_cache
         self.core = EngineCore(
             config,
             executor,
@@ -138,6 +144,8 @@ class AsyncEngine:
         priority: int = 0,
         output_token_ids: Sequence[int] = (),
         cache_salt: str = "",
+        adapter: str = "",
+        adapter_path: str = "",
     ) -> AsyncIterator[GenerationOutput]:
         """Stream a request's outputs; the last one has finish_reason set.
 
@@ -150,13 +158,19 @@ class AsyncEngine:
         `output_token_ids` resumes a migrated request: tokens another instance generated and
         streamed. They count as generated (limits, penalties, stop rules, the seeded sampler,
         the detokenizer, usage) and are not streamed again; outputs start at the next token.
+
+        `adapter` serves the request with that LoRA adapter (read from `adapter_path` unless
+        this engine holds it already; the read is on the request's timeline). Its prefix-cache
+        hashes are namespaced by the adapter.
         """
         request = self._build_request(
             request_id, prompt_token_ids, sampling_params, output_token_ids
         )
         request.hold_kv = hold_kv
         request.priority = priority
-        request.cache_salt = cache_salt
+        request.cache_salt = adapter_salt(cache_salt, adapter)
+        if adapter:
+            await self._attach_adapter(request, adapter, adapter_path)
         await self._compile_grammar(request)
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         with self._wakeup:
@@ -226,6 +240,29 @@ class AsyncEngine:
             raise
         async for output in self._stream_outputs(request_id, stream):
             yield output
+
+    async def _attach_adapter(self, request: Request, adapter: str, path: str) -> None:
+        if self.adapter_cache is None:
+            raise FailedPrecondition(
+                "this instance does not serve LoRA adapters (tensor parallel or disabled)"
+            )
+        started = time.time_ns()
+        weights, loaded = await self.adapter_cache.get(adapter, path)
+        if loaded:
+            request.timeline.adapter_load = (started, time.time_ns())
+        request.adapter_id = adapter
+        request.adapter_weights = weights
+
+    def adapter_requests(self) -> tuple[dict[str, int], dict[str, int]]:
+        """Requests per adapter, (running, waiting): for a `vllm:lora_requests_info` gauge."""
+        return self._stats.adapters_running, self._stats.adapters_waiting
+
+    def held_adapters(self) -> list[str]:
+        """Adapters this engine holds (on the device or in host DRAM), for routing affinity."""
+        held = dict.fromkeys(self._stats.adapters_resident)
+        if self.adapter_cache is not None:
+            held.update(dict.fromkeys(self.adapter_cache.held))
+        return list(held)
 
     async def _compile_grammar(self, request: Request) -> None:
         """Structured outputs: compile (or take from the cache) the request's grammar in a

@@ -27,6 +27,12 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     # Prompt token ids must be below it when set.
     vocab_size: int | None = None
+    # Multi-LoRA: distinct adapters one step may mix, device slots, adapters kept in host DRAM,
+    # and the slots' rank (the platform's one limit, DEEPSERVE_LORA_MAX_RANK).
+    max_loras: int = 8
+    lora_slots: int = 8
+    max_cpu_loras: int = 32
+    max_lora_rank: int = 16
 
     def resolve_num_gpu_blocks(self, bytes_per_block: int | None = None) -> int:
         """num_gpu_blocks, or as many blocks of `bytes_per_block` as the memory budget holds."""
@@ -45,5 +51,10 @@ class EngineConfig:
             raise ValueError("num_gpu_blocks must be positive")
         if self.num_host_blocks < 0:
             raise ValueError("num_host_blocks must be >= 0")
+        for name in ("max_loras", "lora_slots", "max_cpu_loras", "max_lora_rank"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive")
+        if self.max_loras > self.lora_slots:
+            raise ValueError("max_loras cannot exceed lora_slots")
         if self.max_queue_len < 0:
             raise ValueError("max_queue_len must be >= 0")

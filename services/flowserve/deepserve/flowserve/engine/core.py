@@ -21,6 +21,7 @@ from typing import Any, Protocol
 import torch
 
 from deepserve.errors import Cancelled, DeepServeError, FailedPrecondition, ResourceExhausted
+from deepserve.flowserve.engine.adapter_slots import AdapterSlotTable
 from deepserve.flowserve.engine.config import EngineConfig
 from deepserve.flowserve.engine.kv_handoff import KVReservation
 from deepserve.flowserve.engine.output_processor import DetokenizerFactory, OutputProcessor
@@ -100,6 +101,9 @@ class EngineCore:
         self.planner = StepPlanner(
             StepPlannerConfig(config.max_num_seqs, config.step_token_budget), self.kv_cache
         )
+        self.adapter_slots = AdapterSlotTable(config.lora_slots)
+        self.planner.adapter_slot_of = self._adapter_slot
+        self.planner.max_loras = config.max_loras
         self.eos_token_ids = frozenset(eos_token_ids)
         self._sampler = RequestSampler(sampler)
         self._outputs = OutputProcessor(self.planner, detokenizer_factory)
@@ -122,6 +126,8 @@ class EngineCore:
 
     def add_request(self, request: Request) -> None:
         """Queue a request (raises InvalidArgument if it can never fit the KV cache)."""
+        if request.adapter_id and not callable(getattr(self.executor, "load_adapter", None)):
+            raise FailedPrecondition("this engine's executor cannot serve LoRA adapters")
         self._default_eos(request)
         self.attach_grammar(request)
         self.planner.add_request(request)
@@ -246,6 +252,7 @@ class EngineCore:
         """Advance every live request by one step; returns the outputs it produced."""
         self._num_steps += 1
         self.last_step_ran = False
+        self._place_adapter()
         if self.config.async_scheduling:
             return self._step_pipelined()
         return self._step_serial()
@@ -307,6 +314,36 @@ class EngineCore:
         # Detokenizing overlaps the step just submitted.
         outputs.extend(self._emit(sampled))
         return outputs
+
+    def _adapter_slot(self, adapter_id: str) -> int | None:
+        """The adapter's slot, marking it used (slots are evicted least recently used first)."""
+        slot = self.adapter_slots.slot_of(adapter_id)
+        if slot is not None:
+            self.adapter_slots.touch(adapter_id)
+        return slot
+
+    def _place_adapter(self) -> None:
+        """Put the first waiting request's missing adapter into a device slot (one per step).
+
+        The copy is queued on the executor after the step in flight and before the one planned
+        next, so it delays running decodes by at most one copy, and the planner admits the
+        adapter's requests from this step on.
+        """
+        for request in self.planner.waiting:
+            if not request.adapter_id or self.adapter_slots.slot_of(request.adapter_id) is not None:
+                continue
+            slot = self.adapter_slots.place(request.adapter_id, self.planner.adapter_slots_in_use())
+            if slot is None:
+                return  # every slot is busy: wait for a running adapter request to finish
+            load = getattr(self.executor, "load_adapter", None)
+            assert load is not None  # add_request refused adapter requests otherwise
+            load(
+                slot,
+                request.adapter_weights,
+                num_slots=self.config.lora_slots,
+                max_rank=self.config.max_lora_rank,
+            )
+            return
 
     def _note_step_timing(self, plan: StepPlan, started_ns: int, ended_ns: int) -> None:
         """Marks queue exit and prompt chunks on each request's timeline (read by tracing)."""
@@ -413,6 +450,9 @@ class EngineCore:
             computed_tokens_per_s=self._computed.rate(now),
             num_preemptions=self.planner.num_preemptions,
             num_steps=self._num_steps,
+            adapters_running=_count_adapters(self.planner.running),
+            adapters_waiting=_count_adapters(self.planner.waiting),
+            adapters_resident=tuple(self.adapter_slots.resident),
         )
 
     def shutdown(self) -> None:
@@ -427,3 +467,11 @@ class EngineCore:
         shutdown = getattr(self.executor, "shutdown", None)
         if callable(shutdown):
             shutdown()
+
+
+def _count_adapters(requests: list[Request]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for request in requests:
+        if request.adapter_id:
+            counts[request.adapter_id] = counts.get(request.adapter_id, 0) + 1
+    return counts

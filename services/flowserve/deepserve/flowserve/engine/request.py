@@ -69,6 +69,8 @@ class RequestTimeline:
     prefill_chunks: list[tuple[int, int, int]] = field(default_factory=list)
     first_token_ns: int | None = None
     finished_ns: int | None = None
+    # (start, end) of reading the request's LoRA adapter from storage, when it had to.
+    adapter_load: tuple[int, int] | None = None
 
 
 @dataclass(eq=False)
@@ -93,6 +95,10 @@ class Request:
     cache_salt: str = ""
     # Structured outputs: the matcher of the request's grammar (it follows output_token_ids).
     grammar: GrammarState | None = None
+    # A LoRA adapter: its id, its host weights (opaque here) and, once admitted, its slot.
+    adapter_id: str = ""
+    adapter_weights: object | None = None
+    adapter_slot: int = -1
 
     # Generated tokens. Given at construction, they are a migrated request's tokens generated
     # (and streamed) by an instance that died: the request resumes after them.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,6 +24,10 @@ class EngineStats:
     computed_tokens_per_s: float = 0.0
     num_preemptions: int = 0
     num_steps: int = 0
+    # Multi-LoRA: requests per adapter id, running and waiting; adapters in device slots.
+    adapters_running: dict[str, int] = field(default_factory=dict)
+    adapters_waiting: dict[str, int] = field(default_factory=dict)
+    adapters_resident: tuple[str, ...] = ()
 
 
 class ThroughputMeter:

@@ -24,6 +24,8 @@ class StepSequence:
     block_table: list[int]
     # True when the logits of the last token are needed (last prompt chunk, or decode).
     needs_logits: bool = True
+    # The device slot of the request's LoRA adapter; -1 for the base model.
+    adapter_slot: int = -1
 
 
 @dataclass(slots=True)

@@ -25,7 +25,7 @@ runs: each sequence expecting a sampled token gets a placeholder, resolved by
 from __future__ import annotations
 
 import bisect
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from deepserve.errors import FailedPrecondition, InvalidArgument
@@ -86,6 +86,10 @@ class StepPlanner:
         self.num_preemptions = 0
         # Requests the planner itself had to fail (they can never fit); the engine reports them.
         self._failed: list[Request] = []
+        # Multi-LoRA: the device slot of a resident adapter (None: not on the device yet), and
+        # how many distinct adapters the running batch may mix.
+        self.adapter_slot_of: Callable[[str], int | None] = lambda _adapter: None
+        self.max_loras = 0
 
     # ----- queue management -------------------------------------------------------------------
 
@@ -279,15 +283,21 @@ class StepPlanner:
             budget -= num_new
 
         # A preemption means blocks are short: admitting more would only thrash.
+        # Adapter requests whose adapter is not on the device yet (or that would bring one
+        # adapter too many into the batch) are passed over; the rest keep their order.
+        index = 0
         while (
             not preempted
-            and self.waiting
+            and index < len(self.waiting)
             and budget > 0
             and len(self.running) < self.config.max_num_seqs
         ):
-            request = self.waiting[0]
+            request = self.waiting[index]
             if request.num_pending_tokens:
                 break  # preempted while its last token was in flight; wait for that token
+            if request.adapter_id and not self._adapter_admissible(request):
+                index += 1
+                continue
             match = self.kv_cache.match_prefix(
                 request.all_token_ids,
                 block_hashes=request.block_hashes,
@@ -297,11 +307,11 @@ class StepPlanner:
             num_new = min(request.num_tokens - match.num_tokens, budget)
             if not self.kv_cache.alloc(request, num_new, match):
                 if not self.running and not self._blocks_held_outside_queues:
-                    self.waiting.pop(0)
+                    self.waiting.pop(index)
                     self._fail(request, "the KV cache is too small to hold this request")
                     continue
                 break
-            self.waiting.pop(0)
+            self.waiting.pop(index)
             request.status = RequestStatus.RUNNING
             request.num_computed_tokens = match.num_tokens
             if request.num_cached_tokens < 0:
@@ -360,6 +370,20 @@ class StepPlanner:
 
     # ----- helpers ----------------------------------------------------------------------------
 
+    def _adapter_admissible(self, request: Request) -> bool:
+        slot = self.adapter_slot_of(request.adapter_id)
+        if slot is None:
+            return False
+        active = {r.adapter_id for r in self.running if r.adapter_id}
+        if request.adapter_id not in active and len(active) >= self.max_loras:
+            return False
+        request.adapter_slot = slot
+        return True
+
+    def adapter_slots_in_use(self) -> set[int]:
+        """Slots a running request reads (or will read in a step planned already)."""
+        return {r.adapter_slot for r in self.running if r.adapter_id}
+
     def _in_use(self, request_id: str) -> bool:
         return (
             request_id in self.requests
@@ -394,6 +418,7 @@ class StepPlanner:
             start_pos=start,
             block_table=self.kv_cache.block_ids(request.request_id)[:num_blocks],
             needs_logits=needs_logits,
+            adapter_slot=request.adapter_slot if request.adapter_id else -1,
         )
 
     def _preempt(self, request: Request) -> None:

@@ -26,6 +26,12 @@ def record_engine_spans(
 ) -> None:
     """Emits the spans under the current span (the Generate server span)."""
     end_ns = timeline.finished_ns or timeline.first_token_ns or timeline.arrived_ns
+    if timeline.adapter_load is not None:
+        # The adapter's first request read it from storage: that wait is this request's.
+        load_start, load_end = timeline.adapter_load
+        load = _tracer.start_span("engine.adapter_load", start_time=load_start)
+        load.set_attribute("request_id", request_id)
+        load.end(end_time=load_end)
     queue_end = timeline.first_scheduled_ns or end_ns
     span = _tracer.start_span("engine.queue", start_time=timeline.arrived_ns)
     span.set_attribute("request_id", request_id)

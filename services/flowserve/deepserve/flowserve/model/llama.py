@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from deepserve.flowserve.lora.batched_matmul import LoRAStep
 from deepserve.flowserve.model.attention import AttentionMetadata, paged_attention, write_kv
 from deepserve.flowserve.model.config import ModelConfig
 from deepserve.flowserve.model.llama_weights import LlamaWeights
@@ -83,10 +84,12 @@ class LlamaForCausalLM:
         kv_caches: KVCaches,
         max_position: int | None = None,
         after_layer: Callable[[int], None] | None = None,
+        lora: LoRAStep | None = None,
     ) -> torch.Tensor:
         """Run all layers over token_ids [tokens]; writes their KV; returns [tokens, hidden].
 
         `after_layer(i)` runs once layer i's KV is written (layer-by-layer KV transfer).
+        `lora` adds each adapter token's LoRA delta to every fused projection.
         """
         if max_position is None:
             max_position = int(positions.max().item())
@@ -102,6 +105,8 @@ class LlamaForCausalLM:
         for index, (layer, (key_cache, value_cache)) in enumerate(layers):
             x = F.rms_norm(hidden, norm_shape, layer.input_norm, eps)
             qkv = F.linear(x, layer.qkv, layer.qkv_bias)
+            if lora is not None:
+                lora.add("qkv", index, x, qkv)
             # q and k heads rotate together: one set of kernels instead of two.
             qk = RotaryEmbedding.rotate(
                 qkv[:, : q_size + kv_size].view(num_tokens, heads + kv_heads, head_dim), cos, sin
@@ -110,12 +115,21 @@ class LlamaForCausalLM:
             value = qkv[:, q_size + kv_size :].view(num_tokens, kv_heads, head_dim)
             write_kv(key_cache, value_cache, meta.slot_mapping, key, value)
             attn = paged_attention(qk[:, :heads], key_cache, value_cache, meta, key, value)
-            hidden = hidden + self._row_parallel(attn, layer.o_proj, layer.o_bias)
+            attn_out = self._row_parallel(attn, layer.o_proj, layer.o_bias)
+            if lora is not None:
+                lora.add("o", index, attn, attn_out)
+            hidden = hidden + attn_out
 
             x = F.rms_norm(hidden, norm_shape, layer.post_norm, eps)
             gate_up = F.linear(x, layer.gate_up, layer.gate_up_bias)
+            if lora is not None:
+                lora.add("gate_up", index, x, gate_up)
             gate, up = gate_up.chunk(2, dim=-1)
-            hidden = hidden + self._row_parallel(F.silu(gate) * up, layer.down, layer.down_bias)
+            act = F.silu(gate) * up
+            mlp_out = self._row_parallel(act, layer.down, layer.down_bias)
+            if lora is not None:
+                lora.add("down", index, act, mlp_out)
+            hidden = hidden + mlp_out
             if after_layer is not None:
                 after_layer(index)
         return hidden

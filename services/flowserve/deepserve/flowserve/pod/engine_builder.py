@@ -8,10 +8,12 @@ from pathlib import Path
 
 import torch
 
+from deepserve.adapters.peft_format import BaseShape
 from deepserve.flowserve.engine.async_engine import AsyncEngine
 from deepserve.flowserve.engine.config import EngineConfig
 from deepserve.flowserve.engine.output_processor import detokenizer_factory_for
 from deepserve.flowserve.kv_cache.events import KVEvent
+from deepserve.flowserve.lora.host_cache import AdapterHostCache
 from deepserve.flowserve.model.config import ModelConfig
 from deepserve.flowserve.runner.cpu_threads import intraop_threads
 from deepserve.flowserve.runner.device import detect_platform, parse_dtype
@@ -39,6 +41,18 @@ def kv_blocks_for(settings: FlowServeSettings, config: ModelConfig, tp_size: int
         block_size=settings.block_size,
         num_kv_heads=max(1, config.num_kv_heads // tp_size),
         head_dim=config.head_dim,
+        dtype=dtype,
+    )
+
+
+def adapter_cache_for(
+    model_dir: Path, config: EngineConfig, dtype: torch.dtype
+) -> AdapterHostCache:
+    """The host-DRAM tier of LoRA adapters of a single-device engine."""
+    return AdapterHostCache(
+        BaseShape.from_config_json(model_dir),
+        capacity=config.max_cpu_loras,
+        max_rank=config.max_lora_rank,
         dtype=dtype,
     )
 
@@ -88,6 +102,10 @@ def build_engine(
         max_queue_len=settings.max_queue_len,
         async_scheduling=settings.async_scheduling,
         vocab_size=config.vocab_size,
+        max_loras=settings.max_loras,
+        lora_slots=settings.lora_slots,
+        max_cpu_loras=settings.max_cpu_loras,
+        max_lora_rank=settings.common.lora_max_rank,
     )
     eos = tuple(dict.fromkeys([*config.eos_token_ids, *tokenizer.eos_token_ids]))
     # Structured outputs: grammars compile against this tokenizer (its token trie is built
@@ -103,6 +121,7 @@ def build_engine(
         host_transport=ExecutorHostTransport(executor) if settings.kv_host_blocks > 0 else None,
         kv_event_listener=on_kv_event,
         grammar_compiler=grammars,
+        adapter_cache=None if tp_size > 1 else adapter_cache_for(model_dir, engine_config, dtype),
     )
     engine.start()
     return engine, tokenizer, max_model_len

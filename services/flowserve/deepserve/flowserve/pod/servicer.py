@@ -93,6 +93,10 @@ class FlowServeServicer(flowserve_pb2_grpc.FlowServeServiceServicer):
         params = sampling_from_proto(request.sampling)
         prompt = list(request.prompt_token_ids)
         resumed = list(request.output_token_ids)
+        if request.adapter and request.prefill_address:
+            raise InvalidArgument(
+                "LoRA adapters are served on colocated instances", field="adapter"
+            )
         if request.prefill_address and resumed:
             raise InvalidArgument(
                 "a migrated request resumes on one instance, not through a prefill instance",
@@ -126,6 +130,8 @@ class FlowServeServicer(flowserve_pb2_grpc.FlowServeServiceServicer):
                 priority=request.priority,
                 output_token_ids=resumed,
                 cache_salt=request.cache_salt,
+                adapter=request.adapter,
+                adapter_path=request.adapter_path,
             )
         # Leaving the loop early (the caller went away: grpc cancels this coroutine) closes the
         # engine's generator, which aborts the request and frees its KV blocks.

@@ -297,6 +297,7 @@ class TaskExecutorShell:
             prefix_cache_hit_rate=stats.prefix_cache_hit_rate,
             tokens_per_s=stats.generation_tokens_per_s,
             pinned_contexts=tuple(p.context_id for p in pinned),
+            adapters=tuple(self.engine.held_adapters()),
         )
         ttl_s = max(3 * self.settings.load_report_interval_s, 2)
         await self.redis.publish_load(self.instance_id, report, ttl_s=ttl_s)

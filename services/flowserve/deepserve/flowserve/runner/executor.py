@@ -35,6 +35,7 @@ import torch.multiprocessing as mp
 
 from deepserve.errors import FailedPrecondition, Unavailable
 from deepserve.flowserve.engine.step_plan import StepPlan
+from deepserve.flowserve.lora.host_weights import AdapterWeights
 from deepserve.flowserve.model.config import ModelConfig
 from deepserve.flowserve.runner.device import DevicePlatform, detect_platform, platform_of
 from deepserve.flowserve.runner.inputs import validate_plan
@@ -73,6 +74,12 @@ class Executor(ABC):
     @abstractmethod
     def load_from_host(self, block_ids: Sequence[int], tensor: torch.Tensor) -> None:
         """Write a copy_to_host-shaped tensor into the given device blocks."""
+
+    def load_adapter(
+        self, slot: int, weights: AdapterWeights, *, num_slots: int, max_rank: int
+    ) -> Future[None]:
+        """Queue copying a LoRA adapter into a device slot, in order with the steps."""
+        raise FailedPrecondition("LoRA adapters are served by single-device instances only")
 
     @abstractmethod
     def shutdown(self) -> None:
@@ -155,6 +162,16 @@ class UniprocExecutor(Executor):
     def load_from_host(self, block_ids: Sequence[int], tensor: torch.Tensor) -> None:
         self._check_open()
         self._thread.submit(self.runner.load_from_host, list(block_ids), tensor).result()
+
+    def load_adapter(
+        self, slot: int, weights: AdapterWeights, *, num_slots: int, max_rank: int
+    ) -> Future[None]:
+        self._check_open()
+        # After every step submitted so far, before every later one: the engine only picks a
+        # slot no running request reads, so neither side sees a half-written adapter.
+        return self._thread.submit(
+            lambda: self.runner.load_adapter(slot, weights, num_slots=num_slots, max_rank=max_rank)
+        )
 
     def shutdown(self) -> None:
         self._closed = True

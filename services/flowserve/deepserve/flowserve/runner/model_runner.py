@@ -9,6 +9,10 @@ import torch
 import torch.distributed as dist
 
 from deepserve.flowserve.engine.step_plan import StepPlan
+from deepserve.flowserve.lora.batched_matmul import LoRAStep
+from deepserve.flowserve.lora.host_weights import AdapterWeights
+from deepserve.flowserve.lora.layout import projection_shapes
+from deepserve.flowserve.lora.slots import LoRASlots
 from deepserve.flowserve.model.config import ModelConfig
 from deepserve.flowserve.model.llama import LlamaForCausalLM
 from deepserve.flowserve.runner.device import parse_dtype, platform_of
@@ -58,6 +62,34 @@ class ModelRunner:
             dtype=self.dtype,
             device=self.device,
         )
+        # LoRA adapter slots, allocated by the first adapter load.
+        self.lora_slots: LoRASlots | None = None
+
+    def load_adapter(
+        self, slot: int, weights: AdapterWeights, *, num_slots: int, max_rank: int
+    ) -> None:
+        """Copy an adapter's host weights into a device slot (allocating the slots once)."""
+        if self.tp_size > 1:
+            raise NotImplementedError("LoRA adapters are served without tensor parallelism")
+        if self.lora_slots is None:
+            config = self.config
+            self.lora_slots = LoRASlots(
+                projection_shapes(
+                    config.hidden_size, config.intermediate_size, config.q_size, config.kv_size
+                ),
+                num_layers=config.num_layers,
+                num_slots=num_slots,
+                max_rank=max_rank,
+                device=self.device,
+                dtype=self.dtype,
+            )
+        self.lora_slots.write(slot, weights)
+
+    def _lora_step(self, plan: StepPlan) -> LoRAStep | None:
+        if self.lora_slots is None or all(s.adapter_slot < 0 for s in plan.sequences):
+            return None
+        token_slots = [s.adapter_slot for s in plan.sequences for _ in s.token_ids]
+        return LoRAStep(self.lora_slots, token_slots, self.device, self.dtype)
 
     @property
     def num_blocks(self) -> int:
@@ -86,6 +118,7 @@ class ModelRunner:
             self.kv_cache.layers,
             max_position=inputs.max_position,
             after_layer=self._layer_hook(plan),
+            lora=self._lora_step(plan),
         )
         if not self.computes_logits or inputs.logits_indices.numel() == 0:
             return empty

@@ -43,6 +43,12 @@ class TrainingPlan:
     seed: int = 0
     checkpoint_every_steps: int = 0
     resume: bytes | None = None
+    # Write only the adapter (PEFT files), not the merged full model too.
+    adapter_only: bool = False
+
+    @property
+    def adapter_dir(self) -> Path:
+        return self.output_dir.parent / "adapters" / self.output_dir.name
 
     @property
     def steps_per_epoch(self) -> int:
@@ -80,9 +86,10 @@ class Evaluated:
 
 @dataclass(frozen=True)
 class TrainingFinished:
-    model_dir: Path
+    model_dir: Path | None  # the merged model, when written
     trained_tokens: int
     steps: int
+    adapter_dir: Path | None = None
 
 
 TrainingEvent = StepDone | CheckpointSaved | Evaluated | TrainingFinished
@@ -160,7 +167,8 @@ def run_lora_training(
     save_checkpoint: Callable[[int, bytes], str],
     pad_id: int = 0,
 ) -> TrainingFinished:
-    """Trains, checkpoints, evaluates, merges the adapters and writes the merged model."""
+    """Trains, checkpoints, evaluates, writes the adapter and (unless adapter_only) the merged
+    model."""
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
     use_intraop_threads()  # not the single thread a serving engine loop left process-wide
@@ -220,10 +228,24 @@ def run_lora_training(
         raise TrainingStopped("stopped before evaluation")
     if plan.valid:
         emit(Evaluated("after", validation_loss(model, plan.valid, pad_id), len(plan.valid)))
-    write_merged_model(model, plan)
-    finished = TrainingFinished(plan.output_dir, trained_tokens, step)
+    write_adapter(model, plan)
+    if not plan.adapter_only:
+        write_merged_model(model, plan)
+    finished = TrainingFinished(
+        None if plan.adapter_only else plan.output_dir, trained_tokens, step, plan.adapter_dir
+    )
     emit(finished)
     return finished
+
+
+def write_adapter(model: Any, plan: TrainingPlan) -> None:
+    """The trained LoRA adapter in PEFT's format, written whole or not at all."""
+    target = plan.adapter_dir
+    partial = target.with_name(target.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial, safe_serialization=True)
+    shutil.rmtree(target, ignore_errors=True)
+    partial.rename(target)
 
 
 def write_merged_model(model: Any, plan: TrainingPlan) -> None:

@@ -59,10 +59,11 @@ def event_to_proto(event: TrainingEvent) -> pb.RunTrainingResponse:
         )
     return pb.RunTrainingResponse(
         done=pb.TrainingDone(
-            model_dir=str(event.model_dir),
-            model=event.model_dir.name,
+            model_dir=str(event.model_dir) if event.model_dir else "",
+            model=event.model_dir.name if event.model_dir else "",
             trained_tokens=event.trained_tokens,
             steps=event.steps,
+            adapter_dir=str(event.adapter_dir) if event.adapter_dir else "",
         )
     )
 
@@ -101,6 +102,7 @@ class TrainingService:
             seed=request.seed,
             checkpoint_every_steps=request.checkpoint_every_steps,
             resume=resume,
+            adapter_only=request.adapter_only,
         )
 
     async def run(self, request: pb.RunTrainingRequest) -> AsyncIterator[pb.RunTrainingResponse]:

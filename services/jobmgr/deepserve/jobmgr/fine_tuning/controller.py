@@ -18,6 +18,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from deepserve import records
+from deepserve.adapters.records import AdapterRecord
+from deepserve.config import CommonSettings
 from deepserve.errors import (
     DeepServeError,
     FailedPrecondition,
@@ -25,6 +27,7 @@ from deepserve.errors import (
     NotFound,
 )
 from deepserve.files import FileService
+from deepserve.jobmgr.adapter_registry import AdapterRegistry
 from deepserve.jobmgr.fine_tuning.preprocess import build_dataset
 from deepserve.jobmgr.fine_tuning.trainer_client import run_training
 from deepserve.jobmgr.job_operations import JobOperations
@@ -70,6 +73,7 @@ class FineTuningController:
         *,
         actor: str = "",
         model_cache_dir: Path | None = None,
+        adapters: AdapterRegistry | None = None,
     ) -> None:
         self._jobs = JobStore(store)
         self._tasks = TaskStore(store)
@@ -79,6 +83,9 @@ class FineTuningController:
         self._files = files
         self._actor = actor
         self._cache_dir = model_cache_dir or default_cache_dir()
+        self._adapters = adapters or AdapterRegistry(
+            store, model_cache_dir=self._cache_dir, max_rank=CommonSettings().lora_max_rank
+        )
         self._ops = JobOperations("fine-tuning")
         self.wake = self._ops.wake
 
@@ -230,6 +237,7 @@ class FineTuningController:
             checkpoint_every_steps=spec.checkpoint_every_steps,
             checkpoint_prefix=f"fine_tuning/{job.job_id}/checkpoints",
             resume_checkpoint=resume,
+            adapter_only=not spec.export_merged_model,
         )
 
         def running(j: JobRecord, ft: FineTuningJob) -> None:
@@ -263,10 +271,25 @@ class FineTuningController:
         assert job.fine_tuning is not None
         spec, progress = job.fine_tuning.spec, job.fine_tuning.progress
         name = fine_tuned_model_name(spec.model, spec.suffix, job.job_id)
-        await self._models.put(
-            name,
-            ModelRecord(model_id=name, source=progress.merged_model_dir, owned_by=spec.tenant),
-        )
+        if progress.adapter_dir:
+            # Served at once by the base model's running instances: no new instance.
+            await self._adapters.register(
+                AdapterRecord(
+                    name=name,
+                    tenant=spec.tenant,
+                    base_model=spec.model,
+                    path=progress.adapter_dir,
+                    rank=spec.lora_rank,
+                    source="fine_tuning",
+                    job_id=job.job_id,
+                ),
+                replace=True,  # a new leader may register it again
+            )
+        if progress.merged_model_dir:
+            await self._models.put(
+                name,
+                ModelRecord(model_id=name, source=progress.merged_model_dir, owned_by=spec.tenant),
+            )
 
         def succeeded(j: JobRecord, ft: FineTuningJob) -> None:
             ft.progress.fine_tuned_model = name
@@ -394,6 +417,10 @@ def _apply(job: JobRecord, ft: FineTuningJob, reply: flowserve_pb2.RunTrainingRe
         job.record_event("Validation", f"validation loss {e.when} training: {e.valid_loss:.4f}")
     elif kind == "done":
         progress.merged_model_dir = reply.done.model_dir
+        progress.adapter_dir = reply.done.adapter_dir
         progress.trained_tokens = reply.done.trained_tokens
         progress.stage = Stage.EVALUATE
-        job.record_event("Trained", f"merged model written to {reply.done.model_dir}")
+        written = [f"adapter {reply.done.adapter_dir}"] if reply.done.adapter_dir else []
+        if reply.done.model_dir:
+            written.append(f"merged model {reply.done.model_dir}")
+        job.record_event("Trained", "written: " + ", ".join(written))
