@@ -264,6 +264,7 @@ class ChatTemplate:
     def __init__(self, templates: Mapping[str, str]) -> None:
         self._templates = dict(templates)
         self._compiled: dict[str, jinja2.Template] = {}
+        self._reads_tools: dict[str, bool] = {}
 
     @property
     def names(self) -> list[str]:
@@ -285,10 +286,19 @@ class ChatTemplate:
         """Whether the template picked for these tools reads the `tools` variable itself."""
         try:
             source = self.source(tools if tools is not None else [])
-            parsed = _environment().parse(source)
-        except (FailedPrecondition, jinja2.TemplateSyntaxError):
+        except FailedPrecondition:
             return False
-        return "tools" in jinja2.meta.find_undeclared_variables(parsed)
+        # Asked on every request: parsing the template each time cost ~8% of a gateway's CPU.
+        reads = self._reads_tools.get(source)
+        if reads is None:
+            try:
+                parsed = _environment().parse(source)
+            except jinja2.TemplateSyntaxError:
+                reads = False
+            else:
+                reads = "tools" in jinja2.meta.find_undeclared_variables(parsed)
+            self._reads_tools[source] = reads
+        return reads
 
     def _compile(self, source: str) -> jinja2.Template:
         template = self._compiled.get(source)
