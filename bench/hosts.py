@@ -71,14 +71,14 @@ def one_run(work: Path, hosts: int, n: int, model: str, pod_threads: int) -> dic
     return {**result, "pool_s": pool_s, "spread": spread, "load": load}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--hosts", type=int, default=2)
     parser.add_argument("--burst", type=int, default=32)
     parser.add_argument("--burst-model", default="tiny", help="'tiny' or a model name/path")
     parser.add_argument("--burst-pod-threads", type=int, default=1)
     parser.add_argument("--no-baseline", action="store_true", help="skip the 1-host run")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if os.geteuid() != 0:
         raise SystemExit("bench.hosts makes network namespaces: run it as root")
     work = Path(tempfile.mkdtemp(prefix="bench-hosts-"))

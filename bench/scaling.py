@@ -580,7 +580,22 @@ def main() -> None:
         help="CPU threads per pod in part 1; 0: all cores (a host loaded beyond its cores makes "
              "OpenMP teams wait for descheduled partners)",
     )  # fmt: skip
+    parser.add_argument(
+        "--hosts", type=int, default=1,
+        help="N > 1: the burst (default 32) with pods spread over N network-namespace hosts, "
+             "beside the same burst on one (root; bench/hosts.py)",
+    )  # fmt: skip
     args = parser.parse_args()
+    if args.hosts > 1:
+        from bench import hosts
+
+        burst = 32 if "--burst" not in sys.argv else args.burst
+        hosts.main(
+            ["--hosts", str(args.hosts), "--burst", str(burst),
+             "--burst-model", args.burst_model or "tiny",
+             "--burst-pod-threads", str(args.burst_pod_threads)]
+        )  # fmt: skip
+        return
     if args.quick:
         args.reps, args.burst = 1, min(args.burst, 16)
 
