@@ -17,6 +17,7 @@ Keys are built here and nowhere else, so the layout is visible in one place:
     /deepserve/kvprofiles/<model id>/<device>    KV capacity profiled once per (model, device)
     /deepserve/responses/<tenant>/<response id>  stored Responses API turns (leased: expiry)
     /deepserve/contexts/<tenant>/<context id>    explicit cached contexts (leased: their TTL)
+    /deepserve/nodeweights/<node>                weights copies a Kubernetes node holds (leased)
 """
 
 from __future__ import annotations
@@ -141,6 +142,14 @@ class Keys:
     @staticmethod
     def context(tenant: str, context_id: str) -> str:
         return _join("contexts", tenant, context_id)
+
+    @staticmethod
+    def node_weights_prefix() -> str:
+        return ROOT + "nodeweights/"
+
+    @staticmethod
+    def node_weights(node: str) -> str:
+        return _join("nodeweights", node)
 
     @staticmethod
     def kv_profiles_prefix() -> str:

@@ -82,7 +82,7 @@ class KubernetesBackend:
         self.namespace = own_namespace(self.kube)
         # Called with a pod id when its Pod ends or vanishes: drop its etcd registration now
         # instead of at lease expiry.
-        self._on_pod_ended = on_pod_ended
+        self.on_pod_ended = on_pod_ended
         self._client: client.ApiClient | None = None
         self._core: client.CoreV1Api | None = None
         self.watch: KubePodWatch | None = None
@@ -238,7 +238,7 @@ class KubernetesBackend:
             extra={"fields": {"pod_id": pod.name, "phase": pod.phase, "node": pod.node}},
         )  # fmt: skip
         # An ended Pod (restartPolicy Never) stays as an object until deleted: delete it.
-        work = [self._on_pod_ended(pod.name)] if self._on_pod_ended is not None else []
+        work = [self.on_pod_ended(pod.name)] if self.on_pod_ended is not None else []
         if kind == "put":
             work.append(self._delete(pod.name))
         for coro in work:

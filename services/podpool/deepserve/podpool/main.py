@@ -11,7 +11,9 @@ from deepserve.errors import InvalidArgument
 from deepserve.metrics import registry
 from deepserve.podpool.backend import PodBackend
 from deepserve.podpool.dram_cache import DramPreloader, ModelResolver
+from deepserve.podpool.kubernetes_backend import KubernetesBackend
 from deepserve.podpool.local_backend import LocalProcessBackend
+from deepserve.podpool.node_placement import NodePlacement
 from deepserve.podpool.pod_agent import GrpcPodAgent
 from deepserve.podpool.pod_exits import PodExitWatcher
 from deepserve.podpool.pod_view import PodView
@@ -34,13 +36,23 @@ def make_backend(settings: PodPoolSettings) -> PodBackend:
         if settings.pod_start == "zygote":
             return ZygoteBackend(settings, settings.pod_start_timeout_s)
         return LocalProcessBackend(settings)
+    if settings.backend == "kubernetes":
+        return KubernetesBackend(settings)
     raise InvalidArgument(
-        f"unknown pod backend {settings.backend!r} (only 'local' exists so far)", field="backend"
+        f"unknown pod backend {settings.backend!r} (local or kubernetes)", field="backend"
     )
 
 
+async def drop_registration(view: PodView, pod_id: str) -> None:
+    """An engine Pod ended: its records go now, not when its lease expires."""
+    found = await view.records.get(pod_id)
+    if found is not None and found.lease_id:
+        await view.records.store.revoke_lease(found.lease_id)
+
+
 def make_dram(settings: PodPoolSettings) -> DramPreloader | None:
-    if settings.weights_cache_dir is None:
+    # On Kubernetes the copies live on the engine nodes, kept by the node agents.
+    if settings.weights_cache_dir is None or settings.backend == "kubernetes":
         return None
     return DramPreloader(
         WeightsCacheLayout(settings.weights_cache_dir),
@@ -65,7 +77,20 @@ async def serve(settings: PodPoolSettings) -> None:
         instances.start()
         dram = make_dram(settings)
         dram_loop = asyncio.create_task(dram.run()) if dram is not None else None
-        planner = WeightsPlanner(lambda: instances.items, dram=dram, fork=settings.fork)
+        backend = make_backend(settings)
+        placement = None
+        if isinstance(backend, KubernetesBackend):
+            backend.on_pod_ended = lambda pod_id: drop_registration(view, pod_id)
+            await view.ready.wait()
+            await backend.start(lambda pod_id: view.get(pod_id) is not None)
+            placement = NodePlacement(rt.etcd, backend)
+            placement.start()
+        planner = WeightsPlanner(
+            lambda: instances.items,
+            dram=dram,
+            fork=settings.fork,
+            node_copy=placement.weights_plan if placement is not None else None,
+        )
 
         async def stop_scaling() -> None:
             if dram_loop is not None:
@@ -75,16 +100,19 @@ async def serve(settings: PodPoolSettings) -> None:
             if dram is not None:
                 await dram.close()
             await instances.stop()
+            if placement is not None:
+                await placement.stop()
 
         pool = WarmPodPool(
             view,
-            make_backend(settings),
+            backend,
             GrpcPodAgent(),
             warm_target=settings.warm_pods,
             max_pods=settings.max_pods,
             start_timeout_s=settings.pod_start_timeout_s,
             planner=planner,
             max_concurrent_loads=settings.max_concurrent_loads,
+            placement=placement,
         )
         pool.start()
         servicer = PodPoolServicer(view, pool)

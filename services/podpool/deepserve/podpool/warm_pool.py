@@ -44,6 +44,16 @@ def new_pod_id() -> str:
     return f"pod-{uuid.uuid4().hex[:10]}"
 
 
+class Placement(Protocol):
+    """Where a task's pod should be (node_placement): optional, Kubernetes only."""
+
+    def order(
+        self, candidates: list[PodRecord], model: str, tp_size: int = 1
+    ) -> list[PodRecord]: ...
+
+    def before_cold_start(self, pod_id: str, model: str, tp_size: int = 1) -> None: ...
+
+
 class PodAgent(Protocol):
     """Loads and unloads a pod's model (LoadModel / UnloadModel on its shell)."""
 
@@ -101,8 +111,11 @@ class WarmPodPool:
         start_timeout_s: float = 120.0,
         planner: WeightsPlanner | None = None,
         max_concurrent_loads: int = 0,
+        placement: Placement | None = None,
     ) -> None:
         self.view = view
+        # Prefers pods on nodes that hold the task's weights; None: any pod.
+        self.placement = placement
         # Picks each load's weights source (DRAM copy, fork, disk); None lets the pod pick.
         self.planner = planner
         self.backend = backend
@@ -300,6 +313,10 @@ class WarmPodPool:
             # race N ways for the same first pod and retry down the list.
             start = zlib.crc32(request.task_id.encode()) % len(candidates)
             candidates = candidates[start:] + candidates[:start]
+        if self.placement is not None:
+            candidates = self.placement.order(
+                candidates, request.model, request.tensor_parallel_size
+            )
         for candidate in candidates:
             claimed = await self._claim(candidate.pod_id, request)
             if claimed is not None:
@@ -309,6 +326,8 @@ class WarmPodPool:
     async def _start_cold(self, request: PodRequest) -> PodRecord:
         pod_id = new_pod_id()
         self._reserved.add(pod_id)
+        if self.placement is not None:
+            self.placement.before_cold_start(pod_id, request.model, request.tensor_parallel_size)
         try:
             await self._create(pod_id)
             deadline = time.monotonic() + self.start_timeout_s
