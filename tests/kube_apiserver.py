@@ -70,6 +70,21 @@ def matches(labels: dict[str, str], selector: str) -> bool:
     return True
 
 
+# Merge patches (RFC 7386) and strategic merge patches; for the maps podpool patches (labels)
+# the two are the same: keys merge, null deletes.
+PATCH_TYPES = ("application/merge-patch+json", "application/strategic-merge-patch+json")
+
+
+def merge_patch(target: dict[str, Any], patch: dict[str, Any]) -> None:
+    for key, value in patch.items():
+        if value is None:
+            target.pop(key, None)
+        elif isinstance(value, dict) and isinstance(target.get(key), dict):
+            merge_patch(target[key], value)
+        else:
+            target[key] = value
+
+
 class Kubelet(Protocol):
     async def run(self, server: KubeApiServer, pod: dict[str, Any]) -> None:
         """Starts the Pod's containers on its node; reports phases through the server."""
@@ -200,6 +215,7 @@ class KubeApiServer:
         app.router.add_post("/api/v1/namespaces/{ns}/pods", self._create_pod)
         app.router.add_get("/api/v1/namespaces/{ns}/pods/{name}", self._get_pod)
         app.router.add_delete("/api/v1/namespaces/{ns}/pods/{name}", self._delete_pod)
+        app.router.add_patch("/api/v1/namespaces/{ns}/pods/{name}", self._patch_pod)
         app.router.add_get("/apis/apps/v1/namespaces/{ns}/deployments/{name}", self._get_deploy)
         self._runner = web.AppRunner(app, shutdown_timeout=1.0)
         await self._runner.setup()
@@ -431,6 +447,21 @@ class KubeApiServer:
             pod["metadata"]["deletionGracePeriodSeconds"] = int(grace_s)
             self._emit("MODIFIED", pod)
             self._spawn(self._finish_delete(pod, grace_s))
+        return web.json_response(pod)
+
+    async def _patch_pod(self, request: web.Request) -> web.Response:
+        key = (request.match_info["ns"], request.match_info["name"])
+        pod = self.pods.get(key)
+        if pod is None:
+            return status(404, "NotFound", f'pods "{key[1]}" not found')
+        kind = request.content_type
+        if kind not in PATCH_TYPES:
+            return status(415, "UnsupportedMediaType", f"the media type {kind!r} is not supported")
+        patch = await request.json()
+        if not isinstance(patch, dict):
+            return status(400, "BadRequest", "a merge patch is a JSON object")
+        merge_patch(pod, patch)
+        self._emit("MODIFIED", pod)
         return web.json_response(pod)
 
     async def _get_deploy(self, request: web.Request) -> web.Response:

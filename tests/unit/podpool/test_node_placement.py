@@ -14,6 +14,7 @@ import pytest_asyncio
 
 from deepserve import records
 from deepserve.podpool.dram_cache import DramPreloader
+from deepserve.podpool.kube_pod_labels import MODEL_LABEL, ROLE_LABEL, PodModelLabeler, label_value
 from deepserve.podpool.kube_settings import KubeBackendSettings
 from deepserve.podpool.kubernetes_backend import KubernetesBackend
 from deepserve.podpool.node_agent import NodeAgent
@@ -181,3 +182,36 @@ async def test_a_cold_start_lands_on_a_holding_node(
     assert backend.node_of(got.pod.pod_id) == "gpu-2"
     plain = await pool.acquire(PodRequest(task_id="cold2", model="other", role=Role.COLOCATED))
     assert backend.node_of(plain.pod.pod_id) == "gpu-1"
+
+
+async def test_pod_labels_follow_what_the_pod_serves(
+    make_pool: Callable[..., Any], etcd: EtcdStore
+) -> None:
+    pool, backend, _ = await make_pool(warm_target=1)
+    labeler = PodModelLabeler(backend.started_here, backend.patch_labels)
+    pool.view.add_handler(labeler.on_change)
+    got = await pool.acquire(
+        PodRequest(task_id="lbl", model="/models/org/Tiny-Llama", role=Role.PREFILL)
+    )
+    pod_id = got.pod.pod_id
+
+    def labels(pods: dict[str, Any]) -> dict[str, str]:
+        return pods[pod_id].labels if pod_id in pods else {}
+
+    def labelled(pods: dict[str, Any]) -> bool:
+        found = labels(pods)
+        return (
+            found.get(MODEL_LABEL) == "models-org-Tiny-Llama" and found.get(ROLE_LABEL) == "prefill"
+        )
+
+    assert await backend.watch.wait_for(labelled, 10), labels(backend.watch.pods)
+    await pool.release(pod_id)  # back to warm: it serves nothing
+    assert await backend.watch.wait_for(lambda pods: MODEL_LABEL not in labels(pods), 10)
+    assert labels(backend.watch.pods)["deepserve.io/pool"] == "placement"
+    await labeler.close()
+
+
+def test_label_values_are_label_safe() -> None:
+    assert label_value("org/Model-1B") == "org-Model-1B"
+    long = label_value("/" + "x" * 100 + "/end")
+    assert len(long) <= 63 and long.endswith("-end") and long[0].isalnum()

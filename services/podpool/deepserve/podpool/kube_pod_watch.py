@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from kubernetes_asyncio import client, watch
@@ -33,6 +33,7 @@ class KubePod:
     node: str
     deleting: bool
     created: str = ""
+    labels: dict[str, str] = field(default_factory=dict)
 
     @property
     def ended(self) -> bool:
@@ -48,6 +49,7 @@ class KubePod:
             node=(obj.get("spec") or {}).get("nodeName") or "",
             deleting=bool(meta.get("deletionTimestamp")),
             created=meta.get("creationTimestamp") or "",
+            labels=dict(meta.get("labels") or {}),
         )
 
 

@@ -199,6 +199,17 @@ class KubernetesBackend:
         pod = self.watch.pods.get(pod_id) if self.watch is not None else None
         return pod.node if pod is not None else ""
 
+    async def patch_labels(self, pod_id: str, labels: dict[str, str | None]) -> None:
+        """Sets (None: removes) labels of a Pod (a strategic merge patch of its metadata)."""
+        assert self._core is not None
+        try:
+            await self._core.patch_namespaced_pod(
+                pod_id, self.namespace, {"metadata": {"labels": labels}}
+            )
+        except ApiException as exc:
+            if exc.status != 404:
+                raise Unavailable(f"labelling pod {pod_id}: {exc.status} {exc.reason}") from None
+
     async def delete_pod(self, pod: PodRecord) -> None:
         self._owned.pop(pod.pod_id, None)
         self._preferred.pop(pod.pod_id, None)

@@ -11,6 +11,7 @@ from deepserve.errors import InvalidArgument
 from deepserve.metrics import registry
 from deepserve.podpool.backend import PodBackend
 from deepserve.podpool.dram_cache import DramPreloader, ModelResolver
+from deepserve.podpool.kube_pod_labels import PodModelLabeler
 from deepserve.podpool.kubernetes_backend import KubernetesBackend
 from deepserve.podpool.local_backend import LocalProcessBackend
 from deepserve.podpool.node_placement import NodePlacement
@@ -78,13 +79,18 @@ async def serve(settings: PodPoolSettings) -> None:
         dram = make_dram(settings)
         dram_loop = asyncio.create_task(dram.run()) if dram is not None else None
         backend = make_backend(settings)
-        placement = None
+        placement, labeler = None, None
         if isinstance(backend, KubernetesBackend):
             backend.on_pod_ended = lambda pod_id: drop_registration(view, pod_id)
             await view.ready.wait()
             await backend.start(lambda pod_id: view.get(pod_id) is not None)
             placement = NodePlacement(rt.etcd, backend)
             placement.start()
+            # Pod labels follow what each pod serves (for label-selecting routers).
+            labeler = PodModelLabeler(backend.started_here, backend.patch_labels)
+            view.add_handler(labeler.on_change)
+            for pod in view.list():
+                labeler.on_change("put", pod.pod_id, pod)
         planner = WeightsPlanner(
             lambda: instances.items,
             dram=dram,
@@ -102,6 +108,8 @@ async def serve(settings: PodPoolSettings) -> None:
             await instances.stop()
             if placement is not None:
                 await placement.stop()
+            if labeler is not None:
+                await labeler.close()
 
         pool = WarmPodPool(
             view,

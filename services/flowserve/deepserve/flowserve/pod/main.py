@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 
 from deepserve.flowserve.pod.engine_metrics import EngineStatsCollector
+from deepserve.flowserve.pod.gaie_metrics import GaieMetricsCollector
 from deepserve.flowserve.pod.servicer import FlowServeServicer
 from deepserve.flowserve.pod.shell import TaskExecutorShell
 from deepserve.flowserve.settings import FlowServeSettings
@@ -30,6 +31,11 @@ async def serve(settings: FlowServeSettings) -> None:
                     (shell.engine, shell.instance_id, shell.model_name) if shell.engine else None
                 )
             )
+        )
+        # The Gateway API Inference Extension's model-server metrics (vllm:*), for Kubernetes
+        # routers (an InferencePool's endpoint picker). Adapters: none until LoRA serving.
+        registry().register(
+            GaieMetricsCollector(lambda: (shell.engine, shell.model_name) if shell.engine else None)
         )
         servicer = FlowServeServicer(shell)
         await rt.start(
