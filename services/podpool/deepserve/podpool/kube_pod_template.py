@@ -112,6 +112,7 @@ class PodTemplate:
             {"name": "DEEPSERVE_FLOWSERVE_GRPC_PORT", "value": str(self.kube.grpc_port)},
             {"name": "DEEPSERVE_FLOWSERVE_METRICS_PORT", "value": str(self.kube.metrics_port)},
             {"name": "DEEPSERVE_FLOWSERVE_MODEL", "value": ""},
+            {"name": "DEEPSERVE_FLOWSERVE_HTTP_PORT", "value": str(self.kube.http_port)},
         ]  # fmt: skip
         if not self.kube.config_map:
             env += [
@@ -191,7 +192,12 @@ class PodTemplate:
             "ports": [
                 {"name": "grpc", "containerPort": self.kube.grpc_port, "protocol": "TCP"},
                 {"name": "metrics", "containerPort": self.kube.metrics_port, "protocol": "TCP"},
-            ],
+            ]
+            + (
+                [{"name": "http", "containerPort": self.kube.http_port, "protocol": "TCP"}]
+                if self.kube.http_port > 0
+                else []
+            ),
             # Ready once the shell serves (warm); podpool itself waits for the etcd record.
             "readinessProbe": {
                 "grpc": {"port": self.kube.grpc_port},

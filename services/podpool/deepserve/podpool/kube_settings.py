@@ -58,5 +58,7 @@ class KubeBackendSettings(BaseSettings):
     # Fixed ports inside each Pod (their own IP): the engine's gRPC and its /metrics.
     grpc_port: int = 50060
     metrics_port: int = 9400
+    # The engine's OpenAI-compatible HTTP port (what an InferencePool targets); 0: none.
+    http_port: int = 8000
     # Seconds a deleted Pod gets to drain before it is killed.
     termination_grace_s: int = 30
