@@ -10,10 +10,12 @@ ones) and deletes the ones that ended while it was away."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -62,6 +64,22 @@ def scrape(address: str) -> dict[str, Any]:
     with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as response:
         text = response.read().decode()
     return {family.name: family for family in text_string_to_metric_families(text)}
+
+
+def post(url: str, body: dict[str, Any]) -> tuple[int, Any]:
+    """POSTs JSON; returns the status and the JSON body, or the SSE data lines when streamed."""
+    request = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            text = response.read().decode()
+            status = response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+    if body.get("stream"):
+        return status, [line[6:] for line in text.splitlines() if line.startswith("data: ")]
+    return status, json.loads(text)
 
 
 def gauge(families: dict[str, Any], name: str) -> float:
@@ -219,6 +237,38 @@ async def test_engine_pods_register_serve_export_gaie_metrics_and_are_deleted(
     assert gauge(busy, "vllm:num_requests_running") == 1
     assert 0 < gauge(busy, "vllm:kv_cache_usage_perc") <= 1
     assert busy["vllm:num_requests_running"].samples[0].labels["model_name"] == str(tiny_model)
+
+    # The OpenAI listener an InferencePool targets: the Gateway proxies requests straight to it.
+    http_at = f"http://{manifest['status']['podIP']}:8000"
+    model = str(tiny_model)
+    status, whole = await asyncio.to_thread(
+        post, f"{http_at}/v1/completions", {"model": model, "prompt": "hello", "max_tokens": 5}
+    )
+    assert status == 200, whole
+    assert whole["choices"][0]["finish_reason"] == "length"
+    assert whole["usage"]["completion_tokens"] == 5 and whole["usage"]["prompt_tokens"] > 0
+    status, chunks = await asyncio.to_thread(
+        post,
+        f"{http_at}/v1/chat/completions",
+        {
+            "model": model,
+            "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 4,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        },
+    )
+    assert status == 200 and chunks[-1] == "[DONE]"
+    events = [json.loads(c) for c in chunks[:-1]]
+    assert events[-1]["usage"]["completion_tokens"] == 4
+    assert events[-2]["choices"][0]["finish_reason"] == "length"
+    for bad, field, code in (
+        ({"model": model, "prompt": "x", "n": 2}, "n", 400),
+        ({"model": "other", "prompt": "x"}, "model", 404),
+        ({"model": model, "prompt": "x", "temperature": "hot"}, "temperature", 400),
+    ):
+        status, error = await asyncio.to_thread(post, f"{http_at}/v1/completions", bad)
+        assert (status, error["error"]["param"]) == (code, field), error
 
     async with insecure_channel(f"127.0.0.1:{pool.port}") as channel:
         stub = podpool_pb2_grpc.PodPoolServiceStub(channel)

@@ -10,6 +10,7 @@ import asyncio
 
 from deepserve.flowserve.pod.engine_metrics import EngineStatsCollector
 from deepserve.flowserve.pod.gaie_metrics import GaieMetricsCollector
+from deepserve.flowserve.pod.openai_http import OpenAIHttpListener
 from deepserve.flowserve.pod.servicer import FlowServeServicer
 from deepserve.flowserve.pod.shell import TaskExecutorShell
 from deepserve.flowserve.settings import FlowServeSettings
@@ -47,11 +48,16 @@ async def serve(settings: FlowServeSettings) -> None:
             [SERVICE_NAME],
         )
         await shell.start(rt.address)
+        http = OpenAIHttpListener(shell)
+        http_address = ""
+        if settings.http_port > 0:
+            port = await http.start(rt.common.host, settings.http_port)
+            http_address = f"{rt.common.host}:{port}"
         if settings.model:
             await shell.load_model(
                 settings.model, Role(settings.role), tp_size=settings.tensor_parallel_size
             )
-        await rt.serve([], [], on_shutdown=[shell.close])
+        await rt.serve([], [], on_shutdown=[http.close, shell.close], http_address=http_address)
 
 
 def main() -> None:
