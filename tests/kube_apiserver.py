@@ -424,18 +424,19 @@ class KubeApiServer:
         self._spawn(self._bind_and_run(pod))
         return web.json_response(pod, status=201)
 
+    def _pod(self, request: web.Request) -> dict[str, Any] | None:
+        return self.pods.get((request.match_info["ns"], request.match_info["name"]))
+
     async def _get_pod(self, request: web.Request) -> web.Response:
-        key = (request.match_info["ns"], request.match_info["name"])
-        pod = self.pods.get(key)
+        pod = self._pod(request)
         if pod is None:
-            return status(404, "NotFound", f'pods "{key[1]}" not found')
+            return status(404, "NotFound", f'pods "{request.match_info["name"]}" not found')
         return web.json_response(pod)
 
     async def _delete_pod(self, request: web.Request) -> web.Response:
-        key = (request.match_info["ns"], request.match_info["name"])
-        pod = self.pods.get(key)
+        pod = self._pod(request)
         if pod is None:
-            return status(404, "NotFound", f'pods "{key[1]}" not found')
+            return status(404, "NotFound", f'pods "{request.match_info["name"]}" not found')
         body: dict[str, Any] = {}
         if request.can_read_body:
             with contextlib.suppress(json.JSONDecodeError):
@@ -450,10 +451,9 @@ class KubeApiServer:
         return web.json_response(pod)
 
     async def _patch_pod(self, request: web.Request) -> web.Response:
-        key = (request.match_info["ns"], request.match_info["name"])
-        pod = self.pods.get(key)
+        pod = self._pod(request)
         if pod is None:
-            return status(404, "NotFound", f'pods "{key[1]}" not found')
+            return status(404, "NotFound", f'pods "{request.match_info["name"]}" not found')
         kind = request.content_type
         if kind not in PATCH_TYPES:
             return status(415, "UnsupportedMediaType", f"the media type {kind!r} is not supported")

@@ -228,6 +228,21 @@ class DramPreloader:
             self._preparing.pop((model, tp_size), None)
 
 
+def make_preloader(
+    cache_dir: Path, models: str, *, recent: int, budget_mb: int, device: str
+) -> DramPreloader:
+    """A preloader of `models` (comma-separated, always kept) plus `recent` recently scaled-up
+    ones, within `budget_mb` (0: no bound), in the weights cache at `cache_dir`."""
+    return DramPreloader(
+        WeightsCacheLayout(cache_dir),
+        ModelResolver(),
+        pinned=[m.strip() for m in models.split(",") if m.strip()],
+        recent=recent,
+        budget_bytes=budget_mb * 1024 * 1024,
+        device=device,
+    )
+
+
 class ModelResolver:
     """Model name or path -> its directory on this host (raises NotFound)."""
 

@@ -10,7 +10,7 @@ from deepserve import records
 from deepserve.errors import InvalidArgument
 from deepserve.metrics import registry
 from deepserve.podpool.backend import PodBackend
-from deepserve.podpool.dram_cache import DramPreloader, ModelResolver
+from deepserve.podpool.dram_cache import DramPreloader, make_preloader
 from deepserve.podpool.kube_pod_labels import PodModelLabeler
 from deepserve.podpool.kubernetes_backend import KubernetesBackend
 from deepserve.podpool.local_backend import LocalProcessBackend
@@ -25,7 +25,6 @@ from deepserve.podpool.warm_pool import WarmPodPool
 from deepserve.podpool.weights_planner import WeightsPlanner
 from deepserve.podpool.zygote_backend import ZygoteBackend
 from deepserve.runtime import ServiceRuntime
-from deepserve.scaling.weights_cache import WeightsCacheLayout
 from deepserve.store.informer import Informer
 from deepserve.v1 import podpool_pb2, podpool_pb2_grpc
 
@@ -55,12 +54,11 @@ def make_dram(settings: PodPoolSettings) -> DramPreloader | None:
     # On Kubernetes the copies live on the engine nodes, kept by the node agents.
     if settings.weights_cache_dir is None or settings.backend == "kubernetes":
         return None
-    return DramPreloader(
-        WeightsCacheLayout(settings.weights_cache_dir),
-        ModelResolver(),
-        pinned=[m.strip() for m in settings.dram_models.split(",") if m.strip()],
+    return make_preloader(
+        settings.weights_cache_dir,
+        settings.dram_models,
         recent=settings.dram_recent_models,
-        budget_bytes=settings.dram_budget_mb * 1024 * 1024,
+        budget_mb=settings.dram_budget_mb,
         device=settings.pod_device,
     )
 

@@ -20,9 +20,8 @@ from pydantic_settings import SettingsConfigDict
 
 from deepserve import records
 from deepserve.config import ServiceSettings
-from deepserve.podpool.dram_cache import DramPreloader, ModelResolver
+from deepserve.podpool.dram_cache import DramPreloader, make_preloader
 from deepserve.records import InstanceRecord, NodeWeightsCopy, NodeWeightsRecord
-from deepserve.scaling.weights_cache import WeightsCacheLayout
 from deepserve.store.etcd import EtcdStore, KeepAliveLease
 from deepserve.store.informer import Informer
 from deepserve.telemetry import setup_telemetry, shutdown_telemetry
@@ -129,12 +128,11 @@ class NodeAgent:
 async def serve(settings: NodeAgentSettings) -> None:
     setup_telemetry("node-agent", settings.common)
     node = settings.node_name or socket.gethostname()
-    dram = DramPreloader(
-        WeightsCacheLayout(settings.weights_cache_dir),
-        ModelResolver(),
-        pinned=[m.strip() for m in settings.models.split(",") if m.strip()],
+    dram = make_preloader(
+        settings.weights_cache_dir,
+        settings.models,
         recent=settings.recent_models,
-        budget_bytes=settings.budget_mb * 1024 * 1024,
+        budget_mb=settings.budget_mb,
         device=settings.device,
     )
     async with EtcdStore(settings.common.etcd_endpoint) as etcd:
