@@ -22,7 +22,7 @@ from deepserve.podpool.kube_settings import KubeBackendSettings
 from deepserve.podpool.node_agent import NodeAgentSettings
 from deepserve.podpool.settings import PodPoolSettings
 from deepserve.scheduler.settings import SchedulerSettings
-from tests.kustomize_render import load_documents, render
+from tests.kustomize_render import KustomizeError, load_documents, render
 
 ROOT = Path(__file__).resolve().parents[2] / "deploy" / "kubernetes"
 OVERLAYS = ["cpu", "gpu", "npu", "external-stores"]
@@ -246,3 +246,27 @@ def test_the_inference_pool_example_selects_engine_pods(monkeypatch: pytest.Monk
     (route,) = [o for o in objects if o["kind"] == "HTTPRoute"]
     backend = route["spec"]["rules"][0]["backendRefs"][0]
     assert (backend["kind"], backend["name"]) == ("InferencePool", pool["metadata"]["name"])
+
+
+def test_the_validation_catches_a_broken_object() -> None:
+    """The schema check means something: a misspelt field or a wrong type fails it."""
+    deployment = of_kind(render(ROOT / "overlays" / "cpu"), "Deployment")["deepserve-gateway"]
+    misspelt = {**deployment, "spec": {**deployment["spec"], "replica": 2}}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(misspelt, KUBE_VERSION, strict=True)
+    wrong_type = {**deployment, "spec": {**deployment["spec"], "replicas": "two"}}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(wrong_type, KUBE_VERSION, strict=True)
+
+
+def test_the_renderer_refuses_what_it_does_not_implement(tmp_path: Path) -> None:
+    (tmp_path / "kustomization.yaml").write_text("resources: []\ncommonLabels: {a: b}\n")
+    with pytest.raises(KustomizeError, match="commonLabels"):
+        render(tmp_path)
+    (tmp_path / "kustomization.yaml").write_text(
+        "resources: [cm.yaml]\npatches:\n  - path: p.yaml\n    target: {kind: ConfigMap, name: nope}\n"
+    )
+    (tmp_path / "cm.yaml").write_text("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\n")
+    (tmp_path / "p.yaml").write_text("- {op: add, path: /data, value: {}}\n")
+    with pytest.raises(KustomizeError, match="matches no object"):
+        render(tmp_path)
