@@ -5,6 +5,8 @@ map the node's copy. Pods register in etcd as a pod does, played by the stand-in
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -23,12 +25,13 @@ from deepserve.podpool.pod_view import PodView
 from deepserve.podpool.settings import PodPoolSettings
 from deepserve.podpool.warm_pool import PodRequest, WarmPodPool
 from deepserve.podpool.weights_planner import WeightsPlanner
-from deepserve.records import PodRecord, PodState, Role
+from deepserve.records import InstanceRecord, PodRecord, PodState, Role
 from deepserve.scaling.timeline import WeightsSource
 from deepserve.scaling.weights_cache import WeightsCacheLayout
 from deepserve.store.etcd import EtcdStore, KeepAliveLease
 from deepserve.store.keys import Keys
 from tests.kube_apiserver import KubeApiServer, Node, kube_apiserver
+from tests.tiny_model import make_tiny_llama
 
 from .fakes import FakeAgent
 from .test_dram_cache import fake_copy
@@ -215,3 +218,44 @@ def test_label_values_are_label_safe() -> None:
     assert label_value("org/Model-1B") == "org-Model-1B"
     long = label_value("/" + "x" * 100 + "/end")
     assert len(long) <= 63 and long.endswith("-end") and long[0].isalnum()
+
+
+async def test_the_node_agent_copies_a_model_scaled_up_anywhere(
+    etcd: EtcdStore, tmp_path: Path
+) -> None:
+    """A new instance (anywhere) is a scale-up: the agent prepares its model's copy on its node
+    (a real prepare subprocess reading a tiny Llama) and publishes it."""
+    model_dir = make_tiny_llama(tmp_path / "tiny")
+    dram = DramPreloader(
+        WeightsCacheLayout(tmp_path / "node-cache"), lambda _: model_dir, pinned=[], recent=1
+    )
+    agent = NodeAgent(etcd, "node-x", dram, lease_ttl_s=5)
+    runner = asyncio.create_task(agent.run(0.2))
+    lease = await etcd.grant_lease(10)
+    try:
+        instance = InstanceRecord(
+            instance_id="inst-x",
+            model="tiny",
+            role=Role.COLOCATED,
+            address="10.0.0.9:1",
+            pod_id="p",
+        )
+        await records.instances(etcd).put("inst-x", instance, lease_id=lease.id)
+
+        async def published() -> bool:
+            found = await records.node_weights(etcd).get("node-x")
+            return found is not None and found.record.holds("tiny")
+
+        deadline = asyncio.get_running_loop().time() + 45
+        while not await published():
+            assert asyncio.get_running_loop().time() < deadline, "no copy published"
+            await asyncio.sleep(0.2)
+        found = await records.node_weights(etcd).get("node-x")
+        assert found is not None and found.record.copies[0].nbytes > 0
+        assert found.record.copies[0].path.startswith(str(tmp_path / "node-cache"))
+    finally:
+        runner.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await runner
+        await agent.close()
+        await lease.revoke()

@@ -151,9 +151,11 @@ class DramPreloader:
             await asyncio.sleep(interval_s)
 
     async def close(self) -> None:
-        for task in self._preparing.values():
+        # A copy: each task removes itself from _preparing as it ends.
+        tasks = list(self._preparing.values())
+        for task in tasks:
             task.cancel()
-        for task in self._preparing.values():
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
 
