@@ -27,7 +27,7 @@ from kubernetes_asyncio import client
 from prometheus_client.parser import text_string_to_metric_families
 
 from deepserve import records
-from deepserve.processes import free_port, parent_death_signal
+from deepserve.processes import ManagedProcess, free_port, parent_death_signal
 from deepserve.records import PodState
 from deepserve.rpc.client import insecure_channel
 from deepserve.rpc.health_check import wait_serving
@@ -36,8 +36,12 @@ from deepserve.v1 import (
     common_pb2,
     flowserve_pb2,
     flowserve_pb2_grpc,
+    jobmgr_pb2,
+    jobmgr_pb2_grpc,
     podpool_pb2,
     podpool_pb2_grpc,
+    scheduler_pb2,
+    scheduler_pb2_grpc,
 )
 from tests.kube_apiserver import KubeApiServer, Node, ProcessKubelet, kube_apiserver
 from tests.tiny_model import make_tiny_llama
@@ -335,3 +339,63 @@ def _no_stray_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
         if name.startswith("DEEPSERVE_FLOWSERVE_") or name.startswith("DEEPSERVE_PODPOOL_"):
             monkeypatch.delenv(name)
     yield
+
+
+async def test_a_deployment_through_jobmgr_runs_on_engine_pods_and_is_routed(
+    cluster: tuple[KubeApiServer, PodPool, EtcdStore], tiny_model: Path, tmp_path: Path
+) -> None:
+    """The platform's own path, unchanged: a serving job in jobmgr takes a Pod from the
+    Kubernetes-backed pool, the Pod's instance registers, and the scheduler routes to it."""
+    server, pool, etcd = cluster
+    base = {
+        **pool.env,
+        "DEEPSERVE_JOBMGR_PODPOOL_ADDRESS": f"127.0.0.1:{pool.port}",
+        "DEEPSERVE_JOBMGR_GRPC_PORT": str(free_port()),
+        "DEEPSERVE_SCHEDULER_GRPC_PORT": str(free_port()),
+    }
+    jobmgr, scheduler = (
+        ManagedProcess(name, [sys.executable, "-m", f"deepserve.{name}"], tmp_path / name, env=base)
+        for name in ("jobmgr", "scheduler")
+    )
+    await asyncio.to_thread(jobmgr.start)
+    await asyncio.to_thread(scheduler.start)
+    jobmgr_at = f"127.0.0.1:{base['DEEPSERVE_JOBMGR_GRPC_PORT']}"
+    scheduler_at = f"127.0.0.1:{base['DEEPSERVE_SCHEDULER_GRPC_PORT']}"
+    job_id = f"kube-{free_port()}"
+    try:
+        for address in (jobmgr_at, scheduler_at):
+            assert await wait_serving(address, 60), address
+        async with insecure_channel(jobmgr_at) as channel:
+            jobs = jobmgr_pb2_grpc.JobManagerServiceStub(channel)
+            spec = jobmgr_pb2.JobSpec(
+                kind=jobmgr_pb2.JOB_KIND_SERVING,
+                serving=jobmgr_pb2.ServingSpec(model=str(tiny_model), replicas=1),
+            )
+            await jobs.CreateJob(jobmgr_pb2.CreateJobRequest(job_id=job_id, spec=spec))
+
+            async def ready() -> bool:
+                reply = await jobs.GetJob(jobmgr_pb2.GetJobRequest(job_id=job_id))
+                return reply.job.status.ready_replicas == 1
+
+            await eventually(ready, 180, "the job's replica")
+            async with insecure_channel(scheduler_at) as sched:
+                routed = await scheduler_pb2_grpc.SchedulerServiceStub(sched).Route(
+                    scheduler_pb2.RouteRequest(
+                        request_id="r-kube", model=str(tiny_model), prompt_tokens=4, max_tokens=4
+                    )
+                )
+            (instance,) = routed.instances
+            pods = {f"{p['status'].get('podIP')}:50060": n for (_, n), p in server.pods.items()}
+            assert instance.address in pods  # an engine Pod, at its own Pod IP
+            await jobs.DeleteJob(jobmgr_pb2.DeleteJobRequest(job_id=job_id))
+        pod_id = pods[instance.address]
+
+        async def released() -> bool:
+            # Back in the warm pool, or its Pod deleted: either way no longer serving the job.
+            found = await records.pods(etcd).get(pod_id)
+            return found is None or found.record.state == PodState.WARM
+
+        await eventually(released, 60, "the job's Pod to be released")
+    finally:
+        for process in (jobmgr, scheduler):
+            await asyncio.to_thread(process.stop, 20.0)
