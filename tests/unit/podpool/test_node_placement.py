@@ -220,6 +220,7 @@ def test_label_values_are_label_safe() -> None:
     assert len(long) <= 63 and long.endswith("-end") and long[0].isalnum()
 
 
+@pytest.mark.timeout(180)  # a real prepare subprocess imports torch: slow on a loaded host
 async def test_the_node_agent_copies_a_model_scaled_up_anywhere(
     etcd: EtcdStore, tmp_path: Path
 ) -> None:
@@ -227,7 +228,11 @@ async def test_the_node_agent_copies_a_model_scaled_up_anywhere(
     (a real prepare subprocess reading a tiny Llama) and publishes it."""
     model_dir = make_tiny_llama(tmp_path / "tiny")
     dram = DramPreloader(
-        WeightsCacheLayout(tmp_path / "node-cache"), lambda _: model_dir, pinned=[], recent=1
+        WeightsCacheLayout(tmp_path / "node-cache"),
+        lambda _: model_dir,
+        pinned=[],
+        recent=1,
+        dtype="bfloat16",  # the GPU Pods' dtype, prepared on a node agent without a GPU
     )
     agent = NodeAgent(etcd, "node-x", dram, lease_ttl_s=5)
     runner = asyncio.create_task(agent.run(0.2))
@@ -246,13 +251,14 @@ async def test_the_node_agent_copies_a_model_scaled_up_anywhere(
             found = await records.node_weights(etcd).get("node-x")
             return found is not None and found.record.holds("tiny")
 
-        deadline = asyncio.get_running_loop().time() + 45
+        deadline = asyncio.get_running_loop().time() + 150
         while not await published():
             assert asyncio.get_running_loop().time() < deadline, "no copy published"
             await asyncio.sleep(0.2)
         found = await records.node_weights(etcd).get("node-x")
         assert found is not None and found.record.copies[0].nbytes > 0
         assert found.record.copies[0].path.startswith(str(tmp_path / "node-cache"))
+        assert [e.dtype for e in dram.layout.entries()] == ["bfloat16"]
     finally:
         runner.cancel()
         with contextlib.suppress(asyncio.CancelledError):

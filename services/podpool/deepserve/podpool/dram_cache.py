@@ -52,6 +52,7 @@ class DramPreloader:
         budget_bytes: int = 0,
         device: str = "",
         prepare_timeout_s: float = 600.0,
+        dtype: str = "",
     ) -> None:
         self.layout = layout
         self._resolve = resolve
@@ -59,6 +60,9 @@ class DramPreloader:
         self.recent = recent
         self.budget_bytes = budget_bytes
         self.device = device
+        # The copies' dtype; empty: the device's default (a node agent without the pods'
+        # accelerator names theirs, e.g. bfloat16).
+        self.dtype = dtype
         self.prepare_timeout_s = prepare_timeout_s
         # model -> last time a scale-up asked for it (monotonic), most recent last.
         self._demand: dict[tuple[str, int], float] = {}
@@ -194,6 +198,7 @@ class DramPreloader:
                     "--model", model, "--model-dir", str(model_dir),
                     "--root", str(self.layout.root), "--device", self.device,
                     "--tp-size", str(tp_size),
+                    *(["--dtype", self.dtype] if self.dtype else []),
                     stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
                     preexec_fn=parent_death_signal(),  # a helper: it dies with podpool
                 )  # fmt: skip
@@ -231,7 +236,7 @@ class DramPreloader:
 
 
 def make_preloader(
-    cache_dir: Path, models: str, *, recent: int, budget_mb: int, device: str
+    cache_dir: Path, models: str, *, recent: int, budget_mb: int, device: str, dtype: str = ""
 ) -> DramPreloader:
     """A preloader of `models` (comma-separated, always kept) plus `recent` recently scaled-up
     ones, within `budget_mb` (0: no bound), in the weights cache at `cache_dir`."""
@@ -242,6 +247,7 @@ def make_preloader(
         recent=recent,
         budget_bytes=budget_mb * 1024 * 1024,
         device=device,
+        dtype=dtype,
     )
 
 

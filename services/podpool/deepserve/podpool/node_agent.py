@@ -42,6 +42,9 @@ class NodeAgentSettings(ServiceSettings):
     budget_mb: int = 0
     weights_cache_dir: Path = Path("/dev/shm/deepserve-weights")
     device: str = ""
+    # The engine Pods' weights dtype (bfloat16 for GPU and NPU Pods: the agent has no
+    # accelerator to tell); empty: this agent's device's default.
+    dtype: str = ""
     # Seconds between passes (prepare, evict, publish).
     interval_s: float = 5.0
 
@@ -134,6 +137,7 @@ async def serve(settings: NodeAgentSettings) -> None:
         recent=settings.recent_models,
         budget_mb=settings.budget_mb,
         device=settings.device,
+        dtype=settings.dtype,
     )
     async with EtcdStore(settings.common.etcd_endpoint) as etcd:
         agent = NodeAgent(etcd, node, dram, lease_ttl_s=max(settings.common.lease_ttl_s, 5))
