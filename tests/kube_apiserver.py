@@ -33,6 +33,8 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
+from deepserve.processes import parent_death_signal
+
 
 def now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -111,7 +113,7 @@ class ProcessKubelet:
     def __init__(self, log_dir: Path, extra_env: dict[str, str] | None = None) -> None:
         self.log_dir = log_dir
         self.extra_env = extra_env or {}
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.procs: dict[str, asyncio.subprocess.Process] = {}
         self._waiters: set[asyncio.Task[None]] = set()
 
     @staticmethod
@@ -138,38 +140,41 @@ class ProcessKubelet:
             command[0] = sys.executable  # the image's interpreter: this environment's
         env = {**os.environ, **self.extra_env, **self.resolve_env(pod)}
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        proc = await asyncio.to_thread(self._spawn, command, env, self.log_dir / f"{name}.log")
+        with (self.log_dir / f"{name}.log").open("wb") as out:
+            # From the event loop's (main) thread: the parent-death signal is tied to the thread
+            # that forks, so a test run that is killed takes its "containers" with it.
+            proc = await asyncio.create_subprocess_exec(
+                *command,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+                preexec_fn=parent_death_signal(),
+            )
         self.procs[name] = proc
         server.set_phase(namespace, name, "Running")
         waiter = asyncio.create_task(self._wait(server, namespace, name, proc))
         self._waiters.add(waiter)
         waiter.add_done_callback(self._waiters.discard)
 
-    @staticmethod
-    def _spawn(command: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-        with log.open("wb") as out:
-            return subprocess.Popen(
-                command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
-            )
-
     async def _wait(
-        self, server: KubeApiServer, namespace: str, name: str, proc: subprocess.Popen[bytes]
+        self, server: KubeApiServer, namespace: str, name: str, proc: asyncio.subprocess.Process
     ) -> None:
-        code = await asyncio.to_thread(proc.wait)
+        code = await proc.wait()
         server.set_phase(namespace, name, "Succeeded" if code == 0 else "Failed")
 
     async def kill(self, pod: dict[str, Any], grace_s: float) -> None:
         proc = self.procs.pop(pod["metadata"]["name"], None)
-        if proc is None or proc.poll() is not None:
+        if proc is None or proc.returncode is not None:
             return
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)
         try:
-            await asyncio.wait_for(asyncio.to_thread(proc.wait), grace_s)
+            await asyncio.wait_for(proc.wait(), grace_s)
         except TimeoutError:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
-            await asyncio.to_thread(proc.wait)
+            await proc.wait()
 
     async def close(self) -> None:
         for name in list(self.procs):

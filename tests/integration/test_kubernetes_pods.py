@@ -102,35 +102,36 @@ class PodPool:
         self.env = env
         self.log = log
         self.port = int(env["DEEPSERVE_PODPOOL_GRPC_PORT"])
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.proc: asyncio.subprocess.Process | None = None
 
     async def start(self) -> None:
-        def spawn() -> subprocess.Popen[bytes]:
-            with self.log.open("ab") as out:
-                return subprocess.Popen(
-                    [sys.executable, "-m", "deepserve.podpool"],
-                    env=self.env,
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    preexec_fn=parent_death_signal(),
-                )
-
-        self.proc = await asyncio.to_thread(spawn)
+        with self.log.open("ab") as out:
+            # From the main thread: the parent-death signal is tied to the forking thread.
+            self.proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "deepserve.podpool",
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                preexec_fn=parent_death_signal(),
+            )
         if not await wait_serving(f"127.0.0.1:{self.port}", 60):
             pytest.fail(f"podpool did not start:\n{self.log.read_text()}")
 
     async def kill(self) -> None:
         assert self.proc is not None
         self.proc.send_signal(signal.SIGKILL)
-        await asyncio.to_thread(self.proc.wait)
+        await self.proc.wait()
 
     async def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
+        if self.proc is not None and self.proc.returncode is None:
             self.proc.terminate()
             try:
-                await asyncio.wait_for(asyncio.to_thread(self.proc.wait), 30)
+                await asyncio.wait_for(self.proc.wait(), 30)
             except TimeoutError:
                 self.proc.kill()
+                await self.proc.wait()
 
 
 @pytest_asyncio.fixture
@@ -357,8 +358,9 @@ async def test_a_deployment_through_jobmgr_runs_on_engine_pods_and_is_routed(
         ManagedProcess(name, [sys.executable, "-m", f"deepserve.{name}"], tmp_path / name, env=base)
         for name in ("jobmgr", "scheduler")
     )
-    await asyncio.to_thread(jobmgr.start)
-    await asyncio.to_thread(scheduler.start)
+    # Started from the main thread: their parent-death signal is tied to the forking thread.
+    jobmgr.start()
+    scheduler.start()
     jobmgr_at = f"127.0.0.1:{base['DEEPSERVE_JOBMGR_GRPC_PORT']}"
     scheduler_at = f"127.0.0.1:{base['DEEPSERVE_SCHEDULER_GRPC_PORT']}"
     job_id = f"kube-{free_port()}"
