@@ -94,6 +94,28 @@ class ModelRecord(BaseModel):
     created_at: float = Field(default_factory=time.time)
 
 
+class NodeWeightsCopy(BaseModel):
+    """One model's weights kept in a node's DRAM (prepared, ready to map)."""
+
+    model: str
+    tensor_parallel_size: int = 1
+    nbytes: int = 0
+    # Where the copy is on the node (engine Pods mount the node's cache at the same path).
+    path: str = ""
+
+
+class NodeWeightsRecord(BaseModel):
+    """The weights copies one Kubernetes node holds; written only by that node's agent, on its
+    lease (a dead agent's copies stop counting)."""
+
+    node: str
+    copies: list[NodeWeightsCopy] = Field(default_factory=list)
+    updated_at: float = Field(default_factory=time.time)
+
+    def holds(self, model: str, tp_size: int = 1) -> bool:
+        return any(c.model == model and c.tensor_parallel_size == tp_size for c in self.copies)
+
+
 def services(store: EtcdStore, service: str | None = None) -> TypedPrefix[ServiceRecord]:
     if service is None:
         return TypedPrefix(store, Keys.services_prefix(), ServiceRecord, _no_single_key)
@@ -112,6 +134,10 @@ def instances(store: EtcdStore) -> TypedPrefix[InstanceRecord]:
 
 def models(store: EtcdStore) -> TypedPrefix[ModelRecord]:
     return TypedPrefix(store, Keys.models_prefix(), ModelRecord, Keys.model)
+
+
+def node_weights(store: EtcdStore) -> TypedPrefix[NodeWeightsRecord]:
+    return TypedPrefix(store, Keys.node_weights_prefix(), NodeWeightsRecord, Keys.node_weights)
 
 
 def _no_single_key(name: str) -> str:

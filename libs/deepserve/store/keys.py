@@ -18,6 +18,7 @@ Keys are built here and nowhere else, so the layout is visible in one place:
     /deepserve/responses/<tenant>/<response id>  stored Responses API turns (leased: expiry)
     /deepserve/contexts/<tenant>/<context id>    explicit cached contexts (leased: their TTL)
     /deepserve/adapters/<tenant>%2F<adapter>     LoRA adapters registered against a base model
+    /deepserve/nodeweights/<node>                weights copies a Kubernetes node holds (leased)
 """
 
 from __future__ import annotations
@@ -151,6 +152,14 @@ class Keys:
     def adapter(adapter_id: str) -> str:
         """`adapter_id` is "<tenant>/<name>", kept one segment: watchers key records by it."""
         return _join("adapters", adapter_id)
+
+    @staticmethod
+    def node_weights_prefix() -> str:
+        return ROOT + "nodeweights/"
+
+    @staticmethod
+    def node_weights(node: str) -> str:
+        return _join("nodeweights", node)
 
     @staticmethod
     def kv_profiles_prefix() -> str:

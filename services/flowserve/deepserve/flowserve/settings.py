@@ -15,6 +15,9 @@ class FlowServeSettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="DEEPSERVE_FLOWSERVE_", extra="ignore")
 
     grpc_port: int = 50060
+    # An OpenAI-compatible HTTP listener for routers that call model servers directly (an
+    # InferencePool's endpoint picker); 0: none (the gateway is the platform's HTTP front).
+    http_port: int = 0
     # Pod identity; generated when empty. A pod without a model registers as warm.
     pod_id: str = ""
     # Catalog name or model directory to load at start; empty starts a warm, model-less pod.

@@ -53,6 +53,7 @@ class DramPreloader:
         device: str = "",
         prepare_timeout_s: float = 600.0,
         fork_copy_keep_s: float = 600.0,
+        dtype: str = "",
     ) -> None:
         self.layout = layout
         # A copy a fork left (an instance of the model was just scaled up here) is kept this
@@ -63,6 +64,9 @@ class DramPreloader:
         self.recent = recent
         self.budget_bytes = budget_bytes
         self.device = device
+        # The copies' dtype; empty: the device's default (a node agent without the pods'
+        # accelerator names theirs, e.g. bfloat16).
+        self.dtype = dtype
         self.prepare_timeout_s = prepare_timeout_s
         # model -> last time a scale-up asked for it (monotonic), most recent last.
         self._demand: dict[tuple[str, int], float] = {}
@@ -157,9 +161,11 @@ class DramPreloader:
             await asyncio.sleep(interval_s)
 
     async def close(self) -> None:
-        for task in self._preparing.values():
+        # A copy: each task removes itself from _preparing as it ends.
+        tasks = list(self._preparing.values())
+        for task in tasks:
             task.cancel()
-        for task in self._preparing.values():
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
 
@@ -198,6 +204,7 @@ class DramPreloader:
                     "--model", model, "--model-dir", str(model_dir),
                     "--root", str(self.layout.root), "--device", self.device,
                     "--tp-size", str(tp_size),
+                    *(["--dtype", self.dtype] if self.dtype else []),
                     stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
                     preexec_fn=parent_death_signal(),  # a helper: it dies with podpool
                 )  # fmt: skip
@@ -232,6 +239,22 @@ class DramPreloader:
             return None
         finally:
             self._preparing.pop((model, tp_size), None)
+
+
+def make_preloader(
+    cache_dir: Path, models: str, *, recent: int, budget_mb: int, device: str, dtype: str = ""
+) -> DramPreloader:
+    """A preloader of `models` (comma-separated, always kept) plus `recent` recently scaled-up
+    ones, within `budget_mb` (0: no bound), in the weights cache at `cache_dir`."""
+    return DramPreloader(
+        WeightsCacheLayout(cache_dir),
+        ModelResolver(),
+        pinned=[m.strip() for m in models.split(",") if m.strip()],
+        recent=recent,
+        budget_bytes=budget_mb * 1024 * 1024,
+        device=device,
+        dtype=dtype,
+    )
 
 
 class ModelResolver:

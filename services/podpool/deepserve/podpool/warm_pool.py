@@ -49,6 +49,16 @@ def new_pod_id() -> str:
     return f"pod-{uuid.uuid4().hex[:10]}"
 
 
+class Placement(Protocol):
+    """Where a task's pod should be (node_placement): optional, Kubernetes only."""
+
+    def order(
+        self, candidates: list[PodRecord], model: str, tp_size: int = 1
+    ) -> list[PodRecord]: ...
+
+    def before_cold_start(self, pod_id: str, model: str, tp_size: int = 1) -> None: ...
+
+
 class PodAgent(Protocol):
     """Loads and unloads a pod's model (LoadModel / UnloadModel on its shell)."""
 
@@ -107,8 +117,11 @@ class WarmPodPool:
         planner: WeightsPlanner | None = None,
         max_concurrent_loads: int = 0,
         refill_defer_s: float = 0.0,
+        placement: Placement | None = None,
     ) -> None:
         self.view = view
+        # Prefers pods on nodes that hold the task's weights; None: any pod.
+        self.placement = placement
         # Picks each load's weights source (DRAM copy, fork, disk); None lets the pod pick.
         self.planner = planner
         self.backend = backend
@@ -341,6 +354,12 @@ class WarmPodPool:
                     break
                 hosts = serving[request.model]
                 pick = min(free, key=lambda f, h=hosts: h[f.record.host])  # oldest of ties
+                if self.placement is not None:
+                    # Nodes that hold the model's weights first (Kubernetes node agents).
+                    first = self.placement.order(
+                        [f.record for f in free], request.model, request.tensor_parallel_size
+                    )[0]
+                    pick = next(f for f in free if f.record.pod_id == first.pod_id)
                 free.remove(pick)
                 hosts[pick.record.host] += 1
                 picks.append((request, pick))
@@ -379,6 +398,10 @@ class WarmPodPool:
             # equals): a host's loss takes fewer of them, and a new replica's fork crosses hosts.
             serving = self._serving_hosts(request.model)
             candidates.sort(key=lambda p: serving[p.host])
+        if self.placement is not None:
+            candidates = self.placement.order(
+                candidates, request.model, request.tensor_parallel_size
+            )
         for candidate in candidates:
             self._claiming[candidate.pod_id] = (request.model, candidate.host)
             claimed = await self._claim(candidate.pod_id, request)
@@ -401,6 +424,8 @@ class WarmPodPool:
     async def _start_cold(self, request: PodRequest) -> PodRecord:
         pod_id = new_pod_id()
         self._reserved.add(pod_id)
+        if self.placement is not None:
+            self.placement.before_cold_start(pod_id, request.model, request.tensor_parallel_size)
         try:
             await self._create(pod_id)
             deadline = time.monotonic() + self.start_timeout_s

@@ -37,8 +37,11 @@ class WeightsPlanner:
         fork: bool = True,
         host: str | None = None,
         fork_wait_s: float = 60.0,
+        node_copy: Callable[[PodRecord, str, int], WeightsPlan | None] | None = None,
     ) -> None:
         self._instances = instances
+        # A copy on the pod's own node, for pods on other hosts (Kubernetes: node_placement).
+        self.node_copy = node_copy
         self.dram = dram
         self.fork = fork
         self.host = host or socket.gethostname()
@@ -50,6 +53,8 @@ class WeightsPlanner:
         self.plans: Counter[WeightsSource] = Counter()
 
     def _dram_copy(self, pod: PodRecord, model: str, tp_size: int) -> WeightsPlan | None:
+        if self.node_copy is not None and (on_node := self.node_copy(pod, model, tp_size)):
+            return on_node
         if self.dram is None or pod.host != self.host:
             return None
         entry = self.dram.find(model, tp_size)

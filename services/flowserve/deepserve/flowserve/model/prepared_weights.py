@@ -338,12 +338,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--root", required=True, type=Path, help="the host's weights cache")
     parser.add_argument("--device", default="", help="the pods' device; picks the dtype")
     parser.add_argument("--tp-size", type=int, default=1)
+    # The pods' dtype when this process runs without their device (a Kubernetes node agent).
+    parser.add_argument("--dtype", default="", help="overrides the device's default dtype")
     args = parser.parse_args(argv)
     from deepserve.flowserve.runner.device import detect_platform
 
     torch.set_num_threads(1)  # a background job: leave the cores to the serving pods
     started = time.monotonic()
-    dtype = detect_platform(args.device or None).default_dtype
+    if args.dtype:
+        dtype = dtype_from_name(args.dtype)
+    else:
+        dtype = detect_platform(args.device or None).default_dtype
     entry = prepare_copy(
         args.model, args.model_dir, WeightsCacheLayout(args.root), dtype=dtype,
         tp_size=args.tp_size,

@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 
 from deepserve.flowserve.pod.engine_metrics import EngineStatsCollector
+from deepserve.flowserve.pod.gaie_metrics import GaieMetricsCollector, LoraAdapters
+from deepserve.flowserve.pod.openai_http import OpenAIHttpListener
 from deepserve.flowserve.pod.servicer import FlowServeServicer
 from deepserve.flowserve.pod.shell import TaskExecutorShell
 from deepserve.flowserve.settings import FlowServeSettings
@@ -31,6 +33,21 @@ async def serve(settings: FlowServeSettings) -> None:
                 )
             )
         )
+
+        # The Gateway API Inference Extension's model-server metrics (vllm:*), for Kubernetes
+        # routers (an InferencePool's endpoint picker), with the LoRA adapters in use.
+        def lora_in_use() -> LoraAdapters:
+            if shell.engine is None:
+                return LoraAdapters(max_lora=settings.max_loras)
+            running, waiting = shell.engine.adapter_requests()
+            return LoraAdapters(sorted(running), sorted(waiting), settings.max_loras)
+
+        registry().register(
+            GaieMetricsCollector(
+                lambda: (shell.engine, shell.model_name) if shell.engine else None,
+                adapters=lora_in_use,
+            )
+        )
         servicer = FlowServeServicer(shell)
         await rt.start(
             [
@@ -41,11 +58,16 @@ async def serve(settings: FlowServeSettings) -> None:
             [SERVICE_NAME],
         )
         await shell.start(rt.address)
+        http = OpenAIHttpListener(shell)
+        http_address = ""
+        if settings.http_port > 0:
+            port = await http.start(rt.common.host, settings.http_port)
+            http_address = f"{rt.common.host}:{port}"
         if settings.model:
             await shell.load_model(
                 settings.model, Role(settings.role), tp_size=settings.tensor_parallel_size
             )
-        await rt.serve([], [], on_shutdown=[shell.close])
+        await rt.serve([], [], on_shutdown=[http.close, shell.close], http_address=http_address)
 
 
 def main() -> None:
