@@ -71,7 +71,7 @@ class Sizes:
 
 
 FULL = Sizes(64, (16, 512), (16, 256), 32, 32, 64)
-QUICK = Sizes(24, (16, 512), (16, 128), 16, 16, 32)
+QUICK = Sizes(16, (16, 384), (16, 64), 8, 8, 32)
 
 
 @dataclass(slots=True)
@@ -127,7 +127,7 @@ def _stop(proc: subprocess.Popen[bytes], grace_s: float = 60.0) -> None:
 
 @contextmanager
 def deepserve_server(
-    model: str, kv_gib: float, work_dir: Path, extra_env: dict[str, str]
+    name: str, model: str, kv_gib: float, work_dir: Path, extra_env: dict[str, str]
 ) -> Iterator[str]:
     ports = {
         name: free_port()
@@ -135,16 +135,18 @@ def deepserve_server(
     }
     ports["podpool"] = free_port()
     command = [str(Path(sys.executable).with_name("deepserve")), "up", "--model", model]
-    command += ["--run-dir", str(work_dir / "deepserve-run"), "--warm-pods", "0"]
+    command += ["--run-dir", str(work_dir / f"{name}-run"), "--warm-pods", "0"]
     command += ["--startup-timeout", "900"]
     for name, port in ports.items():
         command += [f"--{name}-port", str(port)]
     env = {
         **os.environ,
         "DEEPSERVE_FLOWSERVE_KV_CACHE_MEMORY_MB": str(int(kv_gib * 1024)),
+        # A loaded shared host stretches a request past the gateway's default 600 s.
+        "DEEPSERVE_GATEWAY_REQUEST_TIMEOUT_S": "7200",
         **extra_env,
     }
-    log = work_dir / "deepserve.log"
+    log = work_dir / f"{name}.log"
     base_url = f"http://{HOST}:{ports['http']}"
     with log.open("wb") as out:
         proc = subprocess.Popen(
@@ -392,11 +394,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="KEY=VALUE",
         help="extra environment for `deepserve up` (e.g. DEEPSERVE_FLOWSERVE_THREADS=1)",
     )
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="LABEL:KEY=VALUE[,KEY=VALUE]",
+        help="also run `deepserve up` with this environment, as system deepserve-LABEL (A/B)",
+    )
     parser.add_argument("--vllm-venv", type=Path, default=DEFAULT_VENV)
     parser.add_argument("--json", type=Path, default=None, help="write the raw figures here")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     args.systems = [s for s in args.systems.split(",") if s]
+    args.variants = {}
+    for item in args.variant:
+        label, _, pairs = item.partition(":")
+        args.variants[f"deepserve-{label}"] = dict(p.split("=", 1) for p in pairs.split(",") if p)
     args.workloads = [w for w in args.workloads.split(",") if w]
     for s in args.systems:
         if s not in SYSTEMS:
@@ -435,11 +448,12 @@ def main(argv: list[str] | None = None) -> int:
     runs: list[SystemRun] = []
     with tempfile.TemporaryDirectory(prefix="serve-vs-vllm-") as tmp:
         work_dir = Path(tmp)
-        for system in args.systems:
+        for system in [*args.systems, *args.variants]:
             started = time.monotonic()
             progress(f"{system}: starting (load avg {os.getloadavg()[0]:.1f})")
-            if system == "deepserve":
-                server = deepserve_server(args.served_name, args.kv_gib, work_dir, extra_env)
+            if system.startswith("deepserve"):
+                env = {**extra_env, **args.variants.get(system, {})}
+                server = deepserve_server(system, args.served_name, args.kv_gib, work_dir, env)
             else:
                 assert vllm_python is not None
                 server = vllm_server(
