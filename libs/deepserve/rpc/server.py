@@ -21,6 +21,15 @@ from deepserve.rpc.client import CHANNEL_OPTIONS
 from deepserve.rpc.errors import DomainErrorInterceptor
 from deepserve.telemetry import grpc_server_interceptors
 
+# Clients ping every 20 s (CHANNEL_OPTIONS), also while a stream sends nothing (a long prefill
+# on a loaded host). The server's default accepts such pings only every 5 min and answers the
+# third with GOAWAY "too_many_pings", which killed Generate streams mid-way under load.
+SERVER_OPTIONS: list[tuple[str, object]] = [
+    *CHANNEL_OPTIONS,
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+    ("grpc.http2.max_ping_strikes", 0),
+]
+
 log = logging.getLogger(__name__)
 
 Registrar = Callable[[grpc.aio.Server], None]
@@ -68,7 +77,7 @@ async def start_grpc_server(
             DomainErrorInterceptor(),
             *grpc_server_interceptors(),
         ],
-        options=CHANNEL_OPTIONS,
+        options=SERVER_OPTIONS,
     )
     for register in registrars:
         register(server)
