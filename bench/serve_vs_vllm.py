@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import random
@@ -474,24 +475,9 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 run.load_after = os.getloadavg()
             runs.append(run)
-    text = report(runs, args.workloads)
-    print(text)
-    if args.json is not None:
-        args.json.write_text(
-            json.dumps(
-                [
-                    {
-                        "system": r.system,
-                        "ready_s": r.ready_s,
-                        "load_before": r.load_before,
-                        "load_after": r.load_after,
-                        "results": r.results,
-                    }
-                    for r in runs
-                ],
-                indent=1,
-            )
-        )
+            if args.json is not None:  # after each server: a long run cut short keeps its part
+                args.json.write_text(json.dumps([dataclasses.asdict(r) for r in runs], indent=1))
+    print(report(runs, args.workloads))
     return 0
 
 
