@@ -127,6 +127,22 @@ def _stop(proc: subprocess.Popen[bytes], grace_s: float = 60.0) -> None:
 
 
 @contextmanager
+def _serving(
+    command: list[str], env: dict[str, str], log: Path, base_url: str, model: str
+) -> Iterator[None]:
+    """Runs a server in its own session until it lists `model`; stops its whole group after."""
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        _wait_listed(proc, base_url, model, 900, log)
+        yield
+    finally:
+        _stop(proc)
+
+
+@contextmanager
 def deepserve_server(
     name: str, model: str, kv_gib: float, work_dir: Path, extra_env: dict[str, str]
 ) -> Iterator[str]:
@@ -147,17 +163,9 @@ def deepserve_server(
         "DEEPSERVE_GATEWAY_REQUEST_TIMEOUT_S": "7200",
         **extra_env,
     }
-    log = work_dir / f"{name}.log"
     base_url = f"http://{HOST}:{ports['http']}"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    try:
-        _wait_listed(proc, base_url, model, 900, log)
+    with _serving(command, env, work_dir / f"{name}.log", base_url, model):
         yield base_url
-    finally:
-        _stop(proc)
 
 
 @contextmanager
@@ -179,15 +187,8 @@ def vllm_server(
         env["VLLM_CPU_OMP_THREADS_BIND"] = f"0-{(os.cpu_count() or 1) - 1}"
     log = work_dir / f"vllm-{'pinned' if pinned else 'default'}.log"
     base_url = f"http://{HOST}:{port}"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    try:
-        _wait_listed(proc, base_url, served_name, 900, log)
+    with _serving(command, env, log, base_url, served_name):
         yield base_url
-    finally:
-        _stop(proc)
 
 
 # ----- workloads ------------------------------------------------------------------------------
