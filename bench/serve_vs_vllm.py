@@ -182,7 +182,12 @@ def vllm_server(
     command = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir)]
     command += ["--served-model-name", served_name, "--dtype", dtype]
     command += ["--host", HOST, "--port", str(port)]
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(kv_gib), "VLLM_LOGGING_LEVEL": "WARNING"}
+    env = {
+        **os.environ,
+        "VLLM_TARGET_DEVICE": "cpu",
+        "VLLM_CPU_KVCACHE_SPACE": str(kv_gib),
+        "VLLM_LOGGING_LEVEL": "WARNING",
+    }
     if pinned:
         env["VLLM_CPU_OMP_THREADS_BIND"] = f"0-{(os.cpu_count() or 1) - 1}"
     log = work_dir / f"vllm-{'pinned' if pinned else 'default'}.log"

