@@ -144,7 +144,7 @@ def _serving(
 
 @contextmanager
 def deepserve_server(
-    name: str, model: str, kv_gib: float, work_dir: Path, extra_env: dict[str, str]
+    name: str, model: str, kv_gib: int, work_dir: Path, extra_env: dict[str, str]
 ) -> Iterator[str]:
     ports = {
         name: free_port()
@@ -174,7 +174,7 @@ def vllm_server(
     model_dir: Path,
     served_name: str,
     dtype: str,
-    kv_gib: float,
+    kv_gib: int,
     pinned: bool,
     work_dir: Path,
 ) -> Iterator[str]:
@@ -185,7 +185,7 @@ def vllm_server(
     env = {
         **os.environ,
         "VLLM_TARGET_DEVICE": "cpu",
-        "VLLM_CPU_KVCACHE_SPACE": str(kv_gib),
+        "VLLM_CPU_KVCACHE_SPACE": str(kv_gib),  # whole GiB only
         "VLLM_LOGGING_LEVEL": "WARNING",
     }
     if pinned:
@@ -391,7 +391,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", default=DEFAULT_MODEL, help="catalog name or model directory")
     parser.add_argument("--quick", action="store_true", help="smaller workloads")
     parser.add_argument("--dtype", default="float32", help="float32 or bfloat16, both servers")
-    parser.add_argument("--kv-gib", type=float, default=2.0, help="KV cache size, both servers")
+    parser.add_argument("--kv-gib", type=int, default=2, help="KV cache GiB, both servers")
     parser.add_argument("--systems", default=",".join(SYSTEMS), help=f"from {','.join(SYSTEMS)}")
     parser.add_argument("--workloads", default=",".join(WORKLOADS), help=f"from {WORKLOADS}")
     parser.add_argument(
