@@ -39,8 +39,9 @@ CHANNEL_OPTIONS: list[tuple[str, object]] = [
 ]
 
 
-# Servers accept keepalive pings this often (the default, 5 minutes, would answer a client
-# that pings faster with GOAWAY "too many pings").
+# Servers accept pings as often as every second and never answer them with GOAWAY: the
+# default (one ping per 5 min, GOAWAY "too_many_pings" on the third) killed Generate streams
+# silent through a long prefill, and the gateway's engine channels ping every 2 s.
 SERVER_OPTIONS: list[tuple[str, object]] = [
     *CHANNEL_OPTIONS,
     ("grpc.http2.min_recv_ping_interval_without_data_ms", 1_000),

@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 
 def openmp_env(settings: PodPoolSettings) -> dict[str, str]:
     """OpenMP settings for a pod's environment (read once, when torch loads libgomp)."""
-    if settings.pod_openmp_spin_count <= 0 or {"GOMP_SPINCOUNT", "OMP_WAIT_POLICY"} & set(
+    if settings.pod_openmp_spin_count < 0 or {"GOMP_SPINCOUNT", "OMP_WAIT_POLICY"} & set(
         os.environ
     ):
         return {}
