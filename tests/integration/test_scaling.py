@@ -15,11 +15,9 @@ import asyncio
 import json
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TypeVar
 
 import httpx
 import pytest
@@ -29,22 +27,11 @@ from deepserve.scaling.weights_cache import WeightsCacheLayout
 from deepserve.v1 import common_pb2, jobmgr_pb2_grpc
 from deepserve.v1 import jobmgr_pb2 as pb
 from tests.cluster_harness import RunningCluster, local_cluster
+from tests.polling import eventually
 from tests.tiny_model import make_tiny_llama
 
 pytestmark = pytest.mark.integration
-T = TypeVar("T")
 STEPS = ["pod_acquired", "engine_started", "weights_loaded", "warmed_up", "visible"]
-
-
-async def eventually(probe: Callable[[], Awaitable[T | None]], timeout_s: float) -> T:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = await probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout_s}s")
-        await asyncio.sleep(0.2)
 
 
 def spec(model: str, *, replicas: int = 0, max_replicas: int, autoscale: bool) -> pb.JobSpec:

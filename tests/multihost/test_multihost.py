@@ -15,10 +15,9 @@ import json
 import time
 import urllib.request
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
 
 import httpx
 import openai
@@ -33,10 +32,10 @@ from deepserve.store.redis_store import RedisStore
 from deepserve.v1 import common_pb2, jobmgr_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 from deepserve.v1 import jobmgr_pb2 as pb
 from tests.multihost.cluster import MultiHostCluster, multihost_cluster
+from tests.polling import eventually
 from tests.tiny_model import make_tiny_llama
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
-T = TypeVar("T")
 LEASE_TTL_S = 2
 POD_HOSTS = ("h1", "h2")
 
@@ -67,17 +66,6 @@ def mh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fixture]:
         tmp_path_factory.mktemp("mh"), POD_HOSTS, warm_pods=4, lease_ttl_s=LEASE_TTL_S, env=env
     ) as cluster:
         yield Fixture(cluster, tmp_path_factory.mktemp("models"))
-
-
-async def eventually(probe: Callable[[], Awaitable[T | None]], timeout_s: float) -> T:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = await probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout_s}s")
-        await asyncio.sleep(0.2)
 
 
 class Jobs:
