@@ -247,7 +247,9 @@ async def test_engine_pods_register_serve_export_gaie_metrics_and_are_deleted(
     http_at = f"http://{manifest['status']['podIP']}:8000"
     model = str(tiny_model)
     status, whole = await asyncio.to_thread(
-        post, f"{http_at}/v1/completions", {"model": model, "prompt": "hello", "max_tokens": 5}
+        post,
+        f"{http_at}/v1/completions",
+        {"model": model, "prompt": "hello", "max_tokens": 5, "ignore_eos": True},
     )
     assert status == 200, whole
     assert whole["choices"][0]["finish_reason"] == "length"
@@ -259,6 +261,7 @@ async def test_engine_pods_register_serve_export_gaie_metrics_and_are_deleted(
             "model": model,
             "messages": [{"role": "user", "content": "hi"}],
             "max_tokens": 4,
+            "ignore_eos": True,  # a random tiny model may sample EOS early
             "stream": True,
             "stream_options": {"include_usage": True},
         },

@@ -94,7 +94,8 @@ async def scenario(cluster: RunningCluster, model: str, cache_dir: Path) -> None
         )
         async with httpx.AsyncClient(base_url=cluster.layout.gateway_url, timeout=120) as http:
             reply = await http.post(
-                "/v1/completions", json={"model": model, "prompt": "hello", "max_tokens": 4}
+                "/v1/completions",
+                json={"model": model, "prompt": "hello", "max_tokens": 4, "ignore_eos": True},
             )
         assert reply.status_code == 200, reply.text
         assert reply.json()["usage"]["completion_tokens"] == 4
