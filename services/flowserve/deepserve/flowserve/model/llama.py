@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from deepserve.flowserve.lora.batched_matmul import LoRAStep
 from deepserve.flowserve.model.attention import AttentionMetadata, paged_attention, write_kv
 from deepserve.flowserve.model.config import ModelConfig
+from deepserve.flowserve.model.linear_kernel import linear_kernel
 from deepserve.flowserve.model.llama_weights import LlamaWeights
 from deepserve.flowserve.model.rotary import RotaryEmbedding
 from deepserve.flowserve.model.weights import load_llama_weights
@@ -49,6 +50,7 @@ class LlamaForCausalLM:
         self.num_heads = config.num_heads // tp_size
         self.num_kv_heads = config.num_kv_heads // tp_size
         self.rotary = RotaryEmbedding(config, device, dtype)
+        self.linear = linear_kernel(device, dtype)
 
     @classmethod
     def load(
@@ -104,7 +106,7 @@ class LlamaForCausalLM:
         layers = zip(self.weights.layers, kv_caches, strict=True)
         for index, (layer, (key_cache, value_cache)) in enumerate(layers):
             x = F.rms_norm(hidden, norm_shape, layer.input_norm, eps)
-            qkv = F.linear(x, layer.qkv, layer.qkv_bias)
+            qkv = self.linear(x, layer.qkv, layer.qkv_bias)
             if lora is not None:
                 lora.add("qkv", index, x, qkv)
             # q and k heads rotate together: one set of kernels instead of two.
@@ -121,7 +123,7 @@ class LlamaForCausalLM:
             hidden = hidden + attn_out
 
             x = F.rms_norm(hidden, norm_shape, layer.post_norm, eps)
-            gate_up = F.linear(x, layer.gate_up, layer.gate_up_bias)
+            gate_up = self.linear(x, layer.gate_up, layer.gate_up_bias)
             if lora is not None:
                 lora.add("gate_up", index, x, gate_up)
             gate, up = gate_up.chunk(2, dim=-1)
@@ -142,12 +144,12 @@ class LlamaForCausalLM:
         x = F.rms_norm(
             hidden, (self.config.hidden_size,), self.weights.final_norm, self.config.rms_norm_eps
         )
-        return F.linear(x, self.weights.lm_head)
+        return self.linear(x, self.weights.lm_head, None)
 
     def _row_parallel(
         self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     ) -> torch.Tensor:
-        out = F.linear(x, weight)
+        out = self.linear(x, weight, None)
         if self.tp_size > 1:
             dist.all_reduce(out, group=self.tp_group)
         if bias is not None:
