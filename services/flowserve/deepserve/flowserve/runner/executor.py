@@ -62,7 +62,8 @@ class Executor(ABC):
 
     @abstractmethod
     def submit(self, plan: StepPlan) -> Future[torch.Tensor]:
-        """Queue one step; the future yields float32 CPU logits [needs_logits seqs, vocab]."""
+        """Queue one step; the future yields float32 logits [needs_logits seqs, vocab]: on the
+        model's device from an in-process runner (sampled there), on the host from workers."""
 
     def execute(self, plan: StepPlan) -> torch.Tensor:
         return self.submit(plan).result()
@@ -461,7 +462,8 @@ def _serve(runner: ModelRunner, conn: Connection, rank: int) -> None:
             return
         try:
             if method == "execute":
-                result: Any = runner.execute(*call_args)
+                # Across the process boundary on the host (this path is CPU tensor parallel).
+                result: Any = runner.execute(*call_args).cpu()
             elif method == "copy_to_host":
                 result = runner.copy_to_host(*call_args)
             elif method == "load_from_host":

@@ -101,7 +101,10 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> torch.Tensor:
-        """Run the step, return float32 CPU logits [needs_logits seqs, vocab].
+        """Run the step, return float32 logits [needs_logits seqs, vocab] on the device.
+
+        They stay there: the sampler runs where they are, and on an accelerator only the token
+        ids and logprobs it picks come to the host (a [batch, vocab] copy per step would not).
 
         Rows follow plan order. Ranks other than 0 run the same layers (their all-reduces are
         needed) but skip lm_head and return an empty [0, vocab] tensor.
@@ -123,7 +126,7 @@ class ModelRunner:
         if not self.computes_logits or inputs.logits_indices.numel() == 0:
             return empty
         logits = self.model.compute_logits(hidden.index_select(0, inputs.logits_indices))
-        return logits.float().cpu()
+        return logits.float()
 
     def _layer_hook(self, plan: StepPlan) -> Callable[[int], None] | None:
         hook = self.after_layer
