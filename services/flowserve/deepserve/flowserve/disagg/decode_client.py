@@ -205,9 +205,11 @@ class GrpcPrefillSource:
                     if first_kv is None:
                         first_kv = time.monotonic()
                     if msg.kv.WhichOneof("payload") == "tcp_nbytes":
-                        # Read on the socket's own thread while the next message arrives.
+                        # Queued on the socket's own thread, in order, as soon as the message
+                        # says where the bytes go (each lands in place: nothing to hold back),
+                        # so the thread reads on while this loop takes the next messages.
                         reads.append(self._receive_tcp(assembler, msg.kv, stream))
-                        if len(reads) > 1:
+                        while reads and reads[0][0].done():
                             await self._add_read(assembler, reads.pop(0))
                     else:
                         await self._receive(assembler, msg.kv)
