@@ -193,6 +193,13 @@ async def fork(address: str, model: str, bulk_tcp: bool) -> tuple[float, int]:
         shutil.rmtree(root, ignore_errors=True)
 
 
+# The decode side's settings, per transport asked for (the hosts are namespaces of one machine,
+# so shared memory, which would be picked first, is off).
+DECODE_SETTINGS = {
+    tcp: TransferSettings(allow_shared_memory=False, allow_tcp=tcp) for tcp in (False, True)
+}
+
+
 class CopySink:
     """A KVSink that copies into a block-indexed tensor, as the engine's `load_from_host`
     copies into its cache."""
@@ -208,7 +215,8 @@ async def kv_handoff(
     peers: PeerChannels, address: str, dst: torch.Tensor, tcp: bool, landing: LandingPool
 ) -> float:
     """GB/s of one KV hand-off's transfer into place: the real `disagg.decode_client` source
-    (its channel already open, as a decode instance's is), writing into `dst`."""
+    (its channel, settings and landing pool made once, as a decode instance's are), writing
+    into `dst`."""
     nbytes = dst.numel() * dst.element_size()
     num_blocks = int(dst.shape[2])
     source = GrpcPrefillSource(
@@ -217,7 +225,7 @@ async def kv_handoff(
         [0] * num_blocks * BLOCK_SIZE,
         model="bench",
         sampling=common_pb2.SamplingParams(),
-        settings=TransferSettings(allow_shared_memory=False, allow_tcp=tcp),
+        settings=DECODE_SETTINGS[tcp],
         layerwise=False,
         landing_pool=landing,
     )

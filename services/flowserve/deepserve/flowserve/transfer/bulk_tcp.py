@@ -20,6 +20,7 @@ import hmac
 import logging
 import secrets
 import socket
+import struct
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -198,6 +199,18 @@ def _receive(offer: BulkOffer, views: Sequence[memoryview]) -> int:
     return received
 
 
+def kernel_timeouts(conn: socket.socket, seconds: float) -> None:
+    """Blocking mode with the kernel's own timeouts for a bulk stream: a Python-level timeout
+    makes the socket non-blocking, so a large send or MSG_WAITALL read returns whatever fits
+    and waits in poll() between pieces (many calls and wake-ups per chunk); here each call
+    sleeps in the kernel until done, and a peer silent for `seconds` still fails it."""
+    conn.settimeout(None)
+    whole = int(seconds)
+    value = struct.pack("ll", whole, int((seconds - whole) * 1e6))
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, value)
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, value)
+
+
 # Buffers per sendmsg/recvmsg_into call (the kernel takes at most IOV_MAX, 1024 on Linux).
 _IOV_BATCH = 512
 
@@ -260,6 +273,7 @@ class StreamSender:
                 # No Nagle: a payload's last partial segment would otherwise wait for the
                 # receiver's delayed ACK (~40 ms) when nothing follows it.
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                kernel_timeouts(conn, 30)
                 return conn
             log.warning("bulk connection without the token dropped: %s", peer)
             conn.close()
@@ -314,6 +328,7 @@ class StreamReceiver:
             host, port = offer.address.rsplit(":", 1)
             conn = socket.create_connection((host, int(port)), timeout=timeout_s)
             conn.sendall(offer.token)
+            kernel_timeouts(conn, timeout_s)
             return conn
 
         try:
