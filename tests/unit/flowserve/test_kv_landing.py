@@ -18,6 +18,7 @@ from deepserve.flowserve.transfer import KVAssembler, split_by_blocks, split_by_
 from deepserve.flowserve.transfer.bulk_tcp import (
     StreamReceiver,
     StreamSender,
+    kernel_timeouts,
     recv_pieces,
     send_pieces,
 )
@@ -113,6 +114,21 @@ def test_pieces_cross_whole_through_partial_sends_and_reads() -> None:
     assert b"".join(rooms) == data
     assert not recv_pieces(b, [memoryview(bytearray(1))])  # closed: nothing more
     b.close()
+
+
+def test_a_silent_peer_fails_the_read_after_the_kernel_timeout() -> None:
+    a, b = socket.socketpair()
+    kernel_timeouts(b, 0.2)  # blocking calls, the kernel's timeout
+    try:
+        assert b.gettimeout() is None
+        a.sendall(b"abc")
+        room = bytearray(8)
+        with pytest.raises(OSError):  # 3 bytes, then silence
+            recv_pieces(b, [memoryview(room)])
+        assert room[:3] == b"abc"
+    finally:
+        a.close()
+        b.close()
 
 
 @pytest.mark.parametrize("layerwise", [False, True], ids=["block-chunks", "layer-chunks"])
