@@ -9,11 +9,12 @@ Paths, each timed `--repeats` times, alternating (median reported, GB/s and % of
              writes its copy (tmpfs allocates pages as they fill: the ceiling of any fork);
   fork_grpc  the real fork (`StreamWeights` + `receive_weights`) over gRPC chunks;
   fork_tcp   the real fork with `bulk_tcp`: manifest and offer over gRPC, the bytes over TCP;
-  kv_grpc    a KV tensor as the PD hand-off's gRPC chunks (`chunk_to_proto`, 4 MB each,
-             `chunk_from_proto` and a copy into place), as a Prefill stream;
+  kv_grpc    a KV tensor through the real PD hand-off: `serve_prefill` on host a (over a fixed
+             tensor instead of a model), `GrpcPrefillSource.prefill` on host b writing into a
+             block-indexed tensor (as the engine copies into its cache); gRPC chunks, 4 MB each;
   kv_tcp     the same hand-off with KV_TRANSPORT_TCP: an offer, then each chunk's metadata in a
-             message and its bytes on the socket (`StreamSender`/`StreamReceiver`, `tcp_room`),
-             copied into place.
+             message and its bytes on the socket, sent from the tensor's memory and read into
+             the transfer's landing tensor (`transfer.landing`), then written into place.
 Needs root. netem (`tc qdisc netem`) is probed and reported; where available, `--delay-ms`
 adds one-way delay on host a's link.
 

@@ -1,9 +1,10 @@
 """The two ends of `bench.crosshost`, each run inside its own namespace host.
 
 `serve` (on host a): a loaded model's weights behind the real fork RPC (`StreamWeights`, over
-gRPC chunks or the bulk TCP channel), a KV-sized tensor behind a Prefill-shaped stream of real
-KV wire chunks (the PD hand-off's gRPC encoding), and a plain socket that sends N bytes.
-`fetch` (on host b): times each path, alternating, and prints one JSON object.
+gRPC chunks or the bulk TCP channel), a KV-sized tensor behind the real Prefill stream
+(`disagg.prefill_service.serve_prefill`, gRPC bytes or TCP), and a plain socket that sends N
+bytes. `fetch` (on host b): times each path, alternating (the KV hand-off through the real
+`disagg.decode_client.GrpcPrefillSource`), and prints one JSON object.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import socket
 import tempfile
 import threading
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -25,23 +27,23 @@ from typing import Any
 import grpc
 import torch
 
+from deepserve.flowserve.disagg.decode_client import GrpcPrefillSource, PeerChannels
+from deepserve.flowserve.disagg.prefill_flow import PrefillJob, PrefillOutcome
+from deepserve.flowserve.disagg.prefill_service import serve_prefill
+from deepserve.flowserve.engine.kv_handoff import KVReservation
 from deepserve.flowserve.model.config import ModelConfig
 from deepserve.flowserve.model.weights import load_llama_weights
 from deepserve.flowserve.pod.fork import receive_weights
 from deepserve.flowserve.pod.servicer import FlowServeServicer
-from deepserve.flowserve.transfer.bulk_tcp import BulkOffer, StreamReceiver, StreamSender
-from deepserve.flowserve.transfer.chunks import split_by_blocks
-from deepserve.flowserve.transfer.wire import (
-    chunk_from_proto,
-    chunk_meta_to_proto,
-    chunk_of,
-    chunk_to_proto,
-    tcp_room,
-)
+from deepserve.flowserve.transfer.chunks import KVChunk, split_by_blocks
+from deepserve.flowserve.transfer.landing import LandingPool
+from deepserve.flowserve.transfer.settings import TransferSettings
+from deepserve.flowserve.transfer.shared_memory import SharedMemoryPool
 from deepserve.scaling.weights_cache import WeightsCacheLayout
-from deepserve.v1 import flowserve_pb2, flowserve_pb2_grpc
+from deepserve.v1 import common_pb2, flowserve_pb2, flowserve_pb2_grpc
 
-KV_CHUNK_BYTES = 4 << 20
+BLOCK_SIZE = 16  # bench.crosshost's KV shape uses it
+KV_CHUNK_BYTES = TransferSettings().max_chunk_bytes
 GRPC_OPTIONS = [
     ("grpc.max_send_message_length", 256 << 20),
     ("grpc.max_receive_message_length", 256 << 20),
@@ -61,36 +63,47 @@ class SourceShell:
         return self.engine
 
 
+class FixedKVServer:
+    """A PrefillServer whose every job's KV is one fixed tensor (no model run): the chunks
+    and outcome `disagg.prefill_service.serve_prefill` turns into the hand-off's wire."""
+
+    def __init__(self, kv: torch.Tensor) -> None:
+        self.kv = kv
+
+    async def run(self, job: PrefillJob) -> AsyncIterator[KVChunk | PrefillOutcome]:
+        chunks = split_by_blocks(self.kv, job.skip_blocks, KV_CHUNK_BYTES)
+        for chunk in chunks:
+            yield chunk
+        yield PrefillOutcome(
+            first_token_id=0,
+            cached_tokens=0,
+            blocks_sent=int(self.kv.shape[2]) - job.skip_blocks,
+            bytes_sent=sum(c.nbytes for c in chunks),
+            layerwise=False,
+        )
+
+
 class Source(FlowServeServicer):
-    """StreamWeights from the real servicer; Prefill streams a fixed KV tensor as real chunks."""
+    """StreamWeights from the real servicer; Prefill is the real `serve_prefill` over a fixed
+    KV tensor (gRPC bytes, or with TCP asked for, an offer and the bytes on a socket)."""
 
     def __init__(self, shell: SourceShell, kv: torch.Tensor, host: str) -> None:
         super().__init__(shell)  # type: ignore[arg-type]
-        self.kv = kv
-        self.host = host
+        self.server = FixedKVServer(kv)
+        self.settings = TransferSettings(
+            allow_shared_memory=False, tcp_bind_host=host, max_chunk_bytes=KV_CHUNK_BYTES
+        )
+        self.shared_memory = SharedMemoryPool(self.settings.shared_memory_dir)
 
     async def Prefill(self, request: Any, context: Any) -> Any:
-        """The hand-off's wire as `disagg.prefill_service` speaks it: gRPC bytes, or (asked
-        for TCP) an offer, then each chunk's metadata in a message and its bytes on the
-        socket."""
-        chunks = split_by_blocks(self.kv, 0, KV_CHUNK_BYTES)
-        if flowserve_pb2.KV_TRANSPORT_TCP not in request.transports:
-            for chunk in chunks:
-                yield flowserve_pb2.PrefillResponse(kv=chunk_to_proto(chunk))
-            return
-        stream = StreamSender(self.host)
-        try:
-            offer = stream.offer
-            yield flowserve_pb2.PrefillResponse(
-                kv_offer=flowserve_pb2.BulkOffer(address=offer.address, token=offer.token)
-            )
-            for chunk in chunks:
-                meta, payload = chunk_meta_to_proto(chunk)
-                stream.send(payload)
-                yield flowserve_pb2.PrefillResponse(kv=meta)
-            await stream.flush(60)
-        finally:
-            stream.close()
+        async for reply in serve_prefill(
+            self.server,  # type: ignore[arg-type]
+            request,
+            None,
+            self.settings,
+            self.shared_memory,
+        ):
+            yield reply
 
 
 def socket_server(host: str, port: int, payload: memoryview) -> None:
@@ -180,51 +193,64 @@ async def fork(address: str, model: str, bulk_tcp: bool) -> tuple[float, int]:
         shutil.rmtree(root, ignore_errors=True)
 
 
-async def kv_handoff(address: str, dst: torch.Tensor, tcp: bool) -> float:
-    """GB/s of one KV hand-off's transfer into place, as `disagg.decode_client` receives it."""
+# The decode side's settings, per transport asked for (the hosts are namespaces of one machine,
+# so shared memory, which would be picked first, is off).
+DECODE_SETTINGS = {
+    tcp: TransferSettings(allow_shared_memory=False, allow_tcp=tcp) for tcp in (False, True)
+}
+
+
+class CopySink:
+    """A KVSink that copies into a block-indexed tensor, as the engine's `load_from_host`
+    copies into its cache."""
+
+    def __init__(self, dst: torch.Tensor) -> None:
+        self.dst = dst
+
+    async def write(self, first_block: int, tensor: torch.Tensor) -> None:
+        self.dst.narrow(2, first_block, int(tensor.shape[2])).copy_(tensor)
+
+
+async def kv_handoff(
+    peers: PeerChannels, address: str, dst: torch.Tensor, tcp: bool, landing: LandingPool
+) -> float:
+    """GB/s of one KV hand-off's transfer into place: the real `disagg.decode_client` source
+    (its channel, settings and landing pool made once, as a decode instance's are), writing
+    into `dst`."""
     nbytes = dst.numel() * dst.element_size()
-    transports = [flowserve_pb2.KV_TRANSPORT_TCP] if tcp else [flowserve_pb2.KV_TRANSPORT_GRPC]
-    stream: StreamReceiver | None = None
-    reads: list[tuple[Any, Any, torch.Tensor, memoryview]] = []
-
-    async def place(read: Any, msg: Any, tensor: torch.Tensor, room: memoryview) -> None:
-        await read
-        room.release()
-        back = chunk_of(msg, tensor)
-        dst.narrow(2, back.first_block, back.num_blocks).copy_(back.tensor)
-
-    async with grpc.aio.insecure_channel(address, options=GRPC_OPTIONS) as channel:
-        stub = flowserve_pb2_grpc.FlowServeServiceStub(channel)
-        started = time.perf_counter()
-        try:
-            async for reply in stub.Prefill(flowserve_pb2.PrefillRequest(transports=transports)):
-                if reply.HasField("kv_offer"):
-                    offer = reply.kv_offer
-                    stream = await StreamReceiver.connect(
-                        BulkOffer(offer.address, offer.token, 0), 30
-                    )
-                    continue
-                if reply.kv.WhichOneof("payload") == "tcp_nbytes":
-                    # As the decode side does: the read runs while the next message arrives.
-                    assert stream is not None
-                    tensor, room = tcp_room(reply.kv)
-                    reads.append((stream.read_into(room), reply.kv, tensor, room))
-                    if len(reads) > 1:
-                        await place(*reads.pop(0))
-                    continue
-                back = chunk_from_proto(reply.kv)
-                dst.narrow(2, back.first_block, back.num_blocks).copy_(back.tensor)
-            while reads:
-                await place(*reads.pop(0))
-        finally:
-            if stream is not None:
-                stream.close()
-        return nbytes / (time.perf_counter() - started) / 1e9
+    num_blocks = int(dst.shape[2])
+    source = GrpcPrefillSource(
+        peers,
+        address,
+        [0] * num_blocks * BLOCK_SIZE,
+        model="bench",
+        sampling=common_pb2.SamplingParams(),
+        settings=DECODE_SETTINGS[tcp],
+        layerwise=False,
+        landing_pool=landing,
+    )
+    reservation = KVReservation(
+        request_id="bench",
+        block_ids=list(range(num_blocks)),
+        num_held_blocks=0,
+        num_prompt_tokens=num_blocks * BLOCK_SIZE,
+        block_size=BLOCK_SIZE,
+    )
+    started = time.perf_counter()
+    await source.prefill(reservation, CopySink(dst))
+    seconds = time.perf_counter() - started
+    assert source.done is not None
+    want = flowserve_pb2.KV_TRANSPORT_TCP if tcp else flowserve_pb2.KV_TRANSPORT_GRPC
+    assert source.done.transport == want, source.done.transport
+    return nbytes / seconds / 1e9
 
 
 async def fetch(args: argparse.Namespace) -> None:
     host = args.source_host
     dst = torch.empty(args.kv_shape)
+    peers = PeerChannels()
+    landing = LandingPool(TransferSettings().tcp_landing_keep_bytes)
+    address = f"{host}:{args.grpc_port}"
     rows: dict[str, list[float]] = {
         "socket": [], "socket_to_shm": [], "fork_grpc": [], "fork_tcp": [], "kv_grpc": [], "kv_tcp": []
     }  # fmt: skip
@@ -241,8 +267,9 @@ async def fetch(args: argparse.Namespace) -> None:
         rate, weights_bytes = await fork(f"{host}:{args.grpc_port}", args.model, bulk_tcp=False)
         rows["fork_grpc"].append(rate)
         rows["fork_tcp"].append((await fork(f"{host}:{args.grpc_port}", args.model, True))[0])
-        rows["kv_grpc"].append(await kv_handoff(f"{host}:{args.grpc_port}", dst, tcp=False))
-        rows["kv_tcp"].append(await kv_handoff(f"{host}:{args.grpc_port}", dst, tcp=True))
+        rows["kv_grpc"].append(await kv_handoff(peers, address, dst, False, landing))
+        rows["kv_tcp"].append(await kv_handoff(peers, address, dst, True, landing))
+    await peers.close()
     print(
         json.dumps(
             {

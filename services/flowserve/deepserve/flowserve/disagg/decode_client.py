@@ -10,7 +10,6 @@ import time
 from dataclasses import dataclass
 
 import grpc
-import torch
 
 from deepserve.errors import (
     Cancelled,
@@ -23,13 +22,17 @@ from deepserve.flowserve.engine.kv_handoff import KVReservation, KVSink, Prefill
 from deepserve.flowserve.transfer.assembler import KVAssembler
 from deepserve.flowserve.transfer.bulk_tcp import BulkOffer, StreamReceiver
 from deepserve.flowserve.transfer.host import local_host_id
+from deepserve.flowserve.transfer.landing import KVRoom, LandingPool
 from deepserve.flowserve.transfer.settings import TransferSettings
-from deepserve.flowserve.transfer.wire import chunk_from_proto, chunk_of, tcp_room
+from deepserve.flowserve.transfer.wire import chunk_from_proto, tcp_room
 from deepserve.rpc.client import insecure_channel
 from deepserve.rpc.errors import error_from_rpc
 from deepserve.v1 import common_pb2, flowserve_pb2, flowserve_pb2_grpc
 
 log = logging.getLogger(__name__)
+
+# A chunk's read queued on the TCP connection, and the room it fills.
+TcpRead = tuple[asyncio.Future[None], KVRoom]
 
 
 class PeerChannels:
@@ -84,6 +87,7 @@ class GrpcPrefillSource:
         layerwise: bool,
         stats: TransferStats | None = None,
         cache_salt: str = "",
+        landing_pool: LandingPool | None = None,
     ) -> None:
         self.peers = peers
         self.address = address
@@ -94,6 +98,8 @@ class GrpcPrefillSource:
         self.layerwise = layerwise
         self.cache_salt = cache_salt
         self.stats = stats if stats is not None else TransferStats()
+        # Reused host buffers that TCP KV lands in (the engine's; None: one per transfer).
+        self.landing_pool = landing_pool
         # Figures of the last transfer (for stats and the benchmark).
         self.done: flowserve_pb2.PrefillDone | None = None
 
@@ -124,29 +130,25 @@ class GrpcPrefillSource:
         await _receive_chunk(self.address, assembler, msg)
 
     def _receive_tcp(
-        self, msg: flowserve_pb2.KVChunk, stream: StreamReceiver | None
-    ) -> tuple[asyncio.Future[None], flowserve_pb2.KVChunk, torch.Tensor, memoryview]:
+        self, assembler: KVAssembler, msg: flowserve_pb2.KVChunk, stream: StreamReceiver | None
+    ) -> TcpRead:
         """Queues the read of a chunk whose bytes come on the transfer's TCP connection, into
-        a tensor of its shape; the caller adds it to the assembler once read."""
+        its place in the assembler's landing tensor; `_add_read` marks it landed once read."""
         if stream is None:
             raise Unavailable(f"prefill instance {self.address} sent TCP KV without an offer")
         try:
-            tensor, room = tcp_room(msg)
+            room = tcp_room(msg, assembler)
         except DeepServeError as exc:
             raise Unavailable(
                 f"KV transfer from prefill instance {self.address} failed: {exc}"
             ) from exc
-        return stream.read_into(room), msg, tensor, room
+        return stream.read_into(room.pieces), room
 
-    async def _add_read(
-        self,
-        assembler: KVAssembler,
-        read: tuple[asyncio.Future[None], flowserve_pb2.KVChunk, torch.Tensor, memoryview],
-    ) -> None:
-        future, msg, tensor, room = read
+    async def _add_read(self, assembler: KVAssembler, read: TcpRead) -> None:
+        future, room = read
         try:
             await future
-            await assembler.add(chunk_of(msg, tensor))
+            assembler.landed(room)
         except Cancelled:
             raise
         except (DeepServeError, OSError) as exc:
@@ -167,7 +169,9 @@ class GrpcPrefillSource:
             ) from exc
 
     async def prefill(self, reservation: KVReservation, sink: KVSink) -> PrefillResult:
-        assembler = KVAssembler(sink, reservation.num_held_blocks, len(reservation.block_ids))
+        assembler = KVAssembler(
+            sink, reservation.num_held_blocks, len(reservation.block_ids), self.landing_pool
+        )
         call = self.peers.stub(self.address).Prefill(
             self._request(reservation), timeout=self.settings.prefill_timeout_s
         )
@@ -175,9 +179,7 @@ class GrpcPrefillSource:
         first_kv: float | None = None
         ok = False
         stream: StreamReceiver | None = None
-        reads: list[
-            tuple[asyncio.Future[None], flowserve_pb2.KVChunk, torch.Tensor, memoryview]
-        ] = []
+        reads: list[TcpRead] = []
         try:
             while True:
                 try:
@@ -203,9 +205,11 @@ class GrpcPrefillSource:
                     if first_kv is None:
                         first_kv = time.monotonic()
                     if msg.kv.WhichOneof("payload") == "tcp_nbytes":
-                        # Read on the socket's own thread while the next message arrives.
-                        reads.append(self._receive_tcp(msg.kv, stream))
-                        if len(reads) > 1:
+                        # Queued on the socket's own thread, in order, as soon as the message
+                        # says where the bytes go (each lands in place: nothing to hold back),
+                        # so the thread reads on while this loop takes the next messages.
+                        reads.append(self._receive_tcp(assembler, msg.kv, stream))
+                        while reads and reads[0][0].done():
                             await self._add_read(assembler, reads.pop(0))
                     else:
                         await self._receive(assembler, msg.kv)
@@ -240,10 +244,14 @@ class GrpcPrefillSource:
         finally:
             if stream is not None:
                 stream.close()
-            for _, _, _, room in reads:  # reads cut short by a failure
+            for _, room in reads:  # reads cut short by a failure
                 with contextlib.suppress(BufferError):
                     room.release()
-            if not ok:
+            if ok:
+                # Every read was awaited and the sink copied the KV: the buffer can serve again.
+                # (After a failure it is dropped instead: a read may still be writing into it.)
+                assembler.release()
+            else:
                 self.stats.failures += 1
             # A no-op once the stream ended; otherwise it tells the prefill side to free its KV.
             with contextlib.suppress(Exception):

@@ -12,6 +12,7 @@ from deepserve.flowserve.disagg.decode_client import (
 )
 from deepserve.flowserve.disagg.prefill_flow import PrefillServer
 from deepserve.flowserve.disagg.prefill_service import serve_prefill
+from deepserve.flowserve.transfer.landing import LandingPool
 from deepserve.flowserve.transfer.settings import TransferSettings
 from deepserve.flowserve.transfer.shared_memory import SharedMemoryPool
 from deepserve.v1 import common_pb2, flowserve_pb2
@@ -30,6 +31,7 @@ class DisaggEndpoint:
         )
         self.peers = PeerChannels()
         self.received = TransferStats()
+        self.landing_pool = LandingPool(self.settings.tcp_landing_keep_bytes)
         self.shared_memory = SharedMemoryPool(
             self.settings.shared_memory_dir, self.settings.segment_ttl_s
         )
@@ -58,6 +60,7 @@ class DisaggEndpoint:
             layerwise=layerwise,
             stats=self.received,
             cache_salt=cache_salt,
+            landing_pool=self.landing_pool,
         )
 
     def prefill_stream(

@@ -43,7 +43,9 @@ class KVSink(Protocol):
 
     async def write(self, first_block: int, tensor: torch.Tensor) -> None:
         """Store `tensor` (the executor's host layout, every layer, block axis 2) into the
-        reservation's blocks first_block, first_block + 1, ... (indices into block_ids)."""
+        reservation's blocks first_block, first_block + 1, ... (indices into block_ids).
+        Copy it before returning: its memory (a view of a reused landing buffer) may be
+        written by the next transfer once this returns."""
         ...
 
 

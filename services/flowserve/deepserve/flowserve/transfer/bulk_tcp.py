@@ -20,6 +20,7 @@ import hmac
 import logging
 import secrets
 import socket
+import struct
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -198,6 +199,56 @@ def _receive(offer: BulkOffer, views: Sequence[memoryview]) -> int:
     return received
 
 
+def kernel_timeouts(conn: socket.socket, seconds: float) -> None:
+    """Blocking mode with the kernel's own timeouts for a bulk stream: a Python-level timeout
+    makes the socket non-blocking, so a large send or MSG_WAITALL read returns whatever fits
+    and waits in poll() between pieces (many calls and wake-ups per chunk); here each call
+    sleeps in the kernel until done, and a peer silent for `seconds` still fails it."""
+    conn.settimeout(None)
+    whole = int(seconds)
+    value = struct.pack("ll", whole, int((seconds - whole) * 1e6))
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, value)
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, value)
+
+
+# Buffers per sendmsg/recvmsg_into call (the kernel takes at most IOV_MAX, 1024 on Linux).
+_IOV_BATCH = 512
+
+
+def _advance(views: list[memoryview], first: int, n: int) -> int:
+    """Drops n bytes from the front of views[first:]; returns the first view not yet done."""
+    while n:
+        if n >= len(views[first]):
+            n -= len(views[first])
+            first += 1
+        else:
+            views[first] = views[first][n:]
+            n = 0
+    return first
+
+
+def send_pieces(conn: socket.socket, pieces: Sequence[memoryview]) -> None:
+    """Sends the pieces back to back as one byte stream (`sendmsg` gathers them: one system
+    call for many pieces, no copy into one buffer)."""
+    views = [p.cast("B") for p in pieces if p.nbytes]
+    first = 0
+    while first < len(views):
+        first = _advance(views, first, conn.sendmsg(views[first : first + _IOV_BATCH]))
+
+
+def recv_pieces(conn: socket.socket, pieces: Sequence[memoryview]) -> bool:
+    """Fills the pieces in order from the stream (`recvmsg_into` scatters: the bytes land in
+    place); False if the peer closed first."""
+    views = [p.cast("B") for p in pieces if p.nbytes]
+    first = 0
+    while first < len(views):
+        n = conn.recvmsg_into(views[first : first + _IOV_BATCH], 0, socket.MSG_WAITALL)[0]
+        if n == 0:
+            return False
+        first = _advance(views, first, n)
+    return True
+
+
 class StreamSender:
     """One connection (the one presenting the token), many payloads sent in order: a PD
     hand-off's KV chunks, whose metadata travel in the gRPC messages. Sends run on one worker
@@ -219,20 +270,26 @@ class StreamSender:
             conn.settimeout(30)
             token = _recv_exact(conn, TOKEN_BYTES)
             if token is not None and hmac.compare_digest(token, self._token):
+                # No Nagle: a payload's last partial segment would otherwise wait for the
+                # receiver's delayed ACK (~40 ms) when nothing follows it.
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                kernel_timeouts(conn, 30)
                 return conn
             log.warning("bulk connection without the token dropped: %s", peer)
             conn.close()
 
-    def _send(self, payload: memoryview) -> None:
+    def _send(self, pieces: Sequence[memoryview]) -> None:
         if self._conn is None:
             self._conn = self._accept()  # the first send waits for the receiver
-        self._conn.sendall(payload)
+        send_pieces(self._conn, pieces)
 
-    def send(self, payload: memoryview) -> None:
-        """Queues one payload (keep it alive until `flush`)."""
+    def send(self, payload: memoryview | Sequence[memoryview]) -> None:
+        """Queues one payload, given whole or as pieces sent back to back (a strided tensor's
+        contiguous runs: no copy into one buffer); keep them alive until `flush`."""
+        pieces = [payload] if isinstance(payload, memoryview) else list(payload)
         loop = asyncio.get_running_loop()
-        self._pending.append(loop.run_in_executor(self._worker, self._send, payload))
-        self.bytes_sent += len(payload)
+        self._pending.append(loop.run_in_executor(self._worker, self._send, pieces))
+        self.bytes_sent += sum(p.nbytes for p in pieces)
 
     async def flush(self, timeout_s: float) -> None:
         """Waits until every queued payload is sent."""
@@ -271,6 +328,7 @@ class StreamReceiver:
             host, port = offer.address.rsplit(":", 1)
             conn = socket.create_connection((host, int(port)), timeout=timeout_s)
             conn.sendall(offer.token)
+            kernel_timeouts(conn, timeout_s)
             return conn
 
         try:
@@ -278,18 +336,15 @@ class StreamReceiver:
         except OSError as exc:
             raise Unavailable(f"KV source {offer.address} unreachable: {exc}") from exc
 
-    def _read(self, room: memoryview) -> None:
-        filled = 0
-        while filled < len(room):
-            with room[filled:] as rest:
-                n = self._conn.recv_into(rest, len(rest), socket.MSG_WAITALL)
-            if n == 0:
-                raise Unavailable(f"KV source {self.address} closed mid-transfer")
-            filled += n
+    def _read(self, pieces: Sequence[memoryview]) -> None:
+        if not recv_pieces(self._conn, pieces):
+            raise Unavailable(f"KV source {self.address} closed mid-transfer")
 
-    def read_into(self, room: memoryview) -> asyncio.Future[None]:
-        """Queues a read that fills `room`; await the result to know it is filled."""
-        return asyncio.get_running_loop().run_in_executor(self._worker, self._read, room)
+    def read_into(self, room: memoryview | Sequence[memoryview]) -> asyncio.Future[None]:
+        """Queues a read that fills `room` (one view, or pieces filled in order: a strided
+        destination's contiguous runs); await the result to know it is filled."""
+        pieces = [room] if isinstance(room, memoryview) else list(room)
+        return asyncio.get_running_loop().run_in_executor(self._worker, self._read, pieces)
 
     def close(self) -> None:
         with contextlib.suppress(OSError):

@@ -26,6 +26,10 @@ class TransferSettings(BaseSettings):
     # Where a prefill instance listens for those connections: its own address (set by the pod;
     # empty: it offers none, and pairs fall back to gRPC bytes).
     tcp_bind_host: str = ""
+    # Host memory a decode instance keeps between TCP transfers to land their KV in (reused:
+    # fresh pages per transfer cost a fault each); a larger transfer lands in a buffer of its
+    # own, dropped after.
+    tcp_landing_keep_bytes: int = 512 * 1024 * 1024
     # Largest KV payload in one message (and one shared-memory segment).
     max_chunk_bytes: int = 4 * 1024 * 1024
     # The whole prefill + transfer, seen from the decode side; then the request fails.

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import torch
-
 from deepserve.errors import InvalidArgument
+from deepserve.flowserve.transfer.assembler import KVAssembler
 from deepserve.flowserve.transfer.chunks import KVChunk
 from deepserve.flowserve.transfer.codec import (
     decode_tensor,
     dtype_from_name,
     dtype_name,
     encode_tensor,
-    tensor_bytes,
+    tensor_pieces,
 )
+from deepserve.flowserve.transfer.landing import KVRoom
 from deepserve.flowserve.transfer.shared_memory import SharedMemoryHandle, SharedMemoryPool
 from deepserve.v1 import flowserve_pb2
 
@@ -38,9 +38,10 @@ def chunk_to_proto(
     return msg
 
 
-def chunk_meta_to_proto(chunk: KVChunk) -> tuple[flowserve_pb2.KVChunk, memoryview]:
-    """For KV over TCP: the message (metadata, `tcp_nbytes`) and the bytes sent beside it."""
-    payload = tensor_bytes(chunk.tensor)
+def chunk_meta_to_proto(chunk: KVChunk) -> tuple[flowserve_pb2.KVChunk, list[memoryview]]:
+    """For KV over TCP: the message (metadata, `tcp_nbytes`) and the bytes sent beside it, in
+    C order, as views of the chunk's own memory (a block-dim narrow is sent without a copy)."""
+    pieces = tensor_pieces(chunk.tensor)
     msg = flowserve_pb2.KVChunk(
         first_block=chunk.first_block,
         num_blocks=chunk.num_blocks,
@@ -49,24 +50,23 @@ def chunk_meta_to_proto(chunk: KVChunk) -> tuple[flowserve_pb2.KVChunk, memoryvi
         total_layers=chunk.total_layers,
         dtype=dtype_name(chunk.tensor.dtype),
         shape=list(chunk.tensor.shape),
-        tcp_nbytes=payload.numel(),
+        tcp_nbytes=sum(p.nbytes for p in pieces),
     )
-    return msg, memoryview(payload.numpy())
+    return msg, pieces
 
 
-def tcp_room(msg: flowserve_pb2.KVChunk) -> tuple[torch.Tensor, memoryview]:
-    """An empty tensor for a TCP chunk and the byte view its payload is read into."""
-    tensor = torch.empty(tuple(msg.shape), dtype=dtype_from_name(msg.dtype))
-    if tensor.numel() * tensor.element_size() != msg.tcp_nbytes:
+def tcp_room(msg: flowserve_pb2.KVChunk, assembler: KVAssembler) -> KVRoom:
+    """Where a TCP chunk's payload is read into: its slice of the assembler's landing tensor."""
+    room = assembler.room(
+        msg.first_block, msg.layer_start, msg.total_layers, dtype_from_name(msg.dtype), msg.shape
+    )
+    if room.nbytes != msg.tcp_nbytes:
+        room.release()
         raise InvalidArgument(
             f"KV chunk of {msg.tcp_nbytes} bytes for shape {list(msg.shape)} of {msg.dtype}",
             field="tcp_nbytes",
         )
-    return tensor, memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
-
-
-def chunk_of(msg: flowserve_pb2.KVChunk, tensor: torch.Tensor) -> KVChunk:
-    return KVChunk(msg.first_block, msg.layer_start, msg.total_layers, tensor)
+    return room
 
 
 def chunk_from_proto(msg: flowserve_pb2.KVChunk) -> KVChunk:
