@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from deepserve.flowserve.model.linear_kernel import ONEDNN_ENV, linear_kernel
+from deepserve.flowserve.model.config import ModelConfig
+from deepserve.flowserve.model.linear_kernel import (
+    ONEDNN_ENV,
+    PREPACK_ENV,
+    OneDNNLinear,
+    linear_kernel,
+)
+from deepserve.flowserve.model.llama import LlamaForCausalLM
+from tests.unit.flowserve.runner.tiny_models import save_tiny_model
 
 CPU = torch.device("cpu")
 
@@ -15,7 +25,7 @@ CPU = torch.device("cpu")
 @pytest.mark.parametrize("rows", [1, 8, 300])
 def test_cpu_kernel_is_onednn_and_matches_f_linear(dtype: torch.dtype, rows: int) -> None:
     linear = linear_kernel(CPU, dtype)
-    assert linear is not F.linear
+    assert isinstance(linear, OneDNNLinear)
     generator = torch.Generator().manual_seed(rows)
     x = torch.randn(rows, 96, generator=generator).to(dtype)
     weight = torch.randn(160, 96, generator=generator).to(dtype)
@@ -41,3 +51,48 @@ def test_the_setting_and_other_devices_keep_f_linear(monkeypatch: pytest.MonkeyP
     assert linear_kernel(CPU, torch.float16) is F.linear
     monkeypatch.setenv(ONEDNN_ENV, "0")
     assert linear_kernel(CPU, torch.float32) is F.linear
+
+
+def test_weights_are_reordered_a_slice_per_step_and_answers_do_not_change(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv(PREPACK_ENV, "1")
+    linear = linear_kernel(CPU, torch.float32)
+    assert isinstance(linear, OneDNNLinear)
+    weights = [torch.randn(256, 128) for _ in range(5)]  # 128 KiB each
+    x = torch.randn(8, 128)
+    before = [linear(x, w, None) for w in weights]
+    linear.register(weights)
+    assert linear.pending == 5
+    linear.pack_some(budget_bytes=256 << 10)  # two weights' worth
+    assert linear.pending == 3
+    linear.pack_some(budget_bytes=1)  # at least one per call
+    assert linear.pending == 2
+    while linear.pending:
+        linear.pack_some()
+    for w, expected in zip(weights, before, strict=True):
+        torch.testing.assert_close(linear(x, w, None), expected, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(linear(x, w, None), F.linear(x, w), atol=1e-4, rtol=1e-4)
+
+
+def test_prepack_off_keeps_the_plain_weights(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(PREPACK_ENV, "0")
+    linear = linear_kernel(CPU, torch.float32)
+    assert isinstance(linear, OneDNNLinear)
+    linear.register([torch.randn(16, 8)])
+    assert linear.pending == 0
+
+
+def test_a_model_gives_the_same_logits_before_and_after_its_weights_are_reordered(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(PREPACK_ENV, "1")
+    model_dir = save_tiny_model(tmp_path / "tiny")
+    config = ModelConfig.from_model_dir(model_dir)
+    model = LlamaForCausalLM.load(model_dir, config, device=CPU, dtype=torch.float32)
+    assert isinstance(model.linear, OneDNNLinear) and model.linear.pending > 0
+    hidden = torch.randn(5, config.hidden_size)
+    plain = model.compute_logits(hidden)
+    while model.linear.pending:
+        model.linear.pack_some()
+    torch.testing.assert_close(model.compute_logits(hidden), plain, atol=1e-4, rtol=1e-4)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from deepserve.flowserve.lora.batched_matmul import LoRAStep
 from deepserve.flowserve.model.attention import AttentionMetadata, paged_attention, write_kv
 from deepserve.flowserve.model.config import ModelConfig
-from deepserve.flowserve.model.linear_kernel import linear_kernel
+from deepserve.flowserve.model.linear_kernel import OneDNNLinear, linear_kernel
 from deepserve.flowserve.model.llama_weights import LlamaWeights
 from deepserve.flowserve.model.rotary import RotaryEmbedding
 from deepserve.flowserve.model.weights import load_llama_weights
@@ -51,6 +51,12 @@ class LlamaForCausalLM:
         self.num_kv_heads = config.num_kv_heads // tp_size
         self.rotary = RotaryEmbedding(config, device, dtype)
         self.linear = linear_kernel(device, dtype)
+        if isinstance(self.linear, OneDNNLinear):
+            # Reordered over the first steps, layer by layer; lm_head (the largest) last.
+            for layer in weights.layers:
+                self.linear.register([layer.qkv, layer.o_proj, layer.gate_up, layer.down])
+            if weights.lm_head is not None:
+                self.linear.register([weights.lm_head])
 
     @classmethod
     def load(
@@ -93,6 +99,8 @@ class LlamaForCausalLM:
         `after_layer(i)` runs once layer i's KV is written (layer-by-layer KV transfer).
         `lora` adds each adapter token's LoRA delta to every fused projection.
         """
+        if isinstance(self.linear, OneDNNLinear) and self.linear.pending:
+            self.linear.pack_some()
         if max_position is None:
             max_position = int(positions.max().item())
         self.rotary.ensure_length(max_position)
