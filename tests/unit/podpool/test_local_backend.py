@@ -27,10 +27,10 @@ def test_pod_env_carries_threads_spin_count_and_preloads(
     defaults = LocalProcessBackend(PodPoolSettings(pod_log_dir=tmp_path)).pod_env("pod-b")  # type: ignore[call-arg]
     assert "DEEPSERVE_FLOWSERVE_THREADS" not in defaults
     assert "DEEPSERVE_FLOWSERVE_PRELOAD_TOKENIZERS" not in defaults
-    # Pods share their cores with the control plane: OpenMP threads sleep instead of spinning.
-    assert defaults["GOMP_SPINCOUNT"] == "0"
-    spinning = PodPoolSettings(pod_openmp_spin_count=-1, pod_log_dir=tmp_path)  # type: ignore[call-arg]
-    assert "GOMP_SPINCOUNT" not in LocalProcessBackend(spinning).pod_env("pod-c")
+    # OpenMP's own spinning unless asked otherwise.
+    assert "GOMP_SPINCOUNT" not in defaults
+    sleeping = PodPoolSettings(pod_openmp_spin_count=0, pod_log_dir=tmp_path)  # type: ignore[call-arg]
+    assert LocalProcessBackend(sleeping).pod_env("pod-c")["GOMP_SPINCOUNT"] == "0"
 
 
 def test_an_operators_openmp_setting_is_left_alone(

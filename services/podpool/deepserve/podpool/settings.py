@@ -45,18 +45,15 @@ class PodPoolSettings(ServiceSettings):
     # How pods start: "process" (a new Python process each) or "zygote" (forked from one
     # process that imported the runtime once: faster, and pods share its memory pages).
     pod_start: str = "process"
-    # GOMP_SPINCOUNT for the pods (-1: leave OpenMP's default, 300k). Default 0: an OpenMP
-    # thread that finds no work sleeps at once instead of spinning. A serving pod shares its
-    # cores with its own gRPC/asyncio threads, the gateway and whatever else runs on the host;
-    # a spinning partner then burns the time slice the other thread of the team needs. A
-    # [32 x 300-token] decode step with 2 threads on the shared 2-core host (load average
-    # 7-34) took 1.8 s of CPU and 7.7-8.0 s wall with the default spin, 0.41 s and 1.0-1.4 s
-    # with 0, 0.62 s and 2.9-3.9 s with 10k (1 thread: 0.32 s and 0.9-1.0 s). Bursts of
-    # packed 2-thread pods load faster too (16 DRAM-path loads: 8 s default, 2.6 s with 20k).
-    # A pod alone on idle cores loses a little to the wake-ups: a training job ran 5-9% slower
-    # with 20k (bench/finetune.py); such hosts may set -1. A GOMP_SPINCOUNT or
+    # GOMP_SPINCOUNT for the pods; -1 (default) leaves OpenMP's own (300k spins before an idle
+    # team thread sleeps). On a host whose cores the pods have to themselves, spinning wins:
+    # a training pod ran 0.94x the direct loop with it and 0.76x with 0 (bench/finetune.py,
+    # 2026-12-06), and a quiet 2-core host served 1.0-1.3x the tokens/s with it
+    # (bench/serve_vs_vllm.py). Where pods share cores with much else (a loaded dev host),
+    # a spinning partner burns the time slice its team needs: there 0 made a 2-thread decode
+    # step 5-7x faster (load 7-34). Bursts of packed pods set 20k. A GOMP_SPINCOUNT or
     # OMP_WAIT_POLICY in the environment wins.
-    pod_openmp_spin_count: int = 0
+    pod_openmp_spin_count: int = -1
     # CPU threads per pod (0: one per core). Pods packed many to a core (a burst of 64 on a
     # small host) run better with 1 each: no OpenMP team waits on a descheduled partner.
     pod_threads: int = 0
