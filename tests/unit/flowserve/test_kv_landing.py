@@ -26,28 +26,7 @@ from deepserve.flowserve.transfer.chunks import KVChunk
 from deepserve.flowserve.transfer.codec import byte_runs, tensor_pieces
 from deepserve.flowserve.transfer.landing import KVRoom, LandingPool
 from deepserve.flowserve.transfer.wire import chunk_meta_to_proto, tcp_room
-
-# [layers, 2, blocks, block_size, kv_heads, head_dim], the executor's host layout.
-SHAPE = (3, 2, 5, 4, 2, 8)
-
-
-def kv(dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    return torch.randn(SHAPE, generator=torch.Generator().manual_seed(1)).to(dtype)
-
-
-class RecordingSink:
-    """A KVSink that copies into a block-indexed tensor (as the engine's copy does)."""
-
-    def __init__(self, like: torch.Tensor, num_blocks: int) -> None:
-        shape = list(like.shape)
-        shape[2] = num_blocks
-        self.data = torch.full(shape, float("nan"), dtype=torch.float32)
-        self.writes: list[tuple[int, int]] = []
-
-    async def write(self, first_block: int, tensor: torch.Tensor) -> None:
-        n = tensor.shape[2]
-        self.data[:, :, first_block : first_block + n] = tensor.float()
-        self.writes.append((first_block, n))
+from tests.unit.flowserve.kv_support import RecordingSink, kv
 
 
 def fill(room: KVRoom, chunk: KVChunk) -> None:

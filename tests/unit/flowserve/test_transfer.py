@@ -22,28 +22,7 @@ from deepserve.flowserve.transfer import (
 )
 from deepserve.flowserve.transfer.torch_dist import DistKVLink
 from deepserve.flowserve.transfer.wire import chunk_from_proto, chunk_to_proto
-
-# [layers, 2, blocks, block_size, kv_heads, head_dim], the executor's host layout.
-SHAPE = (3, 2, 5, 4, 2, 8)
-
-
-def kv(dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    return torch.randn(SHAPE, generator=torch.Generator().manual_seed(0)).to(dtype)
-
-
-class RecordingSink:
-    """A KVSink that writes into a block-indexed tensor, so reassembly can be compared."""
-
-    def __init__(self, like: torch.Tensor, num_blocks: int) -> None:
-        shape = list(like.shape)
-        shape[2] = num_blocks
-        self.data = torch.full(shape, float("nan"), dtype=torch.float32)
-        self.writes: list[tuple[int, int]] = []
-
-    async def write(self, first_block: int, tensor: torch.Tensor) -> None:
-        n = tensor.shape[2]
-        self.data[:, :, first_block : first_block + n] = tensor.float()
-        self.writes.append((first_block, n))
+from tests.unit.flowserve.kv_support import RecordingSink, kv
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.int64])
