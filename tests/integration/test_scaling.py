@@ -89,8 +89,10 @@ async def scenario(cluster: RunningCluster, model: str, cache_dir: Path) -> None
             return tasks
 
         # 1. Scale from zero: the gateway holds the request until the first instance is up.
+        # One replica at most: a second would fork, and its copy in the weights cache would
+        # turn step 3's fork into a DRAM load.
         await jobs.CreateJob(
-            pb.CreateJobRequest(spec=spec(model, max_replicas=2, autoscale=True), job_id="auto")
+            pb.CreateJobRequest(spec=spec(model, max_replicas=1, autoscale=True), job_id="auto")
         )
         async with httpx.AsyncClient(base_url=cluster.layout.gateway_url, timeout=120) as http:
             reply = await http.post(
@@ -114,6 +116,7 @@ async def scenario(cluster: RunningCluster, model: str, cache_dir: Path) -> None
 
         # 3. A fixed deployment: its second replica forks the weights from the first (no DRAM
         # copy exists), which leaves a DRAM copy on this host that a third replica maps.
+        assert WeightsCacheLayout(cache_dir).entries() == []
         fixed = spec(model, replicas=1, max_replicas=3, autoscale=False)
         await jobs.CreateJob(pb.CreateJobRequest(spec=fixed, job_id="fixed"))
         tasks = tasks_of("fixed")
