@@ -166,7 +166,10 @@ async def test_min_tokens_hold_across_the_hand_off(shm_dir: Path) -> None:
 
 async def test_no_block_leaks_after_200_requests_with_aborts(shm_dir: Path) -> None:
     # A decode cache of 96 blocks: reservations wait for blocks and preemptions happen.
-    pair = await make_pair(shm_dir, decode_blocks=96, segment_ttl_s=0.2)
+    # The TTL bounds how long a segment waits for its decode side to claim it: long enough
+    # for 25 concurrent requests on a loaded 2-core CI host (0.2 s once removed a segment a
+    # live request was about to claim), short enough to check the sweep below.
+    pair = await make_pair(shm_dir, decode_blocks=96, segment_ttl_s=2.0)
     rng = random.Random(7)
     outcomes: dict[str, int] = {"ok": 0, "cancelled": 0, "aborted": 0}
 
@@ -202,7 +205,7 @@ async def test_no_block_leaks_after_200_requests_with_aborts(shm_dir: Path) -> N
             assert state == {"used": 0, "running": 0, "remote": 0, "held": 0}
         # A caller gone between a KV message's send and its receipt leaves that segment
         # unclaimed; its creator removes it after the TTL.
-        await asyncio.sleep(0.3)
+        await asyncio.sleep(2.1)
         pair.prefill.shell.disagg.shared_memory.sweep()
         assert not segments(shm_dir)
     finally:
