@@ -245,7 +245,7 @@ class _HangingPrefill(_FailingPrefill):
 async def test_prefill_failure_mid_transfer_ends_request_unavailable(
     shm_dir: Path, failing: type[FlowServeServicer]
 ) -> None:
-    pair = await make_pair(shm_dir, prefill_cls=failing, max_chunk_bytes=16, idle_timeout_s=0.5)
+    pair = await make_pair(shm_dir, prefill_cls=failing, max_chunk_bytes=16, idle_timeout_s=1.0)
     try:
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await generate_tokens(
