@@ -195,6 +195,25 @@ async def test_surplus_warm_pods_this_pool_started_are_trimmed(make_pool) -> Non
     assert len(backend.deleted) == 2
 
 
+async def test_a_surplus_pod_claimed_before_it_is_trimmed_is_kept(make_pool) -> None:  # type: ignore[no-untyped-def]
+    """Trimming counts the surplus, then ends pods one by one: a claim can win a counted
+    pod in between, and that pod must keep loading, not be ended under its task."""
+    pool, backend, _ = await make_pool(warm_target=1, start=False)
+    for name in ("pod-1", "pod-2"):
+        await backend.create_pod(name)
+    await warm_count(pool, 2)
+    counted = pool.view.list(PodState.WARM)  # the trim's view of the surplus
+    claimed = await pool.acquire(ask("t1"))
+    taken = next(p for p in counted if p.pod_id == claimed.pod.pod_id)
+    await pool._end_surplus(taken)
+    assert claimed.pod.pod_id not in backend.deleted
+    found = await pool.view.records.get(claimed.pod.pod_id)
+    assert found is not None and found.record.state == PodState.ASSIGNED
+    other = next(p for p in counted if p.pod_id != claimed.pod.pod_id)
+    await pool._end_surplus(other)  # still warm: ended
+    assert other.pod_id in backend.deleted
+
+
 async def test_a_burst_of_acquires_claims_its_pods_in_one_transaction(make_pool) -> None:  # type: ignore[no-untyped-def]
     pool, _, _ = await make_pool(warm_target=6)
     await warm_count(pool, 6)
