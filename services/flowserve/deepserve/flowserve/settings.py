@@ -31,7 +31,8 @@ class FlowServeSettings(ServiceSettings):
     # CPU threads of the forward pass and of training (0: torch's default, one per core).
     threads: int = 0
     # (The CPU matmul kernel is oneDNN's; DEEPSERVE_FLOWSERVE_ONEDNN_LINEAR=0 keeps F.linear,
-    # read by model/linear_kernel.py where the model is built.)
+    # and DEEPSERVE_FLOWSERVE_CPU_WEIGHT_PREPACK=0 skips the reordered private weight copy.
+    # Both are read by model/linear_kernel.py where the model is built.)
     model_cache_dir: Path | None = None
     tensor_parallel_size: int = 1
     # KV blocks on the device; 0 sizes the cache from kv_cache_memory_mb. 2 GiB holds 64
