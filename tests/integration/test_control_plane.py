@@ -10,12 +10,11 @@ import asyncio
 import os
 import signal
 import sys
-import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 import pytest
@@ -42,13 +41,13 @@ from deepserve.v1 import (
     scheduler_pb2,
     scheduler_pb2_grpc,
 )
+from tests.polling import eventually
 from tests.tiny_model import make_tiny_llama
 
 pytestmark = pytest.mark.integration
 
 TTL_S = 2
 BLOCK = 16
-T = TypeVar("T")
 
 
 @dataclass
@@ -160,19 +159,6 @@ def _started_by(pod: records.PodRecord, pod_log_dir: Path) -> bool:
 async def etcd(plane: Plane) -> AsyncIterator[EtcdStore]:
     async with EtcdStore(plane.etcd_endpoint) as store:
         yield store
-
-
-async def eventually(
-    probe: Callable[[], Awaitable[T]], timeout_s: float = 60.0, interval_s: float = 0.1
-) -> T:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = await probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not true within {timeout_s}s (last: {value!r})")
-        await asyncio.sleep(interval_s)
 
 
 async def jobmgr_call(plane: Plane, method: str, request: Any) -> Any:

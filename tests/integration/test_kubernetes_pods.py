@@ -17,7 +17,7 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -44,6 +44,7 @@ from deepserve.v1 import (
     scheduler_pb2_grpc,
 )
 from tests.kube_apiserver import KubeApiServer, Node, ProcessKubelet, kube_apiserver
+from tests.polling import eventually
 from tests.tiny_model import make_tiny_llama
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
@@ -51,17 +52,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 NAMESPACE = "deepserve"
 METRICS_PORT = 9400
 T = TypeVar("T")
-
-
-async def eventually(probe: Callable[[], Awaitable[T | None]], timeout_s: float, what: str) -> T:
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while True:
-        found = await probe()
-        if found:
-            return found
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.25)
 
 
 def scrape(address: str) -> dict[str, Any]:

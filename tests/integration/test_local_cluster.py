@@ -37,6 +37,7 @@ from deepserve.v1 import (
     scheduler_pb2_grpc,
 )
 from tests.cluster_harness import RunningCluster, local_cluster
+from tests.polling import eventually as wait_until
 from tests.tiny_model import make_tiny_llama
 
 pytestmark = pytest.mark.integration
@@ -80,17 +81,6 @@ async def _settled(cluster: RunningCluster) -> bool:
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_llama(tmp_path_factory.mktemp("tiny") / "tiny-llama")
-
-
-async def wait_until(predicate, timeout_s: float, interval_s: float = 0.1):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = await predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout_s}s: {predicate}")
-        await asyncio.sleep(interval_s)
 
 
 async def pods(cluster: RunningCluster) -> list[records.PodRecord]:

@@ -4,11 +4,10 @@ registers under its host's name, lists it, ends it; bad input gets INVALID_ARGUM
 
 from __future__ import annotations
 
-import asyncio
 import os
 import sys
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -20,16 +19,9 @@ from deepserve.processes import ManagedProcess, free_port, with_owner
 from deepserve.rpc.client import insecure_channel
 from deepserve.store.etcd import EtcdStore
 from deepserve.v1 import podhost_pb2, podhost_pb2_grpc
+from tests.polling import eventually
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
-
-
-async def eventually(probe: Callable[[], Awaitable[bool]], timeout_s: float) -> None:
-    for _ in range(int(timeout_s / 0.1)):
-        if await probe():
-            return
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"not within {timeout_s}s")
 
 
 @pytest.fixture

@@ -205,12 +205,12 @@ async def test_a_surplus_pod_claimed_before_it_is_trimmed_is_kept(make_pool) -> 
     counted = pool.view.list(PodState.WARM)  # the trim's view of the surplus
     claimed = await pool.acquire(ask("t1"))
     taken = next(p for p in counted if p.pod_id == claimed.pod.pod_id)
-    await pool._end_surplus(taken)
+    await pool._end(taken, only_if_warm=True)
     assert claimed.pod.pod_id not in backend.deleted
     found = await pool.view.records.get(claimed.pod.pod_id)
     assert found is not None and found.record.state == PodState.ASSIGNED
     other = next(p for p in counted if p.pod_id != claimed.pod.pod_id)
-    await pool._end_surplus(other)  # still warm: ended
+    await pool._end(other, only_if_warm=True)  # still warm: ended
     assert other.pod_id in backend.deleted
 
 

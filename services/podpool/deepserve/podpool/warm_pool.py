@@ -470,35 +470,27 @@ class WarmPodPool:
             self._starting.pop(pod_id, None)
             raise
 
-    async def _end(self, pod: PodRecord) -> None:
+    async def _end(self, pod: PodRecord, *, only_if_warm: bool = False) -> None:
+        """Marks the pod terminating and deletes it.
+
+        `only_if_warm`: for a surplus warm pod, counted before the awaits of a refill pass. A
+        claim may have won it since (a CI run saw a pod ended 1 ms after its claim, mid-load),
+        so it goes only if its record is still warm, by a compare-and-swap that a concurrent
+        claim's own swap excludes."""
+        if only_if_warm and pod.pod_id in self._reserved:
+            return
         found = await self.view.records.get(pod.pod_id)
+        if only_if_warm and (found is None or found.record.state != PodState.WARM):
+            return
         if found is not None:
             marked = found.record.model_copy(update={"state": PodState.TERMINATING})
-            with contextlib.suppress(Conflict):
+            try:
                 await self.view.records.compare_and_swap(
                     pod.pod_id, marked, found.mod_revision, lease_id=found.lease_id or None
                 )
-        await self.backend.delete_pod(pod)
-
-    async def _end_surplus(self, pod: PodRecord) -> None:
-        """Ends a warm pod the pool has too many of, unless a claim took it meanwhile.
-
-        The surplus was counted before the awaits of this pass, and a claim may have won the
-        pod since (a CI run saw a pod ended 1 ms after its claim, while it loaded its model).
-        So the pod goes only if its record is still warm, by a compare-and-swap that a
-        concurrent claim's own swap excludes."""
-        if pod.pod_id in self._reserved:
-            return
-        found = await self.view.records.get(pod.pod_id)
-        if found is None or found.record.state != PodState.WARM:
-            return
-        marked = found.record.model_copy(update={"state": PodState.TERMINATING})
-        try:
-            await self.view.records.compare_and_swap(
-                pod.pod_id, marked, found.mod_revision, lease_id=found.lease_id or None
-            )
-        except Conflict:
-            return  # claimed (or changed) since it was read
+            except Conflict:
+                if only_if_warm:
+                    return  # claimed (or changed) since it was read
         await self.backend.delete_pod(pod)
 
     # --- refill ----------------------------------------------------------------------------
@@ -569,7 +561,7 @@ class WarmPodPool:
         if supply > self.warm_target:
             surplus = [p for p in self._claimable() if self.backend.started_here(p.pod_id)]
             for pod in _crowded_first(surplus, self._claimable(), supply - self.warm_target):
-                await self._end_surplus(pod)
+                await self._end(pod, only_if_warm=True)
 
 
 def _claimed(pod: PodRecord, request: PodRequest) -> PodRecord:
