@@ -445,6 +445,8 @@ def main(argv: list[str] | None = None) -> int:
         w.startswith("bench-") for w in args.workloads
     )
     vllm_python = ensure_vllm_venv(args.vllm_venv, progress) if needs_vllm else None
+    # FlowServe's C++ kernels (built once per host; pods only load them).
+    subprocess.run([sys.executable, "-m", "deepserve.flowserve.kernels"], check=False)
     extra_env = dict(item.split("=", 1) for item in args.deepserve_env)
     if args.dtype:
         extra_env.setdefault("DEEPSERVE_FLOWSERVE_DTYPE", args.dtype)

@@ -37,3 +37,6 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "$want" > "$stamp"
 fi
 export PATH="$VENV/bin:$PATH"
+# FlowServe's C++ CPU kernels, built once per host into ~/.cache/deepserve/kernels (engines only
+# load them; without a compiler they keep their pure-torch paths, so a failure is not fatal).
+"$VENV/bin/python" -m deepserve.flowserve.kernels || true

@@ -1,7 +1,8 @@
 """Attention over a paged KV cache for one step's flat run of tokens from many sequences.
 
-Sequences with one new token (decode, or a one-token prefill chunk) are attended in buckets of
-similar context length: each bucket's KV blocks are gathered in one index_select into a padded
+Sequences with one new token (decode, or a one-token prefill chunk) are attended by the C++
+kernel of `deepserve.flowserve.kernels.paged_decode` where it is built (one call per layer, reading the cache in
+place). Otherwise they are attended in buckets of similar context length: each bucket's KV blocks are gathered in one index_select into a padded
 [seqs, bucket_len] view and a key mask hides the padding. Bucketing keeps that padding (which
 is gathered and read again like real keys) small when short and long contexts decode together,
 at the price of a few kernel calls per bucket and layer.
@@ -20,6 +21,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from deepserve.flowserve.kernels.paged_decode import paged_decode
+
 
 @dataclass(slots=True)
 class DecodeGroup:
@@ -29,8 +32,10 @@ class DecodeGroup:
     token_indices: torch.Tensor | None
     block_ids: torch.Tensor  # [seqs, max_blocks] long, padded with any valid block id
     max_context_len: int
-    # [seqs, 1, 1, max_context_len] bool, True where a key is real; None when no padding.
+    # [seqs, 1, 1, max_context_len] bool, True where a key is real; None when no padding (or
+    # when the fused kernel, which reads each sequence's own length, attends the group).
     key_mask: torch.Tensor | None
+    context_lens: torch.Tensor  # [seqs] long: keys each sequence attends, its token included
 
 
 @dataclass(slots=True)
@@ -78,28 +83,45 @@ def paged_attention(
     meta: AttentionMetadata,
     key: torch.Tensor | None = None,
     value: torch.Tensor | None = None,
+    *,
+    fused_decode: bool = False,
 ) -> torch.Tensor:
     """Attend q [tokens, heads, head_dim] over cached KV; returns [tokens, heads * head_dim].
 
     key_cache/value_cache are one layer's [num_blocks, block_size, kv_heads, head_dim] tensors that
     already hold this step's new keys and values. `key`/`value` [tokens, kv_heads, head_dim] are
     those new keys and values: chunks that start a sequence read them instead of the cache.
+    `fused_decode` attends decodes with the C++ kernel (the metadata was built for it).
     """
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = key_cache.shape[2]
     group = num_heads // num_kv_heads
     decodes = meta.decodes
+
+    def decode(q_decode: torch.Tensor, group_meta: DecodeGroup) -> torch.Tensor:
+        if fused_decode:
+            out = paged_decode(
+                q_decode,
+                key_cache,
+                value_cache,
+                group_meta.block_ids,
+                group_meta.context_lens,
+                head_dim**-0.5,
+            )
+            return out.view(-1, num_heads * head_dim)
+        return _decode_attention(q_decode, key_cache, value_cache, group_meta, meta, group)
+
     if len(decodes) == 1 and decodes[0].token_indices is None:
-        return _decode_attention(q, key_cache, value_cache, decodes[0], meta, group)
+        return decode(q, decodes[0])
 
     out = q.new_empty(num_tokens, num_heads * head_dim)
-    for decode in decodes:
-        assert decode.token_indices is not None
-        q_decode = q.index_select(0, decode.token_indices)
+    for decode_group in decodes:
+        assert decode_group.token_indices is not None
+        q_decode = q.index_select(0, decode_group.token_indices)
         out.index_copy_(
             0,
-            decode.token_indices,
-            _decode_attention(q_decode, key_cache, value_cache, decode, meta, group),
+            decode_group.token_indices,
+            decode(q_decode, decode_group),
         )
     for chunk in meta.prefills:
         span = slice(chunk.token_start, chunk.token_end)

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from deepserve.flowserve.kernels.paged_decode import load as load_paged_decode_kernel
 from deepserve.flowserve.lora.batched_matmul import LoRAStep
 from deepserve.flowserve.model.attention import AttentionMetadata, paged_attention, write_kv
 from deepserve.flowserve.model.config import ModelConfig
@@ -51,6 +52,12 @@ class LlamaForCausalLM:
         self.num_kv_heads = config.num_kv_heads // tp_size
         self.rotary = RotaryEmbedding(config, device, dtype)
         self.linear = linear_kernel(device, dtype)
+        # Decodes read the paged cache in place (C++) where that kernel is built for this host.
+        self.fused_decode = (
+            device.type == "cpu"
+            and dtype in (torch.float32, torch.bfloat16)
+            and load_paged_decode_kernel()
+        )
         if isinstance(self.linear, OneDNNLinear):
             # Reordered over the first steps, layer by layer; lm_head (the largest) last.
             for layer in weights.layers:
@@ -124,7 +131,15 @@ class LlamaForCausalLM:
             key = qk[:, heads:]
             value = qkv[:, q_size + kv_size :].view(num_tokens, kv_heads, head_dim)
             write_kv(key_cache, value_cache, meta.slot_mapping, key, value)
-            attn = paged_attention(qk[:, :heads], key_cache, value_cache, meta, key, value)
+            attn = paged_attention(
+                qk[:, :heads],
+                key_cache,
+                value_cache,
+                meta,
+                key,
+                value,
+                fused_decode=self.fused_decode,
+            )
             attn_out = self._row_parallel(attn, layer.o_proj, layer.o_bias)
             if lora is not None:
                 lora.add("o", index, attn, attn_out)

@@ -50,8 +50,14 @@ def validate_plan(plan: StepPlan, *, num_blocks: int, block_size: int) -> None:
                 )
 
 
-def build_model_inputs(plan: StepPlan, *, block_size: int, device: torch.device) -> ModelInputs:
-    """Build the step's tensors on CPU with plain lists, then move them to `device` once each."""
+def build_model_inputs(
+    plan: StepPlan, *, block_size: int, device: torch.device, fused_decode: bool = False
+) -> ModelInputs:
+    """Build the step's tensors on CPU with plain lists, then move them to `device` once each.
+
+    `fused_decode` (the model attends decodes with the paged kernel, which reads each
+    sequence's own length): all decodes form one group, with no buckets and no key mask.
+    """
     token_ids: list[int] = []
     positions: list[int] = []
     slots: list[int] = []
@@ -75,9 +81,14 @@ def build_model_inputs(plan: StepPlan, *, block_size: int, device: torch.device)
         else:
             prefill_rows.append((row, start))
 
+    buckets = (
+        [(decode_rows, decode_tokens)]
+        if fused_decode and decode_rows
+        else _length_buckets(plan, decode_rows, decode_tokens)
+    )
     decodes = [
-        _decode_group(plan, rows, tokens, block_size, device)
-        for rows, tokens in _length_buckets(plan, decode_rows, decode_tokens)
+        _decode_group(plan, rows, tokens, block_size, device, masked=not fused_decode)
+        for rows, tokens in buckets
     ]
     if len(decodes) == 1 and not prefill_rows:
         decodes[0].token_indices = None  # the whole step, in order: no scatter needed
@@ -138,6 +149,8 @@ def _decode_group(
     tokens: list[int],
     block_size: int,
     device: torch.device,
+    *,
+    masked: bool,
 ) -> DecodeGroup:
     lengths = [plan.sequences[r].start_pos + 1 for r in rows]
     max_len = max(lengths)
@@ -148,7 +161,7 @@ def _decode_group(
         # Pad with the sequence's own first block: a valid id whose keys the mask hides.
         tables.append(table + [table[0]] * (max_blocks - len(table)))
     key_mask = None
-    if any(length != max_len for length in lengths):
+    if masked and any(length != max_len for length in lengths):
         key_mask = (
             (torch.arange(max_len)[None, :] < torch.tensor(lengths)[:, None])
             .view(len(rows), 1, 1, max_len)
@@ -159,6 +172,7 @@ def _decode_group(
         block_ids=torch.tensor(tables, dtype=torch.long).to(device),
         max_context_len=max_len,
         key_mask=key_mask,
+        context_lens=torch.tensor(lengths, dtype=torch.long).to(device),
     )
 
 

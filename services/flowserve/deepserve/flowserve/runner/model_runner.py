@@ -113,7 +113,12 @@ class ModelRunner:
         empty = torch.empty(0, self.config.vocab_size, dtype=torch.float32)
         if plan.is_empty:
             return empty
-        inputs = build_model_inputs(plan, block_size=self.block_size, device=self.device)
+        inputs = build_model_inputs(
+            plan,
+            block_size=self.block_size,
+            device=self.device,
+            fused_decode=self.model.fused_decode,
+        )
         hidden = self.model.forward(
             inputs.token_ids,
             inputs.positions,

@@ -1,10 +1,14 @@
 """Turn one step's logits into one token per sequence, plus logprobs where asked.
 
 Pipeline per step, vectorized over the step's rows: penalties -> min_tokens mask -> temperature ->
-greedy rows take the argmax; the other rows get top-k, top-p, min-p masks and are sampled by an
-exponential race (argmax of log p - log E, E ~ Exp(1), which draws from p). Seeded rows draw
-their noise from their own generator, so a seed yields the same tokens whatever else shares the
-step and wherever the row sits in it.
+greedy rows take the argmax; the other rows get top-k, top-p, min-p masks and are sampled by
+inverting their CDF at one uniform draw each. Seeded rows draw from their own generator, so a
+seed yields the same tokens whatever else shares the step and wherever the row sits in it.
+
+One uniform per row, not the exponential race (argmax of log p - log E, one Exp(1) draw per
+vocabulary entry): torch draws those one at a time on one core, 56 ms for 32 rows of a 49k
+vocabulary on this project's 2-core host against 2 ms for softmax weights, a cumsum and a search
+(bench/RESULTS.md, issue #19), and the sampler runs beside the next step's forward.
 
 Logprobs are the model's own distribution by default ("raw": log_softmax of the logits as the
 model produced them, before penalties, temperature and truncation), as vLLM does; they describe
@@ -82,7 +86,7 @@ class Sampler:
         sub_states = [states[i] for i in random_rows]
         sub = logits.index_select(0, row_index)
         _truncate(sub, sub_states)
-        token_ids.index_copy_(0, row_index, _exponential_race(sub, sub_states))
+        token_ids.index_copy_(0, row_index, _inverse_cdf(sub, sub_states))
         return token_ids
 
     def _results(
@@ -157,17 +161,23 @@ def _truncate(logits: torch.Tensor, states: Sequence[SamplingState]) -> None:
         logits.masked_fill_(logits < min_p_floor.unsqueeze(1), -math.inf)
 
 
-def _exponential_race(logits: torch.Tensor, states: Sequence[SamplingState]) -> torch.Tensor:
-    """Sample each row from softmax(logits) as argmax(logits - log E); E from the row's own RNG."""
+def _inverse_cdf(logits: torch.Tensor, states: Sequence[SamplingState]) -> torch.Tensor:
+    """Sample each row from softmax(logits): the first token whose running weight passes u * total.
+
+    Weights are exp(logit - row max), unnormalised (the draw is scaled by their total instead).
+    A masked token (-inf) weighs 0, so its interval is empty and it is never picked.
+    """
     device = logits.device
-    noise = torch.empty_like(logits)
-    # One draw of vocabulary size per row and token: SamplingState.generator relies on it.
-    seeded = [(row, s.generator(device, logits.shape[1])) for row, s in enumerate(states)]
+    cdf = (logits - logits.amax(dim=-1, keepdim=True)).exp_().cumsum_(dim=-1)
+    uniform = torch.empty(len(states), 1, dtype=torch.float32, device=device)
+    seeded = [(row, s.generator(device)) for row, s in enumerate(states)]
     if any(generator is None for _, generator in seeded):
-        noise.exponential_()
+        uniform.uniform_()
     for row, generator in seeded:
         if generator is not None:
-            noise[row].exponential_(generator=generator)
-    # An exact zero draw would give +inf and could pick a masked token; clamp it away.
-    noise.clamp_(min=torch.finfo(noise.dtype).tiny).log_()
-    return (logits - noise).argmax(dim=-1)
+            uniform[row].uniform_(generator=generator)
+    total = cdf[:, -1:]
+    # u * total can round up to total itself; the largest float below it keeps the pick on a
+    # token of nonzero weight.
+    target = torch.minimum(uniform * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, target, right=True).squeeze(1)

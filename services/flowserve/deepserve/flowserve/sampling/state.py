@@ -17,7 +17,7 @@ class SamplingState:
     `output_token_ids` is read, never written, by the sampler: pass the engine's own list of the
     request's generated tokens so penalties and min_tokens always see the current output.
 
-    A seeded request draws one row of noise from its own generator per sampled token, so the
+    A seeded request draws one uniform from its own generator per sampled token, so the
     generator's position is a function of (seed, output position). A request whose state is
     built when it already has output tokens (a migrated request resumed with the tokens another
     instance generated, or the decode side of a PD hand-off, whose first token the prefill
@@ -40,11 +40,11 @@ class SamplingState:
     def __post_init__(self) -> None:
         self._draws_before = len(self.output_token_ids)
 
-    def generator(self, device: torch.device, draw_size: int) -> torch.Generator | None:
+    def generator(self, device: torch.device) -> torch.Generator | None:
         """The request's seeded RNG on `device`, seeded once so draws continue across steps.
 
-        `draw_size` is the number of values one token's draw takes (the vocabulary); a new
-        generator skips the draws of the output tokens the request started with.
+        A new generator skips the draws (one per token) of the output tokens the request
+        started with.
         """
         if self.params.seed is None:
             return None
@@ -52,10 +52,9 @@ class SamplingState:
         if generator is None:
             generator = torch.Generator(device=device)
             generator.manual_seed(self.params.seed)
-            if self._draws_before:
-                skipped = torch.empty(draw_size, dtype=torch.float32, device=device)
-                for _ in range(self._draws_before):
-                    skipped.exponential_(generator=generator)
+            skipped = torch.empty(1, dtype=torch.float32, device=device)
+            for _ in range(self._draws_before):
+                skipped.uniform_(generator=generator)
             self._generators[device] = generator
         return generator
 

@@ -1,0 +1,7 @@
+"""Build this host's kernels into the cache: `python -m deepserve.flowserve.kernels`."""
+
+import sys
+
+from deepserve.flowserve.kernels.paged_decode import main
+
+sys.exit(main())

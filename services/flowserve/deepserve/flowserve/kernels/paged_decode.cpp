@@ -1,0 +1,225 @@
+// Decode attention read in place from a paged KV cache, for CPU.
+//
+// One query token per sequence. Each (sequence, kv head) is one work item on ATen's thread pool:
+// the item walks the sequence's block table once for keys and once for values, serving every
+// query head of its GQA group from the same key/value row, so each cached byte is read once.
+// The Python fallback gathers the blocks into a buffer first and reads them again in SDPA.
+//
+// Built once per host by paged_decode.py (torch.utils.cpp_extension), registered as
+// torch.ops.deepserve_flowserve.paged_decode.
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+template <typename T>
+inline float as_float(T value) {
+  return static_cast<float>(value);
+}
+
+#if defined(__AVX512F__)
+// 16 values of a row as floats (bfloat16 widens by a shift into the high half).
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const c10::BFloat16* p) {
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+#endif
+
+// q . row over one head's DIM values (q already float).
+template <typename T, int DIM>
+inline float dot(const float* q, const T* row, int64_t dim) {
+#if defined(__AVX512F__)
+  if constexpr (DIM > 0 && DIM % 64 == 0) {
+    // Four independent accumulators: the FMAs of one row do not wait on each other.
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (int i = 0; i < DIM; i += 64) {
+      a0 = _mm512_fmadd_ps(_mm512_loadu_ps(q + i), load16(row + i), a0);
+      a1 = _mm512_fmadd_ps(_mm512_loadu_ps(q + i + 16), load16(row + i + 16), a1);
+      a2 = _mm512_fmadd_ps(_mm512_loadu_ps(q + i + 32), load16(row + i + 32), a2);
+      a3 = _mm512_fmadd_ps(_mm512_loadu_ps(q + i + 48), load16(row + i + 48), a3);
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+  }
+#endif
+  float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t i = 0; i < dim; ++i) sum += q[i] * as_float(row[i]);
+  return sum;
+}
+
+// acc += p * row over one head's DIM values.
+template <typename T, int DIM>
+inline void axpy(float p, const T* row, float* acc, int64_t dim) {
+#if defined(__AVX512F__)
+  if constexpr (DIM > 0 && DIM % 16 == 0) {
+    const __m512 weight = _mm512_set1_ps(p);
+    for (int i = 0; i < DIM; i += 16) {
+      _mm512_storeu_ps(acc + i, _mm512_fmadd_ps(weight, load16(row + i), _mm512_loadu_ps(acc + i)));
+    }
+    return;
+  }
+#endif
+#pragma omp simd
+  for (int64_t i = 0; i < dim; ++i) acc[i] += p * as_float(row[i]);
+}
+
+// Strides and sizes of one call, in elements.
+struct Layout {
+  int64_t heads, kv_heads, group, block_size, max_blocks;
+  int64_t block_stride, token_stride, head_stride, q_seq_stride, q_head_stride;
+};
+
+// One (sequence, kv head): every query head of the group, each over the sequence's keys, then
+// its values. DIM is a compile-time constant for the common head sizes, so a head's query and
+// accumulator stay in vector registers; 0 means "read it from `dim`".
+template <typename T, int DIM>
+void attend(const Layout& l, int64_t dim_arg, const T* q_data, const T* k_data, const T* v_data,
+            const int64_t* table, int64_t seq, int64_t kv_head, int64_t len, float scale,
+            float* scores, float* q_f, float* acc, T* out_data) {
+  const int64_t dim = DIM > 0 ? DIM : dim_arg;
+  const int64_t k_base = kv_head * l.head_stride;
+  for (int64_t g = 0; g < l.group; ++g) {
+    const T* q_row = q_data + seq * l.q_seq_stride + (kv_head * l.group + g) * l.q_head_stride;
+    for (int64_t i = 0; i < dim; ++i) q_f[i] = as_float(q_row[i]) * scale;
+    float* s = scores;
+    // Scores: the keys, block by block.
+    for (int64_t start = 0; start < len; start += l.block_size) {
+      const T* block = k_data + table[start / l.block_size] * l.block_stride + k_base;
+      const int64_t count = std::min(l.block_size, len - start);
+      for (int64_t t = 0; t < count; ++t) {
+        s[start + t] = dot<T, DIM>(q_f, block + t * l.token_stride, dim);
+      }
+    }
+    float top = -std::numeric_limits<float>::infinity();
+    for (int64_t t = 0; t < len; ++t) top = std::max(top, s[t]);
+    float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t t = 0; t < len; ++t) {
+      s[t] = std::exp(s[t] - top);
+      sum += s[t];
+    }
+    const float inv_sum = 1.f / sum;
+    // Output: the values weighted by the scores.
+    for (int64_t i = 0; i < dim; ++i) acc[i] = 0.f;
+    for (int64_t start = 0; start < len; start += l.block_size) {
+      const T* block = v_data + table[start / l.block_size] * l.block_stride + k_base;
+      const int64_t count = std::min(l.block_size, len - start);
+      for (int64_t t = 0; t < count; ++t) {
+        const T* v_row = block + t * l.token_stride;
+        axpy<T, DIM>(s[start + t], block + t * l.token_stride, acc, dim);
+      }
+    }
+    T* o = out_data + (seq * l.heads + kv_head * l.group + g) * dim;
+    for (int64_t i = 0; i < dim; ++i) o[i] = static_cast<T>(acc[i] * inv_sum);
+  }
+}
+
+template <typename T>
+void paged_decode_impl(const at::Tensor& query, const at::Tensor& key_cache,
+                       const at::Tensor& value_cache, const at::Tensor& block_tables,
+                       const at::Tensor& context_lens, at::Tensor& out, double scale) {
+  const int64_t seqs = query.size(0);
+  const int64_t dim = query.size(2);
+  Layout l;
+  l.heads = query.size(1);
+  l.kv_heads = key_cache.size(2);
+  l.group = l.heads / l.kv_heads;
+  l.block_size = key_cache.size(1);
+  l.max_blocks = block_tables.size(1);
+  l.block_stride = key_cache.stride(0);
+  l.token_stride = key_cache.stride(1);
+  l.head_stride = key_cache.stride(2);
+  l.q_seq_stride = query.stride(0);
+  l.q_head_stride = query.stride(1);
+
+  const T* q_data = query.data_ptr<T>();
+  const T* k_data = key_cache.data_ptr<T>();
+  const T* v_data = value_cache.data_ptr<T>();
+  const int64_t* tables = block_tables.data_ptr<int64_t>();
+  const int64_t* lens = context_lens.data_ptr<int64_t>();
+  T* out_data = out.data_ptr<T>();
+  const float softmax_scale = static_cast<float>(scale);
+
+  at::parallel_for(0, seqs * l.kv_heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> q_f(dim);
+    std::vector<float> acc(dim);
+    std::vector<float> scores;
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t seq = item / l.kv_heads;
+      const int64_t kv_head = item % l.kv_heads;
+      const int64_t len = lens[seq];
+      const int64_t* table = tables + seq * l.max_blocks;
+      scores.resize(len);
+      auto run = [&](auto dim_tag) {
+        attend<T, decltype(dim_tag)::value>(l, dim, q_data, k_data, v_data, table, seq, kv_head,
+                                             len, softmax_scale, scores.data(), q_f.data(),
+                                             acc.data(), out_data);
+      };
+      if (dim == 64) {
+        run(std::integral_constant<int, 64>{});
+      } else if (dim == 128) {
+        run(std::integral_constant<int, 128>{});
+      } else {
+        run(std::integral_constant<int, 0>{});
+      }
+    }
+  });
+}
+
+// query [seqs, heads, dim]; caches [blocks, block_size, kv_heads, dim]; block_tables
+// [seqs, max_blocks] int64; context_lens [seqs] int64 (>= 1). Returns [seqs, heads, dim].
+at::Tensor paged_decode(const at::Tensor& query, const at::Tensor& key_cache,
+                        const at::Tensor& value_cache, const at::Tensor& block_tables,
+                        const at::Tensor& context_lens, double scale) {
+  TORCH_CHECK(query.dim() == 3 && key_cache.dim() == 4, "query 3-D and caches 4-D");
+  TORCH_CHECK(key_cache.sizes() == value_cache.sizes(), "key and value caches differ in shape");
+  TORCH_CHECK(key_cache.strides() == value_cache.strides(), "key and value caches differ in layout");
+  TORCH_CHECK(query.scalar_type() == key_cache.scalar_type() &&
+                  key_cache.scalar_type() == value_cache.scalar_type(),
+              "query and caches must share a dtype");
+  TORCH_CHECK(key_cache.stride(3) == 1 && query.stride(2) == 1, "head_dim must be contiguous");
+  TORCH_CHECK(query.size(2) == key_cache.size(3), "head_dim differs");
+  TORCH_CHECK(query.size(1) % key_cache.size(2) == 0, "heads not a multiple of kv heads");
+  TORCH_CHECK(block_tables.scalar_type() == at::kLong && block_tables.is_contiguous() &&
+                  block_tables.dim() == 2 && block_tables.size(0) == query.size(0),
+              "block_tables must be contiguous int64 [seqs, max_blocks]");
+  TORCH_CHECK(context_lens.scalar_type() == at::kLong && context_lens.is_contiguous() &&
+                  context_lens.numel() == query.size(0),
+              "context_lens must be contiguous int64 [seqs]");
+  at::Tensor out = at::empty({query.size(0), query.size(1), query.size(2)}, query.options());
+  if (query.scalar_type() == at::kFloat) {
+    paged_decode_impl<float>(query, key_cache, value_cache, block_tables, context_lens, out, scale);
+  } else if (query.scalar_type() == at::kBFloat16) {
+    paged_decode_impl<c10::BFloat16>(query, key_cache, value_cache, block_tables, context_lens,
+                                     out, scale);
+  } else {
+    TORCH_CHECK(false, "paged_decode supports float32 and bfloat16, not ", query.scalar_type());
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(deepserve_flowserve, m) {
+  m.def(
+      "paged_decode(Tensor query, Tensor key_cache, Tensor value_cache, Tensor block_tables, "
+      "Tensor context_lens, float scale) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(deepserve_flowserve, CPU, m) { m.impl("paged_decode", &paged_decode); }

@@ -1,0 +1,110 @@
+"""The C++ paged decode kernel: built here, checked against plain attention and the SDPA path."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from deepserve.flowserve.kernels import paged_decode as kernel
+from deepserve.flowserve.model.attention import paged_attention, write_kv
+from deepserve.flowserve.runner.inputs import build_model_inputs
+from tests.unit.flowserve.model.test_attention import _plan
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _built() -> None:
+    # This machine kind has a compiler; a build failure is a failure, not a skip.
+    kernel.build()
+    assert kernel.load(), "the built kernel did not load or disagreed with the reference"
+
+
+def _problem(
+    lengths: list[int], dtype: torch.dtype, *, heads: int = 9, kv_heads: int = 3, dim: int = 64
+) -> tuple[torch.Tensor, ...]:
+    """Caches with blocks handed out shuffled; q a strided view like the model's qk split."""
+    block_size, num_blocks = 16, 64
+    rng = random.Random(len(lengths))
+    free = list(range(num_blocks))
+    rng.shuffle(free)
+    max_blocks = max(-(-n // block_size) for n in lengths)
+    tables = []
+    for n in lengths:
+        own = [free.pop() for _ in range(-(-n // block_size))]
+        tables.append(own + [own[0]] * (max_blocks - len(own)))
+    generator = torch.Generator().manual_seed(1)
+    shape = (num_blocks, block_size, kv_heads, dim)
+    key_cache = torch.randn(shape, generator=generator).to(dtype)
+    value_cache = torch.randn(shape, generator=generator).to(dtype)
+    qk = torch.randn(len(lengths), heads + kv_heads, dim, generator=generator).to(dtype)
+    return (
+        qk[:, :heads],
+        key_cache,
+        value_cache,
+        torch.tensor(tables, dtype=torch.long),
+        torch.tensor(lengths, dtype=torch.long),
+    )
+
+
+@pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("lengths", [[1], [16, 17, 5, 300], [33] * 4, [200, 1, 64]])
+def test_matches_plain_attention(lengths: list[int], dtype: torch.dtype, tolerance: float) -> None:
+    problem = _problem(lengths, dtype)
+    got = kernel.paged_decode(*problem, 0.125)
+    want = kernel.reference_decode(*problem, 0.125)
+    assert got.dtype == dtype and got.shape == (len(lengths), 9, 64)
+    torch.testing.assert_close(got.float(), want.float(), atol=tolerance, rtol=tolerance)
+
+
+def test_ignores_blocks_past_each_length() -> None:
+    query, key_cache, value_cache, tables, lens = _problem([20, 3], torch.float32)
+    before = kernel.paged_decode(query, key_cache, value_cache, tables, lens, 0.125)
+    # Poison every slot past each sequence's length: the output must not move.
+    for seq, length in enumerate(lens.tolist()):
+        for pos in range(length, tables.shape[1] * 16):
+            block = tables[seq, pos // 16]
+            if pos // 16 >= -(-length // 16) and block == tables[seq, 0]:
+                continue  # the padding id repeats the first block, whose keys are real
+            key_cache[block, pos % 16] = 1e4
+            value_cache[block, pos % 16] = float("nan")
+    after = kernel.paged_decode(query, key_cache, value_cache, tables, lens, 0.125)
+    torch.testing.assert_close(after, before)
+
+
+def test_rejects_mismatched_inputs() -> None:
+    query, key_cache, value_cache, tables, lens = _problem([4, 4], torch.float32)
+    with pytest.raises(RuntimeError, match="share a dtype"):
+        kernel.paged_decode(query.double(), key_cache, value_cache, tables, lens, 0.1)
+    with pytest.raises(RuntimeError, match="block_tables"):
+        kernel.paged_decode(query, key_cache, value_cache, tables.int(), lens, 0.1)
+    with pytest.raises(RuntimeError, match="context_lens"):
+        kernel.paged_decode(query, key_cache, value_cache, tables, lens[:1], 0.1)
+
+
+@pytest.mark.parametrize(
+    "chunks",
+    [
+        [(5, 1), (5, 1), (5, 1)],
+        [(2, 1), (300, 1), (40, 1), (301, 1), (0, 1), (150, 1)],
+        [(120, 1), (0, 5), (3, 1), (8, 4), (250, 1)],  # decodes around prefill chunks
+    ],
+)
+def test_fused_step_matches_the_sdpa_path(chunks: list[tuple[int, int]]) -> None:
+    """The same step through the model's attention, fused metadata against bucketed."""
+    plan = _plan(chunks)
+    cpu = torch.device("cpu")
+    fused = build_model_inputs(plan, block_size=4, device=cpu, fused_decode=True).attention
+    bucketed = build_model_inputs(plan, block_size=4, device=cpu).attention
+    assert len(fused.decodes) == 1 and all(d.key_mask is None for d in fused.decodes)
+    torch.manual_seed(0)
+    cache_shape = (1024, 4, 2, 8)
+    key_cache, value_cache = torch.randn(cache_shape), torch.randn(cache_shape)
+    tokens = fused.slot_mapping.numel()
+    q = torch.randn(tokens, 6, 8)
+    key, value = torch.randn(tokens, 2, 8), torch.randn(tokens, 2, 8)
+    write_kv(key_cache, value_cache, fused.slot_mapping, key, value)
+
+    got = paged_attention(q, key_cache, value_cache, fused, key, value, fused_decode=True)
+    want = paged_attention(q, key_cache, value_cache, bucketed, key, value)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
