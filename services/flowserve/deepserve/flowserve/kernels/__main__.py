@@ -2,6 +2,6 @@
 
 import sys
 
-from deepserve.flowserve.kernels.paged_decode import main
+from deepserve.flowserve.kernels.library import main
 
 sys.exit(main())

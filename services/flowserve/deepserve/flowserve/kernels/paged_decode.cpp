@@ -5,7 +5,7 @@
 // query head of its GQA group from the same key/value row, so each cached byte is read once.
 // The Python fallback gathers the blocks into a buffer first and reads them again in SDPA.
 //
-// Built once per host by paged_decode.py (torch.utils.cpp_extension), registered as
+// Built once per host by library.py (torch.utils.cpp_extension), registered as
 // torch.ops.deepserve_flowserve.paged_decode.
 
 #include <ATen/Parallel.h>

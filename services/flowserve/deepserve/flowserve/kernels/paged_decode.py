@@ -1,120 +1,34 @@
-"""The C++ paged decode attention kernel for CPU: built once per host, loaded by each engine.
+"""Decode attention straight from the paged KV cache (`paged_decode.cpp`), for CPU.
 
-`paged_decode.cpp` attends one query token per sequence straight from the paged KV cache. The
-Python path (`attention._decode_attention`) gathers every sequence's blocks into a buffer and
-SDPA reads them again, so the cached keys and values cross memory three times; at 32 sequences
-that was 39% of a decode step (bench/RESULTS.md, issue #19).
-
-The kernel is compiled for this host's CPU (`-march=native`) with torch's extension builder into
-a cache directory keyed by its source, torch's version and the CPU's flags. Engines never
-compile: a pod that starts before the build exists keeps the Python path, so no request waits
-on a compiler. `scripts/bootstrap.sh` (hence `up.sh` and `test.sh`) and `bench.serve_vs_vllm`
-build it ahead with `python -m deepserve.flowserve.kernels`.
-
-A loaded kernel is probed against the Python path at load, like the oneDNN linear.
+One query token per sequence. The pure-torch path (`model/attention._decode_attention`) gathers
+every sequence's blocks into a buffer and SDPA reads them again, so the cached keys and values
+cross memory three times; at 32 sequences that was 39% of a decode step (bench/RESULTS.md,
+issue #19). The kernel reads each cached row once for all query heads of its GQA group.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
-import sys
-import time
-from pathlib import Path
 
 import torch
+
+from deepserve.flowserve.kernels import library
 
 log = logging.getLogger(__name__)
 
 # "0" keeps the gather + SDPA decode path even where the kernel is built.
 KERNEL_ENV = "DEEPSERVE_FLOWSERVE_PAGED_DECODE_KERNEL"
-# Where built kernels live; defaults beside the model cache.
-CACHE_ENV = "DEEPSERVE_KERNEL_CACHE"
-_SOURCE = Path(__file__).with_name("paged_decode.cpp")
-# -fopenmp: ATen's parallel_for is inlined here and runs on one thread without it; the
-# library then shares the libgomp.so.1 torch loaded (same soname), not a second runtime.
-_CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffast-math", "-fno-finite-math-only"]
-_OP_NAMESPACE = "deepserve_flowserve"
 
-_loaded: bool | None = None  # None: not tried in this process
+_usable: bool | None = None
 
 
-def _cpu_flags() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return line
-    except OSError:
-        pass
-    return os.uname().machine
-
-
-def build_name() -> str:
-    """The library's name: changes with anything that would change the machine code."""
-    digest = hashlib.sha256()
-    for part in (_SOURCE.read_bytes(), torch.__version__.encode(), " ".join(_CFLAGS).encode()):
-        digest.update(part)
-    digest.update(_cpu_flags().encode())
-    digest.update(sys.version.encode())
-    return f"paged_decode_{digest.hexdigest()[:16]}"
-
-
-def cache_dir() -> Path:
-    root = os.environ.get(CACHE_ENV) or str(Path.home() / ".cache" / "deepserve" / "kernels")
-    return Path(root) / build_name()
-
-
-def library_path() -> Path:
-    return cache_dir() / f"{build_name()}.so"
-
-
-def build(verbose: bool = False) -> Path:
-    """Compile the kernel into the cache (a no-op when it is there) and return the library.
-
-    Raises whatever the compiler or torch's builder raises (no compiler, no ninja).
-    """
-    from torch.utils import cpp_extension  # imported here: engines that only load skip it
-
-    directory = cache_dir()
-    directory.mkdir(parents=True, exist_ok=True)
-    if not library_path().exists():
-        cpp_extension.load(
-            name=build_name(),
-            sources=[str(_SOURCE)],
-            extra_cflags=_CFLAGS,
-            build_directory=str(directory),
-            is_python_module=False,
-            verbose=verbose,
-        )
-    return library_path()
-
-
-def _op_registered() -> bool:
-    return hasattr(torch.ops, _OP_NAMESPACE) and hasattr(
-        getattr(torch.ops, _OP_NAMESPACE), "paged_decode"
-    )
-
-
-def load() -> bool:
-    """Load the built kernel once per process; False (Python path) when unbuilt or off."""
-    global _loaded
-    if _loaded is not None:
-        return _loaded
-    _loaded = False
-    if os.environ.get(KERNEL_ENV, "1") == "0":
-        return False
-    path = library_path()
-    if not path.exists():
-        log.info("paged decode kernel not built (%s); using gather + SDPA", path)
-        return False
-    try:
-        if not _op_registered():
-            torch.ops.load_library(str(path))
-        _loaded = _agrees()
-    except (OSError, RuntimeError) as exc:
-        log.warning("paged decode kernel failed to load, using gather + SDPA: %s", exc)
-    return _loaded
+def available() -> bool:
+    """The kernel is built, loaded, switched on, and agrees with the plain computation."""
+    global _usable
+    if _usable is None:
+        _usable = os.environ.get(KERNEL_ENV, "1") != "0" and library.load() and _agrees()
+    return _usable
 
 
 def paged_decode(
@@ -170,19 +84,3 @@ def _agrees() -> bool:
             log.warning("paged decode kernel disagrees with the reference; not used")
             return False
     return True
-
-
-def main() -> int:
-    """Build the kernel for this host (once; later runs find it in the cache)."""
-    if library_path().exists():
-        print(f"[kernels] paged decode attention: built ({library_path()})")
-        return 0
-    print("[kernels] building the paged decode attention kernel for this CPU (once, ~1 min)")
-    started = time.monotonic()
-    try:
-        path = build(verbose="-v" in sys.argv)
-    except Exception as exc:  # any build failure leaves the Python path in use
-        print(f"[kernels] build failed; engines use gather + SDPA instead: {exc}")
-        return 1
-    print(f"[kernels] built {path} in {time.monotonic() - started:.0f} s")
-    return 0

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from deepserve.flowserve.kernels.paged_decode import load as load_paged_decode_kernel
+from deepserve.flowserve.kernels import paged_decode
 from deepserve.flowserve.lora.batched_matmul import LoRAStep
 from deepserve.flowserve.model.attention import AttentionMetadata, paged_attention, write_kv
 from deepserve.flowserve.model.config import ModelConfig
@@ -56,7 +56,7 @@ class LlamaForCausalLM:
         self.fused_decode = (
             device.type == "cpu"
             and dtype in (torch.float32, torch.bfloat16)
-            and load_paged_decode_kernel()
+            and paged_decode.available()
         )
         if isinstance(self.linear, OneDNNLinear):
             # Reordered over the first steps, layer by layer; lm_head (the largest) last.
