@@ -1,6 +1,6 @@
 """FlowServe's native CPU kernels as one library: built once per host, loaded by each engine.
 
-The C++ sources beside this file (`paged_decode.cpp`) are compiled for this
+The C++ sources beside this file (`paged_decode.cpp`, `fused_layer_ops.cpp`) are compiled for this
 host's CPU (`-march=native`) by torch's extension builder into a cache directory keyed by the
 sources, torch's version, the flags and the CPU's features. Engines never compile: a pod that
 starts before the build exists keeps its pure-torch paths, so no request waits on a compiler.
@@ -27,7 +27,10 @@ log = logging.getLogger(__name__)
 KERNELS_ENV = "DEEPSERVE_FLOWSERVE_CPU_KERNELS"
 # Where built libraries live.
 CACHE_ENV = "DEEPSERVE_KERNEL_CACHE"
-SOURCES = tuple(Path(__file__).with_name(name) for name in ("paged_decode.cpp",))
+_HEADERS = (Path(__file__).with_name("scalar_math.h"),)
+SOURCES = tuple(
+    Path(__file__).with_name(name) for name in ("paged_decode.cpp", "fused_layer_ops.cpp")
+)
 # -fopenmp: ATen's parallel_for is inlined into the library and runs on one thread without it;
 # the library then shares the libgomp.so.1 torch loaded (same soname), not a second runtime.
 # -ffast-math vectorises exp (softmax); finite-math stays off for the -inf of masked scores.
@@ -49,7 +52,7 @@ def _cpu_flags() -> str:
 def build_name() -> str:
     """The library's name: changes with anything that would change the machine code."""
     digest = hashlib.sha256()
-    for source in SOURCES:
+    for source in (*SOURCES, *_HEADERS):
         digest.update(source.read_bytes())
     for part in (torch.__version__, " ".join(_CFLAGS), _cpu_flags(), sys.version):
         digest.update(part.encode())
@@ -79,6 +82,7 @@ def build(verbose: bool = False) -> Path:
             name=build_name(),
             sources=[str(source) for source in SOURCES],
             extra_cflags=_CFLAGS,
+            extra_include_paths=[str(Path(__file__).parent)],
             build_directory=str(directory),
             is_python_module=False,
             verbose=verbose,

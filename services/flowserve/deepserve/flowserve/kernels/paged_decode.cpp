@@ -15,6 +15,8 @@
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
+#include "scalar_math.h"
+
 #include <algorithm>
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -29,16 +31,11 @@ namespace {
 
 template <typename T>
 inline float as_float(T value) {
-  return static_cast<float>(value);
+  return deepserve_kernels::to_float(value);
 }
 
 #if defined(__AVX512F__)
-// 16 values of a row as floats (bfloat16 widens by a shift into the high half).
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const c10::BFloat16* p) {
-  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
-}
+using deepserve_kernels::load16;
 #endif
 
 // q . row over one head's DIM values (q already float).
@@ -111,7 +108,7 @@ void attend(const Layout& l, int64_t dim_arg, const T* q_data, const T* k_data, 
     float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
     for (int64_t t = 0; t < len; ++t) {
-      s[t] = std::exp(s[t] - top);
+      s[t] = deepserve_kernels::fast_exp(s[t] - top);
       sum += s[t];
     }
     const float inv_sum = 1.f / sum;
@@ -126,7 +123,7 @@ void attend(const Layout& l, int64_t dim_arg, const T* q_data, const T* k_data, 
       }
     }
     T* o = out_data + (seq * l.heads + kv_head * l.group + g) * dim;
-    for (int64_t i = 0; i < dim; ++i) o[i] = static_cast<T>(acc[i] * inv_sum);
+    for (int64_t i = 0; i < dim; ++i) o[i] = deepserve_kernels::from_float<T>(acc[i] * inv_sum);
   }
 }
 

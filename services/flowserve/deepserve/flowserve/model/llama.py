@@ -19,6 +19,7 @@ from deepserve.flowserve.kernels import paged_decode
 from deepserve.flowserve.lora.batched_matmul import LoRAStep
 from deepserve.flowserve.model.attention import AttentionMetadata, paged_attention, write_kv
 from deepserve.flowserve.model.config import ModelConfig
+from deepserve.flowserve.model.layer_ops import layer_ops
 from deepserve.flowserve.model.linear_kernel import OneDNNLinear, linear_kernel
 from deepserve.flowserve.model.llama_weights import LlamaWeights
 from deepserve.flowserve.model.rotary import RotaryEmbedding
@@ -51,6 +52,7 @@ class LlamaForCausalLM:
         self.num_heads = config.num_heads // tp_size
         self.num_kv_heads = config.num_kv_heads // tp_size
         self.rotary = RotaryEmbedding(config, device, dtype)
+        self.ops = layer_ops(self.rotary, config.hidden_size, config.rms_norm_eps, device, dtype)
         self.linear = linear_kernel(device, dtype)
         # Decodes read the paged cache in place (C++) where that kernel is built for this host.
         self.fused_decode = (
@@ -111,23 +113,22 @@ class LlamaForCausalLM:
         if max_position is None:
             max_position = int(positions.max().item())
         self.rotary.ensure_length(max_position)
-        cos, sin = self.rotary.cos_sin(positions)
-        hidden = F.embedding(token_ids, self.weights.embed)
-        num_tokens = hidden.shape[0]
+        ops = self.ops
+        ops.begin_step(positions)
+        residual = F.embedding(token_ids, self.weights.embed)
+        num_tokens = residual.shape[0]
         heads, kv_heads, head_dim = self.num_heads, self.num_kv_heads, self.config.head_dim
         q_size, kv_size = heads * head_dim, kv_heads * head_dim
-        norm_shape = (self.config.hidden_size,)
-        eps = self.config.rms_norm_eps
+        # Each sublayer's output joins the residual in the next norm (one fused pass on CPU).
+        pending: torch.Tensor | None = None
         layers = zip(self.weights.layers, kv_caches, strict=True)
         for index, (layer, (key_cache, value_cache)) in enumerate(layers):
-            x = F.rms_norm(hidden, norm_shape, layer.input_norm, eps)
+            residual, x = ops.add_norm(residual, pending, layer.input_norm)
             qkv = self.linear(x, layer.qkv, layer.qkv_bias)
             if lora is not None:
                 lora.add("qkv", index, x, qkv)
             # q and k heads rotate together: one set of kernels instead of two.
-            qk = RotaryEmbedding.rotate(
-                qkv[:, : q_size + kv_size].view(num_tokens, heads + kv_heads, head_dim), cos, sin
-            )
+            qk = ops.rotate(qkv[:, : q_size + kv_size].view(num_tokens, heads + kv_heads, head_dim))
             key = qk[:, heads:]
             value = qkv[:, q_size + kv_size :].view(num_tokens, kv_heads, head_dim)
             write_kv(key_cache, value_cache, meta.slot_mapping, key, value)
@@ -143,21 +144,19 @@ class LlamaForCausalLM:
             attn_out = self._row_parallel(attn, layer.o_proj, layer.o_bias)
             if lora is not None:
                 lora.add("o", index, attn, attn_out)
-            hidden = hidden + attn_out
 
-            x = F.rms_norm(hidden, norm_shape, layer.post_norm, eps)
+            residual, x = ops.add_norm(residual, attn_out, layer.post_norm)
             gate_up = self.linear(x, layer.gate_up, layer.gate_up_bias)
             if lora is not None:
                 lora.add("gate_up", index, x, gate_up)
-            gate, up = gate_up.chunk(2, dim=-1)
-            act = F.silu(gate) * up
+            act = ops.silu_mul(gate_up)
             mlp_out = self._row_parallel(act, layer.down, layer.down_bias)
             if lora is not None:
                 lora.add("down", index, act, mlp_out)
-            hidden = hidden + mlp_out
+            pending = mlp_out
             if after_layer is not None:
                 after_layer(index)
-        return hidden
+        return residual if pending is None else residual + pending
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

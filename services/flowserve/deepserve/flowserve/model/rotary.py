@@ -53,8 +53,11 @@ class RotaryEmbedding:
     def _build(self, length: int) -> None:
         positions = torch.arange(length, dtype=torch.float32)
         freqs = positions[:, None] * self._inv_freq[None, :]  # float32, like the reference
-        cos = freqs.cos().to(device=self.device, dtype=self.dtype)
-        sin = freqs.sin().to(device=self.device, dtype=self.dtype)
+        # Half-width float32 tables for the fused CPU kernel (kernels/fused_layer_ops).
+        self.cos_half = freqs.cos().to(device=self.device)
+        self.sin_half = freqs.sin().to(device=self.device)
+        cos = self.cos_half.to(dtype=self.dtype)
+        sin = self.sin_half.to(dtype=self.dtype)
         # Full head width, sin negated on the first half: rotating is then x * cos plus the
         # half-swapped x * sin, three kernels instead of seven, with the same roundings.
         self._cos = torch.cat((cos, cos), dim=-1)
