@@ -51,7 +51,7 @@ from deepserve.models.pull import pull_model
 from deepserve.sampling_params import SamplingParams
 
 THROUGHPUT_GOAL = 4.0  # FlowServe / transformers output tokens per second
-DECODE_BOUND_GOAL = 1.5  # batch-1 decode step / memory-bandwidth bound
+DECODE_BOUND_GOAL = 1.3  # batch-1 decode step / memory-bandwidth bound (issue #19)
 # Random prompt ids stay clear of the low ids where SmolLM2 keeps its special tokens.
 FIRST_PLAIN_TOKEN_ID = 100
 

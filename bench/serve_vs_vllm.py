@@ -289,8 +289,12 @@ def run_workloads(
 ) -> dict[str, dict[str, float]]:
     sizes = QUICK if args.quick else FULL
     client = StreamingClient(base_url, args.served_name)
-    # One short request first: both servers' first request pays one-time costs.
-    asyncio.run(client.run("warmup", [completion_call([FIRST_PLAIN_TOKEN_ID] * 8, 4)], None))
+    # Warm-up, the same for both servers: 8 concurrent requests (256 tokens in, 48 out) make
+    # a full-size prefill step and 48 decode steps, which pay the one-time costs (kernels for
+    # new shapes; DeepServe reorders its weights over its first ~34 steps, vLLM compiles and
+    # profiles at startup instead) before anything is measured.
+    warm = [completion_call([FIRST_PLAIN_TOKEN_ID + i] * 256, 48) for i in range(8)]
+    asyncio.run(client.run("warmup", warm, None))
     results: dict[str, dict[str, float]] = {}
     for workload in args.workloads:
         progress(f"{system}: {workload} ...")

@@ -8,7 +8,6 @@ float and back (30% of a bfloat16 prefill step before; bench/RESULTS.md, issue #
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
 import torch.nn.functional as F
@@ -20,15 +19,10 @@ log = logging.getLogger(__name__)
 # "0" keeps the eager torch ops.
 KERNEL_ENV = "DEEPSERVE_FLOWSERVE_FUSED_LAYER_OPS"
 
-_usable: bool | None = None
-
 
 def available() -> bool:
     """The kernels are built, loaded, switched on, and agree with the eager ops."""
-    global _usable
-    if _usable is None:
-        _usable = os.environ.get(KERNEL_ENV, "1") != "0" and library.load() and _agrees()
-    return _usable
+    return library.op_usable(KERNEL_ENV, _agrees)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -17,6 +17,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -109,6 +110,17 @@ def load() -> bool:
     except (OSError, RuntimeError) as exc:
         log.warning("FlowServe CPU kernels failed to load, using pure-torch paths: %s", exc)
     return _loaded
+
+
+_usable: dict[str, bool] = {}
+
+
+def op_usable(switch_env: str, agrees: Callable[[], bool]) -> bool:
+    """An op's kernels serve: the library is loaded, `switch_env` is not "0", and `agrees()`
+    (the op's probe against a plain computation) passed; decided once per process."""
+    if switch_env not in _usable:
+        _usable[switch_env] = os.environ.get(switch_env, "1") != "0" and load() and agrees()
+    return _usable[switch_env]
 
 
 def main() -> int:

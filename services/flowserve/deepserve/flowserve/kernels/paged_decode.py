@@ -9,7 +9,6 @@ issue #19). The kernel reads each cached row once for all query heads of its GQA
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
 
@@ -20,15 +19,10 @@ log = logging.getLogger(__name__)
 # "0" keeps the gather + SDPA decode path even where the kernel is built.
 KERNEL_ENV = "DEEPSERVE_FLOWSERVE_PAGED_DECODE_KERNEL"
 
-_usable: bool | None = None
-
 
 def available() -> bool:
     """The kernel is built, loaded, switched on, and agrees with the plain computation."""
-    global _usable
-    if _usable is None:
-        _usable = os.environ.get(KERNEL_ENV, "1") != "0" and library.load() and _agrees()
-    return _usable
+    return library.op_usable(KERNEL_ENV, _agrees)
 
 
 def paged_decode(
