@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from deepserve import records
+from deepserve.background import stop_task
 from deepserve.jobmgr.autoscaler_loop import Autoscaler
 from deepserve.jobmgr.pod_provider import PodProvider
 from deepserve.jobmgr.reconciler import Reconciler
@@ -95,10 +96,7 @@ class JobController:
         self._task = asyncio.create_task(self._run(), name="jobmgr-controller")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await stop_task(self._task)
         await self._stop_operations()
         for mirror in (self.pod_mirror, self.instance_mirror):
             await mirror.stop()

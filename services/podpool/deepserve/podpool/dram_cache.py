@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from deepserve.background import stop_tasks
 from deepserve.errors import DeepServeError
 from deepserve.processes import parent_death_signal
 from deepserve.scaling.weights_cache import WeightsCacheLayout, WeightsEntry
@@ -162,12 +163,7 @@ class DramPreloader:
 
     async def close(self) -> None:
         # A copy: each task removes itself from _preparing as it ends.
-        tasks = list(self._preparing.values())
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await stop_tasks(list(self._preparing.values()))
 
     # --- internals -------------------------------------------------------------------------
 

@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
+from deepserve.background import stop_task
 from deepserve.errors import DeepServeError, Unavailable
 from deepserve.records import PodRecord, PodState, ServiceRecord
 
@@ -192,10 +193,7 @@ class HostsBackend:
                 log.exception("polling host agents failed")
 
     async def close(self) -> None:
-        if self._poller is not None:
-            self._poller.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._poller
+        await stop_task(self._poller)
         placed, self._placed = dict(self._placed), {}
         for pod_id, where in placed.items():
             if where.agent in self._agents:

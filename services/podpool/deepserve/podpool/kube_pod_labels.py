@@ -14,6 +14,7 @@ import logging
 import re
 from collections.abc import Awaitable, Callable
 
+from deepserve.background import stop_tasks
 from deepserve.records import PodRecord, PodState
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,4 @@ class PodModelLabeler:
             log.warning("labelling pod %s failed: %s", pod_id, exc)
 
     async def close(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await stop_tasks(list(self._tasks))

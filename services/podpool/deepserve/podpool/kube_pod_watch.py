@@ -17,6 +17,8 @@ from typing import Any
 from kubernetes_asyncio import client, watch
 from kubernetes_asyncio.client.exceptions import ApiException
 
+from deepserve.background import stop_task
+
 log = logging.getLogger(__name__)
 
 # Phases after which a Pod never runs again (restartPolicy: Never).
@@ -90,10 +92,7 @@ class KubePodWatch:
     async def stop(self) -> None:
         if self._watch is not None:
             self._watch.stop()
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await stop_task(self._task)
         if self._watch is not None:
             await self._watch.close()
 

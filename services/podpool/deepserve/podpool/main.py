@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 
 from deepserve import records
+from deepserve.background import stop_task
 from deepserve.errors import InvalidArgument
 from deepserve.metrics import registry
 from deepserve.podpool.backend import PodBackend
@@ -107,10 +107,7 @@ async def serve(settings: PodPoolSettings) -> None:
         )
 
         async def stop_scaling() -> None:
-            if dram_loop is not None:
-                dram_loop.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await dram_loop
+            await stop_task(dram_loop)
             if dram is not None:
                 await dram.close()
             await instances.stop()

@@ -15,13 +15,13 @@ A pod that exits cleanly has revoked its lease itself; revoking it again finds n
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 
 from prometheus_client import Counter
 
 from deepserve import records
+from deepserve.background import stop_tasks
 from deepserve.metrics import registry
 from deepserve.podpool.pod_view import PodView
 from deepserve.records import PodRecord
@@ -60,11 +60,7 @@ class PodExitWatcher:
     async def stop(self) -> None:
         for pod_id in list(self._watched):
             self._unwatch(pod_id)
-        for task in list(self._tasks):
-            task.cancel()
-        for task in list(self._tasks):
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await stop_tasks(list(self._tasks))
 
     @property
     def watched(self) -> dict[str, int]:

@@ -20,6 +20,7 @@ from typing import Protocol
 
 from opentelemetry import trace
 
+from deepserve.background import stop_task
 from deepserve.errors import (
     Conflict,
     DeadlineExceeded,
@@ -160,10 +161,7 @@ class WarmPodPool:
         self._refill_task = asyncio.create_task(self._refill_loop(), name="podpool-refill")
 
     async def close(self) -> None:
-        if self._refill_task is not None:
-            self._refill_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._refill_task
+        await stop_task(self._refill_task)
         await self.backend.close()
 
     @property

@@ -7,10 +7,10 @@ re-reads the histograms it uses every `refresh_s`, so all replicas predict alike
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections import Counter, defaultdict
 
+from deepserve.background import stop_task
 from deepserve.scheduler.decode_predictor import DecodeLengthPredictor
 from deepserve.store.redis_keys import RedisKeys
 from deepserve.store.redis_messages import BadMessage, DecodeHistory
@@ -37,10 +37,7 @@ class HistorySync:
         self._task = asyncio.create_task(self._run(), name="decode-history-sync")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await stop_task(self._task)
 
     def observed(self, model: str, tenant: str, bucket: int) -> None:
         self._pending[(model, tenant, bucket)] += 1

@@ -9,10 +9,10 @@ scheduler replica reads the same streams from the start, so every replica builds
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable
 
+from deepserve.background import stop_task
 from deepserve.scheduler.prefix_index import PrefixIndex
 from deepserve.store.redis_store import RedisStore
 
@@ -43,10 +43,7 @@ class KVEventFeed:
         self._task = asyncio.create_task(self._run(), name="kv-event-feed")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await stop_task(self._task)
 
     def sync_instances(self) -> list[str]:
         """Starts cursors for new instances, drops gone ones; returns the live ids."""

@@ -10,12 +10,12 @@ scheduler replica sees the others' decisions: the load a replica routes by is sh
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from deepserve.background import stop_task
 from deepserve.store.redis_keys import RedisKeys
 from deepserve.store.redis_messages import LoadReport, RoutedSince
 from deepserve.store.redis_store import RedisStore
@@ -91,10 +91,7 @@ class LoadTracker:
         self._task = asyncio.create_task(self._run(), name="load-tracker")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await stop_task(self._task)
 
     def load_of(self, instance_id: str) -> InstanceLoad:
         base = self._loads.get(instance_id, InstanceLoad())

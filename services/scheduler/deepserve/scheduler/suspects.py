@@ -16,7 +16,6 @@ lease's delay), and it rides on the refresh that already reads the load reports 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -24,6 +23,7 @@ from dataclasses import dataclass
 
 from prometheus_client import Counter
 
+from deepserve.background import stop_task
 from deepserve.metrics import registry
 from deepserve.store.redis_messages import SuspectInstance
 from deepserve.store.redis_store import RedisStore
@@ -77,10 +77,7 @@ class SuspectInstances:
         self._task = asyncio.create_task(self._run(), name="suspect-instances")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await stop_task(self._task)
 
     def report(self, instance_id: str, reason: str) -> None:
         """Marks an instance now, here and (in the background) for every other replica."""

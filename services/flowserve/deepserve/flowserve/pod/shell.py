@@ -16,6 +16,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from deepserve.background import stop_task
 from deepserve.errors import FailedPrecondition, InvalidArgument
 from deepserve.flowserve.pod.registration import PodRegistration
 from deepserve.flowserve.settings import FlowServeSettings
@@ -25,19 +26,6 @@ from deepserve.store.redis_messages import KVEventEntry, LoadReport
 from deepserve.store.redis_store import RedisStore
 
 log = logging.getLogger(__name__)
-
-
-async def stop_task(task: asyncio.Task[None], retry_s: float = 0.5) -> None:
-    """Cancels `task` and waits for it to end, cancelling again while it runs on.
-
-    One cancel is not enough: a library the task awaits can swallow the CancelledError (seen
-    with the load reporter's Redis call), and the task then loops on, "cancelling" but alive;
-    an UnloadModel that awaited it hung until its caller's 60 s deadline."""
-    while not task.done():
-        task.cancel()
-        await asyncio.wait({task}, timeout=retry_s)
-    if not task.cancelled() and task.exception() is not None:
-        log.warning("background task %s failed", task.get_name(), exc_info=task.exception())
 
 
 def end_this_process() -> None:
