@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import socket
 import uuid
 
 from deepserve import records
+from deepserve.background import stop_task
 from deepserve.store.etcd import EtcdStore, KeepAliveLease
 
 log = logging.getLogger(__name__)
@@ -85,9 +85,6 @@ class ServiceRegistration:
             return
 
     async def close(self) -> None:
-        if self._rejoin is not None:
-            self._rejoin.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._rejoin
+        await stop_task(self._rejoin)
         if self.lease is not None:
             await self.lease.revoke()

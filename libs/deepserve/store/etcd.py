@@ -18,6 +18,7 @@ from typing import Generic, TypeVar
 import aetcd
 from pydantic import BaseModel
 
+from deepserve.background import stop_task
 from deepserve.errors import Conflict, NotFound, Unavailable
 
 log = logging.getLogger(__name__)
@@ -298,10 +299,8 @@ class KeepAliveLease:
 
     async def revoke(self) -> None:
         """Stops refreshing and deletes the lease with every key attached to it."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
+        # The refresh loop awaits wait_for, which can swallow one cancel (see background.py).
+        await stop_task(self._task)
         # Bounded: a process cut off from etcd still exits (its lease expires there anyway).
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self._client.revoke_lease(self.id), timeout=self.ttl_s)
