@@ -53,7 +53,7 @@ import redis.asyncio as aioredis
 from bench.common import markdown_table, progress
 from deepserve import records
 from deepserve.cluster.layout import ClusterLayout
-from deepserve.processes import ManagedProcess, free_port, parent_death_signal, wait_for_port
+from deepserve.processes import ManagedProcess, bound_to_parent, free_port, wait_for_port
 from deepserve.rpc.client import insecure_channel
 from deepserve.rpc.health_check import check_health
 from deepserve.store.etcd import EtcdStore
@@ -141,9 +141,7 @@ class FaultCluster:
             "--replicas", str(self.replicas), "--lease-ttl", str(self.lease_ttl_s),
         ]  # fmt: skip
         out = (self.run_dir / "up.out").open("wb")
-        self.up = subprocess.Popen(
-            argv, stdout=out, stderr=subprocess.STDOUT, preexec_fn=parent_death_signal()
-        )
+        self.up = subprocess.Popen(bound_to_parent(argv), stdout=out, stderr=subprocess.STDOUT)
         state = self.run_dir / "cluster.json"
         deadline = time.monotonic() + timeout_s
         while not state.exists():

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from deepserve.cluster.layout import ClusterLayout
-from deepserve.processes import parent_death_signal
+from deepserve.processes import bound_to_parent
 
 
 @dataclass
@@ -49,11 +49,10 @@ def local_cluster(
     with log_path.open("wb") as out:
         # Bound to this process: a test run that is killed takes the cluster with it.
         proc = subprocess.Popen(
-            argv,
+            bound_to_parent(argv),
             stdout=out,
             stderr=subprocess.STDOUT,
             env=dict(os.environ),
-            preexec_fn=parent_death_signal(),
         )
     state = run_dir / "cluster.json"
     deadline = time.monotonic() + timeout_s

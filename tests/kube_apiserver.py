@@ -33,7 +33,7 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
-from deepserve.processes import parent_death_signal
+from deepserve.processes import bound_to_parent
 
 
 def now() -> str:
@@ -144,12 +144,11 @@ class ProcessKubelet:
             # From the event loop's (main) thread: the parent-death signal is tied to the thread
             # that forks, so a test run that is killed takes its "containers" with it.
             proc = await asyncio.create_subprocess_exec(
-                *command,
+                *bound_to_parent(command),
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 env=env,
                 start_new_session=True,
-                preexec_fn=parent_death_signal(),
             )
         self.procs[name] = proc
         server.set_phase(namespace, name, "Running")

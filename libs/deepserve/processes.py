@@ -3,7 +3,7 @@ stopped with SIGTERM then SIGKILL so nothing is left behind.
 
 Nothing outlives whoever started the cluster, even when that process is SIGKILLed and runs no
 cleanup. Two mechanisms, because pods must survive their own parent:
-- a parent-death signal (`prctl(PR_SET_PDEATHSIG)`, set in the child before exec): etcd, the
+- a parent-death signal (`prctl(PR_SET_PDEATHSIG)`, armed by `bound_to_parent`): etcd, the
   Redis-protocol server and the services die with the process that started them (`deepserve up`,
   a test fixture);
 - an owner: every managed child's environment names the cluster's owner process
@@ -29,9 +29,10 @@ import select
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -46,21 +47,32 @@ except OSError:  # pragma: no cover - not Linux
     _libc = None
 
 
-def parent_death_signal(sig: int = signal.SIGKILL) -> Callable[[], None] | None:
-    """A `preexec_fn` that makes the child receive `sig` when this process (the thread calling
-    Popen) exits; None where prctl is unavailable. Built before the fork, it does only a syscall
-    and a check in the child (a preexec_fn must not take locks)."""
+# Run by a bare interpreter between our fork and the child's program: arm the parent-death
+# signal, close the race with a parent that already died, then become the child's program.
+_ARM_AND_EXEC = f"""
+import ctypes, os, sys
+parent, sig, argv = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3:]
+try:
+    ctypes.CDLL(None, use_errno=True).prctl({_PR_SET_PDEATHSIG}, sig, 0, 0, 0)
+except (OSError, AttributeError):
+    pass
+else:
+    if os.getppid() != parent:
+        os.kill(os.getpid(), sig)
+os.execvp(argv[0], argv)
+"""
+
+
+def bound_to_parent(argv: Sequence[str], sig: int = signal.SIGKILL) -> list[str]:
+    """`argv` wrapped so that the child receives `sig` when this process (the thread that
+    starts it) exits.
+
+    The signal is armed by a bare interpreter that then execs `argv` (the signal survives
+    exec), never by a `preexec_fn`: with one, CPython runs every library's at-fork hooks in the
+    child of a threaded process, and filelock's (4.3) crashed such children with SIGSEGV."""
     if _libc is None or not hasattr(_libc, "prctl"):
-        return None
-    libc = _libc
-    parent = os.getpid()
-
-    def set_signal() -> None:
-        libc.prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0)
-        if os.getppid() != parent:  # the parent died before the signal was armed
-            os.kill(os.getpid(), sig)
-
-    return set_signal
+        return list(argv)
+    return [sys.executable, "-I", "-S", "-c", _ARM_AND_EXEC, str(os.getpid()), str(sig), *argv]
 
 
 def with_owner(env: Mapping[str, str] | None) -> dict[str, str]:
@@ -183,14 +195,13 @@ class ManagedProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log_file = self.log_path.open("ab")
         self.popen = subprocess.Popen(
-            self.argv,
+            bound_to_parent(self.argv) if self.bind_to_parent else self.argv,
             stdout=log_file,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             env=self.env,
             cwd=self.cwd,
             start_new_session=True,  # own process group: signals to us don't hit it twice
-            preexec_fn=parent_death_signal() if self.bind_to_parent else None,
         )
         log_file.close()
         return self

@@ -9,11 +9,17 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
 
 from deepserve.processes import ManagedProcess, free_port, wait_for_port
+
+# A suite started in the background of a non-interactive shell (`./scripts/test.sh &`) runs with
+# SIGINT ignored, and this run inherits that: Python then never turns SIGINT into
+# KeyboardInterrupt. What is tested is a user's Ctrl-C on a foreground run, so restore it.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def descendants(pid: int) -> list[int]:

@@ -20,7 +20,7 @@ import pytest
 
 from deepserve import records
 from deepserve.flowserve.settings import FlowServeSettings
-from deepserve.processes import free_port, parent_death_signal
+from deepserve.processes import bound_to_parent, free_port
 from deepserve.rpc.client import insecure_channel
 from deepserve.rpc.health_check import wait_serving
 from deepserve.store.etcd import EtcdStore
@@ -58,11 +58,11 @@ def pod(
     }
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "deepserve.flowserve"],
+            # Bound to this process: a killed test run takes it along.
+            bound_to_parent([sys.executable, "-m", "deepserve.flowserve"]),
             env=env,
             stdout=out,
             stderr=out,
-            preexec_fn=parent_death_signal(),  # a killed test run takes it along
         )
     address = f"127.0.0.1:{port}"
     try:

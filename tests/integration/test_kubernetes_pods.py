@@ -27,7 +27,7 @@ from kubernetes_asyncio import client
 from prometheus_client.parser import text_string_to_metric_families
 
 from deepserve import records
-from deepserve.processes import ManagedProcess, free_port, parent_death_signal
+from deepserve.processes import ManagedProcess, bound_to_parent, free_port
 from deepserve.records import PodState
 from deepserve.rpc.client import insecure_channel
 from deepserve.rpc.health_check import wait_serving
@@ -98,13 +98,10 @@ class PodPool:
         with self.log.open("ab") as out:
             # From the main thread: the parent-death signal is tied to the forking thread.
             self.proc = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "deepserve.podpool",
+                *bound_to_parent([sys.executable, "-m", "deepserve.podpool"]),
                 env=self.env,
                 stdout=out,
                 stderr=subprocess.STDOUT,
-                preexec_fn=parent_death_signal(),
             )
         if not await wait_serving(f"127.0.0.1:{self.port}", 60):
             pytest.fail(f"podpool did not start:\n{self.log.read_text()}")

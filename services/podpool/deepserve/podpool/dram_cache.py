@@ -23,7 +23,7 @@ from pathlib import Path
 
 from deepserve.background import stop_tasks
 from deepserve.errors import DeepServeError
-from deepserve.processes import parent_death_signal
+from deepserve.processes import bound_to_parent
 from deepserve.scaling.weights_cache import WeightsCacheLayout, WeightsEntry
 
 log = logging.getLogger(__name__)
@@ -195,15 +195,14 @@ class DramPreloader:
                     return found
                 model_dir = self._resolve(model)
                 started = time.monotonic()
-                proc = await asyncio.create_subprocess_exec(
+                # A helper: it dies with podpool.
+                proc = await asyncio.create_subprocess_exec(*bound_to_parent([
                     sys.executable, "-m", "deepserve.flowserve.model.prepared_weights",
                     "--model", model, "--model-dir", str(model_dir),
                     "--root", str(self.layout.root), "--device", self.device,
                     "--tp-size", str(tp_size),
                     *(["--dtype", self.dtype] if self.dtype else []),
-                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-                    preexec_fn=parent_death_signal(),  # a helper: it dies with podpool
-                )  # fmt: skip
+                ]), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)  # fmt: skip
                 try:
                     out, err = await asyncio.wait_for(proc.communicate(), self.prepare_timeout_s)
                 except BaseException:

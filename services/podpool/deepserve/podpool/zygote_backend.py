@@ -18,7 +18,7 @@ import time
 from deepserve.errors import Unavailable
 from deepserve.podpool.local_backend import LocalProcessBackend, openmp_env
 from deepserve.podpool.settings import PodPoolSettings
-from deepserve.processes import parent_death_signal, with_owner
+from deepserve.processes import bound_to_parent, with_owner
 from deepserve.records import PodRecord
 
 log = logging.getLogger(__name__)
@@ -55,9 +55,8 @@ class ZygoteBackend(LocalProcessBackend):
         stderr = (self._log_dir / "zygote.log").open("ab")
         # The zygote dies with podpool (its stdin closes too); the pods it forked do not.
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "deepserve.flowserve.pod.zygote",
+            *bound_to_parent([sys.executable, "-m", "deepserve.flowserve.pod.zygote"]),
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=stderr, env=env,
-            preexec_fn=parent_death_signal(),
         )  # fmt: skip
         stderr.close()
         assert proc.stdout is not None
