@@ -21,7 +21,6 @@ main thread; an asyncio loop's).
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import ipaddress
 import logging
 import os
@@ -40,15 +39,11 @@ log = logging.getLogger(__name__)
 # The environment variable naming the process whose exit ends every process of the cluster.
 OWNER_ENV = "DEEPSERVE_OWNER_PID"
 _PR_SET_PDEATHSIG = 1
-_libc: ctypes.CDLL | None
-try:
-    _libc = ctypes.CDLL(None, use_errno=True)
-except OSError:  # pragma: no cover - not Linux
-    _libc = None
 
 
 # Run by a bare interpreter between our fork and the child's program: arm the parent-death
-# signal, close the race with a parent that already died, then become the child's program.
+# signal (where prctl exists), close the race with a parent that already died, then become the
+# child's program.
 _ARM_AND_EXEC = f"""
 import ctypes, os, sys
 parent, sig, argv = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3:]
@@ -70,8 +65,6 @@ def bound_to_parent(argv: Sequence[str], sig: int = signal.SIGKILL) -> list[str]
     The signal is armed by a bare interpreter that then execs `argv` (the signal survives
     exec), never by a `preexec_fn`: with one, CPython runs every library's at-fork hooks in the
     child of a threaded process, and filelock's (4.3) crashed such children with SIGSEGV."""
-    if _libc is None or not hasattr(_libc, "prctl"):
-        return list(argv)
     return [sys.executable, "-I", "-S", "-c", _ARM_AND_EXEC, str(os.getpid()), str(sig), *argv]
 
 
