@@ -23,8 +23,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from deepserve import records
 from deepserve.cli.trace_view import find_trace, read_spans
+from deepserve.rpc.client import insecure_channel
 from deepserve.store.etcd import EtcdStore
 from deepserve.tenancy.api_keys import ApiKeys
+from deepserve.v1 import flowserve_pb2, flowserve_pb2_grpc
 from tests.cluster_harness import RunningCluster, local_cluster
 from tests.tiny_model import make_tiny_llama
 
@@ -163,6 +165,18 @@ async def streams(
     return results
 
 
+async def running_requests(c: Cluster) -> dict[str, tuple[records.InstanceRecord, int]]:
+    """Each live instance of the model, with the requests it runs now (from the engine)."""
+    found: dict[str, tuple[records.InstanceRecord, int]] = {}
+    for instance in await instances(c):
+        async with insecure_channel(instance.address, traced=False) as channel:
+            stats = await flowserve_pb2_grpc.FlowServeServiceStub(channel).GetStats(
+                flowserve_pb2.GetStatsRequest(), timeout=10
+            )
+        found[instance.instance_id] = (instance, stats.running_requests + stats.waiting_requests)
+    return found
+
+
 def migrations(c: Cluster) -> float:
     """The gateway's migrated-request count, from its Prometheus text."""
 
@@ -200,18 +214,24 @@ async def test_streams_survive_one_of_two_instances_dying(cluster: Cluster) -> N
     assert [s.error for s in reference] == [""] * STREAMS
     before = await asyncio.to_thread(migrations, cluster)
 
-    victim = (await instances(cluster))[0]
-    async with EtcdStore(cluster.running.layout.etcd_endpoint) as etcd:
-        pod = await records.pods(etcd).get(victim.pod_id)
-    assert pod is not None
     fault: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-    killed_at: list[float] = []
+    killed: list[str] = []
 
     async def kill_when_told() -> float:
         await fault
+        # The victim is the instance holding the most streams now: routing spreads by load and
+        # prefix locality, so a victim picked beforehand may hold none and migrate nothing.
+        running = await running_requests(cluster)
+        victim = max(running, key=lambda i: (running[i][1], i))
+        assert running[victim][1] > 0, f"no instance holds a stream: {running}"
+        async with EtcdStore(cluster.running.layout.etcd_endpoint) as etcd:
+            pod = await records.pods(etcd).get(running[victim][0].pod_id)
+        assert pod is not None
         os.kill(pod.record.pid, signal.SIGKILL)
-        killed_at.append(time.monotonic())
-        return await wait_instances(cluster, 2, {victim.instance_id}, 60)
+        killed.append(
+            f"{victim} (streams per instance: { {i: n for i, (_, n) in running.items()} })"
+        )
+        return await wait_instances(cluster, 2, {victim}, 60)
 
     await wait_warm_pod(cluster)  # the replacement takes a warm pod, as in steady state
     killer = asyncio.create_task(kill_when_told())
@@ -224,9 +244,9 @@ async def test_streams_survive_one_of_two_instances_dying(cluster: Cluster) -> N
         assert got.tokens == got.usage == TOKENS  # no token duplicated or missing
         assert got.text == want.text  # the seeded output, as if nothing happened
     migrated = await asyncio.to_thread(migrations, cluster) - before
-    assert migrated >= 1
+    assert migrated >= 1, f"killed {killed}"
     # podpool saw the pod exit and removed its registration: no waiting out the lease.
-    print(f"replicas back {back_s:.2f}s after the kill (lease TTL {LEASE_TTL_S}s)")
+    print(f"killed {killed[0]}; replicas back {back_s:.2f}s after (lease TTL {LEASE_TTL_S}s)")
     assert back_s < LEASE_TTL_S + 10  # the goal is TTL + 2 s; slack for a shared machine
 
     # The migration shows in one of the requests' traces.
