@@ -58,6 +58,23 @@ def test_matches_plain_attention(lengths: list[int], dtype: torch.dtype, toleran
     torch.testing.assert_close(got.float(), want.float(), atol=tolerance, rtol=tolerance)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "dim"),
+    # GQA groups of 1-7 heads, split into register passes of 4 (64 dims) or 2 (128 dims), and a
+    # head size without a vector path.
+    [(5, 5, 64), (8, 2, 64), (14, 2, 64), (32, 8, 128), (10, 2, 128), (6, 2, 32)],
+)
+def test_every_group_shape_matches_plain_attention(
+    heads: int, kv_heads: int, dim: int, dtype: torch.dtype
+) -> None:
+    problem = _problem([16, 17, 5, 300], dtype, heads=heads, kv_heads=kv_heads, dim=dim)
+    got = kernel.paged_decode(*problem, dim**-0.5)
+    want = kernel.reference_decode(*problem, dim**-0.5)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.float(), want.float(), atol=tolerance, rtol=tolerance)
+
+
 def test_ignores_blocks_past_each_length() -> None:
     query, key_cache, value_cache, tables, lens = _problem([20, 3], torch.float32)
     before = kernel.paged_decode(query, key_cache, value_cache, tables, lens, 0.125)

@@ -1,8 +1,9 @@
 // Decode attention read in place from a paged KV cache, for CPU.
 //
 // One query token per sequence. Each (sequence, kv head) is one work item on ATen's thread pool:
-// the item walks the sequence's block table once for keys and once for values, serving every
-// query head of its GQA group from the same key/value row, so each cached byte is read once.
+// the item walks the sequence's block table once for keys and once for values, serving up to
+// four query heads of its GQA group from each key/value row loaded into registers, so each
+// cached byte is read from memory once.
 // The Python fallback gathers the blocks into a buffer first and reads them again in SDPA.
 //
 // Built once per host by library.py (torch.utils.cpp_extension), registered as
@@ -82,9 +83,9 @@ struct Layout {
   int64_t block_stride, token_stride, head_stride, q_seq_stride, q_head_stride;
 };
 
-// One (sequence, kv head): every query head of the group, each over the sequence's keys, then
-// its values. DIM is a compile-time constant for the common head sizes, so a head's query and
-// accumulator stay in vector registers; 0 means "read it from `dim`".
+// One (sequence, kv head), for head sizes without a vector path (`attend_group`): every query
+// head of the group, each over the sequence's keys, then its values (a head's later passes find
+// the rows in L2). DIM 0 means "read it from `dim`".
 template <typename T, int DIM>
 void attend(const Layout& l, int64_t dim_arg, const T* q_data, const T* k_data, const T* v_data,
             const int64_t* table, int64_t seq, int64_t kv_head, int64_t len, float scale,
@@ -127,6 +128,119 @@ void attend(const Layout& l, int64_t dim_arg, const T* q_data, const T* k_data, 
   }
 }
 
+#if defined(__AVX512F__)
+// The same for GS query heads of the group at once, with DIM a multiple of 16: one pass over the
+// keys scores all GS heads from each key row (loaded into registers once), and one pass over the
+// values accumulates all GS outputs in registers. The next block's rows are prefetched while a
+// block is read, so the cache streams from memory without waiting on each block's first row.
+template <typename T, int DIM, int GS>
+void attend_heads(const Layout& l, const T* q_data, const T* k_data, const T* v_data,
+                  const int64_t* table, int64_t seq, int64_t kv_head, int64_t g0, int64_t len,
+                  float scale, float* scores, T* out_data) {
+  constexpr int V = DIM / 16;
+  const int64_t k_base = kv_head * l.head_stride;
+  const int64_t num_blocks = (len + l.block_size - 1) / l.block_size;
+  __m512 q[GS][V];
+  for (int h = 0; h < GS; ++h) {
+    const T* q_row = q_data + seq * l.q_seq_stride + (kv_head * l.group + g0 + h) * l.q_head_stride;
+    for (int v = 0; v < V; ++v) q[h][v] = _mm512_mul_ps(load16(q_row + 16 * v), _mm512_set1_ps(scale));
+  }
+  auto prefetch_block = [&](const T* cache, int64_t b) {
+    if (b >= num_blocks) return;
+    const char* block = reinterpret_cast<const char*>(cache + table[b] * l.block_stride + k_base);
+    for (int64_t t = 0; t < l.block_size; ++t) {
+      for (int64_t byte = 0; byte < DIM * static_cast<int64_t>(sizeof(T)); byte += 64) {
+        _mm_prefetch(block + t * l.token_stride * sizeof(T) + byte, _MM_HINT_T0);
+      }
+    }
+  };
+  // Scores, [GS][len].
+  for (int64_t b = 0; b < num_blocks; ++b) {
+    prefetch_block(k_data, b + 1);
+    const T* block = k_data + table[b] * l.block_stride + k_base;
+    const int64_t start = b * l.block_size;
+    const int64_t count = std::min(l.block_size, len - start);
+    for (int64_t t = 0; t < count; ++t) {
+      const T* row = block + t * l.token_stride;
+      __m512 k[V];
+      for (int v = 0; v < V; ++v) k[v] = load16(row + 16 * v);
+      for (int h = 0; h < GS; ++h) {
+        __m512 acc = _mm512_mul_ps(q[h][0], k[0]);
+        for (int v = 1; v < V; ++v) acc = _mm512_fmadd_ps(q[h][v], k[v], acc);
+        scores[h * len + start + t] = _mm512_reduce_add_ps(acc);
+      }
+    }
+  }
+  float inv_sum[GS];
+  for (int h = 0; h < GS; ++h) {
+    float* s = scores + h * len;
+    float top = -std::numeric_limits<float>::infinity();
+    for (int64_t t = 0; t < len; ++t) top = std::max(top, s[t]);
+    float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t t = 0; t < len; ++t) {
+      s[t] = deepserve_kernels::fast_exp(s[t] - top);
+      sum += s[t];
+    }
+    inv_sum[h] = 1.f / sum;
+  }
+  // Values: all GS outputs in registers.
+  __m512 o[GS][V];
+  for (int h = 0; h < GS; ++h)
+    for (int v = 0; v < V; ++v) o[h][v] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < num_blocks; ++b) {
+    prefetch_block(v_data, b + 1);
+    const T* block = v_data + table[b] * l.block_stride + k_base;
+    const int64_t start = b * l.block_size;
+    const int64_t count = std::min(l.block_size, len - start);
+    for (int64_t t = 0; t < count; ++t) {
+      const T* row = block + t * l.token_stride;
+      __m512 val[V];
+      for (int v = 0; v < V; ++v) val[v] = load16(row + 16 * v);
+      for (int h = 0; h < GS; ++h) {
+        const __m512 p = _mm512_set1_ps(scores[h * len + start + t]);
+        for (int v = 0; v < V; ++v) o[h][v] = _mm512_fmadd_ps(p, val[v], o[h][v]);
+      }
+    }
+  }
+  for (int h = 0; h < GS; ++h) {
+    T* out = out_data + (seq * l.heads + kv_head * l.group + g0 + h) * DIM;
+    const __m512 norm = _mm512_set1_ps(inv_sum[h]);
+    for (int v = 0; v < V; ++v) deepserve_kernels::store16(out + 16 * v, _mm512_mul_ps(o[h][v], norm));
+  }
+}
+
+// Every query head of one (sequence, kv head), GS heads per pass: as many as the registers hold
+// (queries, one cached row and the outputs: 4 heads of 64 dims, 2 of 128).
+template <typename T, int DIM>
+void attend_group(const Layout& l, const T* q_data, const T* k_data, const T* v_data,
+                  const int64_t* table, int64_t seq, int64_t kv_head, int64_t len, float scale,
+                  float* scores, T* out_data) {
+  constexpr int kMost = DIM <= 64 ? 4 : 2;
+  int64_t g = 0;
+  for (; g + kMost <= l.group; g += kMost) {
+    attend_heads<T, DIM, kMost>(l, q_data, k_data, v_data, table, seq, kv_head, g, len, scale,
+                                scores, out_data);
+  }
+  switch (l.group - g) {
+    case 3:
+      attend_heads<T, DIM, 3>(l, q_data, k_data, v_data, table, seq, kv_head, g, len, scale,
+                              scores, out_data);
+      break;
+    case 2:
+      attend_heads<T, DIM, 2>(l, q_data, k_data, v_data, table, seq, kv_head, g, len, scale,
+                              scores, out_data);
+      break;
+    case 1:
+      attend_heads<T, DIM, 1>(l, q_data, k_data, v_data, table, seq, kv_head, g, len, scale,
+                              scores, out_data);
+      break;
+    default:
+      break;
+  }
+}
+#endif
+
 template <typename T>
 void paged_decode_impl(const at::Tensor& query, const at::Tensor& key_cache,
                        const at::Tensor& value_cache, const at::Tensor& block_tables,
@@ -168,13 +282,20 @@ void paged_decode_impl(const at::Tensor& query, const at::Tensor& key_cache,
                                              len, softmax_scale, scores.data(), q_f.data(),
                                              acc.data(), out_data);
       };
-      if (dim == 64) {
-        run(std::integral_constant<int, 64>{});
-      } else if (dim == 128) {
-        run(std::integral_constant<int, 128>{});
-      } else {
-        run(std::integral_constant<int, 0>{});
+#if defined(__AVX512F__)
+      if (dim == 64 || dim == 128) {
+        scores.resize(len * std::min<int64_t>(l.group, 4));
+        if (dim == 64) {
+          attend_group<T, 64>(l, q_data, k_data, v_data, table, seq, kv_head, len, softmax_scale,
+                              scores.data(), out_data);
+        } else {
+          attend_group<T, 128>(l, q_data, k_data, v_data, table, seq, kv_head, len, softmax_scale,
+                               scores.data(), out_data);
+        }
+        continue;
       }
+#endif
+      run(std::integral_constant<int, 0>{});
     }
   });
 }

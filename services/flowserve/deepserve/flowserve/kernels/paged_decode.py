@@ -66,15 +66,17 @@ def reference_decode(
 def _agrees() -> bool:
     """The kernel matches the plain computation on a small ragged GQA problem, both dtypes."""
     generator = torch.Generator().manual_seed(0)
+    # Head size 8 takes the generic path; 64 the vector path, a GQA group of 5 in two passes.
     for dtype, tolerance in ((torch.float32, 1e-4), (torch.bfloat16, 3e-2)):
-        key_cache = torch.randn(6, 4, 2, 8, generator=generator).to(dtype)
-        value_cache = torch.randn(6, 4, 2, 8, generator=generator).to(dtype)
-        query = torch.randn(3, 6, 8, generator=generator).to(dtype)
-        tables = torch.tensor([[5, 1, 2], [0, 0, 0], [3, 4, 0]])
-        lens = torch.tensor([11, 1, 6])
-        got = paged_decode(query, key_cache, value_cache, tables, lens, 0.35)
-        want = reference_decode(query, key_cache, value_cache, tables, lens, 0.35)
-        if not torch.allclose(got.float(), want.float(), atol=tolerance, rtol=tolerance):
-            log.warning("paged decode kernel disagrees with the reference; not used")
-            return False
+        for heads, kv_heads, dim in ((6, 2, 8), (10, 2, 64)):
+            key_cache = torch.randn(6, 4, kv_heads, dim, generator=generator).to(dtype)
+            value_cache = torch.randn(6, 4, kv_heads, dim, generator=generator).to(dtype)
+            query = torch.randn(3, heads, dim, generator=generator).to(dtype)
+            tables = torch.tensor([[5, 1, 2], [0, 0, 0], [3, 4, 0]])
+            lens = torch.tensor([11, 1, 6])
+            got = paged_decode(query, key_cache, value_cache, tables, lens, 0.35)
+            want = reference_decode(query, key_cache, value_cache, tables, lens, 0.35)
+            if not torch.allclose(got.float(), want.float(), atol=tolerance, rtol=tolerance):
+                log.warning("paged decode kernel disagrees with the reference; not used")
+                return False
     return True

@@ -1,0 +1,285 @@
+// Linear layers for few activation rows (decode steps), for CPU: y[M, N] = x[M, K] @ W[N, K]^T.
+//
+// A decode step multiplies a handful of rows by every weight of the model once, so it is bound
+// by how fast the weights stream from memory, not by arithmetic. General GEMM libraries block
+// for reuse instead; at 8-32 rows oneDNN read SmolLM2's weights at well under the bandwidth two
+// cores fetch (bench/RESULTS.md, issue #19). This kernel stores each weight matrix in panels of
+// 32 output columns, each panel one contiguous [K][32] run, so a thread reads its panels as one
+// sequential stream, once per step: the first 8 rows stream the panel from memory and further
+// rows find it in L2. Rows go 8 at a time through a register tile of 8 x 32 float accumulators.
+//
+// float32: one FMA per (row, column, k), summed in k order. bfloat16 (avx512_bf16): the panel
+// holds k pairs, [K/2][32][2], and vdpbf16ps adds two products per lane into float accumulators;
+// the output is rounded to bfloat16 once, at the end.
+//
+// Panels are split across ATen's thread pool (the threads of the forward pass itself).
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+namespace {
+
+constexpr int64_t kPanel = 32;  // output columns per panel (two 16-lane vectors)
+constexpr int64_t kRowTile = 8;
+// Most rows one call takes (the accumulators of a panel live in one L1-sized buffer); more rows
+// are a prefill's, where a blocked GEMM wins anyway.
+constexpr int64_t kMaxRows = 64;
+#ifndef SKINNY_CHUNK_STEPS
+#define SKINNY_CHUNK_STEPS 128
+#endif
+#ifndef SKINNY_PREFETCH_STEPS
+#define SKINNY_PREFETCH_STEPS 64
+#endif
+// Panel steps per chunk: 128 x 128 bytes = 16 KB, which stays in L1 across the row tiles.
+constexpr int64_t kChunkSteps = SKINNY_CHUNK_STEPS;
+// How far ahead of the FMAs the panel is prefetched (64 steps = 8 KB).
+constexpr int64_t kPrefetchSteps = SKINNY_PREFETCH_STEPS;
+
+// W [N, K] -> panels [ceil(N/32), K, 32] (float32) or [ceil(N/32), K/2, 32, 2] (bfloat16),
+// columns past N zero.
+at::Tensor skinny_pack(const at::Tensor& weight) {
+  TORCH_CHECK(weight.dim() == 2, "weight must be [N, K]");
+  TORCH_CHECK(weight.scalar_type() == at::kFloat || weight.scalar_type() == at::kBFloat16,
+              "weight must be float32 or bfloat16");
+  const at::Tensor w = weight.contiguous();
+  const int64_t n = w.size(0), k = w.size(1);
+  const int64_t panels = (n + kPanel - 1) / kPanel;
+  if (w.scalar_type() == at::kFloat) {
+    at::Tensor packed = at::zeros({panels, k, kPanel}, w.options());
+    const float* src = w.data_ptr<float>();
+    float* dst = packed.data_ptr<float>();
+    at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t p = begin; p < end; ++p) {
+        for (int64_t c = 0; c < kPanel && p * kPanel + c < n; ++c) {
+          const float* row = src + (p * kPanel + c) * k;
+          float* out = dst + p * k * kPanel + c;
+          for (int64_t i = 0; i < k; ++i) out[i * kPanel] = row[i];
+        }
+      }
+    });
+    return packed;
+  }
+  TORCH_CHECK(k % 2 == 0, "bfloat16 packing needs an even K");
+  at::Tensor packed = at::zeros({panels, k / 2, kPanel, 2}, w.options());
+  const c10::BFloat16* src = w.data_ptr<c10::BFloat16>();
+  c10::BFloat16* dst = packed.data_ptr<c10::BFloat16>();
+  at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      for (int64_t c = 0; c < kPanel && p * kPanel + c < n; ++c) {
+        const c10::BFloat16* row = src + (p * kPanel + c) * k;
+        c10::BFloat16* out = dst + p * k * kPanel + c * 2;
+        for (int64_t i = 0; i < k / 2; ++i) {
+          out[i * kPanel * 2] = row[2 * i];
+          out[i * kPanel * 2 + 1] = row[2 * i + 1];
+        }
+      }
+    }
+  });
+  return packed;
+}
+
+#if defined(__AVX512F__)
+
+inline void prefetch(const void* address) {
+  _mm_prefetch(reinterpret_cast<const char*>(address), _MM_HINT_T0);
+}
+
+// acc[R][32] (+)= rows [0, R) of x times steps [0, steps) of one panel chunk. A float32 step is
+// one k; a bfloat16 step is one k pair. `stream`: this pass is the chunk's first, so it reads the
+// panel from memory and prefetches ahead; later row tiles find the chunk in L1.
+template <int R, bool BF16>
+inline void tile(const void* x_, int64_t ldx, const void* chunk_, int64_t steps, float* acc_buf,
+                 bool first, bool stream) {
+  __m512 acc[R][2];
+  for (int r = 0; r < R; ++r) {
+    acc[r][0] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(acc_buf + r * kPanel);
+    acc[r][1] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(acc_buf + r * kPanel + 16);
+  }
+  if constexpr (!BF16) {
+    const float* x = static_cast<const float*>(x_);
+    const float* chunk = static_cast<const float*>(chunk_);
+    for (int64_t i = 0; i < steps; ++i) {
+      if (stream) {
+        prefetch(chunk + (i + kPrefetchSteps) * kPanel);
+        prefetch(chunk + (i + kPrefetchSteps) * kPanel + 16);
+      }
+      const __m512 w0 = _mm512_loadu_ps(chunk + i * kPanel);
+      const __m512 w1 = _mm512_loadu_ps(chunk + i * kPanel + 16);
+      for (int r = 0; r < R; ++r) {
+        const __m512 xv = _mm512_set1_ps(x[r * ldx + i]);
+        acc[r][0] = _mm512_fmadd_ps(xv, w0, acc[r][0]);
+        acc[r][1] = _mm512_fmadd_ps(xv, w1, acc[r][1]);
+      }
+    }
+  } else {
+#if defined(__AVX512BF16__)
+    const c10::BFloat16* x = static_cast<const c10::BFloat16*>(x_);
+    const c10::BFloat16* chunk = static_cast<const c10::BFloat16*>(chunk_);
+    for (int64_t i = 0; i < steps; ++i) {
+      if (stream) {
+        prefetch(chunk + (i + kPrefetchSteps) * kPanel * 2);
+        prefetch(chunk + (i + kPrefetchSteps) * kPanel * 2 + 32);
+      }
+      const __m512bh w0 = (__m512bh)_mm512_loadu_si512(chunk + i * kPanel * 2);
+      const __m512bh w1 = (__m512bh)_mm512_loadu_si512(chunk + i * kPanel * 2 + 32);
+      for (int r = 0; r < R; ++r) {
+        int32_t pair;
+        std::memcpy(&pair, x + r * ldx + 2 * i, sizeof(pair));
+        const __m512bh xv = (__m512bh)_mm512_set1_epi32(pair);
+        acc[r][0] = _mm512_dpbf16_ps(acc[r][0], xv, w0);
+        acc[r][1] = _mm512_dpbf16_ps(acc[r][1], xv, w1);
+      }
+    }
+#endif
+  }
+  for (int r = 0; r < R; ++r) {
+    _mm512_storeu_ps(acc_buf + r * kPanel, acc[r][0]);
+    _mm512_storeu_ps(acc_buf + r * kPanel + 16, acc[r][1]);
+  }
+}
+
+template <bool BF16>
+inline void tile_rows(int64_t rows, const void* x, int64_t ldx, const void* chunk, int64_t steps,
+                      float* acc_buf, bool first, bool stream) {
+  switch (rows) {
+    case 8: tile<8, BF16>(x, ldx, chunk, steps, acc_buf, first, stream); break;
+    case 7: tile<7, BF16>(x, ldx, chunk, steps, acc_buf, first, stream); break;
+    case 6: tile<6, BF16>(x, ldx, chunk, steps, acc_buf, first, stream); break;
+    case 5: tile<5, BF16>(x, ldx, chunk, steps, acc_buf, first, stream); break;
+    case 4: tile<4, BF16>(x, ldx, chunk, steps, acc_buf, first, stream); break;
+    case 3: tile<3, BF16>(x, ldx, chunk, steps, acc_buf, first, stream); break;
+    case 2: tile<2, BF16>(x, ldx, chunk, steps, acc_buf, first, stream); break;
+    default: tile<1, BF16>(x, ldx, chunk, steps, acc_buf, first, stream); break;
+  }
+}
+
+inline __m512 bf16_to_float(__m256i v) {
+  // A bfloat16 is the high half of a float's bits.
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+}
+
+// y[row, col + j] = acc[row][j] + bias[col + j] for j < width, in y's dtype.
+template <typename T>
+inline void store_rows(const float* acc_buf, int64_t rows, T* y, int64_t ldy, int64_t width,
+                       const T* bias) {
+  const __mmask16 lo = width >= 16 ? 0xFFFF : (__mmask16)((1u << width) - 1);
+  const __mmask16 hi =
+      width >= 32 ? 0xFFFF : width <= 16 ? 0 : (__mmask16)((1u << (width - 16)) - 1);
+  __m512 b0 = _mm512_setzero_ps(), b1 = b0;
+  if constexpr (std::is_same_v<T, float>) {
+    if (bias != nullptr) {
+      b0 = _mm512_maskz_loadu_ps(lo, bias);
+      b1 = _mm512_maskz_loadu_ps(hi, bias + 16);
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      _mm512_mask_storeu_ps(y + r * ldy, lo, _mm512_add_ps(_mm512_loadu_ps(acc_buf + r * kPanel), b0));
+      _mm512_mask_storeu_ps(y + r * ldy + 16, hi,
+                            _mm512_add_ps(_mm512_loadu_ps(acc_buf + r * kPanel + 16), b1));
+    }
+  } else {
+#if defined(__AVX512BF16__)
+    if (bias != nullptr) {
+      b0 = bf16_to_float(_mm256_maskz_loadu_epi16(lo, bias));
+      b1 = bf16_to_float(_mm256_maskz_loadu_epi16(hi, bias + 16));
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      const __m512 v0 = _mm512_add_ps(_mm512_loadu_ps(acc_buf + r * kPanel), b0);
+      const __m512 v1 = _mm512_add_ps(_mm512_loadu_ps(acc_buf + r * kPanel + 16), b1);
+      _mm256_mask_storeu_epi16(y + r * ldy, lo, (__m256i)_mm512_cvtneps_pbh(v0));
+      _mm256_mask_storeu_epi16(y + r * ldy + 16, hi, (__m256i)_mm512_cvtneps_pbh(v1));
+    }
+#endif
+  }
+}
+
+// Every panel, split across threads. Within a panel, K goes in chunks small enough to stay in
+// L1 while every row tile passes over them, so the panel streams from memory once and without
+// pauses whatever the number of rows.
+template <typename T>
+void run_panels(const T* x, int64_t m, int64_t k, const T* packed, int64_t n, T* y,
+                const T* bias) {
+  constexpr bool kBF16 = !std::is_same_v<T, float>;
+  constexpr int64_t kValuesPerStep = kBF16 ? 2 : 1;  // k values per step of a panel
+  const int64_t steps = k / kValuesPerStep;
+  const int64_t panels = (n + kPanel - 1) / kPanel;
+  at::parallel_for(0, panels, 4, [&](int64_t begin, int64_t end) {
+    alignas(64) float acc_buf[kMaxRows * kPanel];
+    for (int64_t p = begin; p < end; ++p) {
+      const T* panel = packed + p * k * kPanel;
+      const int64_t col = p * kPanel;
+      for (int64_t s0 = 0; s0 < steps; s0 += kChunkSteps) {
+        const int64_t chunk_steps = std::min(kChunkSteps, steps - s0);
+        const T* chunk = panel + s0 * kPanel * kValuesPerStep;
+        for (int64_t row = 0; row < m; row += kRowTile) {
+          tile_rows<kBF16>(std::min(kRowTile, m - row), x + row * k + s0 * kValuesPerStep, k,
+                           chunk, chunk_steps, acc_buf + row * kPanel, s0 == 0, row == 0);
+        }
+      }
+      for (int64_t row = 0; row < m; row += kRowTile) {
+        store_rows<T>(acc_buf + row * kPanel, std::min(kRowTile, m - row), y + row * n + col, n,
+                      std::min(kPanel, n - col), bias != nullptr ? bias + col : nullptr);
+      }
+    }
+  });
+}
+
+#endif  // __AVX512F__
+
+at::Tensor skinny_linear(const at::Tensor& x, const at::Tensor& packed, int64_t n,
+                         const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.dim() == 2, "x must be [M, K]");
+  TORCH_CHECK(x.scalar_type() == packed.scalar_type(), "x and the packed weight differ in dtype");
+  const at::Tensor a = x.contiguous();
+  const int64_t m = a.size(0), k = a.size(1);
+  const bool bf16 = a.scalar_type() == at::kBFloat16;
+  TORCH_CHECK(packed.size(0) == (n + kPanel - 1) / kPanel, "packed weight has the wrong panels");
+  TORCH_CHECK(bf16 ? packed.size(1) * 2 == k : packed.size(1) == k,
+              "packed weight has the wrong K");
+  at::Tensor y = at::empty({m, n}, a.options());
+  at::Tensor b;
+  if (bias.has_value() && bias->defined()) {
+    b = bias->contiguous();
+    TORCH_CHECK(b.numel() == n && b.scalar_type() == a.scalar_type(), "bias must be [N], x's dtype");
+  }
+  TORCH_CHECK(m <= kMaxRows, "skinny_linear takes at most ", kMaxRows, " rows");
+  if (m == 0) return y;
+#if defined(__AVX512F__)
+  if (!bf16) {
+    run_panels<float>(a.data_ptr<float>(), m, k, packed.data_ptr<float>(), n,
+                      y.data_ptr<float>(), b.defined() ? b.data_ptr<float>() : nullptr);
+    return y;
+  }
+#if defined(__AVX512BF16__)
+  using bf = c10::BFloat16;
+  run_panels<bf>(a.data_ptr<bf>(), m, k, packed.data_ptr<bf>(), n, y.data_ptr<bf>(),
+                 b.defined() ? b.data_ptr<bf>() : nullptr);
+  return y;
+#endif
+#endif
+  TORCH_CHECK(false, "skinny_linear: not built for this dtype on this CPU");
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(deepserve_flowserve, m) {
+  m.def("skinny_pack(Tensor weight) -> Tensor");
+  m.def("skinny_linear(Tensor x, Tensor packed, int n, Tensor? bias) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(deepserve_flowserve, CPU, m) {
+  m.impl("skinny_pack", &skinny_pack);
+  m.impl("skinny_linear", &skinny_linear);
+}
