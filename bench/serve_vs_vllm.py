@@ -1,7 +1,12 @@
 """DeepServe (`deepserve up`, through the gateway) against vLLM's CPU server, same model and host.
 
-Each server runs alone, one after the other in this one invocation, on the same model directory,
-dtype, KV cache size and workloads; the ratios are DeepServe / vLLM from this run only.
+All servers start first and stay up, each on the same model directory, dtype and KV cache size;
+then `--rounds` rounds run every workload on each server in turn (the order rotates each round),
+so the systems compared take turns within seconds of each other. This host's speed swings by up
+to 2x from one minute to the next, which one-server-after-the-other runs mistook for differences
+between the systems. A server waits idle while another is measured. Each figure is the median
+over rounds; each ratio is the median of the rounds' paired ratios. Every round draws its own
+prompts (seeds and the chat session differ), so no round reads what an earlier one cached.
 
 Servers:
 - deepserve: `deepserve up` with the model (etcd, valkey, scheduler, podpool, gateway, one pod);
@@ -17,8 +22,8 @@ Workloads (greedy, ignore_eos, streamed; TTFT and TPOT per request):
   at max concurrency 8 and 32;
 - prefix-chat: chat requests sharing a long system prompt, different questions, concurrency 8.
 
-    .venv/bin/python -m bench.serve_vs_vllm            # the full run (~25 min)
-    .venv/bin/python -m bench.serve_vs_vllm --quick    # smaller workloads (~12 min)
+    .venv/bin/python -m bench.serve_vs_vllm            # the full run, 3 rounds (~40 min)
+    .venv/bin/python -m bench.serve_vs_vllm --quick    # smaller workloads (~15 min)
     .venv/bin/python -m bench.serve_vs_vllm --quick --systems deepserve  # our side alone
 """
 
@@ -31,13 +36,14 @@ import json
 import os
 import random
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -81,9 +87,19 @@ class SystemRun:
 
     system: str
     ready_s: float
+    # Median over rounds, per workload.
     results: dict[str, dict[str, float]] = field(default_factory=dict)
+    # Each round's figures, per workload, in round order.
+    rounds: dict[str, list[dict[str, float]]] = field(default_factory=dict)
     load_before: tuple[float, float, float] = (0.0, 0.0, 0.0)
     load_after: tuple[float, float, float] = (0.0, 0.0, 0.0)
+
+    def add(self, workload: str, summary: dict[str, float]) -> None:
+        self.rounds.setdefault(workload, []).append(summary)
+        per_round = self.rounds[workload]
+        self.results[workload] = {
+            key: statistics.median(r[key] for r in per_round) for key in per_round[0]
+        }
 
 
 # ----- servers --------------------------------------------------------------------------------
@@ -233,8 +249,10 @@ _QUESTIONS = (
 )
 
 
-def prefix_chat_calls(sizes: Sizes) -> list[Call]:
-    system = {"role": "system", "content": _MANUAL * 2}
+def prefix_chat_calls(sizes: Sizes, session: int) -> list[Call]:
+    # The session number leads the system prompt: requests of one round share it (the prefix
+    # cache's case), and no round finds an earlier round's prompt cached.
+    system = {"role": "system", "content": f"Session {session}. " + _MANUAL * 2}
     return [
         chat_call(
             [system, {"role": "user", "content": _QUESTIONS[i % len(_QUESTIONS)]}],
@@ -278,51 +296,49 @@ def vllm_bench_serve(
     )
 
 
-def run_workloads(
-    system: str,
+def warm_up(base_url: str, served_name: str) -> None:
+    """The same for every server: 8 concurrent requests (256 tokens in, 48 out) make a
+    full-size prefill step and 48 decode steps, which pay the one-time costs (kernels for new
+    shapes; DeepServe reorders its weights over its first ~34 steps, vLLM compiles and profiles
+    at startup instead) before anything is measured."""
+    client = StreamingClient(base_url, served_name)
+    warm = [completion_call([FIRST_PLAIN_TOKEN_ID + i] * 256, 48) for i in range(8)]
+    asyncio.run(client.run("warmup", warm, None))
+
+
+def run_workload(
+    workload: str,
+    round_index: int,
     base_url: str,
     args: argparse.Namespace,
     vllm_python: Path | None,
     model_dir: Path,
     vocab_size: int,
     work_dir: Path,
-) -> dict[str, dict[str, float]]:
+) -> dict[str, float]:
+    """One workload on one server; the prompts depend on the round (and the seed) only."""
     sizes = QUICK if args.quick else FULL
     client = StreamingClient(base_url, args.served_name)
-    # Warm-up, the same for both servers: 8 concurrent requests (256 tokens in, 48 out) make
-    # a full-size prefill step and 48 decode steps, which pay the one-time costs (kernels for
-    # new shapes; DeepServe reorders its weights over its first ~34 steps, vLLM compiles and
-    # profiles at startup instead) before anything is measured.
-    warm = [completion_call([FIRST_PLAIN_TOKEN_ID + i] * 256, 48) for i in range(8)]
-    asyncio.run(client.run("warmup", warm, None))
-    results: dict[str, dict[str, float]] = {}
-    for workload in args.workloads:
-        progress(f"{system}: {workload} ...")
-        if workload == "mixed":
-            calls = mixed_calls(sizes, vocab_size, args.seed)
-            result = asyncio.run(client.run(workload, calls, None))
-        elif workload == "prefix-chat":
-            result = asyncio.run(client.run(workload, prefix_chat_calls(sizes), 8))
-        else:
-            assert vllm_python is not None
-            concurrency = int(workload.removeprefix("bench-c"))
-            result = vllm_bench_serve(
-                vllm_python,
-                base_url,
-                args.served_name,
-                model_dir,
-                max(sizes.bench_prompts, concurrency),
-                concurrency,
-                work_dir,
-                args.seed,
-            )
-        results[workload] = result.summary()
-        s = results[workload]
-        progress(
-            f"{system}: {workload}: {s['output_tok_s']:.1f} tok/s, TTFT p50 "
-            f"{s['ttft_p50_ms']:.0f} ms, TPOT p50 {s['tpot_p50_ms']:.1f} ms"
+    seed = args.seed + 1000 * round_index + WORKLOADS.index(workload)
+    if workload == "mixed":
+        result = asyncio.run(client.run(workload, mixed_calls(sizes, vocab_size, seed), None))
+    elif workload == "prefix-chat":
+        calls = prefix_chat_calls(sizes, args.seed + round_index)
+        result = asyncio.run(client.run(workload, calls, 8))
+    else:
+        assert vllm_python is not None
+        concurrency = int(workload.removeprefix("bench-c"))
+        result = vllm_bench_serve(
+            vllm_python,
+            base_url,
+            args.served_name,
+            model_dir,
+            max(sizes.bench_prompts, concurrency),
+            concurrency,
+            work_dir,
+            seed,
         )
-    return results
+    return result.summary()
 
 
 # ----- report ---------------------------------------------------------------------------------
@@ -366,25 +382,31 @@ def report(runs: list[SystemRun], workloads: list[str]) -> str:
                 continue
             best = max(candidates, key=lambda r: r.results[w]["output_tok_s"])
             for other in candidates:
-                o = other.results[w]
-                ratio_rows.append(
-                    [
-                        w,
-                        other.system + (" (best)" if other is best else ""),
-                        f"{mine['output_tok_s'] / o['output_tok_s']:.2f}x",
-                        f"{mine['ttft_p50_ms'] / o['ttft_p50_ms']:.2f}x",
-                        f"{mine['tpot_p50_ms'] / o['tpot_p50_ms']:.2f}x",
-                    ]
-                )
+                row = [w, other.system + (" (best)" if other is best else "")]
+                for key in ("output_tok_s", "ttft_p50_ms", "tpot_p50_ms"):
+                    row.append(_paired_ratio(ours.rounds[w], other.rounds[w], key))
+                ratio_rows.append(row)
         lines.append("")
         lines.append(
-            f"DeepServe / vLLM (tok/s goal >= {THROUGHPUT_GOAL}x; TTFT and TPOT: <= 1.00x is "
-            "as good or better)"
+            f"DeepServe / vLLM, median of the rounds' ratios [lowest-highest] (tok/s goal >= "
+            f"{THROUGHPUT_GOAL}x; TTFT and TPOT: <= 1.00x is as good or better)"
         )
         lines.append(
             markdown_table(["workload", "vs", "output tok/s", "TTFT p50", "TPOT p50"], ratio_rows)
         )
     return "\n".join(lines)
+
+
+def _paired_ratio(ours: list[dict[str, float]], theirs: list[dict[str, float]], key: str) -> str:
+    """Median of round-by-round ratios (round i of one server against round i of the other,
+    run seconds apart), with their range when there is more than one round."""
+    ratios = sorted(a[key] / b[key] for a, b in zip(ours, theirs, strict=False) if b[key])
+    if not ratios:
+        return "-"
+    text = f"{statistics.median(ratios):.2f}x"
+    if len(ratios) > 1:
+        text += f" [{ratios[0]:.2f}-{ratios[-1]:.2f}]"
+    return text
 
 
 # ----- main -----------------------------------------------------------------------------------
@@ -415,6 +437,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--vllm-venv", type=Path, default=DEFAULT_VENV)
     parser.add_argument("--json", type=Path, default=None, help="write the raw figures here")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="turns of every workload on every server"
+    )
     args = parser.parse_args(argv)
     args.systems = [s for s in args.systems.split(",") if s]
     args.variants = {}
@@ -428,6 +453,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for w in args.workloads:
         if w not in WORKLOADS:
             parser.error(f"--workloads: unknown {w!r}")
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     return args
 
 
@@ -459,9 +486,12 @@ def main(argv: list[str] | None = None) -> int:
         f"{os.cpu_count()} cores; systems {args.systems}; workloads {args.workloads}"
     )
     runs: list[SystemRun] = []
-    with tempfile.TemporaryDirectory(prefix="serve-vs-vllm-") as tmp:
+    urls: dict[str, str] = {}
+    with tempfile.TemporaryDirectory(prefix="serve-vs-vllm-") as tmp, ExitStack() as servers:
         work_dir = Path(tmp)
-        for system in [*args.systems, *args.variants]:
+        # vLLM first: its start (torch.compile) is the long one.
+        systems = sorted([*args.systems, *args.variants], key=lambda s: not s.startswith("vllm"))
+        for system in systems:
             started = time.monotonic()
             progress(f"{system}: starting (load avg {os.getloadavg()[0]:.1f})")
             if system.startswith("deepserve"):
@@ -478,17 +508,39 @@ def main(argv: list[str] | None = None) -> int:
                     system == "vllm-pinned",
                     work_dir,
                 )
-            with server as base_url:
-                run = SystemRun(system=system, ready_s=time.monotonic() - started)
-                progress(f"{system}: ready in {run.ready_s:.0f}s at {base_url}")
-                run.load_before = os.getloadavg()
-                run.results = run_workloads(
-                    system, base_url, args, vllm_python, model_dir, vocab_size, work_dir
-                )
-                run.load_after = os.getloadavg()
+            urls[system] = servers.enter_context(server)
+            run = SystemRun(system=system, ready_s=time.monotonic() - started)
+            progress(f"{system}: ready in {run.ready_s:.0f}s at {urls[system]}; warming up")
+            warm_up(urls[system], args.served_name)
             runs.append(run)
-            if args.json is not None:  # after each server: a long run cut short keeps its part
+        for run in runs:
+            run.load_before = os.getloadavg()
+        for round_index in range(args.rounds):
+            # Rotate who goes first, so no system always runs right after the same other one.
+            order = runs[round_index % len(runs) :] + runs[: round_index % len(runs)]
+            for workload in args.workloads:
+                for run in order:
+                    progress(f"round {round_index + 1}/{args.rounds}: {run.system}: {workload} ...")
+                    s = run_workload(
+                        workload,
+                        round_index,
+                        urls[run.system],
+                        args,
+                        vllm_python,
+                        model_dir,
+                        vocab_size,
+                        work_dir,
+                    )
+                    run.add(workload, s)
+                    progress(
+                        f"round {round_index + 1}/{args.rounds}: {run.system}: {workload}: "
+                        f"{s['output_tok_s']:.1f} tok/s, TTFT p50 {s['ttft_p50_ms']:.0f} ms, "
+                        f"TPOT p50 {s['tpot_p50_ms']:.1f} ms"
+                    )
+            if args.json is not None:  # after each round: a long run cut short keeps its part
                 args.json.write_text(json.dumps([dataclasses.asdict(r) for r in runs], indent=1))
+        for run in runs:
+            run.load_after = os.getloadavg()
     print(report(runs, args.workloads))
     return 0
 
