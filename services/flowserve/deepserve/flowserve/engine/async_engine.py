@@ -539,12 +539,11 @@ class AsyncEngine:
                     self._wakeup.wait()
                 commands, self._commands = self._commands, []
                 stopping = self._stopping
-            outputs: list[GenerationOutput] = []
-            for command in commands:
-                try:
-                    outputs.extend(command())
-                except Exception:  # a bug in one command must not stop the engine
-                    logger.exception("engine command failed")
+            was_idle = not self.core.has_work
+            outputs = self._run_commands(commands)
+            if was_idle and not stopping:
+                outputs.extend(self._gather_burst())
+                stopping = self._stopping
             if stopping:
                 outputs.extend(self.core.fail_all(Unavailable("the engine shut down")))
                 self._deliver(outputs)
@@ -567,6 +566,35 @@ class AsyncEngine:
                 # Nothing could run (should not last): nap instead of spinning on the lock.
                 with self._wakeup:
                     self._wakeup.wait(0.001)
+
+    def _run_commands(
+        self, commands: list[Callable[[], list[GenerationOutput]]]
+    ) -> list[GenerationOutput]:
+        outputs: list[GenerationOutput] = []
+        for command in commands:
+            try:
+                outputs.extend(command())
+            except Exception:  # a bug in one command must not stop the engine
+                logger.exception("engine command failed")
+        return outputs
+
+    def _gather_burst(self) -> list[GenerationOutput]:
+        """The engine was idle and got work: hold the first step briefly (the core says how
+        long) so requests of the same burst, a few ms behind, start in it too."""
+        outputs: list[GenerationOutput] = []
+        started = time.monotonic()
+        while True:
+            remaining = started + self.core.admission_hold_s() - time.monotonic()
+            if remaining <= 0:
+                return outputs
+            with self._wakeup:
+                if not self._commands and not self._stopping:
+                    self._wakeup.wait(remaining)
+                commands, self._commands = self._commands, []
+                stopping = self._stopping
+            outputs.extend(self._run_commands(commands))
+            if stopping:
+                return outputs
 
     def _deliver(self, outputs: list[GenerationOutput]) -> None:
         if not outputs:

@@ -24,6 +24,11 @@ class EngineConfig:
     max_queue_len: int = 1024
     # Schedule step N+1 while step N runs on the device.
     async_scheduling: bool = True
+    # An idle engine holds its first step for up to this fraction of the step's expected
+    # prefill time (and at most admission_window_max_s) so a burst of requests arriving a few
+    # ms apart starts together (engine/admission_window.py); 0 starts at once.
+    admission_window_fraction: float = 0.05
+    admission_window_max_s: float = 0.025
     enable_prefix_caching: bool = True
     # Prompt token ids must be below it when set.
     vocab_size: int | None = None
@@ -58,3 +63,5 @@ class EngineConfig:
             raise ValueError("max_loras cannot exceed lora_slots")
         if self.max_queue_len < 0:
             raise ValueError("max_queue_len must be >= 0")
+        if self.admission_window_fraction < 0 or self.admission_window_max_s < 0:
+            raise ValueError("the admission window must be >= 0")

@@ -22,6 +22,7 @@ import torch
 
 from deepserve.errors import Cancelled, DeepServeError, FailedPrecondition, ResourceExhausted
 from deepserve.flowserve.engine.adapter_slots import AdapterSlotTable
+from deepserve.flowserve.engine.admission_window import AdmissionWindow
 from deepserve.flowserve.engine.config import EngineConfig
 from deepserve.flowserve.engine.kv_handoff import KVReservation
 from deepserve.flowserve.engine.output_processor import DetokenizerFactory, OutputProcessor
@@ -118,6 +119,9 @@ class EngineCore:
         self._in_flight_started_ns = 0
         self._generated = ThroughputMeter()
         self._computed = ThroughputMeter()
+        self.admission_window = AdmissionWindow(
+            fraction=config.admission_window_fraction, max_s=config.admission_window_max_s
+        )
         self._num_steps = 0
         # Whether the last step ran or submitted a plan (the engine thread naps when not).
         self.last_step_ran = False
@@ -242,6 +246,14 @@ class EngineCore:
         """Free a held request's blocks (its full blocks stay in the prefix cache)."""
         return self.planner.release_kv(request_id)
 
+    def admission_hold_s(self) -> float:
+        """How long to hold the first step of an idle engine for more arrivals (see
+        engine/admission_window.py); 0 once anything runs."""
+        if self.planner.num_running or self._in_flight is not None:
+            return 0.0
+        waiting = sum(r.num_prompt_tokens for r in self.planner.waiting)
+        return self.admission_window.hold_s(waiting, self.config.step_token_budget)
+
     @property
     def has_work(self) -> bool:
         return self.planner.has_unfinished_requests or self._in_flight is not None
@@ -346,7 +358,9 @@ class EngineCore:
             return
 
     def _note_step_timing(self, plan: StepPlan, started_ns: int, ended_ns: int) -> None:
-        """Marks queue exit and prompt chunks on each request's timeline (read by tracing)."""
+        """Marks queue exit and prompt chunks on each request's timeline (read by tracing),
+        and teaches the admission window how long a token of prefill takes."""
+        self.admission_window.note_step(plan.num_tokens, (ended_ns - started_ns) / 1e9)
         for seq in plan.sequences:
             request = self.planner.get_request(seq.request_id)
             if request is None:
