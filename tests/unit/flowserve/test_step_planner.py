@@ -330,3 +330,33 @@ def test_finish_all_ends_reservations_and_live_requests_and_frees_held_kv() -> N
     assert remote.finish_reason == live.finish_reason == "error"
     assert planner.num_holding_kv == planner.num_waiting_for_remote_kv == 0
     assert planner.kv_cache.stats().num_used_blocks == 0 and not planner.has_unfinished_requests
+
+
+def test_requests_admitted_in_one_step_share_the_prefix_it_computes() -> None:
+    """A burst sharing a system prompt: the first computes the shared blocks, the others of
+    the same step start after them (each layer writes the step's KV before attending)."""
+    planner, executor = make(budget=64)
+    shared = [(5 + 3 * j) % VOCAB for j in range(3 * BS)]  # three full blocks
+    requests = [req(f"s{i}", [*shared, 40 + i, 50 + i], max_tokens=3) for i in range(3)]
+    for r in requests:
+        planner.add_request(r)
+    plans = run(planner, executor)
+    first = {s.request_id: s for s in plans[0].sequences}
+    assert set(first) == {"s0", "s1", "s2"}
+    assert first["s0"].start_pos == 0
+    assert first["s1"].start_pos == first["s2"].start_pos == 3 * BS
+    assert plans[0].num_tokens == len(shared) + 2 + 2 + 2  # the shared blocks once
+    for r in requests:
+        assert r.output_token_ids == FakeExecutor.reference(r.prompt_token_ids, 3, VOCAB)
+        assert r.num_cached_tokens == (0 if r.request_id == "s0" else 3 * BS)
+
+
+def test_a_salted_request_does_not_share_blocks_computed_in_the_same_step() -> None:
+    planner, executor = make(budget=64)
+    shared = [(5 + 3 * j) % VOCAB for j in range(2 * BS)]
+    planner.add_request(req("plain", [*shared, 1]))
+    salted = req("salted", [*shared, 2])
+    salted.cache_salt = "tenant-b"
+    planner.add_request(salted)
+    plans = run(planner, executor)
+    assert {s.request_id: s.start_pos for s in plans[0].sequences} == {"plain": 0, "salted": 0}

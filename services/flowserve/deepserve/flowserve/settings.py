@@ -48,6 +48,10 @@ class FlowServeSettings(ServiceSettings):
     max_num_seqs: int = 64
     # Tokens one engine step computes at most (vLLM calls it max_num_batched_tokens).
     step_token_budget: int = 2048
+    # An idle engine holds its first step for up to this fraction of the step's expected
+    # prefill (never longer than the max) so a burst of requests starts together; 0: never.
+    admission_window_fraction: float = 0.05
+    admission_window_max_s: float = 0.025
     max_queue_len: int = 1024
     # Multi-LoRA (the rank limit is DEEPSERVE_LORA_MAX_RANK, shared with registration):
     # distinct adapters one step may mix, adapter slots on the device, adapters kept in DRAM.

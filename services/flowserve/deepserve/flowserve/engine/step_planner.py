@@ -320,6 +320,10 @@ class StepPlanner:
             bisect.insort(self.running, request, key=_arrival)
             plan.sequences.append(self._sequence(request, num_new))
             budget -= num_new
+            # The full blocks this step computes are matchable at once, so a request admitted
+            # after it in this same step reuses them: every layer writes the whole step's KV
+            # before any sequence attends. A burst sharing a system prompt computes it once.
+            self.kv_cache.cache_blocks(request, match.num_tokens + num_new)
         return plan
 
     def finalize_plan(self, plan: StepPlan) -> StepPlan:

@@ -98,6 +98,8 @@ def build_engine(
         num_host_blocks=settings.kv_host_blocks,
         max_num_seqs=settings.max_num_seqs,
         step_token_budget=settings.step_token_budget,
+        admission_window_fraction=settings.admission_window_fraction,
+        admission_window_max_s=settings.admission_window_max_s,
         max_model_len=max_model_len,
         max_queue_len=settings.max_queue_len,
         async_scheduling=settings.async_scheduling,
