@@ -360,3 +360,39 @@ def test_a_salted_request_does_not_share_blocks_computed_in_the_same_step() -> N
     planner.add_request(salted)
     plans = run(planner, executor)
     assert {s.request_id: s.start_pos for s in plans[0].sequences} == {"plain": 0, "salted": 0}
+
+
+def test_a_prompt_that_fits_only_in_part_lets_whole_prompts_behind_it_go_first() -> None:
+    planner, executor = make(budget=20)
+    planner.add_request(req("a", list(range(1, 11))))  # 10 tokens: fits
+    planner.add_request(req("big", list(range(20, 50))))  # 30: only in part
+    planner.add_request(req("c", list(range(60, 65))))  # 5: fits whole behind it
+    first = step(planner, executor)
+    assert [(s.request_id, len(s.token_ids)) for s in first.sequences] == [
+        ("a", 10),
+        ("c", 5),
+        ("big", 5),  # the budget left: it still advances this step
+    ]
+    second = step(planner, executor)
+    assert ("big", 18) in [(s.request_id, len(s.token_ids)) for s in second.sequences]
+
+
+def test_no_lower_priority_prompt_goes_ahead_of_a_deferred_one() -> None:
+    planner, executor = make(budget=20)
+    big, low = req("big", list(range(20, 50))), req("low", list(range(60, 65)))
+    big.priority = 5
+    planner.add_request(big)
+    planner.add_request(low)
+    first = step(planner, executor)
+    assert [(s.request_id, len(s.token_ids)) for s in first.sequences] == [("big", 20)]
+
+
+def test_outputs_do_not_change_when_prompts_go_ahead() -> None:
+    planner, executor = make(budget=24)
+    sizes = [10, 30, 5, 40, 3, 12]
+    requests = [req(f"r{i}", [(i * 17 + j) % VOCAB for j in range(n)]) for i, n in enumerate(sizes)]
+    for r in requests:
+        planner.add_request(r)
+    run(planner, executor)
+    for r in requests:
+        assert r.output_token_ids == FakeExecutor.reference(r.prompt_token_ids, 6, VOCAB)

@@ -7,6 +7,8 @@ counts and free blocks, and returns a `StepPlan`. Each step it plans, in order:
 2. running requests still in prefill (the next chunk of their prompt), oldest first;
 3. waiting requests (new or preempted), highest priority first, then oldest first, after a
    prefix-cache lookup (running requests are never displaced by priority, so none starves).
+   A prompt that fits only in part lets later prompts of its priority that fit whole go
+   first, then takes the budget left: more requests get a first token from each step.
    A migrated request (resumed with output tokens another instance generated) is admitted like
    a preempted one: prompt + output tokens are computed, then it decodes on.
 All of it under a per-step token budget and a cap on running requests. When blocks run out,
@@ -285,7 +287,12 @@ class StepPlanner:
         # A preemption means blocks are short: admitting more would only thrash.
         # Adapter requests whose adapter is not on the device yet (or that would bring one
         # adapter too many into the batch) are passed over; the rest keep their order.
+        # A prompt that fits the step only in part waits for the end of the scan: requests
+        # behind it of its priority whose prompts fit whole go first (each gets its first token
+        # from this step), and it then takes whatever budget is left, so it still advances
+        # every step and is first in line for the next.
         index = 0
+        deferred: Request | None = None
         while (
             not preempted
             and index < len(self.waiting)
@@ -295,36 +302,71 @@ class StepPlanner:
             request = self.waiting[index]
             if request.num_pending_tokens:
                 break  # preempted while its last token was in flight; wait for that token
+            if deferred is not None and request.priority < deferred.priority:
+                break
             if request.adapter_id and not self._adapter_admissible(request):
                 index += 1
                 continue
-            match = self.kv_cache.match_prefix(
-                request.all_token_ids,
-                block_hashes=request.block_hashes,
-                max_cached_tokens=request.num_tokens - 1,
-                salt=request.cache_salt,
-            )
-            num_new = min(request.num_tokens - match.num_tokens, budget)
-            if not self.kv_cache.alloc(request, num_new, match):
-                if not self.running and not self._blocks_held_outside_queues:
-                    self.waiting.pop(index)
-                    self._fail(request, "the KV cache is too small to hold this request")
-                    continue
+            match = self._match(request)
+            needed = request.num_tokens - match.num_tokens
+            if needed > budget:
+                if deferred is None:
+                    deferred = request
+                index += 1
+                continue
+            admitted = self._admit(plan, index, request, match, needed)
+            if admitted is None:
                 break
-            self.waiting.pop(index)
-            request.status = RequestStatus.RUNNING
-            request.num_computed_tokens = match.num_tokens
-            if request.num_cached_tokens < 0:
-                # Usage counts prompt tokens (a resumed request also matches its output).
-                request.num_cached_tokens = min(match.num_tokens, request.num_prompt_tokens)
-            bisect.insort(self.running, request, key=_arrival)
-            plan.sequences.append(self._sequence(request, num_new))
-            budget -= num_new
-            # The full blocks this step computes are matchable at once, so a request admitted
-            # after it in this same step reuses them: every layer writes the whole step's KV
-            # before any sequence attends. A burst sharing a system prompt computes it once.
-            self.kv_cache.cache_blocks(request, match.num_tokens + num_new)
+            if admitted:
+                budget -= needed
+            # Admitted or failed, it left the queue: the same index holds the next request.
+        if (
+            deferred is not None
+            and not preempted
+            and budget > 0
+            and len(self.running) < self.config.max_num_seqs
+        ):
+            match = self._match(deferred)
+            needed = min(deferred.num_tokens - match.num_tokens, budget)
+            where = next(i for i, r in enumerate(self.waiting) if r is deferred)
+            self._admit(plan, where, deferred, match, needed)
         return plan
+
+    def _match(self, request: Request) -> PrefixMatch:
+        return self.kv_cache.match_prefix(
+            request.all_token_ids,
+            block_hashes=request.block_hashes,
+            max_cached_tokens=request.num_tokens - 1,
+            salt=request.cache_salt,
+        )
+
+    def _admit(
+        self, plan: StepPlan, index: int, request: Request, match: PrefixMatch, num_new: int
+    ) -> bool | None:
+        """Move waiting[index] into the running queue with `num_new` tokens in this step.
+
+        True: admitted. None: no blocks for it now (stop admitting). False: it can never fit
+        and was failed (and removed from the waiting queue).
+        """
+        if not self.kv_cache.alloc(request, num_new, match):
+            if not self.running and not self._blocks_held_outside_queues:
+                self.waiting.pop(index)
+                self._fail(request, "the KV cache is too small to hold this request")
+                return False
+            return None
+        self.waiting.pop(index)
+        request.status = RequestStatus.RUNNING
+        request.num_computed_tokens = match.num_tokens
+        if request.num_cached_tokens < 0:
+            # Usage counts prompt tokens (a resumed request also matches its output).
+            request.num_cached_tokens = min(match.num_tokens, request.num_prompt_tokens)
+        bisect.insort(self.running, request, key=_arrival)
+        plan.sequences.append(self._sequence(request, num_new))
+        # The full blocks this step computes are matchable at once, so a request admitted
+        # after it in this same step reuses them: every layer writes the whole step's KV
+        # before any sequence attends. A burst sharing a system prompt computes it once.
+        self.kv_cache.cache_blocks(request, match.num_tokens + num_new)
+        return True
 
     def finalize_plan(self, plan: StepPlan) -> StepPlan:
         """Make a step plan ready to submit, once the previous step's tokens are known.
