@@ -145,32 +145,38 @@ void attend_heads(const Layout& l, const T* q_data, const T* k_data, const T* v_
     const T* q_row = q_data + seq * l.q_seq_stride + (kv_head * l.group + g0 + h) * l.q_head_stride;
     for (int v = 0; v < V; ++v) q[h][v] = _mm512_mul_ps(load16(q_row + 16 * v), _mm512_set1_ps(scale));
   }
-  auto prefetch_block = [&](const T* cache, int64_t b) {
-    if (b >= num_blocks) return;
-    const char* block = reinterpret_cast<const char*>(cache + table[b] * l.block_stride + k_base);
-    for (int64_t t = 0; t < l.block_size; ++t) {
-      for (int64_t byte = 0; byte < DIM * static_cast<int64_t>(sizeof(T)); byte += 64) {
-        _mm_prefetch(block + t * l.token_stride * sizeof(T) + byte, _MM_HINT_T0);
+  // Calls row_fn(row loaded as V vectors, position) for every cached row of this kv head in
+  // order, prefetching the next block's rows while a block is read.
+  auto for_each_row = [&](const T* cache, auto&& row_fn) {
+    for (int64_t b = 0; b < num_blocks; ++b) {
+      if (b + 1 < num_blocks) {
+        const char* next =
+            reinterpret_cast<const char*>(cache + table[b + 1] * l.block_stride + k_base);
+        for (int64_t t = 0; t < l.block_size; ++t) {
+          for (int64_t byte = 0; byte < DIM * static_cast<int64_t>(sizeof(T)); byte += 64) {
+            _mm_prefetch(next + t * l.token_stride * sizeof(T) + byte, _MM_HINT_T0);
+          }
+        }
+      }
+      const T* block = cache + table[b] * l.block_stride + k_base;
+      const int64_t start = b * l.block_size;
+      const int64_t count = std::min(l.block_size, len - start);
+      for (int64_t t = 0; t < count; ++t) {
+        const T* row = block + t * l.token_stride;
+        __m512 x[V];
+        for (int v = 0; v < V; ++v) x[v] = load16(row + 16 * v);
+        row_fn(x, start + t);
       }
     }
   };
   // Scores, [GS][len].
-  for (int64_t b = 0; b < num_blocks; ++b) {
-    prefetch_block(k_data, b + 1);
-    const T* block = k_data + table[b] * l.block_stride + k_base;
-    const int64_t start = b * l.block_size;
-    const int64_t count = std::min(l.block_size, len - start);
-    for (int64_t t = 0; t < count; ++t) {
-      const T* row = block + t * l.token_stride;
-      __m512 k[V];
-      for (int v = 0; v < V; ++v) k[v] = load16(row + 16 * v);
-      for (int h = 0; h < GS; ++h) {
-        __m512 acc = _mm512_mul_ps(q[h][0], k[0]);
-        for (int v = 1; v < V; ++v) acc = _mm512_fmadd_ps(q[h][v], k[v], acc);
-        scores[h * len + start + t] = _mm512_reduce_add_ps(acc);
-      }
+  for_each_row(k_data, [&](const __m512* k, int64_t pos) {
+    for (int h = 0; h < GS; ++h) {
+      __m512 acc = _mm512_mul_ps(q[h][0], k[0]);
+      for (int v = 1; v < V; ++v) acc = _mm512_fmadd_ps(q[h][v], k[v], acc);
+      scores[h * len + pos] = _mm512_reduce_add_ps(acc);
     }
-  }
+  });
   float inv_sum[GS];
   for (int h = 0; h < GS; ++h) {
     float* s = scores + h * len;
@@ -188,21 +194,12 @@ void attend_heads(const Layout& l, const T* q_data, const T* k_data, const T* v_
   __m512 o[GS][V];
   for (int h = 0; h < GS; ++h)
     for (int v = 0; v < V; ++v) o[h][v] = _mm512_setzero_ps();
-  for (int64_t b = 0; b < num_blocks; ++b) {
-    prefetch_block(v_data, b + 1);
-    const T* block = v_data + table[b] * l.block_stride + k_base;
-    const int64_t start = b * l.block_size;
-    const int64_t count = std::min(l.block_size, len - start);
-    for (int64_t t = 0; t < count; ++t) {
-      const T* row = block + t * l.token_stride;
-      __m512 val[V];
-      for (int v = 0; v < V; ++v) val[v] = load16(row + 16 * v);
-      for (int h = 0; h < GS; ++h) {
-        const __m512 p = _mm512_set1_ps(scores[h * len + start + t]);
-        for (int v = 0; v < V; ++v) o[h][v] = _mm512_fmadd_ps(p, val[v], o[h][v]);
-      }
+  for_each_row(v_data, [&](const __m512* val, int64_t pos) {
+    for (int h = 0; h < GS; ++h) {
+      const __m512 p = _mm512_set1_ps(scores[h * len + pos]);
+      for (int v = 0; v < V; ++v) o[h][v] = _mm512_fmadd_ps(p, val[v], o[h][v]);
     }
-  }
+  });
   for (int h = 0; h < GS; ++h) {
     T* out = out_data + (seq * l.heads + kv_head * l.group + g0 + h) * DIM;
     const __m512 norm = _mm512_set1_ps(inv_sum[h]);
