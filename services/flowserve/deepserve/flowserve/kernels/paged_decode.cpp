@@ -77,6 +77,19 @@ inline void axpy(float p, const T* row, float* acc, int64_t dim) {
   for (int64_t i = 0; i < dim; ++i) acc[i] += p * as_float(row[i]);
 }
 
+// s[t] = exp(s[t] - max s) in place; returns 1 / their sum (the softmax's normaliser).
+inline float softmax_numerators(float* s, int64_t len) {
+  float top = -std::numeric_limits<float>::infinity();
+  for (int64_t t = 0; t < len; ++t) top = std::max(top, s[t]);
+  float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t t = 0; t < len; ++t) {
+    s[t] = deepserve_kernels::fast_exp(s[t] - top);
+    sum += s[t];
+  }
+  return 1.f / sum;
+}
+
 // Strides and sizes of one call, in elements.
 struct Layout {
   int64_t heads, kv_heads, group, block_size, max_blocks;
@@ -104,15 +117,7 @@ void attend(const Layout& l, int64_t dim_arg, const T* q_data, const T* k_data, 
         s[start + t] = dot<T, DIM>(q_f, block + t * l.token_stride, dim);
       }
     }
-    float top = -std::numeric_limits<float>::infinity();
-    for (int64_t t = 0; t < len; ++t) top = std::max(top, s[t]);
-    float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t t = 0; t < len; ++t) {
-      s[t] = deepserve_kernels::fast_exp(s[t] - top);
-      sum += s[t];
-    }
-    const float inv_sum = 1.f / sum;
+    const float inv_sum = softmax_numerators(s, len);
     // Output: the values weighted by the scores.
     for (int64_t i = 0; i < dim; ++i) acc[i] = 0.f;
     for (int64_t start = 0; start < len; start += l.block_size) {
@@ -178,18 +183,7 @@ void attend_heads(const Layout& l, const T* q_data, const T* k_data, const T* v_
     }
   });
   float inv_sum[GS];
-  for (int h = 0; h < GS; ++h) {
-    float* s = scores + h * len;
-    float top = -std::numeric_limits<float>::infinity();
-    for (int64_t t = 0; t < len; ++t) top = std::max(top, s[t]);
-    float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t t = 0; t < len; ++t) {
-      s[t] = deepserve_kernels::fast_exp(s[t] - top);
-      sum += s[t];
-    }
-    inv_sum[h] = 1.f / sum;
-  }
+  for (int h = 0; h < GS; ++h) inv_sum[h] = softmax_numerators(scores + h * len, len);
   // Values: all GS outputs in registers.
   __m512 o[GS][V];
   for (int h = 0; h < GS; ++h)
