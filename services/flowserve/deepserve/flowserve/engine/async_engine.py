@@ -542,8 +542,8 @@ class AsyncEngine:
             was_idle = not self.core.has_work
             outputs = self._run_commands(commands)
             if was_idle and not stopping:
-                outputs.extend(self._gather_burst())
-                stopping = self._stopping
+                burst, stopping = self._gather_burst()
+                outputs.extend(burst)
             if stopping:
                 outputs.extend(self.core.fail_all(Unavailable("the engine shut down")))
                 self._deliver(outputs)
@@ -578,15 +578,16 @@ class AsyncEngine:
                 logger.exception("engine command failed")
         return outputs
 
-    def _gather_burst(self) -> list[GenerationOutput]:
+    def _gather_burst(self) -> tuple[list[GenerationOutput], bool]:
         """The engine was idle and got work: hold the first step briefly (the core says how
-        long) so requests of the same burst, a few ms behind, start in it too."""
+        long) so requests of the same burst, a few ms behind, start in it too. Returns the
+        outputs of the commands run meanwhile, and whether a stop came."""
         outputs: list[GenerationOutput] = []
         started = time.monotonic()
         while True:
             remaining = started + self.core.admission_hold_s() - time.monotonic()
             if remaining <= 0:
-                return outputs
+                return outputs, False
             with self._wakeup:
                 if not self._commands and not self._stopping:
                     self._wakeup.wait(remaining)
@@ -594,7 +595,7 @@ class AsyncEngine:
                 stopping = self._stopping
             outputs.extend(self._run_commands(commands))
             if stopping:
-                return outputs
+                return outputs, True
 
     def _deliver(self, outputs: list[GenerationOutput]) -> None:
         if not outputs:

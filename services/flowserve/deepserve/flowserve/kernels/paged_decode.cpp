@@ -25,7 +25,6 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
-#include <type_traits>
 #include <vector>
 
 namespace {
@@ -39,40 +38,18 @@ inline float as_float(T value) {
 using deepserve_kernels::load16;
 #endif
 
-// q . row over one head's DIM values (q already float).
-template <typename T, int DIM>
+// q . row over one head's dim values (q already float).
+template <typename T>
 inline float dot(const float* q, const T* row, int64_t dim) {
-#if defined(__AVX512F__)
-  if constexpr (DIM > 0 && DIM % 64 == 0) {
-    // Four independent accumulators: the FMAs of one row do not wait on each other.
-    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    for (int i = 0; i < DIM; i += 64) {
-      a0 = _mm512_fmadd_ps(_mm512_loadu_ps(q + i), load16(row + i), a0);
-      a1 = _mm512_fmadd_ps(_mm512_loadu_ps(q + i + 16), load16(row + i + 16), a1);
-      a2 = _mm512_fmadd_ps(_mm512_loadu_ps(q + i + 32), load16(row + i + 32), a2);
-      a3 = _mm512_fmadd_ps(_mm512_loadu_ps(q + i + 48), load16(row + i + 48), a3);
-    }
-    return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
-  }
-#endif
   float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
   for (int64_t i = 0; i < dim; ++i) sum += q[i] * as_float(row[i]);
   return sum;
 }
 
-// acc += p * row over one head's DIM values.
-template <typename T, int DIM>
+// acc += p * row over one head's dim values.
+template <typename T>
 inline void axpy(float p, const T* row, float* acc, int64_t dim) {
-#if defined(__AVX512F__)
-  if constexpr (DIM > 0 && DIM % 16 == 0) {
-    const __m512 weight = _mm512_set1_ps(p);
-    for (int i = 0; i < DIM; i += 16) {
-      _mm512_storeu_ps(acc + i, _mm512_fmadd_ps(weight, load16(row + i), _mm512_loadu_ps(acc + i)));
-    }
-    return;
-  }
-#endif
 #pragma omp simd
   for (int64_t i = 0; i < dim; ++i) acc[i] += p * as_float(row[i]);
 }
@@ -98,12 +75,11 @@ struct Layout {
 
 // One (sequence, kv head), for head sizes without a vector path (`attend_group`): every query
 // head of the group, each over the sequence's keys, then its values (a head's later passes find
-// the rows in L2). DIM 0 means "read it from `dim`".
-template <typename T, int DIM>
-void attend(const Layout& l, int64_t dim_arg, const T* q_data, const T* k_data, const T* v_data,
+// the rows in L2).
+template <typename T>
+void attend(const Layout& l, int64_t dim, const T* q_data, const T* k_data, const T* v_data,
             const int64_t* table, int64_t seq, int64_t kv_head, int64_t len, float scale,
             float* scores, float* q_f, float* acc, T* out_data) {
-  const int64_t dim = DIM > 0 ? DIM : dim_arg;
   const int64_t k_base = kv_head * l.head_stride;
   for (int64_t g = 0; g < l.group; ++g) {
     const T* q_row = q_data + seq * l.q_seq_stride + (kv_head * l.group + g) * l.q_head_stride;
@@ -114,7 +90,7 @@ void attend(const Layout& l, int64_t dim_arg, const T* q_data, const T* k_data, 
       const T* block = k_data + table[start / l.block_size] * l.block_stride + k_base;
       const int64_t count = std::min(l.block_size, len - start);
       for (int64_t t = 0; t < count; ++t) {
-        s[start + t] = dot<T, DIM>(q_f, block + t * l.token_stride, dim);
+        s[start + t] = dot<T>(q_f, block + t * l.token_stride, dim);
       }
     }
     const float inv_sum = softmax_numerators(s, len);
@@ -124,8 +100,7 @@ void attend(const Layout& l, int64_t dim_arg, const T* q_data, const T* k_data, 
       const T* block = v_data + table[start / l.block_size] * l.block_stride + k_base;
       const int64_t count = std::min(l.block_size, len - start);
       for (int64_t t = 0; t < count; ++t) {
-        const T* v_row = block + t * l.token_stride;
-        axpy<T, DIM>(s[start + t], block + t * l.token_stride, acc, dim);
+        axpy<T>(s[start + t], block + t * l.token_stride, acc, dim);
       }
     }
     T* o = out_data + (seq * l.heads + kv_head * l.group + g) * dim;
@@ -267,26 +242,22 @@ void paged_decode_impl(const at::Tensor& query, const at::Tensor& key_cache,
       const int64_t kv_head = item % l.kv_heads;
       const int64_t len = lens[seq];
       const int64_t* table = tables + seq * l.max_blocks;
-      scores.resize(len);
-      auto run = [&](auto dim_tag) {
-        attend<T, decltype(dim_tag)::value>(l, dim, q_data, k_data, v_data, table, seq, kv_head,
-                                             len, softmax_scale, scores.data(), q_f.data(),
-                                             acc.data(), out_data);
-      };
+      // Scores of up to 4 heads at once (the vector path); one at a time otherwise.
+      scores.resize(len * std::min<int64_t>(l.group, 4));
 #if defined(__AVX512F__)
-      if (dim == 64 || dim == 128) {
-        scores.resize(len * std::min<int64_t>(l.group, 4));
-        if (dim == 64) {
-          attend_group<T, 64>(l, q_data, k_data, v_data, table, seq, kv_head, len, softmax_scale,
-                              scores.data(), out_data);
-        } else {
-          attend_group<T, 128>(l, q_data, k_data, v_data, table, seq, kv_head, len, softmax_scale,
-                               scores.data(), out_data);
-        }
+      if (dim == 64) {
+        attend_group<T, 64>(l, q_data, k_data, v_data, table, seq, kv_head, len, softmax_scale,
+                            scores.data(), out_data);
+        continue;
+      }
+      if (dim == 128) {
+        attend_group<T, 128>(l, q_data, k_data, v_data, table, seq, kv_head, len, softmax_scale,
+                             scores.data(), out_data);
         continue;
       }
 #endif
-      run(std::integral_constant<int, 0>{});
+      attend<T>(l, dim, q_data, k_data, v_data, table, seq, kv_head, len, softmax_scale,
+                scores.data(), q_f.data(), acc.data(), out_data);
     }
   });
 }

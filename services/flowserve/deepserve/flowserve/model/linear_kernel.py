@@ -90,7 +90,7 @@ class OneDNNLinear:
         self._packed: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
 
     def register(self, weights: Iterable[torch.Tensor]) -> None:
-        """Weights to reorder over the next steps, in the order given."""
+        """Weights to reorder (and pack into skinny panels) over the next steps, in order."""
         if self._prepack:
             self._waiting.extend(weights)
 
