@@ -4,6 +4,7 @@ already running (they share the cores, so a figure taken beside them is not comp
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -131,3 +132,33 @@ def cpu_spent(before: dict[str, float], after: dict[str, float]) -> dict[str, fl
     """CPU seconds each role spent between two `cpu_seconds_by_role` readings, largest first."""
     spent = {role: after[role] - before.get(role, 0.0) for role in after}
     return dict(sorted(((r, s) for r, s in spent.items() if s > 0.005), key=lambda x: -x[1]))
+
+
+def busy_cores(window_s: float = 0.25) -> float:
+    """Cores' worth of CPU the whole host spent over the next `window_s` (from /proc/stat)."""
+
+    def busy_and_total() -> tuple[int, int]:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        idle = fields[3] + fields[4]  # idle + iowait
+        return sum(fields) - idle, sum(fields)
+
+    busy0, total0 = busy_and_total()
+    time.sleep(window_s)
+    busy1, total1 = busy_and_total()
+    if total1 == total0:
+        return 0.0
+    return (busy1 - busy0) / (total1 - total0) * (os.cpu_count() or 1)
+
+
+def wait_until_quiet(
+    threshold_cores: float = 0.25, quiet_windows: int = 2, timeout_s: float = 15.0
+) -> float:
+    """Waits until the host has been nearly idle for `quiet_windows` windows in a row (or the
+    timeout); returns the seconds waited. A server that keeps its cores busy after its work
+    (vLLM's CPU worker spins about a second after each request here) would otherwise bill the
+    next system measured for that time."""
+    started = time.monotonic()
+    quiet = 0
+    while quiet < quiet_windows and time.monotonic() - started < timeout_s:
+        quiet = quiet + 1 if busy_cores() < threshold_cores else 0
+    return time.monotonic() - started

@@ -4,9 +4,11 @@ All servers start first and stay up, each on the same model directory, dtype and
 then `--rounds` rounds run every workload on each server in turn (the order rotates each round),
 so the systems compared take turns within seconds of each other. This host's speed swings by up
 to 2x from one minute to the next, which one-server-after-the-other runs mistook for differences
-between the systems. A server waits idle while another is measured. Each figure is the median
-over rounds; each ratio is the median of the rounds' paired ratios. Every round draws its own
-prompts (seeds and the chat session differ), so no round reads what an earlier one cached.
+between the systems. A server waits idle while another is measured, and each run starts once the
+host has gone quiet: vLLM's CPU worker keeps a core busy for about a second after its last
+request, which billed whoever ran next. Each figure is the median over rounds; each ratio is the
+median of the rounds' paired ratios. Every round draws its own prompts (seeds and the chat
+session differ), so no round reads what an earlier one cached.
 
 Servers:
 - deepserve: `deepserve up` with the model (etcd, valkey, scheduler, podpool, gateway, one pod);
@@ -48,6 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.common import markdown_table, progress
+from bench.machine import wait_until_quiet
 from bench.serving_client import (
     Call,
     StreamingClient,
@@ -520,7 +523,11 @@ def main(argv: list[str] | None = None) -> int:
             order = runs[round_index % len(runs) :] + runs[: round_index % len(runs)]
             for workload in args.workloads:
                 for run in order:
-                    progress(f"round {round_index + 1}/{args.rounds}: {run.system}: {workload} ...")
+                    waited = wait_until_quiet()
+                    progress(
+                        f"round {round_index + 1}/{args.rounds}: {run.system}: {workload} "
+                        f"(host quiet after {waited:.1f}s) ..."
+                    )
                     s = run_workload(
                         workload,
                         round_index,

@@ -351,6 +351,26 @@ def test_requests_admitted_in_one_step_share_the_prefix_it_computes() -> None:
         assert r.num_cached_tokens == (0 if r.request_id == "s0" else 3 * BS)
 
 
+def test_the_waiting_tokens_to_compute_count_a_shared_or_cached_prefix_once() -> None:
+    """What the burst admission window weighs: the tokens one step would really compute."""
+    planner, executor = make(budget=64)
+    shared = [(5 + 3 * j) % VOCAB for j in range(3 * BS)]  # three full blocks
+    for i in range(3):
+        planner.add_request(req(f"s{i}", [*shared, 40 + i, 50 + i], max_tokens=3))
+    assert planner.waiting_tokens_to_compute() == len(shared) + 3 * 2
+    salted = req("salted", [*shared, 1])
+    salted.cache_salt = "tenant-b"  # its blocks hash apart: shares nothing
+    planner.add_request(salted)
+    assert planner.waiting_tokens_to_compute() == len(shared) + 3 * 2 + len(shared) + 1
+    run(planner, executor)
+    # The shared blocks are cached now: a new request computes only what follows them.
+    planner.add_request(req("later", [*shared, 60, 61, 62]))
+    assert planner.waiting_tokens_to_compute() == 3
+    # A prompt of whole blocks still computes its last block (the last token's logits).
+    planner.add_request(req("exact", shared[: 2 * BS]))
+    assert planner.waiting_tokens_to_compute() == 3 + BS
+
+
 def test_a_salted_request_does_not_share_blocks_computed_in_the_same_step() -> None:
     planner, executor = make(budget=64)
     shared = [(5 + 3 * j) % VOCAB for j in range(2 * BS)]

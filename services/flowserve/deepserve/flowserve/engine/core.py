@@ -251,8 +251,8 @@ class EngineCore:
         engine/admission_window.py); 0 once anything runs."""
         if self.planner.num_running or self._in_flight is not None:
             return 0.0
-        waiting = sum(r.num_prompt_tokens for r in self.planner.waiting)
-        return self.admission_window.hold_s(waiting, self.config.step_token_budget)
+        to_compute = self.planner.waiting_tokens_to_compute()
+        return self.admission_window.hold_s(to_compute, self.config.step_token_budget)
 
     @property
     def has_work(self) -> bool:

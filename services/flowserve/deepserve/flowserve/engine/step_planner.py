@@ -38,7 +38,7 @@ from deepserve.flowserve.engine.request import (
     RequestStatus,
 )
 from deepserve.flowserve.engine.step_plan import StepPlan, StepSequence
-from deepserve.flowserve.kv_cache import KVCacheManager, PrefixMatch
+from deepserve.flowserve.kv_cache import BlockHash, KVCacheManager, PrefixMatch
 
 
 @dataclass(frozen=True, slots=True)
@@ -331,6 +331,25 @@ class StepPlanner:
             where = next(i for i, r in enumerate(self.waiting) if r is deferred)
             self._admit(plan, where, deferred, match, needed)
         return plan
+
+    def waiting_tokens_to_compute(self) -> int:
+        """Prompt tokens the waiting requests would compute if admitted together: their cached
+        prefixes are not counted, and a full block that several of them share counts once (the
+        first step computes it once, see `_admit`)."""
+        seen: set[BlockHash] = set()
+        total = 0
+        for request in self.waiting:
+            match = self._match(request)
+            total += request.num_tokens - match.num_tokens
+            # The full blocks before the last token's (that one is always computed: its logits).
+            shareable = (request.num_tokens - 1) // self.kv_cache.block_size
+            matched = len(match.blocks) + len(match.host_entries)
+            for block_hash in request.block_hashes[matched:shareable]:
+                if block_hash in seen:
+                    total -= self.kv_cache.block_size
+                else:
+                    seen.add(block_hash)
+        return total
 
     def _match(self, request: Request) -> PrefixMatch:
         return self.kv_cache.match_prefix(
