@@ -137,8 +137,11 @@ def alone(served: tuple[AsyncEngine, Tokenizer], prompts: list[list[int]]) -> li
 
 
 def test_greedy_tokens_match_transformers(
-    alone: list[list[int]], reference: list[list[int]]
+    served: tuple[AsyncEngine, Tokenizer], alone: list[list[int]], reference: list[list[int]]
 ) -> None:
+    model = served[0].core.executor.runner.model  # type: ignore[attr-defined]
+    # The kernels built here serve the prompts and the decodes: this is their parity check.
+    assert model.fused_prefill and model.fused_decode
     assert [len(t) for t in alone] == [MAX_NEW] * len(QUESTIONS)
     for question, ours, theirs in zip(QUESTIONS, alone, reference, strict=True):
         assert ours == theirs, question

@@ -7,7 +7,9 @@ place). Otherwise they are attended in buckets of similar context length: each b
 is gathered and read again like real keys) small when short and long contexts decode together,
 at the price of a few kernel calls per bucket and layer.
 
-Longer prefill chunks run one scaled_dot_product_attention each. A chunk that starts a sequence
+Longer prefill chunks go to the C++ kernel of `deepserve.flowserve.kernels.paged_prefill` where the
+model uses it (all chunks of the step in one call per layer, read from the cache in place).
+Otherwise they run one scaled_dot_product_attention each. A chunk that starts a sequence
 attends to the keys and values computed this step, with no gather; a chunk continuing a cached
 prompt gathers its blocks and uses a causal mask offset by the cached length. All calls pass 4-D
 tensors: CPU SDPA only takes its fused (flash) kernel, GQA included, for 4-D inputs and would
@@ -22,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from deepserve.flowserve.kernels.paged_decode import paged_decode
+from deepserve.flowserve.kernels.paged_prefill import paged_prefill
 
 
 @dataclass(slots=True)
@@ -51,12 +54,24 @@ class PrefillChunk:
 
 
 @dataclass(slots=True)
+class PrefillBatch:
+    """Every multi-token chunk of the step, for the C++ prefill kernel (one call per layer)."""
+
+    block_tables: torch.Tensor  # [chunks, max_blocks] long, padded with a valid block id
+    query_starts: torch.Tensor  # [chunks] long: flat index of each chunk's first token
+    query_lens: torch.Tensor  # [chunks] long
+    context_lens: torch.Tensor  # [chunks] long: start + n
+
+
+@dataclass(slots=True)
 class AttentionMetadata:
     """Where each token's KV goes and which cached KV each query reads; shared by all layers."""
 
     slot_mapping: torch.Tensor  # [tokens] long: block * block_size + offset
     decodes: list[DecodeGroup] = field(default_factory=list)
     prefills: list[PrefillChunk] = field(default_factory=list)
+    # Set instead of `prefills` when the model attends prefill chunks with the C++ kernel.
+    prefill_batch: PrefillBatch | None = None
     # Gathered K and V of the largest decode bucket, made by the first layer and refilled by
     # every bucket of every layer: a fresh multi-MB tensor each time costs page faults that
     # rival the gather itself on CPU, and a reused one stays in cache.
@@ -122,6 +137,19 @@ def paged_attention(
             0,
             decode_group.token_indices,
             decode(q_decode, decode_group),
+        )
+    if meta.prefill_batch is not None:
+        batch = meta.prefill_batch
+        paged_prefill(
+            q,
+            key_cache,
+            value_cache,
+            batch.block_tables,
+            batch.query_starts,
+            batch.query_lens,
+            batch.context_lens,
+            head_dim**-0.5,
+            out,
         )
     for chunk in meta.prefills:
         span = slice(chunk.token_start, chunk.token_end)

@@ -13,7 +13,12 @@ import torch
 
 from deepserve.errors import InvalidArgument
 from deepserve.flowserve.engine.step_plan import StepPlan
-from deepserve.flowserve.model.attention import AttentionMetadata, DecodeGroup, PrefillChunk
+from deepserve.flowserve.model.attention import (
+    AttentionMetadata,
+    DecodeGroup,
+    PrefillBatch,
+    PrefillChunk,
+)
 
 
 @dataclass(slots=True)
@@ -51,12 +56,19 @@ def validate_plan(plan: StepPlan, *, num_blocks: int, block_size: int) -> None:
 
 
 def build_model_inputs(
-    plan: StepPlan, *, block_size: int, device: torch.device, fused_decode: bool = False
+    plan: StepPlan,
+    *,
+    block_size: int,
+    device: torch.device,
+    fused_decode: bool = False,
+    fused_prefill: bool = False,
 ) -> ModelInputs:
     """Build the step's tensors on CPU with plain lists, then move them to `device` once each.
 
     `fused_decode` (the model attends decodes with the paged kernel, which reads each
     sequence's own length): all decodes form one group, with no buckets and no key mask.
+    `fused_prefill` (the model attends prefill chunks with the paged prefill kernel): the
+    chunks are described by one PrefillBatch, with no per-chunk masks.
     """
     token_ids: list[int] = []
     positions: list[int] = []
@@ -92,7 +104,14 @@ def build_model_inputs(
     ]
     if len(decodes) == 1 and not prefill_rows:
         decodes[0].token_indices = None  # the whole step, in order: no scatter needed
-    prefills = [_prefill_chunk(plan, row, start, block_size, device) for row, start in prefill_rows]
+    prefills: list[PrefillChunk] = []
+    prefill_batch = None
+    if fused_prefill and prefill_rows:
+        prefill_batch = _prefill_batch(plan, prefill_rows, block_size, device)
+    else:
+        prefills = [
+            _prefill_chunk(plan, row, start, block_size, device) for row, start in prefill_rows
+        ]
     return ModelInputs(
         token_ids=torch.tensor(token_ids, dtype=torch.long).to(device),
         positions=torch.tensor(positions, dtype=torch.long).to(device),
@@ -101,6 +120,7 @@ def build_model_inputs(
             slot_mapping=torch.tensor(slots, dtype=torch.long).to(device),
             decodes=decodes,
             prefills=prefills,
+            prefill_batch=prefill_batch,
         ),
         logits_indices=torch.tensor(logits_indices, dtype=torch.long).to(device),
     )
@@ -194,4 +214,25 @@ def _prefill_chunk(
         block_ids=torch.tensor(table, dtype=torch.long).to(device),
         context_len=context_len,
         mask=mask,
+    )
+
+
+def _prefill_batch(
+    plan: StepPlan, rows: list[tuple[int, int]], block_size: int, device: torch.device
+) -> PrefillBatch:
+    contexts = [
+        plan.sequences[row].start_pos + len(plan.sequences[row].token_ids) for row, _ in rows
+    ]
+    max_blocks = max(_blocks_for(length, block_size) for length in contexts)
+    tables = []
+    for (row, _), length in zip(rows, contexts, strict=True):
+        table = plan.sequences[row].block_table[: _blocks_for(length, block_size)]
+        tables.append(table + [table[0]] * (max_blocks - len(table)))  # padding is never read
+    return PrefillBatch(
+        block_tables=torch.tensor(tables, dtype=torch.long).to(device),
+        query_starts=torch.tensor([start for _, start in rows], dtype=torch.long).to(device),
+        query_lens=torch.tensor(
+            [len(plan.sequences[row].token_ids) for row, _ in rows], dtype=torch.long
+        ).to(device),
+        context_lens=torch.tensor(contexts, dtype=torch.long).to(device),
     )

@@ -118,6 +118,7 @@ class ModelRunner:
             block_size=self.block_size,
             device=self.device,
             fused_decode=self.model.fused_decode,
+            fused_prefill=self.model.fused_prefill,
         )
         hidden = self.model.forward(
             inputs.token_ids,
