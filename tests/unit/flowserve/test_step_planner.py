@@ -37,7 +37,7 @@ def req(
 def step(planner: StepPlanner, executor: FakeExecutor) -> StepPlan:
     plan = planner.finalize_plan(planner.plan_step())
     planner.kv_cache.flush_transfers()
-    assert plan.num_tokens <= planner.config.step_token_budget
+    assert plan.num_tokens <= planner.config.step_token_budget + planner.config.finish_slack
     assert len(plan.sequences) <= planner.config.max_num_seqs
     if not plan.is_empty:
         logits = executor.execute(plan)
@@ -369,6 +369,25 @@ def test_the_waiting_tokens_to_compute_count_a_shared_or_cached_prefix_once() ->
     # A prompt of whole blocks still computes its last block (the last token's logits).
     planner.add_request(req("exact", shared[: 2 * BS]))
     assert planner.waiting_tokens_to_compute() == 3 + BS
+
+
+def test_a_step_runs_over_its_budget_by_the_slack_to_finish_a_prompt_whole() -> None:
+    planner, executor = make(budget=64)  # slack: 2 tokens
+    assert planner.config.finish_slack == 2
+    for i in range(2):
+        planner.add_request(req(f"old{i}", [(3 + i * 7 + j) % VOCAB for j in range(16)]))
+    step(planner, executor)  # both prefill; they decode from now on
+    for i in range(4):
+        planner.add_request(req(f"new{i}", [(11 + i * 5 + j) % VOCAB for j in range(16)]))
+    plan = step(planner, executor)
+    # 2 decodes leave 62 tokens: three prompts whole, and the fourth needs 16 where 14 are
+    # left; it finishes in this step rather than wait one more for its last 2 tokens.
+    chunks = {s.request_id: len(s.token_ids) for s in plan.sequences}
+    assert chunks == {"old0": 1, "old1": 1, "new0": 16, "new1": 16, "new2": 16, "new3": 16}
+    assert plan.num_tokens == 66
+    # Beyond the slack a prompt is still cut at the budget.
+    planner.add_request(req("long", [(5 + j) % VOCAB for j in range(80)]))
+    run(planner, executor)
 
 
 def test_a_salted_request_does_not_share_blocks_computed_in_the_same_step() -> None:

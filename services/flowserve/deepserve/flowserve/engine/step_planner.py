@@ -11,7 +11,8 @@ counts and free blocks, and returns a `StepPlan`. Each step it plans, in order:
    first, then takes the budget left: more requests get a first token from each step.
    A migrated request (resumed with output tokens another instance generated) is admitted like
    a preempted one: prompt + output tokens are computed, then it decodes on.
-All of it under a per-step token budget and a cap on running requests. When blocks run out,
+All of it under a per-step token budget (which a step may overrun by 1/32 to finish a prompt
+whole rather than leave it a few tokens short) and a cap on running requests. When blocks run out,
 the latest-arrived unplanned running request is preempted: its blocks are freed and it waits
 again, to recompute prompt + generated tokens later (its cached full blocks usually survive).
 
@@ -47,6 +48,14 @@ class StepPlannerConfig:
 
     max_num_seqs: int = 64
     step_token_budget: int = 2048
+
+    @property
+    def finish_slack(self) -> int:
+        """Tokens a step may run over its budget to finish a prompt whole (1/32 of the budget).
+
+        A prompt cut short by a few tokens waits a whole further step for its first token: 32
+        prompts of 256 tokens beside 8 decodes made 7 first tokens a step instead of 8."""
+        return self.step_token_budget // 32
 
     def __post_init__(self) -> None:
         if self.max_num_seqs <= 0:
@@ -245,13 +254,15 @@ class StepPlanner:
         self._step_id += 1
         plan = StepPlan(step_id=self._step_id)
         budget = self.config.step_token_budget
+        # Spent at most once: finishing a prompt with it leaves the budget at or below 0.
+        slack = self.config.finish_slack
         planned: set[str] = set()
         preempted = False
 
         # Decodes before prefill chunks; within each, oldest first.
         order = sorted(self.running, key=lambda r: (self._remaining(r) > 1, r.arrival_seq))
         for request in order:
-            if budget == 0:
+            if budget <= 0:
                 break
             if request.status is not RequestStatus.RUNNING:
                 continue  # preempted earlier in this loop
@@ -263,7 +274,7 @@ class StepPlanner:
                 and request.num_output_tokens + request.num_pending_tokens >= request.max_tokens
             ):
                 continue  # the token in flight ends it on length: no slot to waste
-            num_new = min(remaining, budget)
+            num_new = remaining if remaining <= budget + slack else min(remaining, budget)
             while not self.kv_cache.append(request, num_new):
                 victim = max((r for r in self.running if r.request_id not in planned), key=_arrival)
                 if (
@@ -309,7 +320,7 @@ class StepPlanner:
                 continue
             match = self._match(request)
             needed = request.num_tokens - match.num_tokens
-            if needed > budget:
+            if needed > budget + slack:
                 if deferred is None:
                     deferred = request
                 index += 1
