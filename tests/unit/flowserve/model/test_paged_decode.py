@@ -21,11 +21,9 @@ def _built() -> None:
     assert kernel.available(), "the built kernel did not load or disagreed with the reference"
 
 
-def _problem(
-    lengths: list[int], dtype: torch.dtype, *, heads: int = 9, kv_heads: int = 3, dim: int = 64
-) -> tuple[torch.Tensor, ...]:
-    """Caches with blocks handed out shuffled; q a strided view like the model's qk split."""
-    block_size, num_blocks = 16, 64
+def shuffled_block_tables(lengths: list[int], block_size: int, num_blocks: int) -> list[list[int]]:
+    """Each length's blocks, handed out in shuffled order from [0, num_blocks); rows padded to
+    the longest with their own first block (a valid id the kernels must not read)."""
     rng = random.Random(len(lengths))
     free = list(range(num_blocks))
     rng.shuffle(free)
@@ -34,6 +32,15 @@ def _problem(
     for n in lengths:
         own = [free.pop() for _ in range(-(-n // block_size))]
         tables.append(own + [own[0]] * (max_blocks - len(own)))
+    return tables
+
+
+def _problem(
+    lengths: list[int], dtype: torch.dtype, *, heads: int = 9, kv_heads: int = 3, dim: int = 64
+) -> tuple[torch.Tensor, ...]:
+    """Caches with blocks handed out shuffled; q a strided view like the model's qk split."""
+    block_size, num_blocks = 16, 64
+    tables = shuffled_block_tables(lengths, block_size, num_blocks)
     generator = torch.Generator().manual_seed(1)
     shape = (num_blocks, block_size, kv_heads, dim)
     key_cache = torch.randn(shape, generator=generator).to(dtype)

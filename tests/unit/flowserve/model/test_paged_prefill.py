@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
 
@@ -12,6 +10,7 @@ from deepserve.flowserve.kernels import paged_prefill as kernel
 from deepserve.flowserve.model.attention import paged_attention, write_kv
 from deepserve.flowserve.runner.inputs import build_model_inputs
 from tests.unit.flowserve.model.test_attention import _plan
+from tests.unit.flowserve.model.test_paged_decode import shuffled_block_tables
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -33,16 +32,9 @@ def _problem(
     """chunks: (cached tokens before the chunk, chunk tokens). Blocks handed out shuffled; the
     chunks' queries laid out one after another with a decode-like token between each two; q
     is a strided view like the model's split of its fused qk projection."""
-    rng = random.Random(len(chunks))
     contexts = [cached + n for cached, n in chunks]
     num_blocks = sum(-(-c // block_size) for c in contexts) + 4
-    free = list(range(num_blocks))
-    rng.shuffle(free)
-    max_blocks = max(-(-c // block_size) for c in contexts)
-    tables = []
-    for context in contexts:
-        own = [free.pop() for _ in range(-(-context // block_size))]
-        tables.append(own + [own[0]] * (max_blocks - len(own)))
+    tables = shuffled_block_tables(contexts, block_size, num_blocks)
     starts, position = [], 0
     for _, n in chunks:
         starts.append(position)
