@@ -9,6 +9,7 @@ import torch
 
 from deepserve.errors import InvalidArgument
 from deepserve.flowserve.engine.step_plan import StepPlan, StepSequence
+from deepserve.flowserve.runner.inputs import build_model_inputs
 from deepserve.flowserve.runner.model_runner import ModelRunner
 from tests.unit.flowserve.runner.greedy_driver import GreedyDriver
 from tests.unit.flowserve.runner.tiny_models import PROMPTS, hf_greedy, save_tiny_model
@@ -144,3 +145,36 @@ def test_bfloat16_runner_returns_float32_logits_close_to_float32(llama_dir: Path
     half = ModelRunner(llama_dir, "cpu", "bfloat16", NUM_BLOCKS, BLOCK_SIZE).execute(plan)
     assert half.dtype == torch.float32
     assert torch.cosine_similarity(full, half, dim=-1).item() > 0.99
+
+
+def test_bucketed_prefill_rows_change_nothing_but_the_matmul_shapes(llama_dir: Path) -> None:
+    """Padding a prefill step's rows to a bucket (bounding oneDNN's per-row-count builds) keeps
+    every logit, and the padding rows write no KV: the next step reads the same cache."""
+    assert ModelRunner(llama_dir, "cpu", "bfloat16", NUM_BLOCKS, BLOCK_SIZE).model.row_bucket
+    first = StepPlan(
+        0,
+        [
+            StepSequence("a", PROMPTS[0], 0, [1, 2]),
+            StepSequence("c", PROMPTS[2], 0, [4, 5, 6, 7]),
+            StepSequence("b", PROMPTS[1], 0, [3]),
+        ],
+    )  # 22 tokens
+    second = StepPlan(
+        1, [StepSequence("a", [11], 7, [1, 2]), StepSequence("c", [12], 13, [4, 5, 6, 7])]
+    )
+    results = []
+    for bucket in (0, 8):
+        runner = _runner(llama_dir)
+        runner.model.row_bucket = bucket
+        meta = build_model_inputs(
+            first,
+            block_size=BLOCK_SIZE,
+            device=torch.device("cpu"),
+            fused_prefill=runner.model.fused_prefill,
+        ).attention
+        padded_to = runner.model._padded_rows(first.num_tokens, meta, None)
+        results.append((padded_to, runner.execute(first), runner.execute(second)))
+    (exact_rows, exact_first, exact_second), (rows, bucketed_first, bucketed_second) = results
+    assert (exact_rows, rows) == (22, 24)
+    torch.testing.assert_close(bucketed_first, exact_first, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(bucketed_second, exact_second, atol=1e-5, rtol=1e-5)

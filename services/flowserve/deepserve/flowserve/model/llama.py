@@ -28,6 +28,7 @@ from deepserve.flowserve.model.weights import load_llama_weights
 KVCaches = Sequence[tuple[torch.Tensor, torch.Tensor]]
 # bfloat16 keeps SDPA, whose flash kernel runs it on AMX 1.1-2.2x faster than this kernel.
 PAGED_PREFILL_DTYPES = (torch.float32,)
+ROW_BUCKET = 64
 
 
 class LlamaForCausalLM:
@@ -68,6 +69,12 @@ class LlamaForCausalLM:
             and dtype in PAGED_PREFILL_DTYPES
             and config.head_dim in paged_prefill.HEAD_SIZES
             and paged_prefill.available()
+        )
+        # Prefill steps' rows rounded up to a multiple of this (0: never). oneDNN builds a
+        # primitive for every new row count, ~13 ms per weight shape at 1500 rows in bfloat16
+        # (~2 ms in float32, less than the padding costs); buckets bound the builds.
+        self.row_bucket = (
+            ROW_BUCKET if isinstance(self.linear, OneDNNLinear) and dtype == torch.bfloat16 else 0
         )
         if isinstance(self.linear, OneDNNLinear):
             # Reordered over the first steps, layer by layer; lm_head (the largest) last.
@@ -122,6 +129,13 @@ class LlamaForCausalLM:
         if max_position is None:
             max_position = int(positions.max().item())
         self.rotary.ensure_length(max_position)
+        real_tokens = token_ids.shape[0]
+        rows = self._padded_rows(real_tokens, meta, lora)
+        if rows > real_tokens:
+            # Padding rows (token 0 at position 0) go through every row-wise op; no attention
+            # reads them, their KV is not written, and they are cut off the result.
+            token_ids = F.pad(token_ids, (0, rows - real_tokens))
+            positions = F.pad(positions, (0, rows - real_tokens))
         ops = self.ops
         ops.begin_step(positions)
         residual = F.embedding(token_ids, self.weights.embed)
@@ -140,7 +154,9 @@ class LlamaForCausalLM:
             qk = ops.rotate(qkv[:, : q_size + kv_size].view(num_tokens, heads + kv_heads, head_dim))
             key = qk[:, heads:]
             value = qkv[:, q_size + kv_size :].view(num_tokens, kv_heads, head_dim)
-            write_kv(key_cache, value_cache, meta.slot_mapping, key, value)
+            write_kv(
+                key_cache, value_cache, meta.slot_mapping, key[:real_tokens], value[:real_tokens]
+            )
             attn = paged_attention(
                 qk[:, :heads],
                 key_cache,
@@ -165,7 +181,18 @@ class LlamaForCausalLM:
             pending = mlp_out
             if after_layer is not None:
                 after_layer(index)
-        return residual if pending is None else residual + pending
+        hidden = residual if pending is None else residual + pending
+        return hidden[:real_tokens]
+
+    def _padded_rows(self, num_tokens: int, meta: AttentionMetadata, lora: LoRAStep | None) -> int:
+        """The step's row count after bucketing: only steps with prefill chunks (decode-only
+        steps have few distinct sizes) and without LoRA (its deltas index the real rows)."""
+        bucket = self.row_bucket
+        if not bucket or num_tokens <= bucket or lora is not None:
+            return num_tokens
+        if not meta.prefills and meta.prefill_batch is None:
+            return num_tokens
+        return -(-num_tokens // bucket) * bucket
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
