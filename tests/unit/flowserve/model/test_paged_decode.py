@@ -9,7 +9,7 @@ import torch
 
 from deepserve.flowserve.kernels import library
 from deepserve.flowserve.kernels import paged_decode as kernel
-from deepserve.flowserve.model.attention import paged_attention, write_kv
+from deepserve.flowserve.model.attention import AttentionMetadata, paged_attention, write_kv
 from deepserve.flowserve.runner.inputs import build_model_inputs
 from tests.unit.flowserve.model.test_attention import _plan
 
@@ -33,6 +33,20 @@ def shuffled_block_tables(lengths: list[int], block_size: int, num_blocks: int) 
         own = [free.pop() for _ in range(-(-n // block_size))]
         tables.append(own + [own[0]] * (max_blocks - len(own)))
     return tables
+
+
+def written_step(meta: AttentionMetadata, dim: int) -> tuple[torch.Tensor, ...]:
+    """Random q [tokens, 6, dim] and this step's keys and values [tokens, 2, dim], written into
+    fresh random caches (block size 4) at the metadata's slots: (q, key_cache, value_cache, key,
+    value), as the model has them when it attends."""
+    torch.manual_seed(0)
+    cache_shape = (1024, 4, 2, dim)
+    key_cache, value_cache = torch.randn(cache_shape), torch.randn(cache_shape)
+    tokens = meta.slot_mapping.numel()
+    q = torch.randn(tokens, 6, dim)
+    key, value = torch.randn(tokens, 2, dim), torch.randn(tokens, 2, dim)
+    write_kv(key_cache, value_cache, meta.slot_mapping, key, value)
+    return q, key_cache, value_cache, key, value
 
 
 def _problem(
@@ -122,14 +136,7 @@ def test_fused_step_matches_the_sdpa_path(chunks: list[tuple[int, int]]) -> None
     fused = build_model_inputs(plan, block_size=4, device=cpu, fused_decode=True).attention
     bucketed = build_model_inputs(plan, block_size=4, device=cpu).attention
     assert len(fused.decodes) == 1 and all(d.key_mask is None for d in fused.decodes)
-    torch.manual_seed(0)
-    cache_shape = (1024, 4, 2, 8)
-    key_cache, value_cache = torch.randn(cache_shape), torch.randn(cache_shape)
-    tokens = fused.slot_mapping.numel()
-    q = torch.randn(tokens, 6, 8)
-    key, value = torch.randn(tokens, 2, 8), torch.randn(tokens, 2, 8)
-    write_kv(key_cache, value_cache, fused.slot_mapping, key, value)
-
+    q, key_cache, value_cache, key, value = written_step(fused, dim=8)
     got = paged_attention(q, key_cache, value_cache, fused, key, value, fused_decode=True)
     want = paged_attention(q, key_cache, value_cache, bucketed, key, value)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

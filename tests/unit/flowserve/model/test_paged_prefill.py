@@ -7,10 +7,10 @@ import torch
 
 from deepserve.flowserve.kernels import library
 from deepserve.flowserve.kernels import paged_prefill as kernel
-from deepserve.flowserve.model.attention import paged_attention, write_kv
+from deepserve.flowserve.model.attention import paged_attention
 from deepserve.flowserve.runner.inputs import build_model_inputs
 from tests.unit.flowserve.model.test_attention import _plan
-from tests.unit.flowserve.model.test_paged_decode import shuffled_block_tables
+from tests.unit.flowserve.model.test_paged_decode import shuffled_block_tables, written_step
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -150,14 +150,7 @@ def test_a_step_through_the_kernel_matches_the_sdpa_path(chunks: list[tuple[int,
     fused = build_model_inputs(plan, block_size=4, device=cpu, fused_prefill=True).attention
     per_chunk = build_model_inputs(plan, block_size=4, device=cpu).attention
     assert fused.prefill_batch is not None and not fused.prefills
-    torch.manual_seed(0)
-    cache_shape = (1024, 4, 2, 64)
-    key_cache, value_cache = torch.randn(cache_shape), torch.randn(cache_shape)
-    tokens = fused.slot_mapping.numel()
-    q = torch.randn(tokens, 6, 64)
-    key, value = torch.randn(tokens, 2, 64), torch.randn(tokens, 2, 64)
-    write_kv(key_cache, value_cache, fused.slot_mapping, key, value)
-
+    q, key_cache, value_cache, key, value = written_step(fused, dim=64)
     got = paged_attention(q, key_cache, value_cache, fused, key, value)
     want = paged_attention(q, key_cache, value_cache, per_chunk, key, value)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

@@ -19,7 +19,6 @@
 #include <ATen/ops/empty.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
-#include <omp.h>
 #include <torch/library.h>
 
 #include "scalar_math.h"
@@ -28,6 +27,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <memory>
 #include <vector>
 
 #if defined(__AVX512F__)
@@ -227,15 +227,20 @@ void prefill_impl(const at::Tensor& query, const at::Tensor& key_cache,
   s.out_token_stride = out.stride(0);
   const int64_t num_chunks = block_tables.size(0);
   std::vector<Chunk> chunks(num_chunks);
-  std::vector<int64_t> panel_offset(num_chunks + 1, 0);  // floats, per chunk (all its kv heads)
+  // Each chunk's panels start here (floats), one run per kv head of head_panel_floats[chunk].
+  std::vector<int64_t> panel_offset(num_chunks + 1, 0), head_panel_floats(num_chunks);
   for (int64_t i = 0; i < num_chunks; ++i) {
     chunks[i] = {query_starts.data_ptr<int64_t>()[i], query_lens.data_ptr<int64_t>()[i],
                  context_lens.data_ptr<int64_t>()[i],
                  block_tables.data_ptr<int64_t>() + i * s.max_blocks};
-    const int64_t num_panels = (chunks[i].context_len + kKeys - 1) / kKeys;
-    panel_offset[i + 1] = panel_offset[i] + s.kv_heads * num_panels * DIM * kKeys;
+    head_panel_floats[i] = (chunks[i].context_len + kKeys - 1) / kKeys * DIM * kKeys;
+    panel_offset[i + 1] = panel_offset[i] + s.kv_heads * head_panel_floats[i];
   }
-  std::vector<float> panels(panel_offset[num_chunks]);
+  // Every float is written by transpose_keys (zeros past a context): no initialisation.
+  const std::unique_ptr<float[]> panels(new float[panel_offset[num_chunks]]);
+  auto head_panels = [&](int64_t chunk, int64_t kv_head) {
+    return panels.get() + panel_offset[chunk] + kv_head * head_panel_floats[chunk];
+  };
   const T* q_data = query.data_ptr<T>();
   const T* k_cache = key_cache.data_ptr<T>();
   const T* v_cache = value_cache.data_ptr<T>();
@@ -264,17 +269,13 @@ void prefill_impl(const at::Tensor& query, const at::Tensor& key_cache,
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < heads_items; ++item) {
       const int64_t ci = item / s.kv_heads, h = item % s.kv_heads;
-      const int64_t per_head = (panel_offset[ci + 1] - panel_offset[ci]) / s.kv_heads;
-      transpose_keys<T, DIM>(k_cache, s, chunks[ci], h, chunks[ci].context_len,
-                             panels.data() + panel_offset[ci] + h * per_head);
+      transpose_keys<T, DIM>(k_cache, s, chunks[ci], h, chunks[ci].context_len, head_panels(ci, h));
     }
 #pragma omp for schedule(dynamic, 1)
     for (int64_t index = 0; index < static_cast<int64_t>(items.size()); ++index) {
       const Item& it = items[index];
-      const int64_t per_head = (panel_offset[it.chunk + 1] - panel_offset[it.chunk]) / s.kv_heads;
       attend_tile<T, DIM>(q_data, v_cache, s, chunks[it.chunk], it.kv_head, it.i0, it.i1,
-                          softmax_scale, panels.data() + panel_offset[it.chunk] + it.kv_head * per_head,
-                          out_data);
+                          softmax_scale, head_panels(it.chunk, it.kv_head), out_data);
     }
   }
 }

@@ -130,6 +130,19 @@ def _blocks_for(length: int, block_size: int) -> int:
     return -(-length // block_size)
 
 
+def _padded_tables(
+    plan: StepPlan, rows: list[int], lengths: list[int], block_size: int
+) -> list[list[int]]:
+    """Each row's blocks covering its length, padded to the longest with the row's own first
+    block: a valid id, whose keys past the length no kernel reads (and a mask hides)."""
+    max_blocks = max(_blocks_for(length, block_size) for length in lengths)
+    tables = []
+    for row, length in zip(rows, lengths, strict=True):
+        table = plan.sequences[row].block_table[: _blocks_for(length, block_size)]
+        tables.append(table + [table[0]] * (max_blocks - len(table)))
+    return tables
+
+
 # A decode bucket costs a few kernel calls per layer (two gathers, attention, a scatter), about
 # what gathering and reading this many padded key positions costs; a split must save more.
 _BUCKET_SPLIT_MIN_SAVING = 1024
@@ -174,12 +187,7 @@ def _decode_group(
 ) -> DecodeGroup:
     lengths = [plan.sequences[r].start_pos + 1 for r in rows]
     max_len = max(lengths)
-    max_blocks = _blocks_for(max_len, block_size)
-    tables = []
-    for r, length in zip(rows, lengths, strict=True):
-        table = plan.sequences[r].block_table[: _blocks_for(length, block_size)]
-        # Pad with the sequence's own first block: a valid id whose keys the mask hides.
-        tables.append(table + [table[0]] * (max_blocks - len(table)))
+    tables = _padded_tables(plan, rows, lengths, block_size)
     key_mask = None
     if masked and any(length != max_len for length in lengths):
         key_mask = (
@@ -223,11 +231,7 @@ def _prefill_batch(
     contexts = [
         plan.sequences[row].start_pos + len(plan.sequences[row].token_ids) for row, _ in rows
     ]
-    max_blocks = max(_blocks_for(length, block_size) for length in contexts)
-    tables = []
-    for (row, _), length in zip(rows, contexts, strict=True):
-        table = plan.sequences[row].block_table[: _blocks_for(length, block_size)]
-        tables.append(table + [table[0]] * (max_blocks - len(table)))  # padding is never read
+    tables = _padded_tables(plan, [row for row, _ in rows], contexts, block_size)
     return PrefillBatch(
         block_tables=torch.tensor(tables, dtype=torch.long).to(device),
         query_starts=torch.tensor([start for _, start in rows], dtype=torch.long).to(device),
