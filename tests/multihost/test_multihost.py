@@ -117,9 +117,10 @@ async def routable(cluster: MultiHostCluster, model: str, n: int, timeout_s: flo
         await eventually(probe, timeout_s)
 
 
-async def warm_on_every_host(cluster: MultiHostCluster, timeout_s: float = 90) -> None:
+async def warm_on_every_host(cluster: MultiHostCluster, timeout_s: float = 240) -> None:
     """Waits for a warm pod on each pod host: claims then spread a model over the hosts (the
-    pool keeps its warm pods spread, but a test may start right after others took some)."""
+    pool keeps its warm pods spread, but a test may start right after others took some, or
+    after a host was cut off; re-warming it took over 90 s in full-suite runs on a slow host)."""
     async with EtcdStore(cluster.layout.etcd_endpoint) as etcd:
 
         async def spread() -> bool:
