@@ -11,12 +11,25 @@ import pytest
 import torch
 
 from deepserve.errors import InvalidArgument
+from deepserve.flowserve.kernels import library, token_sampling
 from deepserve.flowserve.sampling.penalties import apply_penalties
 from deepserve.flowserve.sampling.sampler import Sampler
 from deepserve.flowserve.sampling.state import SamplingState
 from deepserve.sampling_params import SamplingParams
 
 torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True, params=["kernel", "torch"])
+def pick_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test runs on both of the sampler's paths: the CPU kernel and plain torch."""
+    if request.param == "kernel":
+        library.build()  # this machine kind has a compiler: a build failure fails the test
+        assert token_sampling.available(), "the sampling kernel did not load or disagreed"
+    else:
+        monkeypatch.setattr(token_sampling, "available", lambda: False)
+    return str(request.param)
+
 
 VOCAB = 64
 # A 4-token distribution with known probabilities, padded with impossible tokens.

@@ -1,9 +1,10 @@
 """FlowServe's native CPU kernels as one library: built once per host, loaded by each engine.
 
 The C++ sources beside this file (`paged_decode.cpp`, `paged_prefill.cpp`, `fused_layer_ops.cpp`,
-`skinny_linear.cpp`) are compiled for this host's CPU (`-march=native`) by torch's extension builder into a cache directory keyed by the
-sources, torch's version, the flags and the CPU's features. Engines never compile: a pod that
-starts before the build exists keeps its pure-torch paths, so no request waits on a compiler.
+`skinny_linear.cpp`, `token_sampling.cpp`) are compiled for this host's CPU (`-march=native`) by
+torch's extension builder into a cache directory keyed by the sources, torch's version, the
+flags and the CPU's features. Engines never compile: a pod that starts before the build exists
+keeps its pure-torch paths, so no request waits on a compiler.
 `scripts/bootstrap.sh` (hence `up.sh` and `test.sh`) and `bench.serve_vs_vllm` build it ahead
 with `python -m deepserve.flowserve.kernels`.
 
@@ -36,6 +37,7 @@ SOURCES = tuple(
         "paged_prefill.cpp",
         "fused_layer_ops.cpp",
         "skinny_linear.cpp",
+        "token_sampling.cpp",
     )
 )
 # -fopenmp: ATen's parallel_for is inlined into the library and runs on one thread without it;

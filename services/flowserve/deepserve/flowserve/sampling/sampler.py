@@ -8,7 +8,12 @@ seed yields the same tokens whatever else shares the step and wherever the row s
 One uniform per row, not the exponential race (argmax of log p - log E, one Exp(1) draw per
 vocabulary entry): torch draws those one at a time on one core, 56 ms for 32 rows of a 49k
 vocabulary on this project's 2-core host against 2 ms for softmax weights, a cumsum and a search
-(bench/RESULTS.md, issue #19), and the sampler runs beside the next step's forward.
+(bench/RESULTS.md, issue #19).
+
+The next decode step waits for these tokens, so on CPU the pick runs in FlowServe's kernel
+(`kernels/token_sampling`): argmax and the draw in one pass per row, temperature included, on
+the executor's logits as they are. The copy, penalties, masks and truncation run only for the
+rows of a step that ask for them; the kernel then draws from what they leave.
 
 Logprobs are the model's own distribution by default ("raw": log_softmax of the logits as the
 model produced them, before penalties, temperature and truncation), as vLLM does; they describe
@@ -25,6 +30,7 @@ from typing import Literal
 
 import torch
 
+from deepserve.flowserve.kernels import token_sampling
 from deepserve.flowserve.sampling.penalties import apply_penalties, block_tokens
 from deepserve.flowserve.sampling.state import SamplingState
 
@@ -48,6 +54,8 @@ class Sampler:
         if logprobs_mode not in ("raw", "processed"):
             raise ValueError(f"unknown logprobs_mode {logprobs_mode!r}")
         self.logprobs_mode: LogprobsMode = logprobs_mode
+        # Decided on the first CPU step (the kernel library loads on first use).
+        self._kernel: bool | None = None
 
     def sample(self, logits: torch.Tensor, states: Sequence[SamplingState]) -> list[SampleResult]:
         """One token per row; the caller appends it to the request's output list itself."""
@@ -58,10 +66,15 @@ class Sampler:
         if not states:
             return []
         device = logits.device
+        wants_logprobs = any(s.params.logprobs for s in states)
+        vocab_size = logits.shape[1]
+        if self._uses_kernel(logits) and not self._edits_logits(states, wants_logprobs, vocab_size):
+            # Nothing writes the logits: the kernel reads the executor's tensor directly.
+            raw = torch.log_softmax(logits, dim=-1) if wants_logprobs else None
+            return self._results(self._kernel_pick(logits, states, scaled=False), raw, states)
+
         # Own float32 copy: penalties and masks write in place, the caller's tensor stays intact.
         logits = logits.to(dtype=torch.float32, copy=True)
-        wants_logprobs = any(s.params.logprobs for s in states)
-
         logprobs: torch.Tensor | None = None
         if wants_logprobs and self.logprobs_mode == "raw":
             logprobs = torch.log_softmax(logits, dim=-1)
@@ -76,8 +89,50 @@ class Sampler:
         token_ids = self._pick(logits, states)
         return self._results(token_ids, logprobs, states)
 
+    def _uses_kernel(self, logits: torch.Tensor) -> bool:
+        if logits.device.type != "cpu" or logits.dtype != torch.float32:
+            return False
+        if self._kernel is None:
+            self._kernel = token_sampling.available()
+        return self._kernel
+
+    def _edits_logits(
+        self, states: Sequence[SamplingState], wants_logprobs: bool, vocab_size: int
+    ) -> bool:
+        """Whether this step needs the logits rewritten before the pick: penalties, blocked stop
+        tokens, top-k/top-p/min-p, or logprobs of the processed distribution."""
+        if wants_logprobs and self.logprobs_mode == "processed":
+            return True
+        return any(
+            s.params.has_penalties
+            or s.min_tokens_blocked_ids()
+            or (not s.params.is_greedy and _truncates(s, vocab_size))
+            for s in states
+        )
+
+    def _kernel_pick(
+        self, logits: torch.Tensor, states: Sequence[SamplingState], scaled: bool
+    ) -> torch.Tensor:
+        """Argmax for greedy rows, one inverse-CDF draw for the others, in the kernel.
+        `scaled`: temperature is already divided into the logits."""
+        inverse = [
+            0.0 if s.params.is_greedy else 1.0 if scaled else 1.0 / s.params.temperature
+            for s in states
+        ]
+        uniform = torch.zeros(len(states), dtype=torch.float32)
+        random_rows = [i for i, s in enumerate(states) if not s.params.is_greedy]
+        if random_rows:
+            uniform[random_rows] = _uniforms([states[i] for i in random_rows], uniform.device)
+        return token_sampling.sample_tokens(
+            logits.contiguous(), torch.tensor(inverse, dtype=torch.float32), uniform
+        )
+
     def _pick(self, logits: torch.Tensor, states: Sequence[SamplingState]) -> torch.Tensor:
         random_rows = [i for i, s in enumerate(states) if not s.params.is_greedy]
+        if self._uses_kernel(logits):
+            if random_rows:
+                _truncate_rows(logits, random_rows, [states[i] for i in random_rows])
+            return self._kernel_pick(logits, states, scaled=True)
         token_ids = logits.argmax(dim=-1)
         if not random_rows:
             return token_ids
@@ -118,6 +173,34 @@ class Sampler:
                     zip(top_indices[position][:wanted], top_values[position][:wanted], strict=True)
                 )
         return results
+
+
+def _truncates(state: SamplingState, vocab_size: int) -> bool:
+    params = state.params
+    return 0 < params.top_k < vocab_size or params.top_p < 1.0 or params.min_p > 0.0
+
+
+def _truncate_rows(logits: torch.Tensor, rows: list[int], states: Sequence[SamplingState]) -> None:
+    """`_truncate` on the given rows of `logits` (in place), if any of them truncates."""
+    if not any(_truncates(s, logits.shape[1]) for s in states):
+        return
+    row_index = torch.tensor(rows, dtype=torch.int64, device=logits.device)
+    sub = logits.index_select(0, row_index)
+    _truncate(sub, states)
+    logits.index_copy_(0, row_index, sub)
+
+
+def _uniforms(states: Sequence[SamplingState], device: torch.device) -> torch.Tensor:
+    """One uniform in [0, 1) per row: seeded rows from their own generator, the rest from the
+    global one."""
+    uniform = torch.empty(len(states), dtype=torch.float32, device=device)
+    seeded = [(row, s.generator(device)) for row, s in enumerate(states)]
+    if any(generator is None for _, generator in seeded):
+        uniform.uniform_()
+    for row, generator in seeded:
+        if generator is not None:
+            uniform[row : row + 1].uniform_(generator=generator)
+    return uniform
 
 
 def _truncate(logits: torch.Tensor, states: Sequence[SamplingState]) -> None:
@@ -169,13 +252,7 @@ def _inverse_cdf(logits: torch.Tensor, states: Sequence[SamplingState]) -> torch
     """
     device = logits.device
     cdf = (logits - logits.amax(dim=-1, keepdim=True)).exp_().cumsum_(dim=-1)
-    uniform = torch.empty(len(states), 1, dtype=torch.float32, device=device)
-    seeded = [(row, s.generator(device)) for row, s in enumerate(states)]
-    if any(generator is None for _, generator in seeded):
-        uniform.uniform_()
-    for row, generator in seeded:
-        if generator is not None:
-            uniform[row].uniform_(generator=generator)
+    uniform = _uniforms(states, device).unsqueeze(1)
     total = cdf[:, -1:]
     # u * total can round up to total itself; the largest float below it keeps the pick on a
     # token of nonzero weight.
