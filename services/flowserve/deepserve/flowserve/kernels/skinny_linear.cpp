@@ -98,11 +98,16 @@ inline void prefetch(const void* address) {
 }
 
 // acc[R][32] (+)= rows [0, R) of x times steps [0, steps) of one panel chunk. A float32 step is
-// one k; a bfloat16 step is one k pair. `stream`: this pass is the chunk's first, so it reads the
-// panel from memory and prefetches ahead; later row tiles find the chunk in L1.
+// one k; a bfloat16 step is one k pair. Meanwhile `ahead_lines` cache lines from `ahead` are
+// prefetched: a stream of two lines per step, or fewer spread over the steps.
 template <int R, bool BF16>
 inline void tile(const void* x_, int64_t ldx, const void* chunk_, int64_t steps, float* acc_buf,
-                 bool first, bool stream) {
+                 bool first, const char* ahead, int64_t ahead_lines) {
+  // Spread (ahead_lines < 2 per step): one line of `ahead` every `every` steps. Else stream: two
+  // lines a step, `ahead` walking with the steps.
+  const bool spread = ahead_lines < 2 * steps;
+  const int64_t every = spread && ahead_lines > 0 ? std::max<int64_t>(1, steps / ahead_lines) : 1;
+  int64_t countdown = every, line = 0;
   __m512 acc[R][2];
   for (int r = 0; r < R; ++r) {
     acc[r][0] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(acc_buf + r * kPanel);
@@ -112,9 +117,12 @@ inline void tile(const void* x_, int64_t ldx, const void* chunk_, int64_t steps,
     const float* x = static_cast<const float*>(x_);
     const float* chunk = static_cast<const float*>(chunk_);
     for (int64_t i = 0; i < steps; ++i) {
-      if (stream) {
-        prefetch(chunk + (i + kPrefetchSteps) * kPanel);
-        prefetch(chunk + (i + kPrefetchSteps) * kPanel + 16);
+      if (!spread) {
+        prefetch(ahead + 128 * i);
+        prefetch(ahead + 128 * i + 64);
+      } else if (--countdown == 0) {
+        countdown = every;
+        if (line < ahead_lines) prefetch(ahead + 64 * line++);
       }
       const __m512 w0 = _mm512_loadu_ps(chunk + i * kPanel);
       const __m512 w1 = _mm512_loadu_ps(chunk + i * kPanel + 16);
@@ -129,9 +137,12 @@ inline void tile(const void* x_, int64_t ldx, const void* chunk_, int64_t steps,
     const c10::BFloat16* x = static_cast<const c10::BFloat16*>(x_);
     const c10::BFloat16* chunk = static_cast<const c10::BFloat16*>(chunk_);
     for (int64_t i = 0; i < steps; ++i) {
-      if (stream) {
-        prefetch(chunk + (i + kPrefetchSteps) * kPanel * 2);
-        prefetch(chunk + (i + kPrefetchSteps) * kPanel * 2 + 32);
+      if (!spread) {
+        prefetch(ahead + 128 * i);
+        prefetch(ahead + 128 * i + 64);
+      } else if (--countdown == 0) {
+        countdown = every;
+        if (line < ahead_lines) prefetch(ahead + 64 * line++);
       }
       const __m512bh w0 = (__m512bh)_mm512_loadu_si512(chunk + i * kPanel * 2);
       const __m512bh w1 = (__m512bh)_mm512_loadu_si512(chunk + i * kPanel * 2 + 32);
@@ -153,16 +164,16 @@ inline void tile(const void* x_, int64_t ldx, const void* chunk_, int64_t steps,
 
 template <bool BF16>
 inline void tile_rows(int64_t rows, const void* x, int64_t ldx, const void* chunk, int64_t steps,
-                      float* acc_buf, bool first, bool stream) {
+                      float* acc_buf, bool first, const char* ahead, int64_t ahead_lines) {
   switch (rows) {
-    case 8: tile<8, BF16>(x, ldx, chunk, steps, acc_buf, first, stream); break;
-    case 7: tile<7, BF16>(x, ldx, chunk, steps, acc_buf, first, stream); break;
-    case 6: tile<6, BF16>(x, ldx, chunk, steps, acc_buf, first, stream); break;
-    case 5: tile<5, BF16>(x, ldx, chunk, steps, acc_buf, first, stream); break;
-    case 4: tile<4, BF16>(x, ldx, chunk, steps, acc_buf, first, stream); break;
-    case 3: tile<3, BF16>(x, ldx, chunk, steps, acc_buf, first, stream); break;
-    case 2: tile<2, BF16>(x, ldx, chunk, steps, acc_buf, first, stream); break;
-    default: tile<1, BF16>(x, ldx, chunk, steps, acc_buf, first, stream); break;
+    case 8: tile<8, BF16>(x, ldx, chunk, steps, acc_buf, first, ahead, ahead_lines); break;
+    case 7: tile<7, BF16>(x, ldx, chunk, steps, acc_buf, first, ahead, ahead_lines); break;
+    case 6: tile<6, BF16>(x, ldx, chunk, steps, acc_buf, first, ahead, ahead_lines); break;
+    case 5: tile<5, BF16>(x, ldx, chunk, steps, acc_buf, first, ahead, ahead_lines); break;
+    case 4: tile<4, BF16>(x, ldx, chunk, steps, acc_buf, first, ahead, ahead_lines); break;
+    case 3: tile<3, BF16>(x, ldx, chunk, steps, acc_buf, first, ahead, ahead_lines); break;
+    case 2: tile<2, BF16>(x, ldx, chunk, steps, acc_buf, first, ahead, ahead_lines); break;
+    default: tile<1, BF16>(x, ldx, chunk, steps, acc_buf, first, ahead, ahead_lines); break;
   }
 }
 
@@ -223,9 +234,20 @@ void run_panels(const T* x, int64_t m, int64_t k, const T* packed, int64_t n, T*
       for (int64_t s0 = 0; s0 < steps; s0 += kChunkSteps) {
         const int64_t chunk_steps = std::min(kChunkSteps, steps - s0);
         const T* chunk = panel + s0 * kPanel * kValuesPerStep;
-        for (int64_t row = 0; row < m; row += kRowTile) {
+        // Weights are prefetched ahead of the FMAs. One row tile: kPrefetchSteps ahead in the
+        // stream. Several: the next chunk (the rest of this panel, then the next panel, which
+        // is contiguous) is spread over this chunk's passes, so that reading memory overlaps
+        // the arithmetic of every pass, not only the first's (0.87-0.91x the time at 16-32
+        // rows; bench/RESULTS.md, issue #19).
+        const int64_t passes = (m + kRowTile - 1) / kRowTile;
+        const int64_t ahead_steps = passes == 1 ? kPrefetchSteps : chunk_steps;
+        const char* next = reinterpret_cast<const char*>(chunk + ahead_steps * kPanel * kValuesPerStep);
+        const int64_t lines = chunk_steps * kPanel * kValuesPerStep * int64_t(sizeof(T)) / 64;
+        for (int64_t row = 0, pass = 0; row < m; row += kRowTile, ++pass) {
+          const int64_t first_line = lines * pass / passes, end_line = lines * (pass + 1) / passes;
           tile_rows<kBF16>(std::min(kRowTile, m - row), x + row * k + s0 * kValuesPerStep, k,
-                           chunk, chunk_steps, acc_buf + row * kPanel, s0 == 0, row == 0);
+                           chunk, chunk_steps, acc_buf + row * kPanel, s0 == 0,
+                           next + 64 * first_line, end_line - first_line);
         }
       }
       for (int64_t row = 0; row < m; row += kRowTile) {

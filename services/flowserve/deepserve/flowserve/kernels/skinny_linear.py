@@ -22,9 +22,10 @@ log = logging.getLogger(__name__)
 # "0" keeps oneDNN for every matmul.
 KERNEL_ENV = "DEEPSERVE_FLOWSERVE_SKINNY_LINEAR"
 # Rows up to which the kernel beats oneDNN (30 layers of SmolLM2 + lm_head, 2 threads, this
-# project's Intel AMX host): float32 0.66-0.86x oneDNN's time at 1-32 rows, even at 64;
-# bfloat16 0.61-0.78x at 1-4 rows, slower from 6 (oneDNN's AMX tiles take over).
-_MAX_ROWS = {torch.float32: 32, torch.bfloat16: 4}
+# project's Intel AMX host): float32 0.66-0.86x oneDNN's time at 1-32 rows, and 0.70-0.78x at
+# 40-64 once the next chunk of weights is prefetched across a chunk's row tiles; bfloat16
+# 0.61-0.78x at 1-4 rows, slower from 6 (oneDNN's AMX tiles take over).
+_MAX_ROWS = {torch.float32: 64, torch.bfloat16: 4}
 
 
 def available(dtype: torch.dtype) -> bool:

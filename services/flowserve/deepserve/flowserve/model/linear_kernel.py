@@ -15,7 +15,7 @@ each forward step (`pack_some`), one layer's worth at a time, until all are done
 Decode-sized calls (a few rows) go to FlowServe's own kernel instead where it is built
 (`kernels/skinny_linear`): it streams a second private copy of each weight, laid out in panels,
 at close to the memory's speed, which oneDNN does not at those sizes (float32: 0.66-0.86x its
-time at 1-32 rows). That copy is made beside the reordered one, in the same steps. Prefill
+time at 1-32 rows, 0.70-0.78x at 40-64). That copy is made beside the reordered one, in the same steps. Prefill
 keeps oneDNN, on the reordered copy (4% faster than the plain weights at 256-2048 rows).
 
 The ops are private to torch, so they are probed at model load: they must exist and agree with
