@@ -97,17 +97,42 @@ inline void prefetch(const void* address) {
   _mm_prefetch(reinterpret_cast<const char*>(address), _MM_HINT_T0);
 }
 
+// Prefetches `lines` cache lines from `ahead` over `steps` steps of a chunk (a step of a panel is
+// 128 bytes in either dtype): a stream of two lines per step when there are that many, else one
+// line every steps / lines steps.
+class Prefetcher {
+ public:
+  Prefetcher(const char* ahead, int64_t lines, int64_t steps)
+      : ahead_(ahead),
+        lines_(lines),
+        stream_(lines >= 2 * steps),
+        every_(lines > 0 ? std::max<int64_t>(1, steps / lines) : 1),
+        countdown_(every_) {}
+
+  inline void step(int64_t i) {
+    if (stream_) {
+      prefetch(ahead_ + 128 * i);
+      prefetch(ahead_ + 128 * i + 64);
+    } else if (--countdown_ == 0) {
+      countdown_ = every_;
+      if (line_ < lines_) prefetch(ahead_ + 64 * line_++);
+    }
+  }
+
+ private:
+  const char* ahead_;
+  int64_t lines_;
+  bool stream_;
+  int64_t every_, countdown_, line_ = 0;
+};
+
 // acc[R][32] (+)= rows [0, R) of x times steps [0, steps) of one panel chunk. A float32 step is
 // one k; a bfloat16 step is one k pair. Meanwhile `ahead_lines` cache lines from `ahead` are
 // prefetched: a stream of two lines per step, or fewer spread over the steps.
 template <int R, bool BF16>
 inline void tile(const void* x_, int64_t ldx, const void* chunk_, int64_t steps, float* acc_buf,
                  bool first, const char* ahead, int64_t ahead_lines) {
-  // Spread (ahead_lines < 2 per step): one line of `ahead` every `every` steps. Else stream: two
-  // lines a step, `ahead` walking with the steps.
-  const bool spread = ahead_lines < 2 * steps;
-  const int64_t every = spread && ahead_lines > 0 ? std::max<int64_t>(1, steps / ahead_lines) : 1;
-  int64_t countdown = every, line = 0;
+  Prefetcher prefetcher(ahead, ahead_lines, steps);
   __m512 acc[R][2];
   for (int r = 0; r < R; ++r) {
     acc[r][0] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(acc_buf + r * kPanel);
@@ -117,13 +142,7 @@ inline void tile(const void* x_, int64_t ldx, const void* chunk_, int64_t steps,
     const float* x = static_cast<const float*>(x_);
     const float* chunk = static_cast<const float*>(chunk_);
     for (int64_t i = 0; i < steps; ++i) {
-      if (!spread) {
-        prefetch(ahead + 128 * i);
-        prefetch(ahead + 128 * i + 64);
-      } else if (--countdown == 0) {
-        countdown = every;
-        if (line < ahead_lines) prefetch(ahead + 64 * line++);
-      }
+      prefetcher.step(i);
       const __m512 w0 = _mm512_loadu_ps(chunk + i * kPanel);
       const __m512 w1 = _mm512_loadu_ps(chunk + i * kPanel + 16);
       for (int r = 0; r < R; ++r) {
@@ -137,13 +156,7 @@ inline void tile(const void* x_, int64_t ldx, const void* chunk_, int64_t steps,
     const c10::BFloat16* x = static_cast<const c10::BFloat16*>(x_);
     const c10::BFloat16* chunk = static_cast<const c10::BFloat16*>(chunk_);
     for (int64_t i = 0; i < steps; ++i) {
-      if (!spread) {
-        prefetch(ahead + 128 * i);
-        prefetch(ahead + 128 * i + 64);
-      } else if (--countdown == 0) {
-        countdown = every;
-        if (line < ahead_lines) prefetch(ahead + 64 * line++);
-      }
+      prefetcher.step(i);
       const __m512bh w0 = (__m512bh)_mm512_loadu_si512(chunk + i * kPanel * 2);
       const __m512bh w1 = (__m512bh)_mm512_loadu_si512(chunk + i * kPanel * 2 + 32);
       for (int r = 0; r < R; ++r) {
