@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from deepserve.config import ServiceSettings
@@ -46,8 +47,9 @@ class FlowServeSettings(ServiceSettings):
     async_scheduling: bool = True
     block_size: int = 16
     max_num_seqs: int = 64
-    # Tokens one engine step computes at most (vLLM calls it max_num_batched_tokens).
-    step_token_budget: int = 2048
+    # Tokens one engine step computes at most (vLLM calls it max_num_batched_tokens); 0: the
+    # device's default (512 on CPU, 2048 on accelerators).
+    step_token_budget: int = Field(default=0, ge=0)
     # An idle engine holds its first step for up to this fraction of the step's expected
     # prefill (never longer than the max) so a burst of requests starts together; 0: never.
     admission_window_fraction: float = 0.05

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from pydantic import ValidationError
 
 from deepserve.errors import FailedPrecondition, InvalidArgument
+from deepserve.flowserve.pod.engine_builder import step_token_budget
 from deepserve.flowserve.runner.device import (
     DEVICE_ENV_VAR,
     DevicePlatform,
@@ -14,6 +16,7 @@ from deepserve.flowserve.runner.device import (
     parse_dtype,
     platform_of,
 )
+from deepserve.flowserve.settings import FlowServeSettings
 
 
 def test_auto_picks_an_available_platform(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -30,6 +33,7 @@ def test_environment_and_argument_override(monkeypatch: pytest.MonkeyPatch) -> N
     assert platform.collective_backend == "gloo"
     assert platform.device(3) == torch.device("cpu")
     assert platform.default_dtype == torch.float32
+    assert platform.default_step_token_budget == 512
     monkeypatch.setenv(DEVICE_ENV_VAR, "tpu")
     with pytest.raises(InvalidArgument):
         detect_platform()
@@ -48,6 +52,7 @@ def test_backends_and_devices_per_kind() -> None:
     assert DevicePlatform("cuda").device(1) == torch.device("cuda", 1)
     assert DevicePlatform("cuda", 2).device() == torch.device("cuda", 2)
     assert DevicePlatform("cuda").default_dtype == torch.bfloat16
+    assert DevicePlatform("cuda").default_step_token_budget == 2048
     assert platform_of("cuda:1") == DevicePlatform("cuda", 1)
 
 
@@ -58,3 +63,10 @@ def test_parse_dtype() -> None:
     assert parse_dtype("torch.float16", cpu) == torch.float16
     with pytest.raises(InvalidArgument):
         parse_dtype("int4", cpu)
+
+
+def test_step_token_budget_is_configured_or_the_devices_default() -> None:
+    assert step_token_budget(FlowServeSettings(device="cpu")) == 512
+    assert step_token_budget(FlowServeSettings(device="cpu", step_token_budget=96)) == 96
+    with pytest.raises(ValidationError, match="step_token_budget"):
+        FlowServeSettings(step_token_budget=-1)

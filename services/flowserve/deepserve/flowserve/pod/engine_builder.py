@@ -31,6 +31,13 @@ def engine_dtype(settings: FlowServeSettings) -> torch.dtype:
     return parse_dtype(settings.dtype or None, detect_platform(settings.device or None))
 
 
+def step_token_budget(settings: FlowServeSettings) -> int:
+    """Tokens one engine step computes at most: configured, else the device's default."""
+    if settings.step_token_budget > 0:
+        return settings.step_token_budget
+    return detect_platform(settings.device or None).default_step_token_budget
+
+
 def kv_blocks_for(settings: FlowServeSettings, config: ModelConfig, tp_size: int) -> int:
     if settings.kv_cache_blocks > 0:
         return settings.kv_cache_blocks
@@ -97,7 +104,7 @@ def build_engine(
         num_gpu_blocks=num_blocks,
         num_host_blocks=settings.kv_host_blocks,
         max_num_seqs=settings.max_num_seqs,
-        step_token_budget=settings.step_token_budget,
+        step_token_budget=step_token_budget(settings),
         admission_window_fraction=settings.admission_window_fraction,
         admission_window_max_s=settings.admission_window_max_s,
         max_model_len=max_model_len,

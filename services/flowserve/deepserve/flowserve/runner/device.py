@@ -40,6 +40,15 @@ class DevicePlatform:
         # CPUs lack fast bf16 matmuls on most hosts; accelerators are built for 16-bit.
         return torch.float32 if self.kind == "cpu" else torch.bfloat16
 
+    @property
+    def default_step_token_budget(self) -> int:
+        # A CPU step of 512 tokens already runs its matmuls at full speed (~0.5 s for a 135M
+        # model), and a burst of prompts then gets first tokens a step at a time instead of
+        # all at the end of one long step: 8 x 256-token prompts, TTFT p50 1.9-2.0 s at 2048
+        # tokens, 1.2-1.4 s at 512, same wall time (bench/RESULTS.md, issue #19).
+        # Accelerators need wide steps to fill the device.
+        return 512 if self.kind == "cpu" else 2048
+
     def device(self, rank: int | None = None) -> torch.device:
         """The torch device of tensor-parallel `rank` (or of the configured index)."""
         if self.kind == "cpu":
