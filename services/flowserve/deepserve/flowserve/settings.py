@@ -48,7 +48,7 @@ class FlowServeSettings(ServiceSettings):
     block_size: int = 16
     max_num_seqs: int = 64
     # Tokens one engine step computes at most (vLLM calls it max_num_batched_tokens); 0: the
-    # device's default (512 on CPU, 2048 on accelerators).
+    # device's default (1024 on CPU, 2048 on accelerators).
     step_token_budget: int = Field(default=0, ge=0)
     # An idle engine holds its first step for up to this fraction of the step's expected
     # prefill (never longer than the max) so a burst of requests starts together; 0: never.

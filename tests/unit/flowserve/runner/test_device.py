@@ -33,7 +33,7 @@ def test_environment_and_argument_override(monkeypatch: pytest.MonkeyPatch) -> N
     assert platform.collective_backend == "gloo"
     assert platform.device(3) == torch.device("cpu")
     assert platform.default_dtype == torch.float32
-    assert platform.default_step_token_budget == 512
+    assert platform.default_step_token_budget == 1024
     monkeypatch.setenv(DEVICE_ENV_VAR, "tpu")
     with pytest.raises(InvalidArgument):
         detect_platform()
@@ -66,7 +66,7 @@ def test_parse_dtype() -> None:
 
 
 def test_step_token_budget_is_configured_or_the_devices_default() -> None:
-    assert step_token_budget(FlowServeSettings(device="cpu")) == 512
+    assert step_token_budget(FlowServeSettings(device="cpu")) == 1024
     assert step_token_budget(FlowServeSettings(device="cpu", step_token_budget=96)) == 96
     with pytest.raises(ValidationError, match="step_token_budget"):
         FlowServeSettings(step_token_budget=-1)

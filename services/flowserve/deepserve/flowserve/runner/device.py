@@ -42,12 +42,14 @@ class DevicePlatform:
 
     @property
     def default_step_token_budget(self) -> int:
-        # A CPU step of 512 tokens already runs its matmuls at full speed (~0.5 s for a 135M
-        # model), and a burst of prompts then gets first tokens a step at a time instead of
-        # all at the end of one long step: 8 x 256-token prompts, TTFT p50 1.9-2.0 s at 2048
-        # tokens, 1.2-1.4 s at 512, same wall time (bench/RESULTS.md, issue #19).
+        # On CPU a 1024-token step already runs its matmuls at full speed (~1 s for a 135M
+        # model), and a burst of prompts gets first tokens a step at a time instead of all at
+        # the end of one long step. Smaller steps trade the other way: each prompt finished
+        # early decodes one token per remaining prefill step. Served against vLLM (bench/
+        # RESULTS.md, issue #19): 8 x 256-token prompts, TTFT p50 1.12x vLLM's at 2048 tokens,
+        # 0.82x at 1024, 0.70x at 512; the mixed workload's TPOT p50 0.87x, 0.97x, 1.21x.
         # Accelerators need wide steps to fill the device.
-        return 512 if self.kind == "cpu" else 2048
+        return 1024 if self.kind == "cpu" else 2048
 
     def device(self, rank: int | None = None) -> torch.device:
         """The torch device of tensor-parallel `rank` (or of the configured index)."""
