@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from deepserve.flowserve.engine.step_plan import StepPlan, StepSequence
 from deepserve.flowserve.kernels import fused_layer_ops as ops
 from deepserve.flowserve.kernels import library
+from deepserve.flowserve.model.attention import write_kv
 from deepserve.flowserve.model.layer_ops import EagerLayerOps, FusedLayerOps
 from deepserve.flowserve.runner.model_runner import ModelRunner
 from tests.unit.flowserve.runner.tiny_models import save_tiny_model
@@ -72,6 +73,46 @@ def test_rotary_rotates_a_strided_view_in_place(dtype: torch.dtype, tolerance: f
     assert torch.equal(qkv[:, (heads + kv_heads) * dim :], value_before)  # values untouched
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_write_kv_stores_strided_slices_at_their_slots_and_nothing_else(dtype: torch.dtype) -> None:
+    """Keys and values as the model passes them (views into the fused qkv projection), into a
+    cache that already holds other sequences' blocks."""
+    generator = torch.Generator().manual_seed(4)
+    heads, kv_heads, dim, tokens = 9, 3, 64, 21
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim, generator=generator).to(dtype)
+    key = qkv[:, heads * dim : (heads + kv_heads) * dim].view(tokens, kv_heads, dim)
+    value = qkv[:, (heads + kv_heads) * dim :].view(tokens, kv_heads, dim)
+    key_cache = torch.randn(10, 16, kv_heads, dim, generator=generator).to(dtype)
+    value_cache = torch.randn(10, 16, kv_heads, dim, generator=generator).to(dtype)
+    slots = torch.randperm(160, generator=generator)[:tokens]
+    want_keys, want_values = key_cache.clone(), value_cache.clone()
+    want_keys.view(-1, kv_heads, dim).index_copy_(0, slots, key)
+    want_values.view(-1, kv_heads, dim).index_copy_(0, slots, value)
+    ops.write_kv_(key_cache, value_cache, slots, key, value)
+    assert torch.equal(key_cache, want_keys) and torch.equal(value_cache, want_values)
+
+
+def test_model_kv_writes_take_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """attention.write_kv calls the kernel for the model's strided slices, and index_copy_
+    for keys whose heads are not laid out row by row; both store the same."""
+    calls: list[int] = []
+    kernel = ops.write_kv_
+    monkeypatch.setattr(ops, "write_kv_", lambda *a: (calls.append(1), kernel(*a))[1])
+    key_cache = torch.zeros(4, 16, 3, 8)
+    value_cache = torch.zeros(4, 16, 3, 8)
+    kv = torch.randn(5, 2, 3, 8)
+    slots = torch.tensor([3, 17, 40, 41, 63])
+    write_kv(key_cache, value_cache, slots, kv[:, 0], kv[:, 1])
+    transposed = torch.randn(5, 8, 3).transpose(1, 2)  # [5, 3, 8], dim not innermost
+    other_keys, other_values = torch.zeros(4, 16, 3, 8), torch.zeros(4, 16, 3, 8)
+    write_kv(other_keys, other_values, slots, transposed, kv[:, 1])
+    assert calls == [1]
+    assert torch.equal(key_cache.view(-1, 3, 8)[slots], kv[:, 0])
+    assert torch.equal(value_cache.view(-1, 3, 8)[slots], kv[:, 1])
+    assert torch.equal(other_keys.view(-1, 3, 8)[slots], transposed)
+    assert torch.equal(other_values.view(-1, 3, 8)[slots], kv[:, 1])
+
+
 def test_bad_inputs_are_rejected() -> None:
     x = torch.randn(4, 8)
     with pytest.raises(RuntimeError, match="share a dtype"):
@@ -83,6 +124,17 @@ def test_bad_inputs_are_rejected() -> None:
     cos = torch.rand(10, 4)
     with pytest.raises(RuntimeError, match="outside the table"):
         ops.rotary_(torch.randn(2, 1, 8), torch.tensor([0, 10]), cos, cos)
+    caches = torch.zeros(2, 3, 4, 2, 8).unbind(0)
+    kv = torch.randn(2, 2, 8)
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        ops.write_kv_(*caches, torch.tensor([0, 12]), kv, kv)
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        ops.write_kv_(*caches, torch.tensor([-1, 0]), kv, kv)
+    with pytest.raises(RuntimeError, match="cache's dtype"):
+        ops.write_kv_(*caches, torch.tensor([0, 1]), kv.double(), kv.double())
+    with pytest.raises(RuntimeError, match="one slot per token"):
+        ops.write_kv_(*caches, torch.tensor([0]), kv, kv)
+    assert int(caches[0].count_nonzero()) == 0  # nothing written by a refused call
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])  # qwen2: q/k/v biases

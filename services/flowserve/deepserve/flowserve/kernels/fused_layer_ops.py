@@ -2,7 +2,9 @@
 
 RMSNorm (alone, or after the residual add), SiLU-and-multiply and rotary embedding, each one
 pass in float arithmetic instead of several eager kernels that, in bfloat16, each convert to
-float and back (30% of a bfloat16 prefill step before; bench/RESULTS.md, issue #19).
+float and back (30% of a bfloat16 prefill step before; bench/RESULTS.md, issue #19). And the
+store of a step's keys and values into the paged cache, a memcpy per token where index_copy_
+walked them element by element.
 """
 
 from __future__ import annotations
@@ -46,6 +48,17 @@ def rotary_(x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: to
     torch.ops.deepserve_flowserve.rotary_(x, positions, cos, sin)
 
 
+def write_kv_(
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    slots: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+) -> None:
+    """Store key/value [tokens, kv_heads, head_dim] at flat slots of one layer's paged cache."""
+    torch.ops.deepserve_flowserve.write_kv_(key_cache, value_cache, slots, key, value)
+
+
 def reference_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """transformers' Llama RMSNorm: float statistics, normalised row rounded, then weighted."""
     x32 = x.float()
@@ -82,7 +95,14 @@ def _agrees() -> bool:
         qk = torch.randn(5, 3, 8, generator=generator).to(dtype)
         rotated = qk.clone()
         rotary_(rotated, positions, angles.cos(), angles.sin())
+        key_cache, value_cache = torch.zeros(2, 4, 2, 2, 3, dtype=dtype).unbind(0)
+        kv = torch.randn(3, 2, 2, 2, 3, generator=generator).to(dtype)  # strided, as qkv slices
+        slots = torch.tensor([5, 0, 7])
+        write_kv_(key_cache, value_cache, slots, kv[:, 0, 1], kv[:, 1, 0])
         checks = (
+            torch.equal(key_cache.view(-1, 2, 3)[slots], kv[:, 0, 1]),
+            torch.equal(value_cache.view(-1, 2, 3)[slots], kv[:, 1, 0]),
+            int(key_cache.count_nonzero()) == int(kv[:, 0, 1].count_nonzero()),
             close(rms_norm(x, weight, 1e-5), reference_rms_norm(x, weight, 1e-5)),
             close(residual, x + delta),
             close(normed, reference_rms_norm(x + delta, weight, 1e-5)),

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from deepserve.flowserve.kernels import fused_layer_ops
 from deepserve.flowserve.kernels.paged_decode import paged_decode
 from deepserve.flowserve.kernels.paged_prefill import paged_prefill
 
@@ -87,6 +88,16 @@ def write_kv(
 ) -> None:
     """Store key/value [tokens, kv_heads, head_dim] at flat slots of one layer's paged cache."""
     _, _, kv_heads, head_dim = key_cache.shape
+    if (
+        key_cache.device.type == "cpu"
+        and key_cache.is_contiguous()
+        and value_cache.is_contiguous()
+        and all(t.stride(-1) == 1 and t.stride(-2) == head_dim for t in (key, value))
+        and fused_layer_ops.available()
+    ):
+        # One memcpy per token where index_copy_ walks the strided slices element by element.
+        fused_layer_ops.write_kv_(key_cache, value_cache, slots, key, value)
+        return
     key_cache.view(-1, kv_heads, head_dim).index_copy_(0, slots, key)
     value_cache.view(-1, kv_heads, head_dim).index_copy_(0, slots, value)
 
