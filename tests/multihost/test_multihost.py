@@ -121,14 +121,25 @@ async def warm_on_every_host(cluster: MultiHostCluster, timeout_s: float = 240) 
     """Waits for a warm pod on each pod host: claims then spread a model over the hosts (the
     pool keeps its warm pods spread, but a test may start right after others took some, or
     after a host was cut off; re-warming it took over 90 s in full-suite runs on a slow host)."""
+    # Each host's pods and their states at the last look: a timeout names the host that
+    # lacked a warm pod and what its pods were doing.
+    pods_by_host: dict[str, list[str]] = {}
     async with EtcdStore(cluster.layout.etcd_endpoint) as etcd:
 
         async def spread() -> bool:
             found, _ = await records.pods(etcd).list()
+            pods_by_host.clear()
+            for v in found:
+                pods_by_host.setdefault(v.record.host, []).append(
+                    f"{v.record.pod_id}: {v.record.state.value} {v.record.model}".rstrip()
+                )
             warm = {v.record.host for v in found if v.record.state.value == "warm"}
             return warm >= set(POD_HOSTS)
 
-        await eventually(spread, timeout_s)
+        try:
+            await eventually(spread, timeout_s, "a warm pod on every pod host")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; pods by host: {pods_by_host}") from None
 
 
 def complete(cluster: MultiHostCluster, model: str, prompt: str, max_tokens: int) -> dict:
