@@ -97,17 +97,15 @@ inline void prefetch(const void* address) {
   _mm_prefetch(reinterpret_cast<const char*>(address), _MM_HINT_T0);
 }
 
-// Prefetches `lines` cache lines from `ahead` over `steps` steps of a chunk (a step of a panel is
-// 128 bytes in either dtype): a stream of two lines per step when there are that many, else one
-// line every steps / lines steps.
+// Prefetches weights ahead of a chunk pass's FMAs, one call per step (a step of a panel is 128
+// bytes in either dtype): either a stream, two lines a step walking with the steps from
+// `ahead`, or `lines` lines from `ahead` spread evenly over `steps` steps.
 class Prefetcher {
  public:
-  Prefetcher(const char* ahead, int64_t lines, int64_t steps)
-      : ahead_(ahead),
-        lines_(lines),
-        stream_(lines >= 2 * steps),
-        every_(lines > 0 ? std::max<int64_t>(1, steps / lines) : 1),
-        countdown_(every_) {}
+  static Prefetcher stream(const char* ahead) { return Prefetcher(ahead, 0, 1, true); }
+  static Prefetcher spread(const char* ahead, int64_t lines, int64_t steps) {
+    return Prefetcher(ahead, lines, lines > 0 ? std::max<int64_t>(1, steps / lines) : 1, false);
+  }
 
   inline void step(int64_t i) {
     if (stream_) {
@@ -120,19 +118,19 @@ class Prefetcher {
   }
 
  private:
+  Prefetcher(const char* ahead, int64_t lines, int64_t every, bool stream)
+      : ahead_(ahead), lines_(lines), every_(every), countdown_(every), stream_(stream) {}
+
   const char* ahead_;
-  int64_t lines_;
+  int64_t lines_, every_, countdown_, line_ = 0;
   bool stream_;
-  int64_t every_, countdown_, line_ = 0;
 };
 
 // acc[R][32] (+)= rows [0, R) of x times steps [0, steps) of one panel chunk. A float32 step is
-// one k; a bfloat16 step is one k pair. Meanwhile `ahead_lines` cache lines from `ahead` are
-// prefetched: a stream of two lines per step, or fewer spread over the steps.
+// one k; a bfloat16 step is one k pair. `prefetcher` fetches weights ahead meanwhile.
 template <int R, bool BF16>
 inline void tile(const void* x_, int64_t ldx, const void* chunk_, int64_t steps, float* acc_buf,
-                 bool first, const char* ahead, int64_t ahead_lines) {
-  Prefetcher prefetcher(ahead, ahead_lines, steps);
+                 bool first, Prefetcher prefetcher) {
   __m512 acc[R][2];
   for (int r = 0; r < R; ++r) {
     acc[r][0] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(acc_buf + r * kPanel);
@@ -177,16 +175,16 @@ inline void tile(const void* x_, int64_t ldx, const void* chunk_, int64_t steps,
 
 template <bool BF16>
 inline void tile_rows(int64_t rows, const void* x, int64_t ldx, const void* chunk, int64_t steps,
-                      float* acc_buf, bool first, const char* ahead, int64_t ahead_lines) {
+                      float* acc_buf, bool first, Prefetcher prefetcher) {
   switch (rows) {
-    case 8: tile<8, BF16>(x, ldx, chunk, steps, acc_buf, first, ahead, ahead_lines); break;
-    case 7: tile<7, BF16>(x, ldx, chunk, steps, acc_buf, first, ahead, ahead_lines); break;
-    case 6: tile<6, BF16>(x, ldx, chunk, steps, acc_buf, first, ahead, ahead_lines); break;
-    case 5: tile<5, BF16>(x, ldx, chunk, steps, acc_buf, first, ahead, ahead_lines); break;
-    case 4: tile<4, BF16>(x, ldx, chunk, steps, acc_buf, first, ahead, ahead_lines); break;
-    case 3: tile<3, BF16>(x, ldx, chunk, steps, acc_buf, first, ahead, ahead_lines); break;
-    case 2: tile<2, BF16>(x, ldx, chunk, steps, acc_buf, first, ahead, ahead_lines); break;
-    default: tile<1, BF16>(x, ldx, chunk, steps, acc_buf, first, ahead, ahead_lines); break;
+    case 8: tile<8, BF16>(x, ldx, chunk, steps, acc_buf, first, prefetcher); break;
+    case 7: tile<7, BF16>(x, ldx, chunk, steps, acc_buf, first, prefetcher); break;
+    case 6: tile<6, BF16>(x, ldx, chunk, steps, acc_buf, first, prefetcher); break;
+    case 5: tile<5, BF16>(x, ldx, chunk, steps, acc_buf, first, prefetcher); break;
+    case 4: tile<4, BF16>(x, ldx, chunk, steps, acc_buf, first, prefetcher); break;
+    case 3: tile<3, BF16>(x, ldx, chunk, steps, acc_buf, first, prefetcher); break;
+    case 2: tile<2, BF16>(x, ldx, chunk, steps, acc_buf, first, prefetcher); break;
+    default: tile<1, BF16>(x, ldx, chunk, steps, acc_buf, first, prefetcher); break;
   }
 }
 
@@ -247,20 +245,23 @@ void run_panels(const T* x, int64_t m, int64_t k, const T* packed, int64_t n, T*
       for (int64_t s0 = 0; s0 < steps; s0 += kChunkSteps) {
         const int64_t chunk_steps = std::min(kChunkSteps, steps - s0);
         const T* chunk = panel + s0 * kPanel * kValuesPerStep;
-        // Weights are prefetched ahead of the FMAs. One row tile: kPrefetchSteps ahead in the
-        // stream. Several: the next chunk (the rest of this panel, then the next panel, which
-        // is contiguous) is spread over this chunk's passes, so that reading memory overlaps
-        // the arithmetic of every pass, not only the first's (0.87-0.91x the time at 16-32
-        // rows; bench/RESULTS.md, issue #19).
+        // Weights are prefetched ahead of the FMAs. One row tile: a stream kPrefetchSteps
+        // ahead. Several: the next chunk (the rest of this panel, then the next panel, which is
+        // contiguous) is spread over this chunk's passes, so that reading memory overlaps the
+        // arithmetic of every pass, not only the first's (0.78-0.94x the time at 16-32 rows;
+        // bench/RESULTS.md, issue #19).
         const int64_t passes = (m + kRowTile - 1) / kRowTile;
-        const int64_t ahead_steps = passes == 1 ? kPrefetchSteps : chunk_steps;
-        const char* next = reinterpret_cast<const char*>(chunk + ahead_steps * kPanel * kValuesPerStep);
+        const char* ahead = reinterpret_cast<const char*>(
+            chunk + (passes == 1 ? kPrefetchSteps : chunk_steps) * kPanel * kValuesPerStep);
         const int64_t lines = chunk_steps * kPanel * kValuesPerStep * int64_t(sizeof(T)) / 64;
         for (int64_t row = 0, pass = 0; row < m; row += kRowTile, ++pass) {
           const int64_t first_line = lines * pass / passes, end_line = lines * (pass + 1) / passes;
+          const Prefetcher prefetcher =
+              passes == 1 ? Prefetcher::stream(ahead)
+                          : Prefetcher::spread(ahead + 64 * first_line, end_line - first_line,
+                                               chunk_steps);
           tile_rows<kBF16>(std::min(kRowTile, m - row), x + row * k + s0 * kValuesPerStep, k,
-                           chunk, chunk_steps, acc_buf + row * kPanel, s0 == 0,
-                           next + 64 * first_line, end_line - first_line);
+                           chunk, chunk_steps, acc_buf + row * kPanel, s0 == 0, prefetcher);
         }
       }
       for (int64_t row = 0; row < m; row += kRowTile) {
