@@ -50,10 +50,16 @@ def written_step(meta: AttentionMetadata, dim: int) -> tuple[torch.Tensor, ...]:
 
 
 def _problem(
-    lengths: list[int], dtype: torch.dtype, *, heads: int = 9, kv_heads: int = 3, dim: int = 64
+    lengths: list[int],
+    dtype: torch.dtype,
+    *,
+    heads: int = 9,
+    kv_heads: int = 3,
+    dim: int = 64,
+    block_size: int = 16,
 ) -> tuple[torch.Tensor, ...]:
     """Caches with blocks handed out shuffled; q a strided view like the model's qk split."""
-    block_size, num_blocks = 16, 64
+    num_blocks = 64 * 16 // block_size
     tables = shuffled_block_tables(lengths, block_size, num_blocks)
     generator = torch.Generator().manual_seed(1)
     shape = (num_blocks, block_size, kv_heads, dim)
@@ -96,8 +102,33 @@ def test_every_group_shape_matches_plain_attention(
     torch.testing.assert_close(got.float(), want.float(), atol=tolerance, rtol=tolerance)
 
 
-def test_ignores_blocks_past_each_length() -> None:
-    query, key_cache, value_cache, tables, lens = _problem([20, 3], torch.float32)
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "dim", "block_size"),
+    # Blocks of whole 16-row tiles (bfloat16's AMX path on hosts that have it) and of fewer rows
+    # (the vector path); groups of 1-5 heads in 64 and 128 dims.
+    [(9, 3, 64, 32), (10, 2, 64, 16), (4, 4, 128, 16), (6, 2, 128, 48), (9, 3, 64, 8)],
+)
+def test_bfloat16_block_sizes_match_plain_attention(
+    heads: int, kv_heads: int, dim: int, block_size: int
+) -> None:
+    problem = _problem(
+        [1, 15, 16, 33, 300],
+        torch.bfloat16,
+        heads=heads,
+        kv_heads=kv_heads,
+        dim=dim,
+        block_size=block_size,
+    )
+    got = kernel.paged_decode(*problem, dim**-0.5)
+    want = kernel.reference_decode(*problem, dim**-0.5)
+    torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_ignores_blocks_past_each_length(dtype: torch.dtype) -> None:
+    # Lengths that end mid-tile and on an odd row: bfloat16's AMX path reads the rest of a
+    # 16-row tile and pairs value rows, and must drop what lies past the length.
+    query, key_cache, value_cache, tables, lens = _problem([20, 3], dtype)
     before = kernel.paged_decode(query, key_cache, value_cache, tables, lens, 0.125)
     # Poison every slot past each sequence's length: the output must not move.
     for seq, length in enumerate(lens.tolist()):

@@ -141,10 +141,8 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
               g, _mm512_add_ps(_mm512_set1_ps(1.f),
                                deepserve_kernels::fast_exp16(_mm512_sub_ps(_mm512_setzero_ps(), g))));
           // transformers rounds silu(gate) to the dtype before the product.
-          T act[16];
-          deepserve_kernels::store16(act, silu);
-          deepserve_kernels::store16(
-              row + i, _mm512_mul_ps(deepserve_kernels::load16(act), deepserve_kernels::load16(up + i)));
+          const __m512 act = deepserve_kernels::round16(T{}, silu);
+          deepserve_kernels::store16(row + i, _mm512_mul_ps(act, deepserve_kernels::load16(up + i)));
         }
 #endif
         for (; i < inter; ++i) {

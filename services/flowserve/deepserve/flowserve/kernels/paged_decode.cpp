@@ -5,6 +5,9 @@
 // four query heads of its GQA group from each key/value row loaded into registers, so each
 // cached byte is read from memory once.
 // The Python fallback gathers the blocks into a buffer first and reads them again in SDPA.
+// In bfloat16 on hosts with AMX, the scores of 16 keys for every head of the group are one tile
+// product and the values are weighed two tokens per instruction (avx512_bf16), because the
+// float32 arithmetic of the vector path, not memory, bounded it there (9-17 GB/s).
 //
 // Built once per host by library.py (torch.utils.cpp_extension), registered as
 // torch.ops.deepserve_flowserve.paged_decode.
@@ -16,6 +19,7 @@
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
+#include "amx_tiles.h"
 #include "scalar_math.h"
 
 #include <algorithm>
@@ -24,7 +28,9 @@
 #endif
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -207,6 +213,228 @@ void attend_group(const Layout& l, const T* q_data, const T* k_data, const T* v_
 }
 #endif
 
+#if defined(DEEPSERVE_HAVE_AMX)
+using bf16 = c10::BFloat16;
+
+// Tiles of the bfloat16 path: 0 holds the scores of 16 keys for every query head of the group
+// (C, [16 keys][group] float32); 1 and 2 hold 16 key rows' 32-dim chunks (A, alternating by
+// chunk so that one load overlaps the previous product); 3 and 4 the same chunk of the queries
+// (B, [16 dim pairs][group]).
+inline deepserve_kernels::TileConfig decode_tile_config(int64_t group) {
+  const int head_bytes = static_cast<int>(group) * 4;
+  deepserve_kernels::TileConfig config;
+  config.tile(0, 16, head_bytes).tile(1, 16, 64).tile(2, 16, 64);
+  config.tile(3, 16, head_bytes).tile(4, 16, head_bytes);
+  return config;
+}
+
+// Per-thread buffers of the bfloat16 path, sized by the longest sequence seen.
+struct AmxScratch {
+  std::vector<float> scores;     // [group][padded]: scaled scores, then softmax numerators
+  std::vector<uint16_t> probs;   // [group][padded]: the numerators in bfloat16, 0 past len
+  std::vector<uint32_t> queries; // [dim / 2][group]: the B operands
+  alignas(64) float tile_out[16 * 16];
+};
+
+// Fetches this kv head's rows of a block of the cache ahead.
+inline void prefetch_block(const bf16* cache, const Layout& l, int64_t block, int64_t kv_head,
+                           int dim) {
+  const bf16* start = cache + block * l.block_stride + kv_head * l.head_stride;
+  for (int64_t t = 0; t < l.block_size; ++t) {
+    const char* row = reinterpret_cast<const char*>(start + t * l.token_stride);
+    for (int byte = 0; byte < dim * 2; byte += 64) _mm_prefetch(row + byte, _MM_HINT_T0);
+  }
+}
+
+// scores[h][pos] = scale * q_h . k_pos for every head h of the group: one tile product per 16
+// keys (a block holds whole tiles: block_size is a multiple of 16). Rows of the last tile past
+// len are read (they lie inside the block) but their scores are dropped.
+template <int DIM>
+void score_keys_amx(const Layout& l, const bf16* k_data, const int64_t* table, int64_t kv_head,
+                    int64_t len, int64_t padded, float scale, AmxScratch& s) {
+  const int64_t group = l.group;
+  const int64_t k_base = kv_head * l.head_stride;
+  const int64_t row_bytes = l.token_stride * 2;
+  const int64_t head_bytes = group * 4;
+  const uint32_t* q = s.queries.data();
+  const int64_t num_blocks = (len + l.block_size - 1) / l.block_size;
+  for (int64_t start = 0; start < len; start += 16) {
+    const int64_t b = start / l.block_size;
+    const int64_t offset = start % l.block_size;
+    if (offset == 0 && b + 1 < num_blocks) prefetch_block(k_data, l, table[b + 1], kv_head, DIM);
+    const bf16* rows = k_data + table[b] * l.block_stride + k_base + offset * l.token_stride;
+    _tile_zero(0);
+    for (int c = 0; c < DIM / 32; c += 2) {
+      _tile_loadd(1, rows + 32 * c, row_bytes);
+      _tile_loadd(3, q + c * 16 * group, head_bytes);
+      _tile_dpbf16ps(0, 1, 3);
+      if (c + 1 < DIM / 32) {
+        _tile_loadd(2, rows + 32 * (c + 1), row_bytes);
+        _tile_loadd(4, q + (c + 1) * 16 * group, head_bytes);
+        _tile_dpbf16ps(0, 2, 4);
+      }
+    }
+    _tile_stored(0, s.tile_out, head_bytes);
+    const int64_t count = std::min<int64_t>(16, len - start);
+    for (int64_t t = 0; t < count; ++t) {
+      for (int64_t h = 0; h < group; ++h) {
+        s.scores[h * padded + start + t] = s.tile_out[t * group + h] * scale;
+      }
+    }
+  }
+}
+
+// probs[0, padded) = numerators[0, len) in bfloat16 (nearest even), then a 0 to fill the pair.
+inline void to_bf16_probs(const float* numerators, int64_t len, int64_t padded, uint16_t* probs) {
+  for (int64_t t = 0; t < padded; t += 16) {
+    const __mmask16 in = len - t >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (len - t)) - 1);
+    const __mmask16 out = padded - t >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (padded - t)) - 1);
+    const __m256bh half = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(in, numerators + t));
+    _mm256_mask_storeu_epi16(probs + t, out, (__m256i)half);
+  }
+}
+
+// out_h = inv_sum_h * sum_pos p_h[pos] v_pos for GS heads: two tokens per dpbf16 (their rows
+// interleaved 16 bits at a time, the probabilities broadcast as a pair). The interleave leaves
+// each 128-bit lane's dims in the order 0-3 (lo) and 4-7 (hi); the stores put them back.
+template <int DIM, int GS>
+void weigh_values_amx(const Layout& l, const bf16* v_data, const int64_t* table, int64_t kv_head,
+                      int64_t len, int64_t padded, const uint16_t* probs, const float* inv_sum,
+                      bf16* out) {
+  constexpr int V = DIM / 32;  // 512-bit loads per row
+  const int64_t k_base = kv_head * l.head_stride;
+  __m512 acc[GS][2 * V];
+  for (int h = 0; h < GS; ++h)
+    for (int v = 0; v < 2 * V; ++v) acc[h][v] = _mm512_setzero_ps();
+  const int64_t num_blocks = (len + l.block_size - 1) / l.block_size;
+  for (int64_t b = 0; b < num_blocks; ++b) {
+    if (b + 1 < num_blocks) prefetch_block(v_data, l, table[b + 1], kv_head, DIM);
+    const bf16* block = v_data + table[b] * l.block_stride + k_base;
+    const int64_t start = b * l.block_size;
+    const int64_t count = std::min(l.block_size, len - start);
+    for (int64_t t = 0; t < count; t += 2) {
+      const bf16* row = block + t * l.token_stride;
+      // The second row of an odd tail is not part of the sequence: zeros, not whatever is there.
+      const bool pair = t + 1 < count;
+      __m512i lo[V], hi[V];
+      for (int v = 0; v < V; ++v) {
+        const __m512i a = _mm512_loadu_si512(row + 32 * v);
+        const __m512i b2 =
+            pair ? _mm512_loadu_si512(row + l.token_stride + 32 * v) : _mm512_setzero_si512();
+        lo[v] = _mm512_unpacklo_epi16(a, b2);
+        hi[v] = _mm512_unpackhi_epi16(a, b2);
+      }
+      for (int h = 0; h < GS; ++h) {
+        uint32_t two;
+        std::memcpy(&two, probs + h * padded + start + t, sizeof(two));
+        const __m512bh p = (__m512bh)_mm512_set1_epi32(two);
+        for (int v = 0; v < V; ++v) {
+          acc[h][2 * v] = _mm512_dpbf16_ps(acc[h][2 * v], (__m512bh)lo[v], p);
+          acc[h][2 * v + 1] =
+              _mm512_dpbf16_ps(acc[h][2 * v + 1], (__m512bh)hi[v], p);
+        }
+      }
+    }
+  }
+  // Output dim d of a 32-dim chunk sits in lane 4 (d / 8) + d % 4 of lo (d % 8 < 4) or of hi.
+  alignas(64) static const int32_t kFirst[16] = {0, 1, 2, 3, 16, 17, 18, 19,
+                                                 4, 5, 6, 7, 20, 21, 22, 23};
+  alignas(64) static const int32_t kSecond[16] = {8,  9,  10, 11, 24, 25, 26, 27,
+                                                  12, 13, 14, 15, 28, 29, 30, 31};
+  const __m512i first = _mm512_load_si512(kFirst);
+  const __m512i second = _mm512_load_si512(kSecond);
+  for (int h = 0; h < GS; ++h) {
+    const __m512 norm = _mm512_set1_ps(inv_sum[h]);
+    for (int v = 0; v < V; ++v) {
+      const __m512 low = _mm512_permutex2var_ps(acc[h][2 * v], first, acc[h][2 * v + 1]);
+      const __m512 high = _mm512_permutex2var_ps(acc[h][2 * v], second, acc[h][2 * v + 1]);
+      deepserve_kernels::store16(out + h * DIM + 32 * v, _mm512_mul_ps(low, norm));
+      deepserve_kernels::store16(out + h * DIM + 32 * v + 16, _mm512_mul_ps(high, norm));
+    }
+  }
+}
+
+// One (sequence, kv head) in bfloat16 on AMX: every head's scores, their softmax, then the
+// values for up to as many heads per pass as the registers hold (4 of 64 dims, 2 of 128).
+template <int DIM>
+void attend_group_amx(const Layout& l, const bf16* q_data, const bf16* k_data, const bf16* v_data,
+                      const int64_t* table, int64_t seq, int64_t kv_head, int64_t len, float scale,
+                      AmxScratch& s, bf16* out_data) {
+  const int64_t group = l.group;
+  const int64_t k_base = kv_head * l.head_stride;
+  const int64_t padded = (len + 1) & ~int64_t{1};
+  if (static_cast<int64_t>(s.scores.size()) < group * padded) {
+    s.scores.resize(group * padded);
+    s.probs.resize(group * padded);
+  }
+  s.queries.resize(DIM / 2 * group);
+  for (int64_t h = 0; h < group; ++h) {
+    const bf16* q_row = q_data + seq * l.q_seq_stride + (kv_head * group + h) * l.q_head_stride;
+    uint32_t two;
+    for (int64_t i = 0; i < DIM / 2; ++i) {
+      std::memcpy(&two, q_row + 2 * i, sizeof(two));
+      s.queries[i * group + h] = two;
+    }
+  }
+  score_keys_amx<DIM>(l, k_data, table, kv_head, len, padded, scale, s);
+  float inv_sum[16];
+  for (int64_t h = 0; h < group; ++h) {
+    inv_sum[h] = softmax_numerators(s.scores.data() + h * padded, len);
+    to_bf16_probs(s.scores.data() + h * padded, len, padded, s.probs.data() + h * padded);
+  }
+  constexpr int kMost = DIM <= 64 ? 4 : 2;
+  bf16* out = out_data + (seq * l.heads + kv_head * group) * DIM;
+  int64_t g = 0;
+  for (; g + kMost <= group; g += kMost) {
+    weigh_values_amx<DIM, kMost>(l, v_data, table, kv_head, len, padded,
+                                 s.probs.data() + g * padded, inv_sum + g, out + g * DIM);
+  }
+  const uint16_t* probs = s.probs.data() + g * padded;
+  switch (group - g) {
+    case 3:
+      weigh_values_amx<DIM, 3>(l, v_data, table, kv_head, len, padded, probs, inv_sum + g, out + g * DIM);
+      break;
+    case 2:
+      weigh_values_amx<DIM, 2>(l, v_data, table, kv_head, len, padded, probs, inv_sum + g, out + g * DIM);
+      break;
+    case 1:
+      weigh_values_amx<DIM, 1>(l, v_data, table, kv_head, len, padded, probs, inv_sum + g, out + g * DIM);
+      break;
+    default:
+      break;
+  }
+}
+
+// The AMX path serves this call: bfloat16, a head size it has, whole tiles per block, a group
+// that fits one tile's columns, and the tile state granted.
+inline bool amx_serves(const at::Tensor& query, int64_t dim, const Layout& l) {
+  return query.scalar_type() == at::kBFloat16 && (dim == 64 || dim == 128) &&
+         l.block_size % 16 == 0 && l.group <= 16 && deepserve_kernels::amx_permitted();
+}
+
+void paged_decode_amx(const Layout& l, int64_t seqs, int64_t dim, const bf16* q_data,
+                      const bf16* k_data, const bf16* v_data, const int64_t* tables,
+                      const int64_t* lens, float scale, bf16* out_data) {
+  const deepserve_kernels::TileConfig config = decode_tile_config(l.group);
+  at::parallel_for(0, seqs * l.kv_heads, 1, [&](int64_t begin, int64_t end) {
+    const deepserve_kernels::TileScope tiles(config);
+    AmxScratch scratch;
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t seq = item / l.kv_heads;
+      const int64_t kv_head = item % l.kv_heads;
+      const int64_t* table = tables + seq * l.max_blocks;
+      if (dim == 64) {
+        attend_group_amx<64>(l, q_data, k_data, v_data, table, seq, kv_head, lens[seq], scale,
+                             scratch, out_data);
+      } else {
+        attend_group_amx<128>(l, q_data, k_data, v_data, table, seq, kv_head, lens[seq], scale,
+                              scratch, out_data);
+      }
+    }
+  });
+}
+#endif
+
 template <typename T>
 void paged_decode_impl(const at::Tensor& query, const at::Tensor& key_cache,
                        const at::Tensor& value_cache, const at::Tensor& block_tables,
@@ -232,6 +460,14 @@ void paged_decode_impl(const at::Tensor& query, const at::Tensor& key_cache,
   const int64_t* lens = context_lens.data_ptr<int64_t>();
   T* out_data = out.data_ptr<T>();
   const float softmax_scale = static_cast<float>(scale);
+#if defined(DEEPSERVE_HAVE_AMX)
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if (amx_serves(query, dim, l)) {
+      paged_decode_amx(l, seqs, dim, q_data, k_data, v_data, tables, lens, softmax_scale, out_data);
+      return;
+    }
+  }
+#endif
 
   at::parallel_for(0, seqs * l.kv_heads, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> q_f(dim);

@@ -66,11 +66,13 @@ def reference_decode(
 def _agrees() -> bool:
     """The kernel matches the plain computation on a small ragged GQA problem, both dtypes."""
     generator = torch.Generator().manual_seed(0)
-    # Head size 8 takes the generic path; 64 the vector path, a GQA group of 5 in two passes.
+    # Head size 8 takes the generic path; 64 the vector path, a GQA group of 5 in two passes;
+    # blocks of 16 rows, bfloat16's AMX path where the host has it.
     for dtype, tolerance in ((torch.float32, 1e-4), (torch.bfloat16, 3e-2)):
-        for heads, kv_heads, dim in ((6, 2, 8), (10, 2, 64)):
-            key_cache = torch.randn(6, 4, kv_heads, dim, generator=generator).to(dtype)
-            value_cache = torch.randn(6, 4, kv_heads, dim, generator=generator).to(dtype)
+        for heads, kv_heads, dim, block_size in ((6, 2, 8, 4), (10, 2, 64, 4), (10, 2, 64, 16)):
+            shape = (6, block_size, kv_heads, dim)
+            key_cache = torch.randn(shape, generator=generator).to(dtype)
+            value_cache = torch.randn(shape, generator=generator).to(dtype)
             query = torch.randn(3, heads, dim, generator=generator).to(dtype)
             tables = torch.tensor([[5, 1, 2], [0, 0, 0], [3, 4, 0]])
             lens = torch.tensor([11, 1, 6])

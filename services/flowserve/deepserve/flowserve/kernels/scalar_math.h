@@ -41,7 +41,10 @@ inline c10::BFloat16 from_float<c10::BFloat16>(float v) {
 // e^x to about 1 ulp for x in [-87.3, 88.7] (clamped outside): Cephes' expf polynomial on
 // x - n ln 2, scaled by 2^n through the exponent bits.
 inline float fast_exp(float x) {
-  x = std::fmin(std::fmax(x, -87.3f), 88.7f);
+  // Comparisons, not std::fmin/fmax: with NaNs honoured (-fno-finite-math-only) gcc calls libm
+  // for those, and a loop over them stays scalar. A NaN clamps to the floor either way.
+  x = x > -87.3f ? x : -87.3f;
+  x = x < 88.7f ? x : 88.7f;
   const float n = std::floor(x * 1.44269504088896341f + 0.5f);
   const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
   float p = 1.9875691500e-4f;
@@ -67,6 +70,11 @@ inline __m512 load16(const c10::BFloat16* p) {
 }
 inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
 inline void store16(c10::BFloat16* p, __m512 v) {
+#if defined(__AVX512BF16__)
+  // One instruction, the same rounding (vcvtneps2bf16 also keeps a NaN a NaN).
+  const __m256bh bits = _mm512_cvtneps_pbh(v);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), (__m256i)bits);
+#else
   const __m512i bits = _mm512_castps_si512(v);
   const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
   __m512i rounded = _mm512_srli_epi32(
@@ -75,6 +83,20 @@ inline void store16(c10::BFloat16* p, __m512 v) {
   rounded = _mm512_mask_or_epi32(rounded, nan, _mm512_srli_epi32(bits, 16),
                                  _mm512_set1_epi32(0x40));
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(rounded));
+#endif
+}
+
+// v rounded to T's precision and widened back (the rounding a store then a load would do).
+inline __m512 round16(float, __m512 v) { return v; }
+inline __m512 round16(c10::BFloat16, __m512 v) {
+#if defined(__AVX512BF16__)
+  const __m256i bits = (__m256i)_mm512_cvtneps_pbh(v);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+#else
+  alignas(32) c10::BFloat16 tmp[16];
+  store16(tmp, v);
+  return load16(tmp);
+#endif
 }
 
 // fast_exp on 16 lanes.
