@@ -101,8 +101,9 @@ def test_every_group_shape_matches_plain_causal_attention(
     torch.testing.assert_close(got.float(), want.float(), atol=tolerance, rtol=tolerance)
 
 
-def test_a_query_never_reads_a_later_key_or_a_slot_past_its_context() -> None:
-    problem = _problem([(10, 20)], torch.float32)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_query_never_reads_a_later_key_or_a_slot_past_its_context(dtype: torch.dtype) -> None:
+    problem = _problem([(10, 20)], dtype)
     _, key_cache, value_cache, tables, _, _, contexts = problem
     before = _run(kernel.paged_prefill, problem, 0.125)
     # Change the keys and values of the last position and poison every slot past the context:
@@ -154,3 +155,11 @@ def test_a_step_through_the_kernel_matches_the_sdpa_path(chunks: list[tuple[int,
     got = paged_attention(q, key_cache, value_cache, fused, key, value)
     want = paged_attention(q, key_cache, value_cache, per_chunk, key, value)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_serves_float32_and_bfloat16_only_on_amx_tiles() -> None:
+    # bfloat16 takes the kernel only where its AMX path runs (SDPA's flash kernel beat the
+    # vector path there); float32 wherever the kernel is built; other dtypes never.
+    assert kernel.serves(torch.float32)
+    assert kernel.serves(torch.bfloat16) == bool(torch.ops.deepserve_flowserve.amx_tiles())
+    assert not kernel.serves(torch.float16)

@@ -530,12 +530,23 @@ at::Tensor paged_decode(const at::Tensor& query, const at::Tensor& key_cache,
   return out;
 }
 
+// Whether the kernels' bfloat16 paths run on AMX tiles in this process (built for a CPU with
+// AMX, and the kernel granted the tile state).
+bool amx_tiles() {
+#if defined(DEEPSERVE_HAVE_AMX)
+  return deepserve_kernels::amx_permitted();
+#else
+  return false;
+#endif
+}
+
 }  // namespace
 
 TORCH_LIBRARY(deepserve_flowserve, m) {
   m.def(
       "paged_decode(Tensor query, Tensor key_cache, Tensor value_cache, Tensor block_tables, "
       "Tensor context_lens, float scale) -> Tensor");
+  m.def("amx_tiles() -> bool", &amx_tiles);
 }
 
 TORCH_LIBRARY_IMPL(deepserve_flowserve, CPU, m) { m.impl("paged_decode", &paged_decode); }

@@ -26,8 +26,6 @@ from deepserve.flowserve.model.rotary import RotaryEmbedding
 from deepserve.flowserve.model.weights import load_llama_weights
 
 KVCaches = Sequence[tuple[torch.Tensor, torch.Tensor]]
-# bfloat16 keeps SDPA, whose flash kernel runs it on AMX 1.1-2.2x faster than this kernel.
-PAGED_PREFILL_DTYPES = (torch.float32,)
 ROW_BUCKET = 64
 
 
@@ -66,9 +64,8 @@ class LlamaForCausalLM:
         # Prefill chunks too, in the dtypes where the kernel beats SDPA's flash kernel.
         self.fused_prefill = (
             device.type == "cpu"
-            and dtype in PAGED_PREFILL_DTYPES
             and config.head_dim in paged_prefill.HEAD_SIZES
-            and paged_prefill.available()
+            and paged_prefill.serves(dtype)
         )
         # Prefill steps' rows rounded up to a multiple of this (0: never). oneDNN builds a
         # primitive for every new row count, ~13 ms per weight shape at 1500 rows in bfloat16
