@@ -379,3 +379,34 @@ def test_block_count_comes_from_executor_or_memory_budget() -> None:
     assert budget.resolve_num_gpu_blocks(bytes_per_block=3_000) == 3
     with pytest.raises(ValueError):
         budget.resolve_num_gpu_blocks()
+
+
+def test_a_request_that_arrives_during_a_step_joins_the_next_one() -> None:
+    # The pipelined core plans step N+1 while step N runs; a request queued meanwhile comes in
+    # through `intake` once step N is done and joins N+1 instead of waiting for N+2.
+    cfg = config(async_scheduling=True)
+    executor = FakeExecutor(cfg.num_gpu_blocks or 0, cfg.block_size, VOCAB)
+    core = EngineCore(cfg, executor)
+    first, later = prompts(2)
+    core.add_request(Request("first", first, 4, sampling_params=greedy(4)))
+    outputs = core.step()  # step 1 submitted: the first prompt
+    arrived = Request("later", later, 4, sampling_params=greedy(4))
+
+    def intake() -> list[GenerationOutput]:
+        core.add_request(arrived)
+        return []
+
+    outputs += core.step(intake)  # step 2 was planned before `later` arrived
+    outputs += core.step()  # waits for step 2, which the executor then holds
+    assert [(s.request_id, len(s.token_ids)) for s in executor.plans[1].sequences] == [
+        ("first", 1),
+        ("later", len(later)),
+    ]
+    tokens: dict[str, list[int]] = {}
+    for out in outputs + core.drain():
+        tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+    assert tokens == {
+        "first": FakeExecutor.reference(first, 4, VOCAB),
+        "later": FakeExecutor.reference(later, 4, VOCAB),
+    }
+    assert core.kv_cache.stats().num_used_blocks == 0

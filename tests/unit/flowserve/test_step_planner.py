@@ -435,3 +435,57 @@ def test_outputs_do_not_change_when_prompts_go_ahead() -> None:
     run(planner, executor)
     for r in requests:
         assert r.output_token_ids == FakeExecutor.reference(r.prompt_token_ids, 6, VOCAB)
+
+
+def test_top_up_admits_requests_that_arrived_after_the_plan() -> None:
+    planner, executor = make(budget=16)
+    early = req("early", [1, 2, 3, 4, 5])
+    planner.add_request(early)
+    plan = planner.plan_step()
+    assert [s.request_id for s in plan.sequences] == ["early"]
+    # Arrivals while the previous step ran: one fits the budget left whole (11 tokens), the
+    # next only in part.
+    late, later = req("late", list(range(10, 16))), req("later", list(range(20, 29)))
+    planner.add_request(late)
+    planner.add_request(later)
+    plan = planner.finalize_plan(plan)
+    assert planner.top_up(plan)
+    assert [(s.request_id, len(s.token_ids)) for s in plan.sequences] == [
+        ("early", 5),
+        ("late", 6),
+        ("later", 5),
+    ]
+    assert planner.num_waiting == 0
+    logits = executor.execute(plan)
+    rows = [s.request_id for s in plan.sequences if s.needs_logits]
+    planner.update_from_output(dict(zip(rows, logits.argmax(-1).tolist(), strict=True)))
+    run(planner, executor)
+    for request in (early, late, later):
+        assert request.output_token_ids == FakeExecutor.reference(
+            request.prompt_token_ids, 6, VOCAB
+        )
+    assert planner.kv_cache.stats().num_used_blocks == 0
+
+
+def test_top_up_adds_nothing_to_a_full_plan_or_one_that_preempted() -> None:
+    planner, _ = make(budget=8)
+    planner.add_request(req("a", list(range(1, 9))))
+    plan = planner.finalize_plan(planner.plan_step())
+    planner.add_request(req("b", [1, 2]))
+    assert not planner.top_up(plan)  # the budget is spent
+    assert [s.request_id for s in plan.sequences] == ["a"]
+
+    planner, executor = make(num_blocks=3, budget=12)
+    planner.add_request(req("x", list(range(1, 5)), max_tokens=8))
+    planner.add_request(req("y", list(range(5, 9)), max_tokens=8))
+    step(planner, executor)
+    # Both now need a block for their next token and one is free: y is preempted, and the
+    # block it frees would hold z, but a plan that preempted takes no one more.
+    plan = planner.finalize_plan(planner.plan_step())
+    assert planner.num_preemptions == 1
+    assert planner.kv_cache.stats().num_used_blocks == 2
+    urgent = req("z", [3])
+    urgent.priority = 1  # first in line, ahead of the preempted y
+    planner.add_request(urgent)
+    assert not planner.top_up(plan)
+    assert [s.request_id for s in plan.sequences] == ["x"]

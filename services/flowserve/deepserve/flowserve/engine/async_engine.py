@@ -552,7 +552,7 @@ class AsyncEngine:
             idle = False
             if self.core.has_work:
                 try:
-                    outputs.extend(self.core.step())
+                    outputs.extend(self.core.step(self._intake))
                     idle = not self.core.last_step_ran and not outputs
                 except Exception as exc:
                     logger.exception("engine step failed; failing every request")
@@ -566,6 +566,13 @@ class AsyncEngine:
                 # Nothing could run (should not last): nap instead of spinning on the lock.
                 with self._wakeup:
                     self._wakeup.wait(0.001)
+
+    def _intake(self) -> list[GenerationOutput]:
+        """Mid-step (after the previous step, before the next is submitted): the commands
+        queued meanwhile, so that new requests can join the step about to run."""
+        with self._wakeup:
+            commands, self._commands = self._commands, []
+        return self._run_commands(commands)
 
     def _run_commands(
         self, commands: list[Callable[[], list[GenerationOutput]]]

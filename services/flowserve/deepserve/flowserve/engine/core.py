@@ -260,13 +260,20 @@ class EngineCore:
 
     # ----- one step ---------------------------------------------------------------------------
 
-    def step(self) -> list[GenerationOutput]:
-        """Advance every live request by one step; returns the outputs it produced."""
+    def step(
+        self, intake: Callable[[], list[GenerationOutput]] | None = None
+    ) -> list[GenerationOutput]:
+        """Advance every live request by one step; returns the outputs it produced.
+
+        `intake` (pipelined steps) runs the caller's queued commands (new requests, aborts)
+        once the previous step has finished, so that requests which arrived while it ran join
+        this step's plan (`StepPlanner.top_up`); it returns the outputs the commands produced.
+        """
         self._num_steps += 1
         self.last_step_ran = False
         self._place_adapter()
         if self.config.async_scheduling:
-            return self._step_pipelined()
+            return self._step_pipelined(intake)
         return self._step_serial()
 
     def drain(self) -> list[GenerationOutput]:
@@ -297,7 +304,9 @@ class EngineCore:
         outputs.extend(self._emit(sampled))
         return outputs
 
-    def _step_pipelined(self) -> list[GenerationOutput]:
+    def _step_pipelined(
+        self, intake: Callable[[], list[GenerationOutput]] | None
+    ) -> list[GenerationOutput]:
         # Planned while the previous step still runs: decodes in it get placeholder tokens.
         plan = self.planner.plan_step()
         outputs = self._take_failed()
@@ -312,8 +321,13 @@ class EngineCore:
                 apply_token_bitmask(logits, mask)
             sampled = self._sample(rows, logits)
             self._computed.add(previous.num_tokens)
+        if intake is not None:
+            outputs.extend(intake())
         # After the previous step finished: host copies may read blocks it wrote.
         plan = self.planner.finalize_plan(plan)
+        if self.planner.top_up(plan):
+            self._note_started(plan)
+            outputs.extend(self._take_failed())
         self.kv_cache.flush_transfers()
         if not plan.is_empty:
             self.last_step_ran = True

@@ -22,7 +22,8 @@ KV arriving) and FINISHED_HOLDING_KV (prefill side: finished, blocks kept until 
 
 Planning depends on token *counts*, not values, so step N+1 can be planned while step N
 runs: each sequence expecting a sampled token gets a placeholder, resolved by
-`finalize_plan` once step N's tokens are known (the paper's asynchronous scheduling).
+`finalize_plan` once step N's tokens are known (the paper's asynchronous scheduling); then
+`top_up` admits requests that arrived meanwhile into the budget the plan left.
 """
 
 from __future__ import annotations
@@ -95,6 +96,8 @@ class StepPlanner:
         self._next_arrival = 0
         self._step_id = 0
         self.num_preemptions = 0
+        # Whether the last plan preempted (top_up then adds nothing to it).
+        self._preempted_in_plan = False
         # Requests the planner itself had to fail (they can never fit); the engine reports them.
         self._failed: list[Request] = []
         # Multi-LoRA: the device slot of a resident adapter (None: not on the device yet), and
@@ -296,17 +299,39 @@ class StepPlanner:
             budget -= num_new
 
         # A preemption means blocks are short: admitting more would only thrash.
-        # Adapter requests whose adapter is not on the device yet (or that would bring one
-        # adapter too many into the batch) are passed over; the rest keep their order.
-        # A prompt that fits the step only in part waits for the end of the scan: requests
-        # behind it of its priority whose prompts fit whole go first (each gets its first token
-        # from this step), and it then takes whatever budget is left, so it still advances
-        # every step and is first in line for the next.
+        self._preempted_in_plan = preempted
+        if not preempted:
+            self._admit_waiting(plan, budget)
+        return plan
+
+    def top_up(self, plan: StepPlan) -> bool:
+        """Admit waiting requests into the budget a planned step leaves; True if any joined.
+
+        A pipelined engine plans step N+1 while step N runs, so requests that arrive during
+        step N miss that plan and would wait a whole further step for their first token (a
+        burst reaching the engine over 40 ms ran a 467-token step beside five prompts left
+        waiting, bench/RESULTS.md, issue #19). The engine calls this after step N, just before
+        submitting N+1. Nothing joins a plan that preempted (blocks are short)."""
+        if self._preempted_in_plan:
+            return False
+        before = len(plan.sequences)
+        self._admit_waiting(plan, self.config.step_token_budget - plan.num_tokens)
+        return len(plan.sequences) > before
+
+    def _admit_waiting(self, plan: StepPlan, budget: int) -> None:
+        """Move waiting requests into `plan` while `budget` (tokens) and the running cap allow.
+
+        Adapter requests whose adapter is not on the device yet (or that would bring one
+        adapter too many into the batch) are passed over; the rest keep their order. A prompt
+        that fits the step only in part waits for the end of the scan: requests behind it of
+        its priority whose prompts fit whole go first (each gets its first token from this
+        step), and it then takes whatever budget is left, so it still advances every step and
+        is first in line for the next."""
+        slack = self.config.finish_slack
         index = 0
         deferred: Request | None = None
         while (
-            not preempted
-            and index < len(self.waiting)
+            index < len(self.waiting)
             and budget > 0
             and len(self.running) < self.config.max_num_seqs
         ):
@@ -331,17 +356,11 @@ class StepPlanner:
             if admitted:
                 budget -= needed
             # Admitted or failed, it left the queue: the same index holds the next request.
-        if (
-            deferred is not None
-            and not preempted
-            and budget > 0
-            and len(self.running) < self.config.max_num_seqs
-        ):
+        if deferred is not None and budget > 0 and len(self.running) < self.config.max_num_seqs:
             match = self._match(deferred)
             needed = min(deferred.num_tokens - match.num_tokens, budget)
             where = next(i for i, r in enumerate(self.waiting) if r is deferred)
             self._admit(plan, where, deferred, match, needed)
-        return plan
 
     def waiting_tokens_to_compute(self) -> int:
         """Prompt tokens the waiting requests would compute if admitted together: their cached
