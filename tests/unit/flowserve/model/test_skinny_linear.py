@@ -93,3 +93,18 @@ def test_the_switch_keeps_onednn_for_every_call(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setenv(kernel.KERNEL_ENV, "0")
     linear = linear_kernel(CPU, torch.float32)
     assert isinstance(linear, OneDNNLinear) and linear.skinny_rows == 0
+
+
+def test_bfloat16_takes_up_to_32_rows_on_amx_tiles_and_4_without() -> None:
+    amx = bool(torch.ops.deepserve_flowserve.amx_tiles())
+    assert kernel.max_rows(torch.bfloat16) == (32 if amx else 4)
+    # The rows the AMX path takes, at its edges (one and two row tiles, K in 32-value chunks),
+    # agree with F.linear whichever path this host runs.
+    generator = torch.Generator().manual_seed(3)
+    weight = (torch.randn(70, 1536, generator=generator) * 0.05).to(torch.bfloat16)
+    panels = kernel.pack(weight)
+    for rows in (1, 16, 17, 32):
+        x = torch.randn(rows, 1536, generator=generator).to(torch.bfloat16)
+        want = F.linear(x.float(), weight.float())
+        got = kernel.linear(x, panels, 70, None).float()
+        torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)

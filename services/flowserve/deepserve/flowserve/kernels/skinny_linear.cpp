@@ -12,6 +12,11 @@
 // holds k pairs, [K/2][32][2], and vdpbf16ps adds two products per lane into float accumulators;
 // the output is rounded to bfloat16 once, at the end.
 //
+// bfloat16 on hosts with AMX: the same panels are the tiles' B operands as they lie (16 k pairs x
+// 16 columns a tile), and up to 32 rows are two A tiles, so the arithmetic per weight byte stays
+// far below what the tiles do and the weights stream at memory speed at any row count; the vector
+// path's vdpbf16ps per (row, k pair) made it arithmetic-bound from a few rows on.
+//
 // Panels are split across ATen's thread pool (the threads of the forward pass itself).
 
 #include <ATen/Parallel.h>
@@ -22,6 +27,8 @@
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
+#include "amx_tiles.h"
+
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
@@ -29,6 +36,7 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <vector>
 
 namespace {
 
@@ -272,6 +280,70 @@ void run_panels(const T* x, int64_t m, int64_t k, const T* packed, int64_t n, T*
   });
 }
 
+#if defined(DEEPSERVE_HAVE_AMX)
+// Rows the AMX path takes: two row tiles (four accumulator tiles beside two A and two B).
+constexpr int64_t kAmxMaxRows = 32;
+// Panel chunks (32 k values, 2 KB) fetched ahead of the tile loads.
+constexpr int64_t kAmxChunksAhead = 4;
+
+// Tiles, all 16 rows x 64 bytes: 0-3 the accumulators (row tile r, column half h: tile 2r + h,
+// float32); 4-5 the rows' 32 k values (A, one per row tile); 6-7 a panel chunk's two column
+// halves (B: 16 k pairs x 16 columns, at a 128-byte stride in the panel).
+inline deepserve_kernels::TileConfig skinny_tile_config() {
+  deepserve_kernels::TileConfig config;
+  for (int tile = 0; tile < 8; ++tile) config.tile(tile, 16, 64);
+  return config;
+}
+
+// y = x @ W^T (+ bias) for up to 32 rows, K a multiple of 32, on AMX tiles. x is copied into
+// whole row tiles (zero rows past m); the rows past m are computed and dropped.
+void run_panels_amx(const c10::BFloat16* x, int64_t m, int64_t k, const c10::BFloat16* packed,
+                    int64_t n, c10::BFloat16* y, const c10::BFloat16* bias) {
+  const int64_t row_tiles = (m + 15) / 16;
+  std::vector<uint16_t> rows(row_tiles * 16 * k, 0);
+  std::memcpy(rows.data(), x, m * k * 2);
+  const uint16_t* a = rows.data();
+  const int64_t panels = (n + kPanel - 1) / kPanel;
+  const deepserve_kernels::TileConfig config = skinny_tile_config();
+  at::parallel_for(0, panels, 4, [&](int64_t begin, int64_t end) {
+    const deepserve_kernels::TileScope tiles(config);
+    alignas(64) float acc_buf[kAmxMaxRows * kPanel];
+    for (int64_t p = begin; p < end; ++p) {
+      const c10::BFloat16* panel = packed + p * k * kPanel;
+      _tile_zero(0);
+      _tile_zero(1);
+      _tile_zero(2);
+      _tile_zero(3);
+      for (int64_t kc = 0; kc < k; kc += 32) {
+        const c10::BFloat16* chunk = panel + kc * kPanel;  // 16 k pairs x 32 columns x 2
+        // The next panel is contiguous with this one, so fetching past its end is useful too.
+        const char* ahead = reinterpret_cast<const char*>(chunk + kAmxChunksAhead * 32 * kPanel);
+        for (int line = 0; line < 32; ++line) prefetch(ahead + 64 * line);
+        _tile_loadd(6, chunk, kPanel * 4);
+        _tile_loadd(7, chunk + 32, kPanel * 4);
+        _tile_loadd(4, a + kc, k * 2);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        if (row_tiles > 1) {
+          _tile_loadd(5, a + 16 * k + kc, k * 2);
+          _tile_dpbf16ps(2, 5, 6);
+          _tile_dpbf16ps(3, 5, 7);
+        }
+      }
+      _tile_stored(0, acc_buf, kPanel * 4);
+      _tile_stored(1, acc_buf + 16, kPanel * 4);
+      if (row_tiles > 1) {
+        _tile_stored(2, acc_buf + 16 * kPanel, kPanel * 4);
+        _tile_stored(3, acc_buf + 16 * kPanel + 16, kPanel * 4);
+      }
+      const int64_t col = p * kPanel;
+      store_rows<c10::BFloat16>(acc_buf, m, y + col, n, std::min(kPanel, n - col),
+                                bias != nullptr ? bias + col : nullptr);
+    }
+  });
+}
+#endif
+
 #endif  // __AVX512F__
 
 at::Tensor skinny_linear(const at::Tensor& x, const at::Tensor& packed, int64_t n,
@@ -300,6 +372,13 @@ at::Tensor skinny_linear(const at::Tensor& x, const at::Tensor& packed, int64_t 
   }
 #if defined(__AVX512BF16__)
   using bf = c10::BFloat16;
+#if defined(DEEPSERVE_HAVE_AMX)
+  if (m <= kAmxMaxRows && k % 32 == 0 && deepserve_kernels::amx_permitted()) {
+    run_panels_amx(a.data_ptr<bf>(), m, k, packed.data_ptr<bf>(), n, y.data_ptr<bf>(),
+                   b.defined() ? b.data_ptr<bf>() : nullptr);
+    return y;
+  }
+#endif
   run_panels<bf>(a.data_ptr<bf>(), m, k, packed.data_ptr<bf>(), n, y.data_ptr<bf>(),
                  b.defined() ? b.data_ptr<bf>() : nullptr);
   return y;

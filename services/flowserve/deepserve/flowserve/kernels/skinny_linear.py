@@ -3,9 +3,9 @@
 A decode step reads every weight once for a handful of rows, so its matmuls are bound by how
 fast weights stream from memory. The kernel keeps each weight in panels of 32 output columns
 (a private copy made by `pack`) and streams them once per call with prefetching; oneDNN, built
-for reuse, read SmolLM2's weights slower at these sizes (bench/RESULTS.md, issue #19). Above
-`max_rows(dtype)` rows (prefill, large batches; and bfloat16 beyond a few rows, where oneDNN's
-AMX path wins) the caller keeps oneDNN.
+for reuse, read SmolLM2's weights slower at these sizes (bench/RESULTS.md, issue #19). In
+bfloat16 on hosts with AMX the panels feed tile products directly. Above `max_rows(dtype)` rows
+(prefill, large batches; bfloat16 beyond a few rows without AMX) the caller keeps oneDNN.
 """
 
 from __future__ import annotations
@@ -23,9 +23,11 @@ log = logging.getLogger(__name__)
 KERNEL_ENV = "DEEPSERVE_FLOWSERVE_SKINNY_LINEAR"
 # Rows up to which the kernel beats oneDNN (30 layers of SmolLM2 + lm_head, 2 threads, this
 # project's Intel AMX host): float32 0.66-0.86x oneDNN's time at 1-32 rows, and 0.70-0.78x at
-# 40-64 once the next chunk of weights is prefetched across a chunk's row tiles; bfloat16
-# 0.61-0.78x at 1-4 rows, slower from 6 (oneDNN's AMX tiles take over).
+# 40-64 once the next chunk of weights is prefetched across a chunk's row tiles; bfloat16 by
+# vdpbf16ps 0.61-0.78x at 1-4 rows, slower from 6 (oneDNN's AMX tiles take over); bfloat16 on
+# AMX tiles 0.58-0.61x at 1-32 rows (the kernel's AMX path takes up to 32).
 _MAX_ROWS = {torch.float32: 64, torch.bfloat16: 4}
+_MAX_ROWS_AMX = 32
 
 
 def available(dtype: torch.dtype) -> bool:
@@ -34,6 +36,9 @@ def available(dtype: torch.dtype) -> bool:
 
 
 def max_rows(dtype: torch.dtype) -> int:
+    """Most rows a call should bring to the kernel rather than to oneDNN."""
+    if dtype == torch.bfloat16 and library.load() and torch.ops.deepserve_flowserve.amx_tiles():
+        return _MAX_ROWS_AMX
     return _MAX_ROWS.get(dtype, 0)
 
 
