@@ -28,6 +28,8 @@ class FakeBackend:
         self.created: list[str] = []
         self.deleted: list[str] = []
         self.unknown_models: set[str] = set()
+        # What warm_unevenly_spread answers (a test plays a host that came back).
+        self.uneven = False
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def create_pod(self, pod_id: str) -> None:
@@ -62,6 +64,9 @@ class FakeBackend:
 
     def reap(self) -> list[str]:
         return []
+
+    def warm_unevenly_spread(self) -> bool:
+        return self.uneven
 
     async def delete_pod(self, pod: PodRecord) -> None:
         self.deleted.append(pod.pod_id)

@@ -143,3 +143,23 @@ def test_surplus_warm_pods_end_where_they_crowd() -> None:
     # Both from h1 (3 warm there, 1 on h2), newest first; h2 keeps its only one.
     assert [p.pod_id for p in ended] == ["a2", "a1"]
     assert [p.pod_id for p in _crowded_first(pods, pods, 3)] == ["a2", "a1", "b0"]
+
+
+async def test_a_host_without_warm_pods_beside_a_crowded_one_is_uneven(agents: Agents) -> None:
+    pods: list[PodRecord] = []
+    backend = HostsBackend(registry(agents), agents, pods=lambda: pods)
+    assert not backend.warm_unevenly_spread()  # nothing anywhere
+    await backend.create_pod("a")
+    await backend.create_pod("b")
+    pods[:] = [warm("a", "h1"), warm("b", "h2")]
+    assert not backend.warm_unevenly_spread()
+    # h2's pod ended (its host was cut off) and h1 refilled: two warm on h1, none on h2.
+    await backend.delete_pod(pods[1])
+    agents.down.add("10.0.0.2:50054")
+    await backend.create_pod("c")
+    agents.down.clear()
+    pods[:] = [warm("a", "h1"), warm("c", "h1")]
+    assert backend.warm_unevenly_spread()
+    await backend.create_pod("d")  # placed on h2, starting: counted as warm soon
+    assert "d" in agents.running["10.0.0.2:50054"]
+    assert not backend.warm_unevenly_spread()

@@ -260,3 +260,23 @@ async def test_refill_waits_until_the_burst_is_loaded(make_pool) -> None:  # typ
     await asyncio.gather(*burst)
     await warm_count(pool, 2, timeout_s=20)  # then the pool refills
     assert len(backend.created) == 4
+
+
+async def test_an_empty_host_gets_a_warm_pod_back(make_pool) -> None:  # type: ignore[no-untyped-def]
+    pool, backend, _ = await make_pool(warm_target=2, start=False)
+    for name in ("pod-1", "pod-2"):
+        await backend.create_pod(name)
+    await warm_count(pool, 2)
+    await pool.refill_once()
+    assert backend.created == ["pod-1", "pod-2"]  # spread evenly: nothing to do
+    backend.uneven = True  # a host came back with no warm pod while the other holds both
+    await pool.refill_once()
+    assert len(backend.created) == 3  # one more, for the backend to place on the empty host
+    await warm_count(pool, 3)
+    backend.uneven = False
+    await pool.refill_once()  # the surplus pass gives one up
+    await warm_count(pool, 2)
+    assert len(backend.deleted) == 1
+    backend.uneven = True
+    await pool.refill_once()  # at most one re-spread per interval: no loop on a bad host
+    assert len(backend.created) == 3

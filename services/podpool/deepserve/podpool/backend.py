@@ -42,6 +42,11 @@ class PodBackend(Protocol):
         """Forgets started pods that have ended; returns their ids."""
         ...
 
+    def warm_unevenly_spread(self) -> bool:
+        """Whether a host that can run pods has none warm or starting while another has two or
+        more warm (a host that came back, or joined, after the pool filled up elsewhere)."""
+        ...
+
     async def close(self) -> None:
         """Ends every pod this backend started."""
         ...

@@ -89,11 +89,10 @@ class HostsBackend:
         """Pods placed per agent (those not seen ending)."""
         return Counter(p.agent for p in self._placed.values())
 
-    def _order(self) -> list[tuple[str, ServiceRecord]]:
-        """Agents, best host for a new warm pod first."""
-        placed = self.placements()
+    def _warm_by_agent(self) -> Counter[str]:
+        """Warm pods per agent, a starting pod counted as warm (it soon is)."""
         registered = {p.pod_id: p for p in self._pods()}
-        warm: Counter[str] = Counter()  # by agent
+        warm: Counter[str] = Counter()
         agent_of_host = {host: agent for agent, host in self._host_of.items()}
         for pod in registered.values():
             if pod.state == PodState.WARM and pod.host in agent_of_host:
@@ -101,7 +100,18 @@ class HostsBackend:
         for pod_id, where in self._placed.items():
             if pod_id not in registered:  # starting: warm soon
                 warm[where.agent] += 1
+        return warm
+
+    def _order(self) -> list[tuple[str, ServiceRecord]]:
+        """Agents, best host for a new warm pod first."""
+        placed = self.placements()
+        warm = self._warm_by_agent()
         return sorted(self._agents.items(), key=lambda kv: (warm[kv[0]], placed[kv[0]], kv[0]))
+
+    def warm_unevenly_spread(self) -> bool:
+        warm = self._warm_by_agent()
+        counts = [warm[agent] for agent in self._agents]
+        return len(counts) > 1 and min(counts) == 0 and max(counts) >= 2
 
     async def create_pod(self, pod_id: str) -> None:
         agents = self._order()

@@ -216,6 +216,9 @@ class KubernetesBackend:
         await self._delete(pod.pod_id)
         log.info("pod ended", extra={"fields": {"pod_id": pod.pod_id}})
 
+    def warm_unevenly_spread(self) -> bool:
+        return False  # the Kubernetes scheduler places Pods; the pool does not move them
+
     def reap(self) -> list[str]:
         """Forgets owned Pods that ended or vanished; returns their ids."""
         gone = sorted(self._ended & set(self._owned))

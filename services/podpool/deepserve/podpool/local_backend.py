@@ -121,6 +121,9 @@ class LocalProcessBackend:
                 os.kill(pod.pid, signal.SIGTERM)
         log.info("pod ended", extra={"fields": {"pod_id": pod.pod_id}})
 
+    def warm_unevenly_spread(self) -> bool:
+        return False  # one host: nothing to spread
+
     def reap(self) -> list[str]:
         """Drops handles of processes that exited; returns their pod ids."""
         gone = [pod_id for pod_id, proc in self._procs.items() if not proc.alive()]

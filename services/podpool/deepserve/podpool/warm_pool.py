@@ -44,6 +44,9 @@ tracer = trace.get_tracer(__name__)
 
 # Pods one claim transaction takes at most (etcd's --max-txn-ops is 128 by default).
 CLAIMS_PER_TXN = 64
+# Least seconds between two pods started to re-spread the warm supply (a host that cannot
+# start pods then costs one pod there and back per interval, not a loop).
+RESPREAD_INTERVAL_S = 10.0
 
 
 def new_pod_id() -> str:
@@ -128,6 +131,8 @@ class WarmPodPool:
         self.backend = backend
         self.agent = agent
         self.warm_target = warm_target
+        # When the last pod was started to re-spread the warm supply over hosts (monotonic).
+        self._last_respread = float("-inf")
         self.max_pods = max_pods
         self.start_timeout_s = start_timeout_s
         self.cold_starts = 0
@@ -555,6 +560,19 @@ class WarmPodPool:
         total = len(self.view.list()) + len(self._starting)
         if self._refill_deferred_for() is None:
             for _ in range(min(self.warm_target - supply, self.max_pods - total)):
+                await self._create(new_pod_id())
+            if (
+                supply == self.warm_target
+                and not self._starting
+                and total < self.max_pods
+                and now - self._last_respread >= RESPREAD_INTERVAL_S
+                and self.backend.warm_unevenly_spread()
+            ):
+                # A host came back (or joined) after the supply filled up on the others: one
+                # more pod, which the backend places on the emptiest host; the surplus pass
+                # below then ends one on the most crowded. Without it the supply stays where
+                # it is until claims turn it over (a multihost CI run waited 240 s for it).
+                self._last_respread = now
                 await self._create(new_pod_id())
         if supply > self.warm_target:
             surplus = [p for p in self._claimable() if self.backend.started_here(p.pod_id)]
