@@ -40,6 +40,13 @@ struct alignas(64) TileConfig {
     colsb[index] = static_cast<uint16_t>(bytes_per_row);
     return *this;
   }
+
+  // All 8 tiles 16 rows x 64 bytes (the largest shape), as most kernels use them.
+  static TileConfig full() {
+    TileConfig config;
+    for (int index = 0; index < 8; ++index) config.tile(index, 16, 64);
+    return config;
+  }
 };
 
 // Loads a configuration for the enclosing scope on this thread; releases the tiles when done.

@@ -405,11 +405,11 @@ void attend_group_amx(const Layout& l, const bf16* q_data, const bf16* k_data, c
   }
 }
 
-// The AMX path serves this call: bfloat16, a head size it has, whole tiles per block, a group
+// The AMX path serves this bfloat16 call: a head size it has, whole tiles per block, a group
 // that fits one tile's columns, and the tile state granted.
-inline bool amx_serves(const at::Tensor& query, int64_t dim, const Layout& l) {
-  return query.scalar_type() == at::kBFloat16 && (dim == 64 || dim == 128) &&
-         l.block_size % 16 == 0 && l.group <= 16 && deepserve_kernels::amx_permitted();
+inline bool amx_serves(int64_t dim, const Layout& l) {
+  return (dim == 64 || dim == 128) && l.block_size % 16 == 0 && l.group <= 16 &&
+         deepserve_kernels::amx_permitted();
 }
 
 void paged_decode_amx(const Layout& l, int64_t seqs, int64_t dim, const bf16* q_data,
@@ -462,7 +462,7 @@ void paged_decode_impl(const at::Tensor& query, const at::Tensor& key_cache,
   const float softmax_scale = static_cast<float>(scale);
 #if defined(DEEPSERVE_HAVE_AMX)
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    if (amx_serves(query, dim, l)) {
+    if (amx_serves(dim, l)) {
       paged_decode_amx(l, seqs, dim, q_data, k_data, v_data, tables, lens, softmax_scale, out_data);
       return;
     }

@@ -32,7 +32,6 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
-#include <cstdlib>
 #include <memory>
 #include <type_traits>
 #include <vector>
@@ -221,16 +220,11 @@ using bf16 = c10::BFloat16;
 // Keys per step of the AMX path: two 16-key score tiles, then one 32-key product per dim block.
 constexpr int64_t kAmxKeys = 32;
 
-// Tiles of the AMX path, all 16 rows x 64 bytes: 0-1 the scores of 16 positions against a
-// step's keys [0, 16) and [16, 32) (float32); 2 the positions' queries, one 32-dim chunk (A);
-// 3-4 the two key groups' packed chunk (B); 5 one 16-dim block of the outputs (float32, loaded,
-// accumulated, stored); 6 the positions' probabilities for the step's 32 keys (A); 7 the packed
-// values of that dim block (B).
-inline deepserve_kernels::TileConfig prefill_tile_config() {
-  deepserve_kernels::TileConfig config;
-  for (int tile = 0; tile < 8; ++tile) config.tile(tile, 16, 64);
-  return config;
-}
+// Tiles of the AMX path (TileConfig::full(), all 16 rows x 64 bytes): 0-1 the scores of 16
+// positions against a step's keys [0, 16) and [16, 32) (float32); 2 the positions' queries, one
+// 32-dim chunk (A); 3-4 the two key groups' packed chunk (B); 5 one 16-dim block of the outputs
+// (float32, loaded, accumulated, stored); 6 the positions' probabilities for the step's 32 keys
+// (A); 7 the packed values of that dim block (B).
 
 // Keys [0, keys_padded) of one (chunk, kv head) as B operands of Q.K^T: for each 16 keys and
 // 32-dim chunk, [16 dim pairs][16 keys] of 32-bit (two bfloat16) words; zero past the context.
@@ -427,20 +421,14 @@ void prefill_amx(const Shape& s, const std::vector<Chunk>& chunks, const std::ve
     head_words[i] = (chunks[i].context_len + kAmxKeys - 1) / kAmxKeys * kAmxKeys * DIM / 2;
     offset[i + 1] = offset[i] + s.kv_heads * head_words[i];
   }
-  // Every word is written by pack_keys and pack_values: no initialisation. 64-byte aligned for
-  // the tile loads.
-  struct Free {
-    void operator()(uint32_t* p) const { std::free(p); }
-  };
-  const size_t bytes = (offset[num_chunks] * 4 + 63) / 64 * 64;
-  const std::unique_ptr<uint32_t, Free> keys(static_cast<uint32_t*>(std::aligned_alloc(64, bytes)));
-  const std::unique_ptr<uint32_t, Free> values(static_cast<uint32_t*>(std::aligned_alloc(64, bytes)));
-  TORCH_CHECK(keys && values, "paged_prefill: out of memory for packed keys and values");
+  // Every word is written by pack_keys and pack_values: no initialisation.
+  const std::unique_ptr<uint32_t[]> keys(new uint32_t[offset[num_chunks]]);
+  const std::unique_ptr<uint32_t[]> values(new uint32_t[offset[num_chunks]]);
   auto head_run = [&](uint32_t* base, int64_t chunk, int64_t kv_head) {
     return base + offset[chunk] + kv_head * head_words[chunk];
   };
   const int64_t heads_items = num_chunks * s.kv_heads;
-  const deepserve_kernels::TileConfig config = prefill_tile_config();
+  const deepserve_kernels::TileConfig config = deepserve_kernels::TileConfig::full();
 #pragma omp parallel
   {
 #pragma omp for schedule(dynamic, 1)

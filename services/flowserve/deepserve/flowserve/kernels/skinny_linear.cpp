@@ -286,14 +286,9 @@ constexpr int64_t kAmxMaxRows = 32;
 // Panel chunks (32 k values, 2 KB) fetched ahead of the tile loads.
 constexpr int64_t kAmxChunksAhead = 4;
 
-// Tiles, all 16 rows x 64 bytes: 0-3 the accumulators (row tile r, column half h: tile 2r + h,
-// float32); 4-5 the rows' 32 k values (A, one per row tile); 6-7 a panel chunk's two column
-// halves (B: 16 k pairs x 16 columns, at a 128-byte stride in the panel).
-inline deepserve_kernels::TileConfig skinny_tile_config() {
-  deepserve_kernels::TileConfig config;
-  for (int tile = 0; tile < 8; ++tile) config.tile(tile, 16, 64);
-  return config;
-}
+// Tiles (TileConfig::full(), all 16 rows x 64 bytes): 0-3 the accumulators (row tile r, column
+// half h: tile 2r + h, float32); 4-5 the rows' 32 k values (A, one per row tile); 6-7 a panel
+// chunk's two column halves (B: 16 k pairs x 16 columns, at a 128-byte stride in the panel).
 
 // y = x @ W^T (+ bias) for up to 32 rows, K a multiple of 32, on AMX tiles. x is copied into
 // whole row tiles (zero rows past m); the rows past m are computed and dropped.
@@ -304,7 +299,7 @@ void run_panels_amx(const c10::BFloat16* x, int64_t m, int64_t k, const c10::BFl
   std::memcpy(rows.data(), x, m * k * 2);
   const uint16_t* a = rows.data();
   const int64_t panels = (n + kPanel - 1) / kPanel;
-  const deepserve_kernels::TileConfig config = skinny_tile_config();
+  const deepserve_kernels::TileConfig config = deepserve_kernels::TileConfig::full();
   at::parallel_for(0, panels, 4, [&](int64_t begin, int64_t end) {
     const deepserve_kernels::TileScope tiles(config);
     alignas(64) float acc_buf[kAmxMaxRows * kPanel];
