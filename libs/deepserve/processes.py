@@ -24,6 +24,7 @@ import contextlib
 import ipaddress
 import logging
 import os
+import random
 import select
 import signal
 import socket
@@ -144,10 +145,39 @@ def is_loopback(host: str) -> bool:
         return False  # a host name, or "" (every interface): not provably loopback
 
 
+# Listening ports are drawn from below the kernel's ephemeral range. A port the kernel hands out
+# for `bind(0)` lies inside that range, and between our probe and the service's own bind any
+# outgoing connection on the host may take it as its local port: a clean-clone CI run lost a
+# gateway to exactly that ("address already in use" on a port a gRPC client had just taken).
+_LISTEN_PORTS_FLOOR = 10_000
+_EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+# From the OS: forked children (pods from the zygote) would share a seeded generator's draws.
+_PORTS = random.SystemRandom()
+
+
+def _ephemeral_floor() -> int:
+    try:
+        return int(_EPHEMERAL_RANGE.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
 def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port on `host` that nothing listens on now and no outgoing connection will take."""
+    ceiling = _ephemeral_floor()
+    if ceiling - _LISTEN_PORTS_FLOOR >= 1000:
+        for _ in range(200):
+            port = _PORTS.randrange(_LISTEN_PORTS_FLOOR, ceiling)
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                try:
+                    sock.bind((host, port))
+                except OSError:
+                    continue
+                return port
+    # A host whose ephemeral range starts low: let the kernel choose.
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
-        return sock.getsockname()[1]
+        return int(sock.getsockname()[1])
 
 
 def wait_for_port(host: str, port: int, timeout_s: float) -> bool:

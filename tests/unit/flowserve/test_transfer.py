@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -22,6 +21,7 @@ from deepserve.flowserve.transfer import (
 )
 from deepserve.flowserve.transfer.torch_dist import DistKVLink
 from deepserve.flowserve.transfer.wire import chunk_from_proto, chunk_to_proto
+from deepserve.processes import free_port
 from tests.unit.flowserve.kv_support import RecordingSink, kv
 
 
@@ -111,12 +111,6 @@ def test_proto_form_carries_bytes_or_a_segment(tmp_path: Path, shared: bool) -> 
     assert list(tmp_path.iterdir()) == []
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _receiver(port: int, conn: mp.connection.Connection) -> None:  # type: ignore[name-defined]
     """Rank 1 (decode side): receives each chunk its handle names and reassembles the KV."""
     torch.set_num_threads(1)
@@ -131,7 +125,7 @@ def _receiver(port: int, conn: mp.connection.Connection) -> None:  # type: ignor
 def test_torch_distributed_link_between_two_processes() -> None:
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
-    port = _free_port()
+    port = free_port()
     proc = ctx.Process(target=_receiver, args=(port, child), daemon=True)
     proc.start()
     try:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 import pickle
 import queue
-import socket
 import threading
 import time
 import traceback
@@ -40,6 +39,7 @@ from deepserve.flowserve.model.config import ModelConfig
 from deepserve.flowserve.runner.device import DevicePlatform, detect_platform, platform_of
 from deepserve.flowserve.runner.inputs import validate_plan
 from deepserve.flowserve.runner.model_runner import ModelRunner
+from deepserve.processes import free_port
 
 # The kv-heads axis of a copy_to_host tensor [layers, 2, blocks, block_size, kv_heads, head_dim];
 # tensor-parallel ranks each hold a contiguous share of it.
@@ -237,7 +237,7 @@ class MultiprocExecutor(Executor):
         self._calls: queue.Queue[_Call | None] = queue.Queue()
 
         context = mp.get_context("spawn")
-        port = _free_port()
+        port = free_port()
         threads = max(1, (os.cpu_count() or 1) // tp_size)
         self._conns: list[Connection] = []
         self._procs: list[Any] = []
@@ -406,12 +406,6 @@ class MultiprocExecutor(Executor):
                 proc.kill()
         for proc in self._procs:
             proc.join(timeout=10)
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _reply(conn: Connection, status: str, value: Any) -> None:
