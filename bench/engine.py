@@ -31,24 +31,28 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
+from deepserve.flowserve.runner.cpu_huge_pages import ask_for_huge_pages
 
-from bench.common import (
+ask_for_huge_pages()  # as a pod does, before torch loads (transformers, run here too, gets them)
+
+import torch  # noqa: E402
+
+from bench.common import (  # noqa: E402
     Bandwidth,
     markdown_table,
     measure_bandwidth,
     percentile,
     progress,
 )
-from deepserve.flowserve.engine.async_engine import AsyncEngine
-from deepserve.flowserve.model.config import ModelConfig
-from deepserve.flowserve.model.llama_weights import LlamaWeights
-from deepserve.flowserve.pod.engine_builder import build_engine
-from deepserve.flowserve.runner.cpu_threads import configure_intraop_threads
-from deepserve.flowserve.settings import FlowServeSettings
-from deepserve.models.catalog import DEFAULT_MODEL, default_cache_dir, find_catalog_model
-from deepserve.models.pull import pull_model
-from deepserve.sampling_params import SamplingParams
+from deepserve.flowserve.engine.async_engine import AsyncEngine  # noqa: E402
+from deepserve.flowserve.model.config import ModelConfig  # noqa: E402
+from deepserve.flowserve.model.llama_weights import LlamaWeights  # noqa: E402
+from deepserve.flowserve.pod.engine_builder import build_engine  # noqa: E402
+from deepserve.flowserve.runner.cpu_threads import configure_intraop_threads  # noqa: E402
+from deepserve.flowserve.settings import FlowServeSettings  # noqa: E402
+from deepserve.models.catalog import DEFAULT_MODEL, default_cache_dir, find_catalog_model  # noqa: E402
+from deepserve.models.pull import pull_model  # noqa: E402
+from deepserve.sampling_params import SamplingParams  # noqa: E402
 
 THROUGHPUT_GOAL = 4.0  # FlowServe / transformers output tokens per second
 DECODE_BOUND_GOAL = 1.3  # batch-1 decode step / memory-bandwidth bound (issue #19)

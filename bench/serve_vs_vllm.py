@@ -49,7 +49,15 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from bench.common import markdown_table, progress
+from bench.compute_ceiling import (
+    DecoderShape,
+    ceiling_tok_s,
+    measured_matmul_rate,
+    workload_flops,
+)
 from bench.machine import wait_until_quiet
 from bench.serving_client import (
     Call,
@@ -68,6 +76,8 @@ FIRST_PLAIN_TOKEN_ID = 100  # SmolLM2 keeps its special tokens below
 SYSTEMS = ("deepserve", "vllm-default", "vllm-pinned")
 WORKLOADS = ("mixed", "bench-c8", "bench-c32", "prefix-chat")
 THROUGHPUT_GOAL = 1.3
+BENCH_INPUT_TOKENS = 256  # `vllm bench serve`'s random dataset, per prompt
+BENCH_OUTPUT_TOKENS = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -281,8 +291,8 @@ def vllm_bench_serve(
     command = [str(python), "-m", "vllm.entrypoints.cli.main", "bench", "serve"]
     command += ["--backend", "openai", "--base-url", base_url, "--endpoint", "/v1/completions"]
     command += ["--model", served_name, "--tokenizer", str(model_dir)]
-    command += ["--dataset-name", "random", "--random-input-len", "256"]
-    command += ["--random-output-len", "64", "--num-prompts", str(prompts)]
+    command += ["--dataset-name", "random", "--random-input-len", str(BENCH_INPUT_TOKENS)]
+    command += ["--random-output-len", str(BENCH_OUTPUT_TOKENS), "--num-prompts", str(prompts)]
     command += ["--max-concurrency", str(concurrency), "--ignore-eos", "--seed", str(seed)]
     command += ["--save-result", "--result-dir", str(work_dir), "--result-filename", result_file]
     log = work_dir / f"{name}.log"
@@ -297,6 +307,36 @@ def vllm_bench_serve(
         ttft_s=[float(data["median_ttft_ms"]) / 1e3],
         tpot_s=[float(data["median_tpot_ms"]) / 1e3],
     )
+
+
+def workload_requests(
+    workload: str, round_index: int, args: argparse.Namespace, vocab_size: int
+) -> list[tuple[int, int]] | None:
+    """(prompt tokens, output tokens) of each request of a round's workload, as `run_workload`
+    sends them; None for prefix-chat, whose work depends on what the prefix cache finds."""
+    sizes = QUICK if args.quick else FULL
+    seed = args.seed + 1000 * round_index + WORKLOADS.index(workload)
+    if workload == "mixed":
+        return [(len(c.body["prompt"]), c.max_tokens) for c in mixed_calls(sizes, vocab_size, seed)]
+    if workload.startswith("bench-c"):
+        concurrency = int(workload.removeprefix("bench-c"))
+        return [(BENCH_INPUT_TOKENS, BENCH_OUTPUT_TOKENS)] * max(sizes.bench_prompts, concurrency)
+    return None
+
+
+def workload_ceilings(
+    args: argparse.Namespace, shape: DecoderShape, vocab_size: int, rate: float
+) -> dict[str, list[float]]:
+    """Each workload's arithmetic ceiling in tok/s, round by round (see bench.compute_ceiling)."""
+    ceilings: dict[str, list[float]] = {}
+    for workload in args.workloads:
+        for round_index in range(args.rounds):
+            requests = workload_requests(workload, round_index, args, vocab_size)
+            if requests is None:
+                break
+            flops, tokens = workload_flops(shape, requests)
+            ceilings.setdefault(workload, []).append(ceiling_tok_s(flops, tokens, rate))
+    return ceilings
 
 
 def warm_up(base_url: str, served_name: str) -> None:
@@ -347,7 +387,12 @@ def run_workload(
 # ----- report ---------------------------------------------------------------------------------
 
 
-def report(runs: list[SystemRun], workloads: list[str]) -> str:
+def report(
+    runs: list[SystemRun],
+    workloads: list[str],
+    ceilings: dict[str, list[float]] | None = None,
+    rate: float = 0.0,
+) -> str:
     lines = []
     rows = []
     for run in runs:
@@ -397,7 +442,44 @@ def report(runs: list[SystemRun], workloads: list[str]) -> str:
         lines.append(
             markdown_table(["workload", "vs", "output tok/s", "TTFT p50", "TPOT p50"], ratio_rows)
         )
+    if ceilings:
+        lines.append("")
+        lines.append(ceiling_report(runs, ceilings, rate))
     return "\n".join(lines)
+
+
+def ceiling_report(runs: list[SystemRun], ceilings: dict[str, list[float]], rate: float) -> str:
+    """Each system's tok/s as a share of the workload's arithmetic ceiling (median of the
+    rounds' shares), and the share the throughput goal asks of DeepServe."""
+    rows = []
+    theirs = [r for r in runs if r.system.startswith("vllm")]
+    for workload, per_round in ceilings.items():
+        row: list[object] = [workload, statistics.median(per_round)]
+        for run in runs:
+            row.append(_share(run.rounds.get(workload, []), per_round))
+        best = [r for r in theirs if workload in r.results]
+        if best:
+            vllm = max(best, key=lambda r: r.results[workload]["output_tok_s"])
+            shares = [
+                f["output_tok_s"] / c
+                for f, c in zip(vllm.rounds[workload], per_round, strict=False)
+            ]
+            row.append(f"{THROUGHPUT_GOAL * statistics.median(shares):.0%}")
+        else:
+            row.append("-")
+        rows.append(row)
+    headers = ["workload", "ceiling tok/s", *(f"{r.system} share" for r in runs)]
+    headers.append(f"goal ({THROUGHPUT_GOAL}x the better vLLM)")
+    title = (
+        f"Arithmetic ceiling: the workload's FLOPs at this host's best matmul rate "
+        f"({rate / 1e9:.0f} GFLOP/s, bench.compute_ceiling); no server exceeds 100%"
+    )
+    return title + "\n" + markdown_table(headers, rows)
+
+
+def _share(figures: list[dict[str, float]], ceilings: list[float]) -> str:
+    shares = [f["output_tok_s"] / c for f, c in zip(figures, ceilings, strict=False)]
+    return f"{statistics.median(shares):.0%}" if shares else "-"
 
 
 def _paired_ratio(ours: list[dict[str, float]], theirs: list[dict[str, float]], key: str) -> str:
@@ -439,6 +521,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--vllm-venv", type=Path, default=DEFAULT_VENV)
     parser.add_argument("--json", type=Path, default=None, help="write the raw figures here")
+    parser.add_argument(
+        "--report",
+        type=Path,
+        default=None,
+        metavar="JSON",
+        help="only print the report of a saved --json run (give it the run's --quick/--rounds)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--rounds", type=int, default=3, help="turns of every workload on every server"
@@ -471,10 +560,43 @@ def _model_dir(model: str) -> tuple[Path, str]:
     return pull_model(model, default_cache_dir(), progress=progress), entry.name
 
 
+def _ceilings(
+    args: argparse.Namespace, model_dir: Path, vocab_size: int
+) -> tuple[float, dict[str, list[float]]]:
+    """The host's matmul rate in the servers' dtype (measured on a quiet host, no server
+    running) and the workloads' ceilings at it."""
+    wait_until_quiet()
+    shape = DecoderShape.of(model_dir)
+    rate = measured_matmul_rate(shape, getattr(torch, args.dtype), os.cpu_count() or 1)
+    ceilings = workload_ceilings(args, shape, vocab_size, rate)
+    progress(f"matmul rate {rate / 1e9:.0f} GFLOP/s ({args.dtype}); ceilings {ceilings}")
+    return rate, ceilings
+
+
+def _report_saved(args: argparse.Namespace, model_dir: Path, vocab_size: int) -> int:
+    """The report of a saved --json run (same --quick, --seed, --rounds and --dtype as it was
+    run with), with the ceilings measured now if the file has none."""
+    saved = json.loads(args.report.read_text())
+    if isinstance(saved, list):  # files written before the ceilings were added
+        saved = {"runs": saved}
+    runs = [SystemRun(**r) for r in saved["runs"]]
+    for run in runs:
+        run.load_before, run.load_after = tuple(run.load_before), tuple(run.load_after)
+    args.workloads = [w for w in args.workloads if any(w in r.rounds for r in runs)]
+    if "ceilings" in saved:
+        rate, ceilings = float(saved["rate"]), saved["ceilings"]
+    else:
+        rate, ceilings = _ceilings(args, model_dir, vocab_size)
+    print(report(runs, args.workloads, ceilings, rate))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     model_dir, args.served_name = _model_dir(args.model)
     vocab_size = int(json.loads((model_dir / "config.json").read_text())["vocab_size"])
+    if args.report is not None:
+        return _report_saved(args, model_dir, vocab_size)
     needs_vllm = any(s.startswith("vllm") for s in args.systems) or any(
         w.startswith("bench-") for w in args.workloads
     )
@@ -545,10 +667,17 @@ def main(argv: list[str] | None = None) -> int:
                         f"TPOT p50 {s['tpot_p50_ms']:.1f} ms"
                     )
             if args.json is not None:  # after each round: a long run cut short keeps its part
-                args.json.write_text(json.dumps([dataclasses.asdict(r) for r in runs], indent=1))
+                runs_json = [dataclasses.asdict(r) for r in runs]
+                args.json.write_text(json.dumps({"runs": runs_json}, indent=1))
         for run in runs:
             run.load_after = os.getloadavg()
-    print(report(runs, args.workloads))
+    rate, ceilings = _ceilings(args, model_dir, vocab_size)
+    if args.json is not None:
+        runs_json = [dataclasses.asdict(r) for r in runs]
+        args.json.write_text(
+            json.dumps({"runs": runs_json, "rate": rate, "ceilings": ceilings}, indent=1)
+        )
+    print(report(runs, args.workloads, ceilings, rate))
     return 0
 
 

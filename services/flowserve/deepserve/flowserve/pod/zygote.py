@@ -21,6 +21,8 @@ import signal
 import sys
 from typing import Any
 
+from deepserve.flowserve.runner.cpu_huge_pages import ask_for_huge_pages
+
 # The pod's own modules: imported once here instead of once per pod after the fork (what a pod
 # imports before it registers warm; none of them starts a thread or a gRPC core on import).
 POD_MODULES = (
@@ -60,6 +62,7 @@ def _child(command: dict[str, Any]) -> None:
     os.dup2(log, 2)
     os.environ.clear()
     os.environ.update(command["env"])
+    ask_for_huge_pages()  # for the processes the pod starts (tensor-parallel workers)
     from deepserve.flowserve.pod.main import main
 
     code = 0
@@ -89,6 +92,8 @@ def _reap(*_: object) -> None:
 
 
 def serve() -> int:
+    # Before torch loads: its allocator reads the setting once, and every pod inherits it.
+    ask_for_huge_pages()
     _preload()
     gc.collect()
     gc.freeze()  # keep the imported objects out of the children's collections (fewer COW pages)

@@ -1,0 +1,23 @@
+"""Transparent huge pages for torch's large CPU tensors, asked for before torch loads.
+
+A CPU forward streams every weight each decode step and gathers KV blocks scattered over a
+cache of gigabytes: with 4 KiB pages that is a TLB miss every few cache lines, and every first
+touch of a KV block is a page fault. torch's CPU allocator aligns allocations of 2 MiB and more
+to huge pages and asks the kernel for them (`madvise(MADV_HUGEPAGE)`) when THP_MEM_ALLOC_ENABLE
+is set; it reads the variable once, at its first allocation, so the pod's entry points set it
+before they import torch. Hosts whose THP mode is `madvise` (the common default) give huge
+pages only to such requests. Measured: bench/RESULTS.md, issue #19.
+
+This module imports nothing from torch (nor does its package), so importing it costs nothing.
+"""
+
+from __future__ import annotations
+
+import os
+
+THP_ENV = "THP_MEM_ALLOC_ENABLE"
+
+
+def ask_for_huge_pages() -> None:
+    """Asks torch for huge pages, unless the environment already says (0 keeps them off)."""
+    os.environ.setdefault(THP_ENV, "1")
