@@ -95,15 +95,16 @@ def test_the_switch_keeps_onednn_for_every_call(monkeypatch: pytest.MonkeyPatch)
     assert isinstance(linear, OneDNNLinear) and linear.skinny_rows == 0
 
 
-def test_bfloat16_takes_up_to_32_rows_on_amx_tiles_and_4_without() -> None:
+def test_bfloat16_takes_32_rows_on_amx_tiles_4_beside_onednns_amx_and_64_without_amx() -> None:
     amx = bool(torch.ops.deepserve_flowserve.amx_tiles())
-    assert kernel.max_rows(torch.bfloat16) == (32 if amx else 4)
-    # The rows the AMX path takes, at its edges (one and two row tiles, K in 32-value chunks),
-    # agree with F.linear whichever path this host runs.
+    most = kernel.max_rows(torch.bfloat16)
+    assert most == (32 if amx else 4 if library.cpu_has("amx_bf16") else 64)
+    # The rows the kernel takes, at the AMX path's edges (one and two row tiles, K in 32-value
+    # chunks) and up to the most, agree with F.linear whichever path this host runs.
     generator = torch.Generator().manual_seed(3)
     weight = (torch.randn(70, 1536, generator=generator) * 0.05).to(torch.bfloat16)
     panels = kernel.pack(weight)
-    for rows in (1, 16, 17, 32):
+    for rows in sorted({1, 16, 17, 32, 33, most} & set(range(1, max(most, 32) + 1))):
         x = torch.randn(rows, 1536, generator=generator).to(torch.bfloat16)
         want = F.linear(x.float(), weight.float())
         got = kernel.linear(x, panels, 70, None).float()

@@ -58,6 +58,11 @@ def _cpu_flags() -> str:
     return os.uname().machine
 
 
+def cpu_has(flag: str) -> bool:
+    """Whether /proc/cpuinfo lists `flag` (e.g. "amx_bf16") for this CPU."""
+    return flag in _cpu_flags().split()
+
+
 def build_name() -> str:
     """The library's name: changes with anything that would change the machine code."""
     digest = hashlib.sha256()

@@ -5,7 +5,8 @@ fast weights stream from memory. The kernel keeps each weight in panels of 32 ou
 (a private copy made by `pack`) and streams them once per call with prefetching; oneDNN, built
 for reuse, read SmolLM2's weights slower at these sizes (bench/RESULTS.md, issue #19). In
 bfloat16 on hosts with AMX the panels feed tile products directly. Above `max_rows(dtype)` rows
-(prefill, large batches; bfloat16 beyond a few rows without AMX) the caller keeps oneDNN.
+(prefill, large batches; bfloat16 beyond a few rows where oneDNN has AMX and we do not) the
+caller keeps oneDNN.
 """
 
 from __future__ import annotations
@@ -28,6 +29,10 @@ KERNEL_ENV = "DEEPSERVE_FLOWSERVE_SKINNY_LINEAR"
 # AMX tiles 0.58-0.61x at 1-32 rows (the kernel's AMX path takes up to 32).
 _MAX_ROWS = {torch.float32: 64, torch.bfloat16: 4}
 _MAX_ROWS_AMX = 32
+# bfloat16 on a CPU without AMX: oneDNN's bfloat16 matmuls have no tiles to take over from ~6
+# rows, and the vdpbf16ps path ran the same chain at 0.29-0.57x oneDNN's time at 8-64 rows
+# (2-core AMD EPYC, Zen 4), as float32's does.
+_MAX_ROWS_BF16_WITHOUT_AMX = 64
 
 
 def available(dtype: torch.dtype) -> bool:
@@ -37,8 +42,11 @@ def available(dtype: torch.dtype) -> bool:
 
 def max_rows(dtype: torch.dtype) -> int:
     """Most rows a call should bring to the kernel rather than to oneDNN."""
-    if dtype == torch.bfloat16 and library.load() and torch.ops.deepserve_flowserve.amx_tiles():
-        return _MAX_ROWS_AMX
+    if dtype == torch.bfloat16 and library.load():
+        if torch.ops.deepserve_flowserve.amx_tiles():
+            return _MAX_ROWS_AMX
+        if not library.cpu_has("amx_bf16"):
+            return _MAX_ROWS_BF16_WITHOUT_AMX
     return _MAX_ROWS.get(dtype, 0)
 
 
