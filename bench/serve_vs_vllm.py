@@ -24,9 +24,15 @@ Workloads (greedy, ignore_eos, streamed; TTFT and TPOT per request):
   at max concurrency 8 and 32;
 - prefix-chat: chat requests sharing a long system prompt, different questions, concurrency 8.
 
+Once the servers are gone, the host's best matmul rate is measured in the run's dtype, and the
+report gives each workload's arithmetic ceiling (its FLOPs at that rate, bench.compute_ceiling)
+with each system's share of it, and the share the throughput goal asks: whether a ratio goal is
+reachable at all on this host.
+
     .venv/bin/python -m bench.serve_vs_vllm            # the full run, 3 rounds (~40 min)
     .venv/bin/python -m bench.serve_vs_vllm --quick    # smaller workloads (~15 min)
     .venv/bin/python -m bench.serve_vs_vllm --quick --systems deepserve  # our side alone
+    .venv/bin/python -m bench.serve_vs_vllm --quick --report run.json  # a saved --json run
 """
 
 from __future__ import annotations

@@ -29,11 +29,15 @@ def available() -> bool:
 
 def serves(dtype: torch.dtype) -> bool:
     """The kernel is available and beats SDPA's flash kernel in `dtype`: float32 always;
-    bfloat16 on AMX tiles (the vector path ran it 1.1-2.2x slower than SDPA's AMX kernel)."""
+    bfloat16 on AMX tiles, and on CPUs without AMX. Where only SDPA has AMX, SDPA: the vector
+    path ran it 1.1-2.2x slower than SDPA's AMX kernel, but without AMX in 0.5-0.63x SDPA's
+    time (a 1024-token step's attention, 93 against 147-181 ms, Zen 4 EPYC)."""
     if dtype == torch.float32:
         return available()
     if dtype == torch.bfloat16:
-        return available() and bool(torch.ops.deepserve_flowserve.amx_tiles())
+        if not available():
+            return False
+        return bool(torch.ops.deepserve_flowserve.amx_tiles()) or not library.cpu_has("amx_bf16")
     return False
 
 
