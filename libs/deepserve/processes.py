@@ -151,8 +151,14 @@ def is_loopback(host: str) -> bool:
 # gateway to exactly that ("address already in use" on a port a gRPC client had just taken).
 _LISTEN_PORTS_FLOOR = 10_000
 _EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
-# From the OS: forked children (pods from the zygote) would share a seeded generator's draws.
+# Ports are handed out in turn from a start drawn at random, as the kernel does for its own range:
+# never the same one twice in a process (a cluster's eight ports must differ, and independent
+# draws would repeat one in about a thousand starts), and rarely one another process is using.
+# The start comes from the OS, and again in a forked child (pods forked from the zygote).
 _PORTS = random.SystemRandom()
+_port_lock = threading.Lock()
+_next_port: int | None = None
+_next_port_pid = 0
 
 
 def _ephemeral_floor() -> int:
@@ -162,12 +168,29 @@ def _ephemeral_floor() -> int:
         return 32768  # Linux's default
 
 
+def _candidate_port(ceiling: int) -> int:
+    global _next_port, _next_port_pid
+    span = ceiling - _LISTEN_PORTS_FLOOR
+    with _port_lock:
+        if (
+            _next_port is None
+            or _next_port_pid != os.getpid()
+            or not 0 <= _next_port - _LISTEN_PORTS_FLOOR < span
+        ):
+            _next_port = _PORTS.randrange(_LISTEN_PORTS_FLOOR, ceiling)
+            _next_port_pid = os.getpid()
+        port = _next_port
+        _next_port = _LISTEN_PORTS_FLOOR + (port + 1 - _LISTEN_PORTS_FLOOR) % span
+        return port
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port on `host` that nothing listens on now and no outgoing connection will take."""
+    """A TCP port on `host` that nothing listens on now, no outgoing connection will take, and
+    this process has not handed out before (until the range wraps around)."""
     ceiling = _ephemeral_floor()
     if ceiling - _LISTEN_PORTS_FLOOR >= 1000:
         for _ in range(200):
-            port = _PORTS.randrange(_LISTEN_PORTS_FLOOR, ceiling)
+            port = _candidate_port(ceiling)
             with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
                 try:
                     sock.bind((host, port))
