@@ -315,18 +315,29 @@ def vllm_bench_serve(
     )
 
 
+def _round_seed(args: argparse.Namespace, workload: str, round_index: int) -> int:
+    """The seed of a round's prompts: each round and workload draws its own."""
+    return args.seed + 1000 * round_index + WORKLOADS.index(workload)
+
+
+def _bench_prompts(sizes: Sizes, workload: str) -> tuple[int, int]:
+    """(prompts, concurrency) of a `vllm bench serve` workload: at least one prompt per slot."""
+    concurrency = int(workload.removeprefix("bench-c"))
+    return max(sizes.bench_prompts, concurrency), concurrency
+
+
 def workload_requests(
     workload: str, round_index: int, args: argparse.Namespace, vocab_size: int
 ) -> list[tuple[int, int]] | None:
     """(prompt tokens, output tokens) of each request of a round's workload, as `run_workload`
     sends them; None for prefix-chat, whose work depends on what the prefix cache finds."""
     sizes = QUICK if args.quick else FULL
-    seed = args.seed + 1000 * round_index + WORKLOADS.index(workload)
     if workload == "mixed":
-        return [(len(c.body["prompt"]), c.max_tokens) for c in mixed_calls(sizes, vocab_size, seed)]
+        calls = mixed_calls(sizes, vocab_size, _round_seed(args, workload, round_index))
+        return [(len(c.body["prompt"]), c.max_tokens) for c in calls]
     if workload.startswith("bench-c"):
-        concurrency = int(workload.removeprefix("bench-c"))
-        return [(BENCH_INPUT_TOKENS, BENCH_OUTPUT_TOKENS)] * max(sizes.bench_prompts, concurrency)
+        prompts, _ = _bench_prompts(sizes, workload)
+        return [(BENCH_INPUT_TOKENS, BENCH_OUTPUT_TOKENS)] * prompts
     return None
 
 
@@ -368,7 +379,7 @@ def run_workload(
     """One workload on one server; the prompts depend on the round (and the seed) only."""
     sizes = QUICK if args.quick else FULL
     client = StreamingClient(base_url, args.served_name)
-    seed = args.seed + 1000 * round_index + WORKLOADS.index(workload)
+    seed = _round_seed(args, workload, round_index)
     if workload == "mixed":
         result = asyncio.run(client.run(workload, mixed_calls(sizes, vocab_size, seed), None))
     elif workload == "prefix-chat":
@@ -376,13 +387,13 @@ def run_workload(
         result = asyncio.run(client.run(workload, calls, 8))
     else:
         assert vllm_python is not None
-        concurrency = int(workload.removeprefix("bench-c"))
+        prompts, concurrency = _bench_prompts(sizes, workload)
         result = vllm_bench_serve(
             vllm_python,
             base_url,
             args.served_name,
             model_dir,
-            max(sizes.bench_prompts, concurrency),
+            prompts,
             concurrency,
             work_dir,
             seed,
@@ -579,6 +590,11 @@ def _ceilings(
     return rate, ceilings
 
 
+def _save(path: Path, runs: list[SystemRun], **extra: object) -> None:
+    """The run's figures as JSON: the systems' rounds, and the ceilings once measured."""
+    path.write_text(json.dumps({"runs": [dataclasses.asdict(r) for r in runs], **extra}, indent=1))
+
+
 def _report_saved(args: argparse.Namespace, model_dir: Path, vocab_size: int) -> int:
     """The report of a saved --json run (same --quick, --seed, --rounds and --dtype as it was
     run with), with the ceilings measured now if the file has none."""
@@ -673,16 +689,12 @@ def main(argv: list[str] | None = None) -> int:
                         f"TPOT p50 {s['tpot_p50_ms']:.1f} ms"
                     )
             if args.json is not None:  # after each round: a long run cut short keeps its part
-                runs_json = [dataclasses.asdict(r) for r in runs]
-                args.json.write_text(json.dumps({"runs": runs_json}, indent=1))
+                _save(args.json, runs)
         for run in runs:
             run.load_after = os.getloadavg()
     rate, ceilings = _ceilings(args, model_dir, vocab_size)
     if args.json is not None:
-        runs_json = [dataclasses.asdict(r) for r in runs]
-        args.json.write_text(
-            json.dumps({"runs": runs_json, "rate": rate, "ceilings": ceilings}, indent=1)
-        )
+        _save(args.json, runs, rate=rate, ceilings=ceilings)
     print(report(runs, args.workloads, ceilings, rate))
     return 0
 

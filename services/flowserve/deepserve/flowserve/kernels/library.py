@@ -13,6 +13,7 @@ Each op's module probes its kernel against a plain computation before a model us
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -48,6 +49,7 @@ _CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffast-math", "-fno-finite-math-
 _loaded: bool | None = None  # None: not tried in this process
 
 
+@functools.cache
 def _cpu_flags() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
