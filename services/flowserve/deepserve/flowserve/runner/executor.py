@@ -39,6 +39,7 @@ from deepserve.flowserve.model.config import ModelConfig
 from deepserve.flowserve.runner.device import DevicePlatform, detect_platform, platform_of
 from deepserve.flowserve.runner.inputs import validate_plan
 from deepserve.flowserve.runner.model_runner import ModelRunner
+from deepserve.flowserve.runner.step_trace import StepTrace
 from deepserve.processes import free_port
 
 # The kv-heads axis of a copy_to_host tensor [layers, 2, blocks, block_size, kv_heads, head_dim];
@@ -128,6 +129,7 @@ class UniprocExecutor(Executor):
         device: str | torch.device | None = None,
         dtype: torch.dtype | str | None = None,
         threads: int | None = None,
+        step_trace: StepTrace | None = None,
     ) -> None:
         platform = _resolve_platform(device)
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flowserve-forward")
@@ -142,12 +144,15 @@ class UniprocExecutor(Executor):
         self.config = self.runner.config
         self.num_blocks = num_blocks
         self.block_size = block_size
+        self._execute = (
+            self.runner.execute if step_trace is None else step_trace.timed(self.runner.execute)
+        )
         self._closed = False
 
     def submit(self, plan: StepPlan) -> Future[torch.Tensor]:
         self._check_open()
         validate_plan(plan, num_blocks=self.num_blocks, block_size=self.block_size)
-        return self._thread.submit(self.runner.execute, plan)
+        return self._thread.submit(self._execute, plan)
 
     def run_on_forward_thread(self, fn: Callable[..., T], *args: Any) -> T:
         """Runs `fn` on the thread that runs the model (e.g. a benchmark's bandwidth probe, so
