@@ -43,6 +43,30 @@ def test_executor_logs_each_step_it_runs_and_results_are_unchanged(
     assert lines[0]["start"] < lines[0]["end"] <= lines[1]["start"] < lines[1]["end"]
 
 
+def test_executor_runs_the_runners_execute_as_it_is_at_each_step(
+    llama_dir: Path, tmp_path: Path
+) -> None:
+    # bench.engine times the forward pass by wrapping runner.execute on a built engine.
+    plan = StepPlan(0, [StepSequence("a", PROMPTS[0], 0, [1, 2, 3, 4])])
+    with UniprocExecutor(
+        llama_dir,
+        num_blocks=NUM_BLOCKS,
+        block_size=BLOCK_SIZE,
+        step_trace=StepTrace(tmp_path / "steps.jsonl"),
+    ) as executor:
+        seen: list[int] = []
+        execute = executor.runner.execute
+
+        def wrapped(p: StepPlan) -> torch.Tensor:
+            seen.append(p.step_id)
+            return execute(p)
+
+        executor.runner.execute = wrapped  # type: ignore[method-assign]
+        executor.execute(plan)
+    assert seen == [0]
+    assert len((tmp_path / "steps.jsonl").read_text().splitlines()) == 1
+
+
 def _record(start: float, end: float, tokens: int, seqs: int, decode_seqs: int) -> str:
     return json.dumps(
         {"start": start, "end": end, "tokens": tokens, "seqs": seqs, "decode_seqs": decode_seqs}

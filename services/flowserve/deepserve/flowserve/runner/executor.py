@@ -144,15 +144,19 @@ class UniprocExecutor(Executor):
         self.config = self.runner.config
         self.num_blocks = num_blocks
         self.block_size = block_size
-        self._execute = (
-            self.runner.execute if step_trace is None else step_trace.timed(self.runner.execute)
-        )
+        self._step_trace = step_trace
         self._closed = False
 
     def submit(self, plan: StepPlan) -> Future[torch.Tensor]:
         self._check_open()
         validate_plan(plan, num_blocks=self.num_blocks, block_size=self.block_size)
-        return self._thread.submit(self._execute, plan)
+        return self._thread.submit(self._run_step, plan)
+
+    def _run_step(self, plan: StepPlan) -> torch.Tensor:
+        # The runner's execute is looked up per step: benches wrap it to time the forward pass.
+        if self._step_trace is None:
+            return self.runner.execute(plan)
+        return self._step_trace.run(self.runner.execute, plan)
 
     def run_on_forward_thread(self, fn: Callable[..., T], *args: Any) -> T:
         """Runs `fn` on the thread that runs the model (e.g. a benchmark's bandwidth probe, so

@@ -46,13 +46,9 @@ class StepTrace:
         with self._lock, self.path.open("a") as out:
             out.write(line + "\n")
 
-    def timed(self, execute: Callable[[StepPlan], T]) -> Callable[[StepPlan], T]:
-        """`execute`, recording each call that returns."""
-
-        def run(plan: StepPlan) -> T:
-            started = time.perf_counter()
-            result = execute(plan)
-            self.record(started, time.perf_counter(), plan)
-            return result
-
-        return run
+    def run(self, execute: Callable[[StepPlan], T], plan: StepPlan) -> T:
+        """execute(plan), recorded when it returns."""
+        started = time.perf_counter()
+        result = execute(plan)
+        self.record(started, time.perf_counter(), plan)
+        return result
