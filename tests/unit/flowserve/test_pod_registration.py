@@ -105,3 +105,19 @@ async def test_a_new_process_takes_over_a_stale_record(etcd: EtcdStore) -> None:
     finally:
         await registration.close()
         await old_lease.revoke()
+
+
+async def test_the_record_names_the_backend_that_started_the_pod(etcd: EtcdStore) -> None:
+    # A pod of the Kubernetes backend says so (its pod template sets DEEPSERVE_FLOWSERVE_BACKEND);
+    # the local backend, which reads only "local" records of its host, leaves it alone.
+    registration = PodRegistration(
+        etcd, "", "127.0.0.1:1", ttl_s=5, device="cpu", backend="kubernetes"
+    )
+    await registration.register()
+    try:
+        found = await records.pods(etcd).get(registration.pod.pod_id)
+        assert found is not None and found.record.backend == "kubernetes"
+    finally:
+        await registration.close()
+    default = PodRegistration(etcd, "", "127.0.0.1:1", ttl_s=5, device="cpu")
+    assert default.pod.backend == "local"

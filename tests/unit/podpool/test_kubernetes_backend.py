@@ -124,6 +124,7 @@ async def test_a_warm_pod_is_a_pod_made_from_the_template(
     assert volumes["models"]["persistentVolumeClaim"]["claimName"] == "deepserve-models"
     env = {e["name"]: e for e in container["env"]}
     assert env["DEEPSERVE_FLOWSERVE_POD_ID"]["value"] == "pod-0123456789"
+    assert env["DEEPSERVE_FLOWSERVE_BACKEND"]["value"] == "kubernetes"
     assert env["DEEPSERVE_HOST"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
     assert backend.node_of("pod-0123456789") in {"gpu-1", "gpu-2"}
     assert backend.is_starting("pod-0123456789") and backend.started_here("pod-0123456789")

@@ -21,6 +21,9 @@ class FlowServeSettings(ServiceSettings):
     http_port: int = 0
     # Pod identity; generated when empty. A pod without a model registers as warm.
     pod_id: str = ""
+    # The podpool backend that started this pod (its PodRecord.backend): "local" for processes
+    # on this host, "kubernetes" for pods of the Kubernetes backend (its pod template sets it).
+    backend: str = "local"
     # Catalog name or model directory to load at start; empty starts a warm, model-less pod.
     model: str = ""
     role: str = "colocated"

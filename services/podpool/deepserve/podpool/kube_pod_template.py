@@ -22,6 +22,9 @@ from deepserve.podpool.kube_settings import (
 )
 from deepserve.podpool.settings import PodPoolSettings
 
+# The backend's name, which its pods put in their PodRecord.
+KUBERNETES_BACKEND = "kubernetes"
+
 WEIGHTS_VOLUME = "weights-cache"
 MODELS_VOLUME = "models"
 
@@ -109,6 +112,8 @@ class PodTemplate:
             # The Pod listens on, and advertises, its own IP.
             {"name": "DEEPSERVE_HOST", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
             {"name": "DEEPSERVE_FLOWSERVE_POD_ID", "value": pod_id},
+            # Its PodRecord says which backend owns it (the local backend reads only its own).
+            {"name": "DEEPSERVE_FLOWSERVE_BACKEND", "value": KUBERNETES_BACKEND},
             {"name": "DEEPSERVE_FLOWSERVE_GRPC_PORT", "value": str(self.kube.grpc_port)},
             {"name": "DEEPSERVE_FLOWSERVE_METRICS_PORT", "value": str(self.kube.metrics_port)},
             {"name": "DEEPSERVE_FLOWSERVE_MODEL", "value": ""},

@@ -23,7 +23,12 @@ from kubernetes_asyncio import client, config
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from deepserve.errors import InvalidArgument, PermissionDenied, Unavailable
-from deepserve.podpool.kube_pod_template import OwnerRef, PodTemplate, pool_selector
+from deepserve.podpool.kube_pod_template import (
+    KUBERNETES_BACKEND,
+    OwnerRef,
+    PodTemplate,
+    pool_selector,
+)
 from deepserve.podpool.kube_pod_watch import KubePod, KubePodWatch
 from deepserve.podpool.kube_settings import KubeBackendSettings
 from deepserve.podpool.settings import PodPoolSettings
@@ -67,7 +72,7 @@ def _age_s(pod: KubePod) -> float:
 class KubernetesBackend:
     """Starts pods as Kubernetes Pods and ends them; follows them by watch."""
 
-    name = "kubernetes"
+    name = KUBERNETES_BACKEND
 
     def __init__(
         self,

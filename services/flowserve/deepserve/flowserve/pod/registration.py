@@ -37,6 +37,7 @@ class PodRegistration:
         ttl_s: int,
         device: str,
         host: str = "",
+        backend: str = "local",
     ) -> None:
         self.store = store
         self.ttl_s = ttl_s
@@ -46,6 +47,7 @@ class PodRegistration:
             address=address,
             host=host or socket.gethostname(),
             pid=os.getpid(),
+            backend=backend,
             device=device,
         )
         self.instance: InstanceRecord | None = None

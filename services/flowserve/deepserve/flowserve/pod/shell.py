@@ -80,6 +80,7 @@ class TaskExecutorShell:
             self.settings.common.lease_ttl_s,
             self.device,
             host=self.settings.common.host_name,
+            backend=self.settings.backend,
         )
         await self.pod.register()
         # A pod whose lease is gone (cut off from etcd past its TTL) has been replaced already:
