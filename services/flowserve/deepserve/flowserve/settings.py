@@ -48,7 +48,7 @@ class FlowServeSettings(ServiceSettings):
     # Host-DRAM tier for evicted prefix blocks (0 disables it).
     kv_host_blocks: int = 0
     async_scheduling: bool = True
-    # A JSON line per forward step (start, end, tokens, rows) appended here; one-rank pods only.
+    # A JSON line per forward step (start, end, tokens, rows) appended here (rank 0's times).
     # `python -m bench.step_trace FILE` sums it. Unset: no log.
     step_trace_path: Path | None = None
     block_size: int = 16

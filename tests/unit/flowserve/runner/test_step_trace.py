@@ -10,8 +10,7 @@ import torch
 
 from bench.step_trace import StepRecord, main, read_records, summarize
 from deepserve.flowserve.engine.step_plan import StepPlan, StepSequence
-from deepserve.flowserve.runner.executor import UniprocExecutor
-from deepserve.flowserve.runner.step_trace import StepTrace
+from deepserve.flowserve.runner.executor import MultiprocExecutor, UniprocExecutor
 from tests.unit.flowserve.runner.tiny_models import PROMPTS
 
 NUM_BLOCKS = 32
@@ -28,7 +27,7 @@ def test_executor_logs_each_step_it_runs_and_results_are_unchanged(
     decode = StepPlan(1, [StepSequence("a", [7], len(prompt), blocks)])
     with (
         UniprocExecutor(
-            llama_dir, num_blocks=NUM_BLOCKS, block_size=BLOCK_SIZE, step_trace=StepTrace(log)
+            llama_dir, num_blocks=NUM_BLOCKS, block_size=BLOCK_SIZE, step_trace_path=log
         ) as traced,
         UniprocExecutor(llama_dir, num_blocks=NUM_BLOCKS, block_size=BLOCK_SIZE) as plain,
     ):
@@ -52,7 +51,7 @@ def test_executor_runs_the_runners_execute_as_it_is_at_each_step(
         llama_dir,
         num_blocks=NUM_BLOCKS,
         block_size=BLOCK_SIZE,
-        step_trace=StepTrace(tmp_path / "steps.jsonl"),
+        step_trace_path=tmp_path / "steps.jsonl",
     ) as executor:
         seen: list[int] = []
         execute = executor.runner.execute
@@ -65,6 +64,23 @@ def test_executor_runs_the_runners_execute_as_it_is_at_each_step(
         executor.execute(plan)
     assert seen == [0]
     assert len((tmp_path / "steps.jsonl").read_text().splitlines()) == 1
+
+
+def test_tensor_parallel_workers_log_rank_zeros_steps(llama_dir: Path, tmp_path: Path) -> None:
+    log = tmp_path / "tp2.jsonl"
+    plan = StepPlan(0, [StepSequence("a", PROMPTS[1], 0, [1, 2, 3, 4])])
+    with MultiprocExecutor(
+        llama_dir,
+        tp_size=2,
+        num_blocks=NUM_BLOCKS,
+        block_size=BLOCK_SIZE,
+        device="cpu",
+        step_trace_path=log,
+    ) as executor:
+        logits = executor.execute(plan)
+    assert logits.shape[0] == 1
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [(x["tokens"], x["seqs"]) for x in lines] == [(len(PROMPTS[1]), 1)]
 
 
 def _record(start: float, end: float, tokens: int, seqs: int, decode_seqs: int) -> str:

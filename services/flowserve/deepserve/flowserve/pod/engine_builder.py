@@ -20,7 +20,6 @@ from deepserve.flowserve.runner.device import detect_platform, parse_dtype
 from deepserve.flowserve.runner.executor import Executor, MultiprocExecutor, UniprocExecutor
 from deepserve.flowserve.runner.host_transport import ExecutorHostTransport
 from deepserve.flowserve.runner.kv_cache_tensors import KVCacheTensors
-from deepserve.flowserve.runner.step_trace import StepTrace
 from deepserve.flowserve.sampling.grammar import GrammarCompiler
 from deepserve.flowserve.settings import FlowServeSettings
 from deepserve.tokenizer import Tokenizer
@@ -87,6 +86,7 @@ def build_engine(
             block_size=settings.block_size,
             device=device,
             dtype=dtype,
+            step_trace_path=settings.step_trace_path,
         )
     else:
         # Explicit: this worker thread may have inherited the engine loop's single thread
@@ -98,7 +98,7 @@ def build_engine(
             device=device,
             dtype=dtype,
             threads=intraop_threads(),
-            step_trace=StepTrace(settings.step_trace_path) if settings.step_trace_path else None,
+            step_trace_path=settings.step_trace_path,
         )
     max_model_len = config.max_position_embeddings
     engine_config = EngineConfig(

@@ -129,7 +129,7 @@ class UniprocExecutor(Executor):
         device: str | torch.device | None = None,
         dtype: torch.dtype | str | None = None,
         threads: int | None = None,
-        step_trace: StepTrace | None = None,
+        step_trace_path: str | Path | None = None,
     ) -> None:
         platform = _resolve_platform(device)
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flowserve-forward")
@@ -144,7 +144,7 @@ class UniprocExecutor(Executor):
         self.config = self.runner.config
         self.num_blocks = num_blocks
         self.block_size = block_size
-        self._step_trace = step_trace
+        self._step_trace = StepTrace(step_trace_path) if step_trace_path else None
         self._closed = False
 
     def submit(self, plan: StepPlan) -> Future[torch.Tensor]:
@@ -204,6 +204,7 @@ class _WorkerArgs:
     port: int
     num_threads: int
     collective_timeout_s: float
+    step_trace_path: str | None = None  # rank 0's step log
 
 
 @dataclass(slots=True)
@@ -227,6 +228,7 @@ class MultiprocExecutor(Executor):
         startup_timeout_s: float = 600.0,
         step_timeout_s: float | None = None,
         collective_timeout_s: float = 600.0,
+        step_trace_path: str | Path | None = None,
     ) -> None:
         self.config = ModelConfig.from_model_dir(model_dir)
         self.config.check_tensor_parallel(tp_size)
@@ -263,6 +265,8 @@ class MultiprocExecutor(Executor):
                 port=port,
                 num_threads=threads,
                 collective_timeout_s=collective_timeout_s,
+                # Every rank runs every step; rank 0's times stand for the step.
+                step_trace_path=str(step_trace_path) if step_trace_path and rank == 0 else None,
             )
             proc = context.Process(
                 target=_worker_main,
@@ -449,12 +453,15 @@ def _worker_main(args: _WorkerArgs, conn: Connection) -> None:
         return
     _reply(conn, "ok", None)
     try:
-        _serve(runner, conn, args.tp_rank)
+        trace = StepTrace(args.step_trace_path) if args.step_trace_path else None
+        _serve(runner, conn, args.tp_rank, trace)
     finally:
         dist.destroy_process_group()
 
 
-def _serve(runner: ModelRunner, conn: Connection, rank: int) -> None:
+def _serve(
+    runner: ModelRunner, conn: Connection, rank: int, trace: StepTrace | None = None
+) -> None:
     while True:
         try:
             method, call_args = pickle.loads(conn.recv_bytes())
@@ -466,7 +473,10 @@ def _serve(runner: ModelRunner, conn: Connection, rank: int) -> None:
         try:
             if method == "execute":
                 # Across the process boundary on the host (this path is CPU tensor parallel).
-                result: Any = runner.execute(*call_args).cpu()
+                if trace is None:
+                    result: Any = runner.execute(*call_args).cpu()
+                else:
+                    result = trace.run(runner.execute, *call_args).cpu()
             elif method == "copy_to_host":
                 result = runner.copy_to_host(*call_args)
             elif method == "load_from_host":
