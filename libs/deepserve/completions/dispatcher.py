@@ -28,9 +28,8 @@ from deepserve.completions.migration import (
     RequestPath,
 )
 from deepserve.completions.prepared import GenerationJob, Prompt
-from deepserve.completions.upstream import EngineStubs, SchedulerClient
+from deepserve.completions.upstream import EngineStubs, SchedulerClient, request_deadline_passed
 from deepserve.errors import (
-    DeadlineExceeded,
     DeepServeError,
     FailedPrecondition,
     InvalidArgument,
@@ -117,7 +116,7 @@ def engine_error(exc: grpc.aio.AioRpcError, instance_id: str, started: bool) -> 
     """The domain error an engine's failed Generate stands for, as the API client should see it."""
     code = exc.code()
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-        return DeadlineExceeded("the request ran past its time limit")
+        return request_deadline_passed()
     err = error_from_rpc(exc)
     if isinstance(err, InvalidArgument | ResourceExhausted | NotFound) and not started:
         return err

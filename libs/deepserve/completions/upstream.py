@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import grpc
 
-from deepserve.errors import DeepServeError, NotFound, Unavailable
+from deepserve.errors import DeadlineExceeded, DeepServeError, NotFound, Unavailable
 from deepserve.rpc.client import insecure_channel
 from deepserve.rpc.errors import error_from_rpc
 from deepserve.v1 import common_pb2, flowserve_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
+
+
+def request_deadline_passed() -> DeadlineExceeded:
+    """The error of a request whose own time limit ran out (HTTP 504), wherever it was."""
+    return DeadlineExceeded("the request ran past its time limit")
 
 
 class SchedulerClient:
@@ -30,6 +35,9 @@ class SchedulerClient:
         try:
             reply = await self._stub.Route(request, timeout=timeout, metadata=metadata)
         except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and timeout < self._timeout_s:
+                # The request's own time ran out while routing, not the scheduler's patience.
+                raise request_deadline_passed() from exc
             err = error_from_rpc(exc)
             if isinstance(err, NotFound):
                 # The model is known (the gateway checked) but nothing serves it right now.

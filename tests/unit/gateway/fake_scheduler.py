@@ -6,6 +6,8 @@ algorithm; the integration tests run the real scheduler.
 
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 
 from deepserve.rpc.server import GrpcService, start_grpc_server
@@ -20,6 +22,7 @@ class StaticScheduler(scheduler_pb2_grpc.SchedulerServiceServicer):
         self.requests: list[scheduler_pb2.RouteRequest] = []
         self.failure_reports: list[scheduler_pb2.ReportInstanceFailureRequest] = []
         self._turn = 0
+        self.route_delay_s = 0.0  # how long Route takes to answer
         self.service: GrpcService | None = None
 
     def add(self, instance: common_pb2.Instance) -> None:
@@ -42,6 +45,8 @@ class StaticScheduler(scheduler_pb2_grpc.SchedulerServiceServicer):
         self, request: scheduler_pb2.RouteRequest, context: grpc.aio.ServicerContext
     ) -> scheduler_pb2.RouteResponse:
         self.requests.append(request)
+        if self.route_delay_s:
+            await asyncio.sleep(self.route_delay_s)
         live = [
             i
             for i in self.instances.get(request.model, [])

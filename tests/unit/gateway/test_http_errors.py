@@ -211,6 +211,25 @@ async def test_request_timeout_ends_the_request(harness: GatewayHarness) -> None
         harness.gateway.settings.request_timeout_s = saved
 
 
+async def test_request_timeout_while_routing_is_a_timeout_not_an_outage(
+    harness: GatewayHarness,
+) -> None:
+    # The request's time runs out inside Route: 504 (its limit), not 503 (scheduler down).
+    _, key = await harness.new_key()
+    harness.scheduler.route_delay_s = 1.0
+    saved = harness.gateway.settings.request_timeout_s
+    harness.gateway.settings.request_timeout_s = 0.3
+    try:
+        resp = await post(
+            harness, key, "/v1/completions", {"model": harness.model, "prompt": "a b c d e f"}
+        )
+        assert resp.status_code == 504
+        assert resp.json()["error"]["message"].startswith("the request ran past")
+    finally:
+        harness.gateway.settings.request_timeout_s = saved
+        harness.scheduler.route_delay_s = 0.0
+
+
 async def _wait_cancelled(harness: GatewayHarness, request_id: str) -> None:
     for _ in range(1000):
         if f"{request_id}-0" in harness.engine.record.cancelled:
