@@ -196,11 +196,11 @@ async def test_engine_error_mid_stream_ends_with_error_event(harness: GatewayHar
     assert len(received) == 2
 
 
-async def test_request_timeout_ends_the_request(harness: GatewayHarness) -> None:
+async def _assert_times_out(harness: GatewayHarness, timeout_s: float) -> None:
+    """A completion under a request time limit of timeout_s ends in 504, "ran past"."""
     _, key = await harness.new_key()
-    harness.engine.behaviour.token_delay_s = 0.3
     saved = harness.gateway.settings.request_timeout_s
-    harness.gateway.settings.request_timeout_s = 0.5
+    harness.gateway.settings.request_timeout_s = timeout_s
     try:
         resp = await post(
             harness, key, "/v1/completions", {"model": harness.model, "prompt": "a b c d e f"}
@@ -209,24 +209,21 @@ async def test_request_timeout_ends_the_request(harness: GatewayHarness) -> None
         assert resp.json()["error"]["message"].startswith("the request ran past")
     finally:
         harness.gateway.settings.request_timeout_s = saved
+
+
+async def test_request_timeout_ends_the_request(harness: GatewayHarness) -> None:
+    harness.engine.behaviour.token_delay_s = 0.3
+    await _assert_times_out(harness, 0.5)
 
 
 async def test_request_timeout_while_routing_is_a_timeout_not_an_outage(
     harness: GatewayHarness,
 ) -> None:
     # The request's time runs out inside Route: 504 (its limit), not 503 (scheduler down).
-    _, key = await harness.new_key()
     harness.scheduler.route_delay_s = 1.0
-    saved = harness.gateway.settings.request_timeout_s
-    harness.gateway.settings.request_timeout_s = 0.3
     try:
-        resp = await post(
-            harness, key, "/v1/completions", {"model": harness.model, "prompt": "a b c d e f"}
-        )
-        assert resp.status_code == 504
-        assert resp.json()["error"]["message"].startswith("the request ran past")
+        await _assert_times_out(harness, 0.3)
     finally:
-        harness.gateway.settings.request_timeout_s = saved
         harness.scheduler.route_delay_s = 0.0
 
 
