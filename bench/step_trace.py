@@ -20,18 +20,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-
-@dataclass(frozen=True, slots=True)
-class StepRecord:
-    start: float
-    end: float
-    tokens: int
-    seqs: int
-    decode_seqs: int
-
-    @property
-    def decode_only(self) -> bool:
-        return self.decode_seqs == self.seqs
+from deepserve.flowserve.runner.step_trace import StepRecord
 
 
 @dataclass(frozen=True, slots=True)

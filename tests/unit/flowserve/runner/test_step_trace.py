@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.step_trace import StepRecord, main, read_records, summarize
+from bench.step_trace import main, read_records, summarize
 from deepserve.flowserve.engine.step_plan import StepPlan, StepSequence
 from deepserve.flowserve.runner.executor import MultiprocExecutor, UniprocExecutor
+from deepserve.flowserve.runner.step_trace import StepRecord
 from tests.unit.flowserve.runner.tiny_models import PROMPTS
 
 NUM_BLOCKS = 32

@@ -39,7 +39,7 @@ from deepserve.flowserve.model.config import ModelConfig
 from deepserve.flowserve.runner.device import DevicePlatform, detect_platform, platform_of
 from deepserve.flowserve.runner.inputs import validate_plan
 from deepserve.flowserve.runner.model_runner import ModelRunner
-from deepserve.flowserve.runner.step_trace import StepTrace
+from deepserve.flowserve.runner.step_trace import StepTrace, run_step, step_trace_at
 from deepserve.processes import free_port
 
 # The kv-heads axis of a copy_to_host tensor [layers, 2, blocks, block_size, kv_heads, head_dim];
@@ -144,7 +144,7 @@ class UniprocExecutor(Executor):
         self.config = self.runner.config
         self.num_blocks = num_blocks
         self.block_size = block_size
-        self._step_trace = StepTrace(step_trace_path) if step_trace_path else None
+        self._step_trace = step_trace_at(step_trace_path)
         self._closed = False
 
     def submit(self, plan: StepPlan) -> Future[torch.Tensor]:
@@ -154,9 +154,7 @@ class UniprocExecutor(Executor):
 
     def _run_step(self, plan: StepPlan) -> torch.Tensor:
         # The runner's execute is looked up per step: benches wrap it to time the forward pass.
-        if self._step_trace is None:
-            return self.runner.execute(plan)
-        return self._step_trace.run(self.runner.execute, plan)
+        return run_step(self._step_trace, self.runner.execute, plan)
 
     def run_on_forward_thread(self, fn: Callable[..., T], *args: Any) -> T:
         """Runs `fn` on the thread that runs the model (e.g. a benchmark's bandwidth probe, so
@@ -186,6 +184,8 @@ class UniprocExecutor(Executor):
     def shutdown(self) -> None:
         self._closed = True
         self._thread.shutdown(wait=True)
+        if self._step_trace is not None:
+            self._step_trace.close()
 
     def _check_open(self) -> None:
         if self._closed:
@@ -452,10 +452,12 @@ def _worker_main(args: _WorkerArgs, conn: Connection) -> None:
         _reply(conn, "error", traceback.format_exc())
         return
     _reply(conn, "ok", None)
+    trace = step_trace_at(args.step_trace_path)
     try:
-        trace = StepTrace(args.step_trace_path) if args.step_trace_path else None
         _serve(runner, conn, args.tp_rank, trace)
     finally:
+        if trace is not None:
+            trace.close()
         dist.destroy_process_group()
 
 
@@ -473,10 +475,7 @@ def _serve(
         try:
             if method == "execute":
                 # Across the process boundary on the host (this path is CPU tensor parallel).
-                if trace is None:
-                    result: Any = runner.execute(*call_args).cpu()
-                else:
-                    result = trace.run(runner.execute, *call_args).cpu()
+                result: Any = run_step(trace, runner.execute, *call_args).cpu()
             elif method == "copy_to_host":
                 result = runner.copy_to_host(*call_args)
             elif method == "load_from_host":
