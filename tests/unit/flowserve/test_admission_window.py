@@ -69,8 +69,20 @@ async def test_a_request_a_few_ms_behind_joins_the_first_step() -> None:
 
 
 async def test_without_the_window_the_first_arrival_runs_alone() -> None:
-    plans = await _burst(window_fraction=0.0)
-    assert plans[0] == {"first"}
+    # The first step must not wait for company. A 2 ms race against a second arrival (as in
+    # _burst) loses on a loaded host, so the second request is left out: with an expected
+    # prefill of 120 s a window would hold the step for its 5 s cap, and none may be held.
+    executor = _TimedExecutor()
+    engine = AsyncEngine(
+        config(step_token_budget=64, admission_window_fraction=0.0, admission_window_max_s=5.0),
+        executor,
+    )
+    engine.core.admission_window.seconds_per_token = 10.0
+    try:
+        await asyncio.wait_for(collect(engine, "first", list(range(1, 13)), greedy(2)), 3.0)
+    finally:
+        engine.shutdown()
+    assert executor.requests_per_plan[0] == {"first"}
 
 
 async def test_a_stop_during_the_hold_fails_what_arrived() -> None:
