@@ -64,15 +64,16 @@ def run_core(
     return tokens, outputs, core, executor
 
 
-@pytest.mark.parametrize(
-    "overrides",
-    [
-        {},
-        {"num_gpu_blocks": 14, "step_token_budget": 8},  # preemption under pressure
-        {"num_gpu_blocks": 14, "num_host_blocks": 32},  # evicted prefixes come back from host
-        {"enable_prefix_caching": False},
-    ],
-)
+# Engine settings that stress step planning: each must leave the generated tokens unchanged.
+PLANNING_CASES: list[dict[str, object]] = [
+    {},
+    {"num_gpu_blocks": 14, "step_token_budget": 8},  # preemption under pressure
+    {"num_gpu_blocks": 14, "num_host_blocks": 32},  # evicted prefixes come back from host
+    {"enable_prefix_caching": False},
+]
+
+
+@pytest.mark.parametrize("overrides", PLANNING_CASES)
 def test_async_and_serial_scheduling_give_identical_greedy_tokens(overrides: dict) -> None:
     base = prompts(10)
     # Repeat prompts so prefix hits (and host-tier populates) happen mid-run.

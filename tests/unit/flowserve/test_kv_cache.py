@@ -99,10 +99,53 @@ def test_pool_prefers_uncached_blocks_then_evicts_cached_lru() -> None:
     (first,) = pool.allocate(1)
     assert first.block_id == 3 and evicted == []  # a never-cached block goes first
     assert pool.get_cached(b"h1") is blocks[1]  # still matchable at ref count 0
-    taken = pool.allocate(2)
-    assert [b.block_id for b in taken] == [1, 0] and evicted == [1, 0]
+    taken = [pool.allocate(1)[0].block_id for _ in range(2)]
+    assert taken == [1, 0] and evicted == [1, 0]
     assert pool.get_cached(b"h1") is None and pool.get_cached(b"h0") is None
     assert pool.get_cached(b"h2") is blocks[2]
+
+
+def test_blocks_come_in_runs_even_after_traffic_scrambles_the_free_lists() -> None:
+    pool = BlockPool(64)
+    held = [pool.allocate(4) for _ in range(16)]
+    # Released tail first, interleaved: the free list's order is far from id order.
+    for blocks in held[1::2] + held[::2]:
+        pool.release(reversed(blocks))
+    first = pool.allocate(4)
+    assert [b.block_id for b in first] == [7, 8, 9, 10]  # a run from the list's head
+    # A growing request takes the blocks after its last one while they are free.
+    (grown,) = pool.allocate(1, after=10)
+    assert grown.block_id == 11
+    assert [b.block_id for b in pool.allocate(2, after=11)] == [12, 13]
+    # Where a run meets a block in use, it starts over at the list's head (now 6, then 5).
+    assert [b.block_id for b in pool.allocate(2, after=6)] == [6, 5]
+
+
+def test_a_run_takes_a_shared_prefix_block_out_of_turn_only_when_it_is_old() -> None:
+    pool = BlockPool(7)
+    blocks = pool.allocate(7)
+    pool.cache([(b, f"h{b.block_id}".encode()) for b in blocks])
+
+    def release(*ids: int) -> None:
+        pool.release([blocks[i] for i in ids])
+
+    def reuse(block_id: int) -> None:  # a prefix match finds it, and its request ends
+        pool.touch([blocks[block_id]])
+        release(block_id)
+
+    release(6, 5, 2)
+    reuse(2)  # a shared prefix, released long ago
+    release(0, 1, 3, 4)
+    reuse(4)  # a shared prefix, just released
+    # Least recently released first: 6, 5, 2, 0, 1, 3, 4.
+    (block,) = pool.allocate(1, after=3)
+    assert block.block_id == 6 and pool.get_cached(b"h4") is blocks[4]  # 4 kept, 6 evicted
+    (block,) = pool.allocate(1, after=1)
+    assert block.block_id == 2 and pool.get_cached(b"h5") is blocks[5]  # old prefix: taken
+    (block,) = pool.allocate(1, after=2)
+    assert block.block_id == 3 and pool.get_cached(b"h0") is blocks[0]  # never reused: taken
+    (block,) = pool.allocate(1, after=1)
+    assert block.block_id == 5  # block 2 is in use: the run starts over at the LRU's head
 
 
 def test_touching_a_cached_free_block_protects_it_from_eviction() -> None:
@@ -166,6 +209,20 @@ def test_same_prefix_reuses_blocks_and_counts_hit_rate() -> None:
     assert stats.prefix_hit_tokens == 8 and stats.prompt_tokens == 10 + 11 + 10
     assert stats.prefix_hit_rate == pytest.approx(8 / 31)
     assert stats.num_used_blocks == 3 + 1 + 3  # b shares two blocks with a
+
+
+def test_a_request_grows_its_blocks_in_a_run_after_traffic() -> None:
+    kv = KVCacheManager(10, BS, enable_prefix_caching=False)
+    reqs = [Req(f"r{i}", list(range(2 * BS))) for i in range(5)]  # two blocks each: full
+    for req in reqs:
+        compute(kv, req)
+    for i in (1, 0, 4, 2, 3):  # the free list now reads 3 2 1 0 9 8 5 4 7 6
+        kv.free(reqs[i])
+    b = Req("b", list(range(2 * BS)))
+    compute(kv, b)
+    for _ in range(3 * BS):  # decode: a new block every BS tokens
+        assert kv.append(b)
+    assert kv.block_ids("b") == [3, 4, 5, 6, 7]
 
 
 def test_hit_capped_so_last_prompt_token_is_computed() -> None:

@@ -48,6 +48,9 @@ class FlowServeSettings(ServiceSettings):
     # Host-DRAM tier for evicted prefix blocks (0 disables it).
     kv_host_blocks: int = 0
     async_scheduling: bool = True
+    # Decode steps submitted before the step ahead is sampled; the forward thread samples and
+    # feeds them (EngineConfig.chain_steps). Off: each step waits for the engine thread.
+    chain_steps: bool = True
     # A JSON line per forward step (start, end, tokens, rows) appended here (rank 0's times).
     # `python -m bench.step_trace FILE` sums it. Unset: no log.
     step_trace_path: Path | None = None

@@ -24,6 +24,9 @@ class EngineConfig:
     max_queue_len: int = 1024
     # Schedule step N+1 while step N runs on the device.
     async_scheduling: bool = True
+    # With async_scheduling, and an executor that samples on its forward thread: submit a
+    # decode step before the one ahead of it is sampled (engine/core.py, runner/step_chain.py).
+    chain_steps: bool = True
     # An idle engine holds its first step for up to this fraction of the step's expected
     # prefill time (and at most admission_window_max_s) so a burst of requests arriving a few
     # ms apart starts together (engine/admission_window.py); 0 starts at once.

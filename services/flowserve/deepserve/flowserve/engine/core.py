@@ -9,6 +9,14 @@ the device (planning needs token counts only), then N's logits are sampled, the 
 into N+1's placeholders, and N+1 submitted; text deltas for N are produced while N+1 runs.
 Sequences that turned out finished at N are dropped from N+1 before it is submitted, and a stop
 string found after submission only wastes that request's slot in N+1.
+
+Chained steps go one further where the executor can sample on its forward thread
+(runner/step_chain.py): N+1 is submitted before N is sampled, and the forward thread writes
+N's tokens into it and starts it the moment they exist, so the device does not wait for this
+thread between decode steps. A chained step keeps the requests N finishes (each wastes a row)
+and takes no requests that arrive while N runs; so only decode-only steps are chained behind
+(short, and requests arriving meanwhile wait one short step more), and only rows whose
+sampling reads nothing N changes (no grammar, penalties or pending min_tokens).
 """
 
 from __future__ import annotations
@@ -16,7 +24,8 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Collection
 from concurrent.futures import Future
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
 
 import torch
 
@@ -41,6 +50,8 @@ from deepserve.flowserve.sampling.grammar import (
 from deepserve.flowserve.sampling.request_sampler import RequestSampler
 from deepserve.flowserve.sampling.sampler import Sampler, SampleResult
 
+T = TypeVar("T")
+
 
 class StepExecutor(Protocol):
     """The part of deepserve.flowserve.runner.executor.Executor the engine core drives."""
@@ -48,6 +59,29 @@ class StepExecutor(Protocol):
     def submit(self, plan: StepPlan) -> Future[torch.Tensor]: ...
 
     def execute(self, plan: StepPlan) -> torch.Tensor: ...
+
+
+class SamplingStepExecutor(StepExecutor, Protocol):
+    """An executor that also samples on its forward thread and runs chained plans
+    (deepserve.flowserve.runner.step_chain)."""
+
+    def submit_sampled(
+        self, plan: StepPlan, sample: Callable[[torch.Tensor], tuple[list[int], T]]
+    ) -> Future[T]: ...
+
+
+@dataclass(slots=True)
+class _InFlight:
+    """The submitted step: its plan, the request behind each logits row, and its future:
+    logits, or (sampled on the forward thread) the rows' SampleResults. `mask` holds the
+    grammar masks of a logits step's constrained rows, computed while it runs."""
+
+    plan: StepPlan
+    rows: list[Request]
+    future: Future[Any]
+    sampled: bool
+    started_ns: int
+    mask: TokenBitmask | None = None
 
 
 def _require(executor: Any, method: str) -> Callable[..., Any]:
@@ -111,12 +145,11 @@ class EngineCore:
         self._on_dequeued = on_dequeued
         self.grammar_compiler = grammar_compiler
         self._unstarted: set[str] = set()
-        # The submitted step: its plan, the request behind each logits row, its logits, and
-        # the grammar masks of its constrained rows (computed while it runs).
-        self._in_flight: (
-            tuple[StepPlan, list[Request], Future[torch.Tensor], TokenBitmask | None] | None
-        ) = None
-        self._in_flight_started_ns = 0
+        self._in_flight: _InFlight | None = None
+        # Sampling on the executor's forward thread, and chained steps (module docstring).
+        self._samples_on_executor = config.chain_steps and callable(
+            getattr(executor, "submit_sampled", None)
+        )
         self._generated = ThroughputMeter()
         self._computed = ThroughputMeter()
         self.admission_window = AdmissionWindow(
@@ -311,35 +344,80 @@ class EngineCore:
         plan = self.planner.plan_step()
         outputs = self._take_failed()
         self._note_started(plan)
+        previous, self._in_flight = self._in_flight, None
+        chained = previous is not None and self._submit_chained(plan, previous)
         sampled: list[tuple[Request, SampleResult]] = []
-        if self._in_flight is not None:
-            previous, rows, future, mask = self._in_flight
-            self._in_flight = None
-            logits = future.result()
-            self._note_step_timing(previous, self._in_flight_started_ns, time.time_ns())
-            if mask is not None:
-                apply_token_bitmask(logits, mask)
-            sampled = self._sample(rows, logits)
-            self._computed.add(previous.num_tokens)
+        if previous is not None:
+            sampled = self._resolve(previous)
         if intake is not None:
             outputs.extend(intake())
-        # After the previous step finished: host copies may read blocks it wrote.
-        plan = self.planner.finalize_plan(plan)
-        if self.planner.top_up(plan):
-            self._note_started(plan)
-            outputs.extend(self._take_failed())
-        self.kv_cache.flush_transfers()
-        if not plan.is_empty:
-            self.last_step_ran = True
-            self._in_flight_started_ns = time.time_ns()
-            rows = self._logit_rows(plan)
-            future = self.executor.submit(plan)
-            # The grammar masks of this step's rows are computed while it runs: every token
-            # they depend on was sampled above.
-            self._in_flight = (plan, rows, future, self._bitmask(rows))
+        if chained:
+            assert self._in_flight is not None
+            # It started when the step ahead of it ended, about now.
+            self._in_flight.started_ns = time.time_ns()
+            self.planner.cache_chained_blocks(plan)
+        else:
+            # After the previous step finished: host copies may read blocks it wrote.
+            plan = self.planner.finalize_plan(plan)
+            if self.planner.top_up(plan):
+                self._note_started(plan)
+                outputs.extend(self._take_failed())
+            self.kv_cache.flush_transfers()
+            if not plan.is_empty:
+                self._submit(plan)
         # Detokenizing overlaps the step just submitted.
         outputs.extend(self._emit(sampled))
         return outputs
+
+    def _submit(self, plan: StepPlan) -> None:
+        """Submit a finalized (or chained) plan: sampled on the forward thread when its rows
+        allow, else as logits, whose grammar masks are computed here while it runs."""
+        self.last_step_ran = True
+        started_ns = time.time_ns()
+        rows = self._logit_rows(plan)
+        if self._samples_on_executor and all(r.grammar is None for r in rows):
+            sample = self._sampler.bind(rows)
+            future = self._executor_sampling().submit_sampled(plan, sample)
+            self._in_flight = _InFlight(plan, rows, future, sampled=True, started_ns=started_ns)
+            return
+        future = self.executor.submit(plan)
+        self._in_flight = _InFlight(plan, rows, future, sampled=False, started_ns=started_ns)
+        # Every token the masks depend on was sampled before this step was submitted.
+        self._in_flight.mask = self._bitmask(rows)
+
+    def _submit_chained(self, plan: StepPlan, previous: _InFlight) -> bool:
+        """Submit `plan` behind the unsampled step in flight, if it can be chained."""
+        if (
+            plan.is_empty
+            or not previous.sampled
+            or not all(len(seq.token_ids) == 1 for seq in previous.plan.sequences)
+            or not all(
+                r.grammar is None and self._sampler.reads_no_history(r)
+                for r in self._logit_rows(plan)
+            )
+        ):
+            return False
+        feeder_rows = {r.request_id: i for i, r in enumerate(previous.rows)}
+        if not self.planner.chain_plan(plan, previous.plan.step_id, feeder_rows):
+            return False
+        # Host-tier copies go through the executor's queue, so they order with both steps.
+        self.kv_cache.flush_transfers()
+        self._submit(plan)
+        return True
+
+    def _executor_sampling(self) -> SamplingStepExecutor:
+        return self.executor  # type: ignore[return-value]  # checked in __init__
+
+    def _resolve(self, step: _InFlight) -> list[tuple[Request, SampleResult]]:
+        """Wait for a submitted step and take its tokens."""
+        result = step.future.result()
+        self._note_step_timing(step.plan, step.started_ns, time.time_ns())
+        self._computed.add(step.plan.num_tokens)
+        if step.sampled:
+            return self._take_sampled(step.rows, result)
+        if step.mask is not None:
+            apply_token_bitmask(result, step.mask)
+        return self._sample(step.rows, result)
 
     def _adapter_slot(self, adapter_id: str) -> int | None:
         """The adapter's slot, marking it used (slots are evicted least recently used first)."""
@@ -401,19 +479,38 @@ class EngineCore:
             raise RuntimeError(
                 f"executor returned {logits.shape[0]} rows for {len(rows)} sequences"
             )
-        # A request may have finished (stop string, abort) after its step was submitted.
-        live = [
-            (i, r)
-            for i, r in enumerate(rows)
-            if self.planner.get_request(r.request_id) is r and not r.is_finished
-        ]
+        live = self._live_rows(rows)
         if not live:
             return []
         if len(live) < len(rows):
-            index = torch.tensor([i for i, _ in live], dtype=torch.long, device=logits.device)
+            index = torch.tensor(live, dtype=torch.long, device=logits.device)
             logits = logits.index_select(0, index)
-        requests = [r for _, r in live]
-        results = self._sampler.sample(logits, requests)
+        requests = [rows[i] for i in live]
+        return self._take(requests, self._sampler.sample(logits, requests))
+
+    def _take_sampled(
+        self, rows: list[Request], results: list[SampleResult]
+    ) -> list[tuple[Request, SampleResult]]:
+        """A step sampled on the forward thread: keep the rows still live."""
+        if len(results) != len(rows):
+            raise RuntimeError(f"executor sampled {len(results)} rows for {len(rows)} sequences")
+        live = self._live_rows(rows)
+        return self._take([rows[i] for i in live], [results[i] for i in live])
+
+    def _live_rows(self, rows: list[Request]) -> list[int]:
+        # A request may have finished (stop string, abort) after its step was submitted.
+        return [
+            i
+            for i, r in enumerate(rows)
+            if self.planner.get_request(r.request_id) is r and not r.is_finished
+        ]
+
+    def _take(
+        self, requests: list[Request], results: list[SampleResult]
+    ) -> list[tuple[Request, SampleResult]]:
+        """Append the sampled tokens to their requests (finishing those they end)."""
+        if not requests:
+            return []
         self.planner.update_from_output(
             {r.request_id: s.token_id for r, s in zip(requests, results, strict=True)}
         )
@@ -486,7 +583,7 @@ class EngineCore:
     def shutdown(self) -> None:
         """Wait for the step in flight, then stop the executor if it can be stopped."""
         if self._in_flight is not None:
-            _, _, future, _ = self._in_flight
+            future = self._in_flight.future
             self._in_flight = None
             try:
                 future.result()

@@ -26,6 +26,9 @@ class StepSequence:
     needs_logits: bool = True
     # The device slot of the request's LoRA adapter; -1 for the base model.
     adapter_slot: int = -1
+    # >= 0 in a chained plan: token_ids[-1] is a placeholder for the token the feeding step
+    # (StepPlan.fed_by_step) samples in this logits row; the executor writes it in.
+    sampled_row: int = -1
 
 
 @dataclass(slots=True)
@@ -34,6 +37,10 @@ class StepPlan:
 
     step_id: int
     sequences: list[StepSequence] = field(default_factory=list)
+    # A chained plan is submitted before the step it follows has been sampled: this names that
+    # step, whose sampled tokens the executor writes over the placeholders (StepSequence.
+    # sampled_row) just before running it. None: every token id is known.
+    fed_by_step: int | None = None
 
     @property
     def num_tokens(self) -> int:

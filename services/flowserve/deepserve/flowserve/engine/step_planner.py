@@ -444,6 +444,43 @@ class StepPlanner:
         plan.sequences = kept
         return plan
 
+    def chain_plan(self, plan: StepPlan, feeder_step: int, feeder_rows: Mapping[str, int]) -> bool:
+        """Make a plan ready to submit before the step in flight (`feeder_step`) is sampled.
+
+        Possible when each placeholder is the last token of its sequence and the token that
+        step samples for the same request (in row feeder_rows[request id]); the executor then
+        writes it in. Nothing is dropped (a request the feeding step finishes wastes one row)
+        and the prefix cache learns the plan's blocks later, in `cache_chained_blocks`, once
+        their token ids are known. False leaves the plan as it was, for `finalize_plan`.
+        """
+        fed: list[tuple[StepSequence, int]] = []
+        for seq in plan.sequences:
+            last = len(seq.token_ids) - 1
+            if PLACEHOLDER_TOKEN_ID not in seq.token_ids:
+                continue
+            request = self.requests.get(seq.request_id)
+            row = feeder_rows.get(seq.request_id)
+            if (
+                request is None
+                or row is None
+                or seq.token_ids.index(PLACEHOLDER_TOKEN_ID) != last
+                or seq.start_pos + last != request.num_tokens
+            ):
+                return False
+            fed.append((seq, row))
+        for seq, row in fed:
+            seq.sampled_row = row
+        plan.fed_by_step = feeder_step if fed else None
+        return True
+
+    def cache_chained_blocks(self, plan: StepPlan) -> None:
+        """Register the full blocks a chained plan computes, now that the step that fed it has
+        been sampled (requests that step finished are skipped: their blocks are freed)."""
+        for seq in plan.sequences:
+            request = self.requests.get(seq.request_id)
+            if request is not None and request.status is RequestStatus.RUNNING:
+                self.kv_cache.cache_blocks(request, seq.start_pos + len(seq.token_ids))
+
     def update_from_output(self, sampled: Mapping[str, int]) -> list[Request]:
         """Append each request's sampled token; returns the requests that finished by it."""
         finished: list[Request] = []

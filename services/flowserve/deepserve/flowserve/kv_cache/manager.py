@@ -241,7 +241,8 @@ class KVCacheManager:
         if num_new_blocks > self.pool.num_free_blocks - reusable:
             return False
         self.pool.touch(match.blocks)
-        new_blocks = self.pool.allocate(num_new_blocks)
+        last = match.blocks[-1].block_id if match.blocks else None
+        new_blocks = self.pool.allocate(num_new_blocks, after=last)
         self.populate(new_blocks[: len(match.host_entries)], match.host_entries)
         self._req_blocks[request.request_id] = match.blocks + new_blocks
         self._req_num_tokens[request.request_id] = num_tokens
@@ -265,7 +266,7 @@ class KVCacheManager:
         if needed > self.pool.num_free_blocks:
             return False
         if needed > 0:
-            blocks.extend(self.pool.allocate(needed))
+            blocks.extend(self.pool.allocate(needed, after=blocks[-1].block_id if blocks else None))
         self._req_num_tokens[request.request_id] = num_tokens
         return True
 

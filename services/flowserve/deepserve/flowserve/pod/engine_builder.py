@@ -112,6 +112,7 @@ def build_engine(
         max_model_len=max_model_len,
         max_queue_len=settings.max_queue_len,
         async_scheduling=settings.async_scheduling,
+        chain_steps=settings.chain_steps,
         vocab_size=config.vocab_size,
         max_loras=settings.max_loras,
         lora_slots=settings.lora_slots,

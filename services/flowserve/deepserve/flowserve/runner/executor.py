@@ -39,6 +39,7 @@ from deepserve.flowserve.model.config import ModelConfig
 from deepserve.flowserve.runner.device import DevicePlatform, detect_platform, platform_of
 from deepserve.flowserve.runner.inputs import validate_plan
 from deepserve.flowserve.runner.model_runner import ModelRunner
+from deepserve.flowserve.runner.step_chain import StepChain, StepSampler, refuse_chained
 from deepserve.flowserve.runner.step_trace import StepTrace, run_step, step_trace_at
 from deepserve.processes import free_port
 
@@ -145,12 +146,21 @@ class UniprocExecutor(Executor):
         self.num_blocks = num_blocks
         self.block_size = block_size
         self._step_trace = step_trace_at(step_trace_path)
+        self._chain = StepChain()
         self._closed = False
 
     def submit(self, plan: StepPlan) -> Future[torch.Tensor]:
         self._check_open()
         validate_plan(plan, num_blocks=self.num_blocks, block_size=self.block_size)
+        refuse_chained(plan)
         return self._thread.submit(self._run_step, plan)
+
+    def submit_sampled(self, plan: StepPlan, sample: StepSampler[T]) -> Future[T]:
+        """Queue one step that `sample` samples on the forward thread; the future yields what
+        it keeps. A chained plan queued right behind it starts from its tokens (step_chain.py)."""
+        self._check_open()
+        validate_plan(plan, num_blocks=self.num_blocks, block_size=self.block_size)
+        return self._thread.submit(self._chain.run, self._run_step, plan, sample)
 
     def _run_step(self, plan: StepPlan) -> torch.Tensor:
         # The runner's execute is looked up per step: benches wrap it to time the forward pass.
@@ -290,6 +300,7 @@ class MultiprocExecutor(Executor):
 
     def submit(self, plan: StepPlan) -> Future[torch.Tensor]:
         validate_plan(plan, num_blocks=self.num_blocks, block_size=self.block_size)
+        refuse_chained(plan)  # the workers never see the master's sampled tokens
         payload = pickle.dumps(("execute", (plan,)), protocol=pickle.HIGHEST_PROTOCOL)
         return self._call("execute", [payload] * self.tp_size)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Protocol
 
 import torch
@@ -43,6 +43,31 @@ class RequestSampler:
     ) -> list[SampleResult]:
         """One token per logits row; row i belongs to requests[i]."""
         return self._sampler.sample(logits, [self._state(r) for r in requests])
+
+    def bind(
+        self, requests: Sequence[SampledRequest]
+    ) -> Callable[[torch.Tensor], tuple[list[int], list[SampleResult]]]:
+        """The sampling of one step's rows as a function of its logits, to run on another thread
+        (the executor's forward thread): the states are looked up now, on the caller's thread,
+        and the function returns the token ids beside the results."""
+        states = [self._state(r) for r in requests]
+        sampler = self._sampler
+
+        def sample(logits: torch.Tensor) -> tuple[list[int], list[SampleResult]]:
+            results = sampler.sample(logits, states)
+            return [r.token_id for r in results], results
+
+        return sample
+
+    @staticmethod
+    def reads_no_history(request: SampledRequest) -> bool:
+        """Whether sampling the request's next token reads none of its output so far, so it can
+        be sampled before the token ahead of it is appended (a chained step): no penalties,
+        and min_tokens already reached (that only stays true as the output grows)."""
+        params = request.sampling_params
+        return not params.has_penalties and not params.blocks_stop_tokens(
+            len(request.output_token_ids)
+        )
 
     def release(self, request_id: str) -> None:
         """Forget a finished request's state."""

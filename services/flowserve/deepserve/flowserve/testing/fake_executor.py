@@ -12,10 +12,14 @@ from __future__ import annotations
 import threading
 from collections.abc import Collection, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TypeVar
 
 import torch
 
 from deepserve.flowserve.engine.step_plan import StepPlan
+from deepserve.flowserve.runner.step_chain import StepChain, StepSampler, refuse_chained
+
+T = TypeVar("T")
 
 _UNWRITTEN = -1
 
@@ -69,6 +73,7 @@ class FakeExecutor:
         return out
 
     def submit(self, plan: StepPlan) -> Future[torch.Tensor]:
+        refuse_chained(plan)
         return self._worker.submit(self._run, plan)
 
     def execute(self, plan: StepPlan) -> torch.Tensor:
@@ -117,3 +122,15 @@ class FakeExecutor:
         rows = tensor.reshape(len(block_ids), self.block_size).tolist()
         for block_id, row in zip(block_ids, rows, strict=True):
             self.kv[block_id] = row
+
+
+class SamplingFakeExecutor(FakeExecutor):
+    """The fake with the real executor's sampled submissions and chained plans
+    (deepserve.flowserve.runner.step_chain): the engine core chains decode steps over it."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self._chain = StepChain()
+
+    def submit_sampled(self, plan: StepPlan, sample: StepSampler[T]) -> Future[T]:
+        return self._worker.submit(self._chain.run, self._run, plan, sample)
