@@ -48,7 +48,9 @@ async def generate_all(engine: AsyncEngine, tag: str) -> list[tuple[list[int], i
     return list(await asyncio.gather(*(one(i, p) for i, p in enumerate(ALL_PROMPTS))))
 
 
-def make_engine(model_dir: Path, num_blocks: int, *, async_scheduling: bool) -> AsyncEngine:
+def make_engine(
+    model_dir: Path, num_blocks: int, *, async_scheduling: bool, chain_steps: bool = True
+) -> AsyncEngine:
     executor = UniprocExecutor(
         model_dir, num_blocks=num_blocks, block_size=BS, device="cpu", dtype=torch.float32
     )
@@ -59,6 +61,7 @@ def make_engine(model_dir: Path, num_blocks: int, *, async_scheduling: bool) -> 
         step_token_budget=10,
         max_model_len=64,
         async_scheduling=async_scheduling,
+        chain_steps=chain_steps,
     )
     return AsyncEngine.from_executor(config, executor)
 
@@ -89,5 +92,28 @@ async def test_tiny_kv_budget_preempts_and_stays_correct(
         assert [tokens for tokens, _ in results] == expected
         assert engine.stats().num_preemptions > 0
         assert engine.stats().kv_blocks_used == 0
+    finally:
+        engine.shutdown()
+
+
+@pytest.mark.parametrize("chain_steps", [True, False])
+async def test_decode_steps_are_chained_on_the_real_executor(
+    model_dir: Path, expected: list[list[int]], chain_steps: bool
+) -> None:
+    # The forward thread samples each step and feeds the step queued behind it: same tokens.
+    engine = make_engine(model_dir, 64, async_scheduling=True, chain_steps=chain_steps)
+    runner = engine.core.executor.runner  # type: ignore[attr-defined]
+    execute = runner.execute
+    fed_by: list[int | None] = []
+
+    def recording(plan):  # type: ignore[no-untyped-def]
+        fed_by.append(plan.fed_by_step)
+        return execute(plan)
+
+    runner.execute = recording
+    try:
+        results = await generate_all(engine, "chain")
+        assert [tokens for tokens, _ in results] == expected
+        assert any(step is not None for step in fed_by) is chain_steps
     finally:
         engine.shutdown()
