@@ -61,11 +61,11 @@ class StepExecutor(Protocol):
     def execute(self, plan: StepPlan) -> torch.Tensor: ...
 
 
-class SamplingStepExecutor(StepExecutor, Protocol):
-    """An executor that also samples on its forward thread and runs chained plans
-    (deepserve.flowserve.runner.step_chain)."""
+class SubmitSampled(Protocol):
+    """`submit_sampled` of an executor that samples on its forward thread and runs chained
+    plans (deepserve.flowserve.runner.executor.UniprocExecutor, runner/step_chain.py)."""
 
-    def submit_sampled(
+    def __call__(
         self, plan: StepPlan, sample: Callable[[torch.Tensor], tuple[list[int], T]]
     ) -> Future[T]: ...
 
@@ -146,9 +146,10 @@ class EngineCore:
         self.grammar_compiler = grammar_compiler
         self._unstarted: set[str] = set()
         self._in_flight: _InFlight | None = None
-        # Sampling on the executor's forward thread, and chained steps (module docstring).
-        self._samples_on_executor = config.chain_steps and callable(
-            getattr(executor, "submit_sampled", None)
+        # Sampling on the executor's forward thread, and chained steps (module docstring); None
+        # where the executor cannot or chain_steps is off.
+        self._submit_sampled: SubmitSampled | None = (
+            getattr(executor, "submit_sampled", None) if config.chain_steps else None
         )
         self._generated = ThroughputMeter()
         self._computed = ThroughputMeter()
@@ -364,20 +365,19 @@ class EngineCore:
                 outputs.extend(self._take_failed())
             self.kv_cache.flush_transfers()
             if not plan.is_empty:
-                self._submit(plan)
+                self._submit(plan, self._logit_rows(plan))
         # Detokenizing overlaps the step just submitted.
         outputs.extend(self._emit(sampled))
         return outputs
 
-    def _submit(self, plan: StepPlan) -> None:
-        """Submit a finalized (or chained) plan: sampled on the forward thread when its rows
-        allow, else as logits, whose grammar masks are computed here while it runs."""
+    def _submit(self, plan: StepPlan, rows: list[Request]) -> None:
+        """Submit a finalized (or chained) plan, `rows` the request behind each logits row:
+        sampled on the forward thread when its rows allow, else as logits, whose grammar masks
+        are computed here while it runs."""
         self.last_step_ran = True
         started_ns = time.time_ns()
-        rows = self._logit_rows(plan)
-        if self._samples_on_executor and all(r.grammar is None for r in rows):
-            sample = self._sampler.bind(rows)
-            future = self._executor_sampling().submit_sampled(plan, sample)
+        if self._submit_sampled is not None and all(r.grammar is None for r in rows):
+            future = self._submit_sampled(plan, self._sampler.bind(rows))
             self._in_flight = _InFlight(plan, rows, future, sampled=True, started_ns=started_ns)
             return
         future = self.executor.submit(plan)
@@ -391,22 +391,18 @@ class EngineCore:
             plan.is_empty
             or not previous.sampled
             or not all(len(seq.token_ids) == 1 for seq in previous.plan.sequences)
-            or not all(
-                r.grammar is None and self._sampler.reads_no_history(r)
-                for r in self._logit_rows(plan)
-            )
         ):
+            return False
+        rows = self._logit_rows(plan)
+        if not all(r.grammar is None and self._sampler.reads_no_history(r) for r in rows):
             return False
         feeder_rows = {r.request_id: i for i, r in enumerate(previous.rows)}
         if not self.planner.chain_plan(plan, previous.plan.step_id, feeder_rows):
             return False
         # Host-tier copies go through the executor's queue, so they order with both steps.
         self.kv_cache.flush_transfers()
-        self._submit(plan)
+        self._submit(plan, rows)
         return True
-
-    def _executor_sampling(self) -> SamplingStepExecutor:
-        return self.executor  # type: ignore[return-value]  # checked in __init__
 
     def _resolve(self, step: _InFlight) -> list[tuple[Request, SampleResult]]:
         """Wait for a submitted step and take its tokens."""

@@ -455,9 +455,9 @@ class StepPlanner:
         """
         fed: list[tuple[StepSequence, int]] = []
         for seq in plan.sequences:
-            last = len(seq.token_ids) - 1
             if PLACEHOLDER_TOKEN_ID not in seq.token_ids:
                 continue
+            last = len(seq.token_ids) - 1
             request = self.requests.get(seq.request_id)
             row = feeder_rows.get(seq.request_id)
             if (
