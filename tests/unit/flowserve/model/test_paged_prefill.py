@@ -15,7 +15,7 @@ from tests.unit.flowserve.model.test_paged_decode import shuffled_block_tables, 
 
 @pytest.fixture(scope="module", autouse=True)
 def _built() -> None:
-    # This machine kind has a compiler and AVX-512; a build failure is a failure, not a skip.
+    # This machine kind has a compiler and AVX-512 or AVX2; a build failure is a failure, not a skip.
     library.build()
     assert kernel.available(), "the built kernel did not load or disagreed with the reference"
 

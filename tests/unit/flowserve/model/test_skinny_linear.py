@@ -16,7 +16,7 @@ CPU = torch.device("cpu")
 
 @pytest.fixture(scope="module", autouse=True)
 def _built() -> None:
-    # This machine kind has a compiler and AVX-512; a build failure is a failure, not a skip.
+    # This machine kind has a compiler and AVX-512 or AVX2; a build failure is a failure, not a skip.
     library.build()
     assert kernel.available(torch.float32), "the built kernel did not load or disagreed"
 
@@ -69,6 +69,8 @@ def test_the_cpu_linear_takes_few_rows_to_the_panels_and_many_to_onednn(
     linear = linear_kernel(CPU, torch.float32)
     assert isinstance(linear, OneDNNLinear)
     assert linear.skinny_rows == kernel.max_rows(torch.float32) > 0
+    # 8 rows a register tile with AVX-512; 2 with AVX2, where oneDNN wins from ~40 rows.
+    assert kernel.max_rows(torch.float32) == (64 if library.cpu_has("avx512f") else 32)
     weight = torch.randn(160, 96)
     linear.register([weight])
     linear.pack_some()
@@ -98,6 +100,10 @@ def test_the_switch_keeps_onednn_for_every_call(monkeypatch: pytest.MonkeyPatch)
 def test_bfloat16_takes_32_rows_on_amx_tiles_4_beside_onednns_amx_and_64_without_amx() -> None:
     amx = bool(torch.ops.deepserve_flowserve.amx_tiles())
     most = kernel.max_rows(torch.bfloat16)
+    if not library.cpu_has("avx512_bf16"):
+        # No bfloat16 path is built without avx512_bf16: every call stays with oneDNN.
+        assert not kernel.available(torch.bfloat16) and most == 0
+        return
     assert most == (32 if amx else 4 if library.cpu_has("amx_bf16") else 64)
     # The rows the kernel takes, at the AMX path's edges (one and two row tiles, K in 32-value
     # chunks) and up to the most, agree with F.linear whichever path this host runs.

@@ -30,7 +30,9 @@ log = logging.getLogger(__name__)
 KERNELS_ENV = "DEEPSERVE_FLOWSERVE_CPU_KERNELS"
 # Where built libraries live.
 CACHE_ENV = "DEEPSERVE_KERNEL_CACHE"
-_HEADERS = tuple(Path(__file__).with_name(name) for name in ("scalar_math.h", "amx_tiles.h"))
+_HEADERS = tuple(
+    Path(__file__).with_name(name) for name in ("scalar_math.h", "amx_tiles.h", "vec16.h")
+)
 SOURCES = tuple(
     Path(__file__).with_name(name)
     for name in (

@@ -8,6 +8,8 @@
 // In bfloat16 on hosts with AMX, the scores of 16 keys for every head of the group are one tile
 // product and the values are weighed two tokens per instruction (avx512_bf16), because the
 // float32 arithmetic of the vector path, not memory, bounded it there (9-17 GB/s).
+// The vector path is written on vec16.h's 16-lane rows, so AVX2 hosts run it too (0.34-0.54x
+// the time of the per-head loop they ran before; bench/RESULTS.md, issue #19).
 //
 // Built once per host by library.py (torch.utils.cpp_extension), registered as
 // torch.ops.deepserve_flowserve.paged_decode.
@@ -21,11 +23,9 @@
 
 #include "amx_tiles.h"
 #include "scalar_math.h"
+#include "vec16.h"
 
 #include <algorithm>
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -40,8 +40,15 @@ inline float as_float(T value) {
   return deepserve_kernels::to_float(value);
 }
 
-#if defined(__AVX512F__)
+#if defined(DEEPSERVE_VEC16)
+using deepserve_kernels::f32x16;
+using deepserve_kernels::fmadd16;
 using deepserve_kernels::load16;
+using deepserve_kernels::mul16;
+using deepserve_kernels::reduce_add16;
+using deepserve_kernels::set1_16;
+using deepserve_kernels::store16;
+using deepserve_kernels::zero16;
 #endif
 
 // q . row over one head's dim values (q already float).
@@ -114,7 +121,7 @@ void attend(const Layout& l, int64_t dim, const T* q_data, const T* k_data, cons
   }
 }
 
-#if defined(__AVX512F__)
+#if defined(DEEPSERVE_VEC16)
 // The same for GS query heads of the group at once, with DIM a multiple of 16: one pass over the
 // keys scores all GS heads from each key row (loaded into registers once), and one pass over the
 // values accumulates all GS outputs in registers. The next block's rows are prefetched while a
@@ -126,10 +133,10 @@ void attend_heads(const Layout& l, const T* q_data, const T* k_data, const T* v_
   constexpr int V = DIM / 16;
   const int64_t k_base = kv_head * l.head_stride;
   const int64_t num_blocks = (len + l.block_size - 1) / l.block_size;
-  __m512 q[GS][V];
+  f32x16 q[GS][V];
   for (int h = 0; h < GS; ++h) {
     const T* q_row = q_data + seq * l.q_seq_stride + (kv_head * l.group + g0 + h) * l.q_head_stride;
-    for (int v = 0; v < V; ++v) q[h][v] = _mm512_mul_ps(load16(q_row + 16 * v), _mm512_set1_ps(scale));
+    for (int v = 0; v < V; ++v) q[h][v] = mul16(load16(q_row + 16 * v), set1_16(scale));
   }
   // Calls row_fn(row loaded as V vectors, position) for every cached row of this kv head in
   // order, prefetching the next block's rows while a block is read.
@@ -149,46 +156,47 @@ void attend_heads(const Layout& l, const T* q_data, const T* k_data, const T* v_
       const int64_t count = std::min(l.block_size, len - start);
       for (int64_t t = 0; t < count; ++t) {
         const T* row = block + t * l.token_stride;
-        __m512 x[V];
+        f32x16 x[V];
         for (int v = 0; v < V; ++v) x[v] = load16(row + 16 * v);
         row_fn(x, start + t);
       }
     }
   };
   // Scores, [GS][len].
-  for_each_row(k_data, [&](const __m512* k, int64_t pos) {
+  for_each_row(k_data, [&](const f32x16* k, int64_t pos) {
     for (int h = 0; h < GS; ++h) {
-      __m512 acc = _mm512_mul_ps(q[h][0], k[0]);
-      for (int v = 1; v < V; ++v) acc = _mm512_fmadd_ps(q[h][v], k[v], acc);
-      scores[h * len + pos] = _mm512_reduce_add_ps(acc);
+      f32x16 acc = mul16(q[h][0], k[0]);
+      for (int v = 1; v < V; ++v) acc = fmadd16(q[h][v], k[v], acc);
+      scores[h * len + pos] = reduce_add16(acc);
     }
   });
   float inv_sum[GS];
   for (int h = 0; h < GS; ++h) inv_sum[h] = softmax_numerators(scores + h * len, len);
   // Values: all GS outputs in registers.
-  __m512 o[GS][V];
+  f32x16 o[GS][V];
   for (int h = 0; h < GS; ++h)
-    for (int v = 0; v < V; ++v) o[h][v] = _mm512_setzero_ps();
-  for_each_row(v_data, [&](const __m512* val, int64_t pos) {
+    for (int v = 0; v < V; ++v) o[h][v] = zero16();
+  for_each_row(v_data, [&](const f32x16* val, int64_t pos) {
     for (int h = 0; h < GS; ++h) {
-      const __m512 p = _mm512_set1_ps(scores[h * len + pos]);
-      for (int v = 0; v < V; ++v) o[h][v] = _mm512_fmadd_ps(p, val[v], o[h][v]);
+      const f32x16 p = set1_16(scores[h * len + pos]);
+      for (int v = 0; v < V; ++v) o[h][v] = fmadd16(p, val[v], o[h][v]);
     }
   });
   for (int h = 0; h < GS; ++h) {
     T* out = out_data + (seq * l.heads + kv_head * l.group + g0 + h) * DIM;
-    const __m512 norm = _mm512_set1_ps(inv_sum[h]);
-    for (int v = 0; v < V; ++v) deepserve_kernels::store16(out + 16 * v, _mm512_mul_ps(o[h][v], norm));
+    const f32x16 norm = set1_16(inv_sum[h]);
+    for (int v = 0; v < V; ++v) store16(out + 16 * v, mul16(o[h][v], norm));
   }
 }
 
 // Every query head of one (sequence, kv head), GS heads per pass: as many as the registers hold
-// (queries, one cached row and the outputs: 4 heads of 64 dims, 2 of 128).
+// (queries, one cached row and the outputs: 4 heads of 64 dims, 2 of 128; AVX2's 16 ymm, 2 and
+// 1, where 3 heads of 64 at once measured the same).
 template <typename T, int DIM>
 void attend_group(const Layout& l, const T* q_data, const T* k_data, const T* v_data,
                   const int64_t* table, int64_t seq, int64_t kv_head, int64_t len, float scale,
                   float* scores, T* out_data) {
-  constexpr int kMost = DIM <= 64 ? 4 : 2;
+  constexpr int kMost = deepserve_kernels::kVecRegs == 32 ? (DIM <= 64 ? 4 : 2) : (DIM <= 64 ? 2 : 1);
   int64_t g = 0;
   for (; g + kMost <= l.group; g += kMost) {
     attend_heads<T, DIM, kMost>(l, q_data, k_data, v_data, table, seq, kv_head, g, len, scale,
@@ -480,7 +488,7 @@ void paged_decode_impl(const at::Tensor& query, const at::Tensor& key_cache,
       const int64_t* table = tables + seq * l.max_blocks;
       // Scores of up to 4 heads at once (the vector path); one at a time otherwise.
       scores.resize(len * std::min<int64_t>(l.group, 4));
-#if defined(__AVX512F__)
+#if defined(DEEPSERVE_VEC16)
       if (dim == 64) {
         attend_group<T, 64>(l, q_data, k_data, v_data, table, seq, kv_head, len, softmax_scale,
                             scores.data(), out_data);

@@ -15,6 +15,7 @@
 // In bfloat16 on hosts with AMX, the keys and values are packed instead into the tiles' operand
 // layout, and each 16 positions of one head against 32 keys are two tile products for the scores
 // and one per 16 dims for the outputs; the online softmax between them stays in AVX-512.
+// The vector path is written on vec16.h's 16-lane rows, so AVX2 hosts run it too.
 //
 // Built once per host by library.py, registered as torch.ops.deepserve_flowserve.paged_prefill.
 
@@ -26,6 +27,7 @@
 
 #include "amx_tiles.h"
 #include "scalar_math.h"
+#include "vec16.h"
 
 #include <algorithm>
 #include <cmath>
@@ -36,12 +38,24 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__AVX512F__)
-#include <immintrin.h>
+#if defined(DEEPSERVE_VEC16)
 
 namespace {
 
+using deepserve_kernels::add16;
+using deepserve_kernels::f32x16;
 using deepserve_kernels::fast_exp16;
+using deepserve_kernels::fmadd16;
+using deepserve_kernels::loadu16;
+using deepserve_kernels::mask_after16;
+using deepserve_kernels::max16;
+using deepserve_kernels::mul16;
+using deepserve_kernels::reduce_add16;
+using deepserve_kernels::reduce_max16;
+using deepserve_kernels::set1_16;
+using deepserve_kernels::storeu16;
+using deepserve_kernels::sub16;
+using deepserve_kernels::zero16;
 using deepserve_kernels::load16;
 using deepserve_kernels::store16;
 
@@ -96,29 +110,28 @@ void attend_panel(const float* q, const int64_t* row_pos, const float* panel, co
   // kept an array indexed later by row in memory, storing all of it on every step).
   alignas(64) float scores[R][kKeys];
   {
-    __m512 acc_s[R][kKeyVecs];
+    f32x16 acc_s[R][kKeyVecs];
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
-      for (int h = 0; h < kKeyVecs; ++h) acc_s[r][h] = _mm512_setzero_ps();
+      for (int h = 0; h < kKeyVecs; ++h) acc_s[r][h] = zero16();
     for (int d = 0; d < DIM; ++d) {
-      __m512 k[kKeyVecs];
+      f32x16 k[kKeyVecs];
 #pragma GCC unroll 4
-      for (int h = 0; h < kKeyVecs; ++h) k[h] = _mm512_loadu_ps(panel + d * kKeys + 16 * h);
+      for (int h = 0; h < kKeyVecs; ++h) k[h] = loadu16(panel + d * kKeys + 16 * h);
 #pragma GCC unroll 8
       for (int r = 0; r < R; ++r) {
-        const __m512 qd = _mm512_set1_ps(q[r * DIM + d]);
+        const f32x16 qd = set1_16(q[r * DIM + d]);
 #pragma GCC unroll 4
-        for (int h = 0; h < kKeyVecs; ++h) acc_s[r][h] = _mm512_fmadd_ps(qd, k[h], acc_s[r][h]);
+        for (int h = 0; h < kKeyVecs; ++h) acc_s[r][h] = fmadd16(qd, k[h], acc_s[r][h]);
       }
     }
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
-      for (int h = 0; h < kKeyVecs; ++h) _mm512_store_ps(scores[r] + 16 * h, acc_s[r][h]);
+      for (int h = 0; h < kKeyVecs; ++h) storeu16(scores[r] + 16 * h, acc_s[r][h]);
   }
-  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  const __m512 minus_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  const f32x16 minus_inf = set1_16(-std::numeric_limits<float>::infinity());
   alignas(64) float p[R][kKeys];
   // Rows unrolled: their reductions and exps are independent chains the core can overlap.
 #pragma GCC unroll 8
@@ -126,48 +139,45 @@ void attend_panel(const float* q, const int64_t* row_pos, const float* panel, co
     // Causal: a key after the row's position (or past the context) scores -inf, and its p is
     // then ~0 (fast_exp16 clamps). Key 0 is in every row's past, so after the first panel the
     // running max is finite and a panel wholly in a row's future leaves the row as it was.
-    __m512 sr[kKeyVecs];
-    __m512 top = minus_inf;
+    f32x16 sr[kKeyVecs];
+    f32x16 top = minus_inf;
 #pragma GCC unroll 4
     for (int h = 0; h < kKeyVecs; ++h) {
-      const __m512i key_pos = _mm512_add_epi32(
-          lane, _mm512_set1_epi32(static_cast<int32_t>(panel_start + 16 * h)));
-      const __mmask16 seen = _mm512_cmple_epi32_mask(
-          key_pos, _mm512_set1_epi32(static_cast<int32_t>(row_pos[r])));
-      sr[h] = _mm512_mask_blend_ps(seen, minus_inf, _mm512_load_ps(scores[r] + 16 * h));
-      top = _mm512_max_ps(top, sr[h]);
+      sr[h] = mask_after16(loadu16(scores[r] + 16 * h), static_cast<int32_t>(panel_start + 16 * h),
+                           static_cast<int32_t>(row_pos[r]), minus_inf);
+      top = max16(top, sr[h]);
     }
-    const float m_new = std::max(m[r], _mm512_reduce_max_ps(top));
+    const float m_new = std::max(m[r], reduce_max16(top));
     const float alpha = deepserve_kernels::fast_exp(m[r] - m_new);
-    const __m512 shift = _mm512_set1_ps(m_new);
-    __m512 sum = _mm512_setzero_ps();
+    const f32x16 shift = set1_16(m_new);
+    f32x16 sum = zero16();
 #pragma GCC unroll 4
     for (int h = 0; h < kKeyVecs; ++h) {
-      const __m512 ph = fast_exp16(_mm512_sub_ps(sr[h], shift));
-      _mm512_store_ps(p[r] + 16 * h, ph);
-      sum = _mm512_add_ps(sum, ph);
+      const f32x16 ph = fast_exp16(sub16(sr[h], shift));
+      storeu16(p[r] + 16 * h, ph);
+      sum = add16(sum, ph);
     }
-    l[r] = l[r] * alpha + _mm512_reduce_add_ps(sum);
+    l[r] = l[r] * alpha + reduce_add16(sum);
     m[r] = m_new;
-    const __m512 a = _mm512_set1_ps(alpha);
+    const f32x16 a = set1_16(alpha);
     for (int v = 0; v < V; ++v) {
-      _mm512_storeu_ps(acc + r * DIM + 16 * v,
-                       _mm512_mul_ps(a, _mm512_loadu_ps(acc + r * DIM + 16 * v)));
+      storeu16(acc + r * DIM + 16 * v,
+                       mul16(a, loadu16(acc + r * DIM + 16 * v)));
     }
   }
-  __m512 o[R][V];
+  f32x16 o[R][V];
   for (int r = 0; r < R; ++r)
-    for (int v = 0; v < V; ++v) o[r][v] = _mm512_loadu_ps(acc + r * DIM + 16 * v);
+    for (int v = 0; v < V; ++v) o[r][v] = loadu16(acc + r * DIM + 16 * v);
   for (int k = 0; k < kKeys; ++k) {
-    __m512 val[V];
+    f32x16 val[V];
     for (int v = 0; v < V; ++v) val[v] = load16(v_rows[k] + 16 * v);
     for (int r = 0; r < R; ++r) {
-      const __m512 w = _mm512_set1_ps(p[r][k]);
-      for (int v = 0; v < V; ++v) o[r][v] = _mm512_fmadd_ps(w, val[v], o[r][v]);
+      const f32x16 w = set1_16(p[r][k]);
+      for (int v = 0; v < V; ++v) o[r][v] = fmadd16(w, val[v], o[r][v]);
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int v = 0; v < V; ++v) _mm512_storeu_ps(acc + r * DIM + 16 * v, o[r][v]);
+    for (int v = 0; v < V; ++v) storeu16(acc + r * DIM + 16 * v, o[r][v]);
 }
 
 // One work item: positions [i0, i1) of the chunk (query indices), all heads of one kv head.
@@ -175,7 +185,10 @@ template <typename T, int DIM>
 void attend_tile(const T* q_data, const T* v_cache, const Shape& s, const Chunk& c,
                  int64_t kv_head, int64_t i0, int64_t i1, float scale, const float* panels,
                  T* out_data) {
-  constexpr int R = DIM <= 64 ? 4 : 2;
+  // Rows per register tile: their score accumulators (4 vectors a row), a panel row of keys and,
+  // for the outputs, DIM / 16 vectors a row beside the values must fit the vector registers.
+  // AVX2's 16 ymm take one row (2 spilled, 1.04-1.08x the time).
+  constexpr int R = deepserve_kernels::kVecRegs == 32 ? (DIM <= 64 ? 4 : 2) : 1;
   const int64_t rows = (i1 - i0) * s.group;
   const int64_t padded = (rows + R - 1) / R * R;
   std::vector<float> q(padded * DIM, 0.f), acc(padded * DIM, 0.f), l(padded, 0.f);
@@ -207,9 +220,9 @@ void attend_tile(const T* q_data, const T* v_cache, const Shape& s, const Chunk&
     const int64_t i = i0 + r / s.group;
     const int64_t head = kv_head * s.group + r % s.group;
     T* out = out_data + (c.q_start + i) * s.out_token_stride + head * DIM;
-    const __m512 norm = _mm512_set1_ps(1.f / l[r]);
+    const f32x16 norm = set1_16(1.f / l[r]);
     for (int v = 0; v < DIM / 16; ++v) {
-      store16(out + 16 * v, _mm512_mul_ps(norm, _mm512_loadu_ps(acc.data() + r * DIM + 16 * v)));
+      store16(out + 16 * v, mul16(norm, loadu16(acc.data() + r * DIM + 16 * v)));
     }
   }
 }
@@ -568,4 +581,4 @@ TORCH_LIBRARY_FRAGMENT(deepserve_flowserve, m) {
 
 TORCH_LIBRARY_IMPL(deepserve_flowserve, CPU, m) { m.impl("paged_prefill", &paged_prefill); }
 
-#endif  // __AVX512F__
+#endif  // DEEPSERVE_VEC16

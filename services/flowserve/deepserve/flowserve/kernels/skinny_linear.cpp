@@ -17,6 +17,8 @@
 // far below what the tiles do and the weights stream at memory speed at any row count; the vector
 // path's vdpbf16ps per (row, k pair) made it arithmetic-bound from a few rows on.
 //
+// float32 is written on vec16.h's 16-lane rows, so AVX2 hosts run it too, 2 rows a register tile.
+//
 // Panels are split across ATen's thread pool (the threads of the forward pass itself).
 
 #include <ATen/Parallel.h>
@@ -28,10 +30,7 @@
 #include <torch/library.h>
 
 #include "amx_tiles.h"
-
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
+#include "vec16.h"
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -41,7 +40,14 @@
 namespace {
 
 constexpr int64_t kPanel = 32;  // output columns per panel (two 16-lane vectors)
+// Rows per register tile: R x 32 accumulators, the panel step's 32 weights and a broadcast row
+// value must fit the vector registers: 8 rows in 32 zmm, 2 in AVX2's 16 ymm (3 spilled: 1.06-1.15x
+// the time at 1-8 rows).
+#if defined(DEEPSERVE_VEC16)
+constexpr int64_t kRowTile = deepserve_kernels::kVecRegs == 32 ? 8 : 2;
+#else
 constexpr int64_t kRowTile = 8;
+#endif
 // Most rows one call takes (the accumulators of a panel live in one L1-sized buffer); more rows
 // are a prefill's, where a blocked GEMM wins anyway.
 constexpr int64_t kMaxRows = 64;
@@ -99,7 +105,9 @@ at::Tensor skinny_pack(const at::Tensor& weight) {
   return packed;
 }
 
-#if defined(__AVX512F__)
+#if defined(DEEPSERVE_VEC16)
+
+using deepserve_kernels::f32x16;
 
 inline void prefetch(const void* address) {
   _mm_prefetch(reinterpret_cast<const char*>(address), _MM_HINT_T0);
@@ -139,22 +147,23 @@ class Prefetcher {
 template <int R, bool BF16>
 inline void tile(const void* x_, int64_t ldx, const void* chunk_, int64_t steps, float* acc_buf,
                  bool first, Prefetcher prefetcher) {
-  __m512 acc[R][2];
+  using namespace deepserve_kernels;
+  f32x16 acc[R][2];
   for (int r = 0; r < R; ++r) {
-    acc[r][0] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(acc_buf + r * kPanel);
-    acc[r][1] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(acc_buf + r * kPanel + 16);
+    acc[r][0] = first ? zero16() : loadu16(acc_buf + r * kPanel);
+    acc[r][1] = first ? zero16() : loadu16(acc_buf + r * kPanel + 16);
   }
   if constexpr (!BF16) {
     const float* x = static_cast<const float*>(x_);
     const float* chunk = static_cast<const float*>(chunk_);
     for (int64_t i = 0; i < steps; ++i) {
       prefetcher.step(i);
-      const __m512 w0 = _mm512_loadu_ps(chunk + i * kPanel);
-      const __m512 w1 = _mm512_loadu_ps(chunk + i * kPanel + 16);
+      const f32x16 w0 = loadu16(chunk + i * kPanel);
+      const f32x16 w1 = loadu16(chunk + i * kPanel + 16);
       for (int r = 0; r < R; ++r) {
-        const __m512 xv = _mm512_set1_ps(x[r * ldx + i]);
-        acc[r][0] = _mm512_fmadd_ps(xv, w0, acc[r][0]);
-        acc[r][1] = _mm512_fmadd_ps(xv, w1, acc[r][1]);
+        const f32x16 xv = set1_16(x[r * ldx + i]);
+        acc[r][0] = fmadd16(xv, w0, acc[r][0]);
+        acc[r][1] = fmadd16(xv, w1, acc[r][1]);
       }
     }
   } else {
@@ -176,8 +185,8 @@ inline void tile(const void* x_, int64_t ldx, const void* chunk_, int64_t steps,
 #endif
   }
   for (int r = 0; r < R; ++r) {
-    _mm512_storeu_ps(acc_buf + r * kPanel, acc[r][0]);
-    _mm512_storeu_ps(acc_buf + r * kPanel + 16, acc[r][1]);
+    storeu16(acc_buf + r * kPanel, acc[r][0]);
+    storeu16(acc_buf + r * kPanel + 16, acc[r][1]);
   }
 }
 
@@ -196,6 +205,7 @@ inline void tile_rows(int64_t rows, const void* x, int64_t ldx, const void* chun
   }
 }
 
+#if defined(__AVX512F__)
 inline __m512 bf16_to_float(__m256i v) {
   // A bfloat16 is the high half of a float's bits.
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
@@ -234,6 +244,19 @@ inline void store_rows(const float* acc_buf, int64_t rows, T* y, int64_t ldy, in
 #endif
   }
 }
+#else
+// The same on AVX2 hosts, float32 only (the kernel has no bfloat16 path without AVX-512).
+template <typename T>
+inline void store_rows(const float* acc_buf, int64_t rows, T* y, int64_t ldy, int64_t width,
+                       const T* bias) {
+  static_assert(std::is_same_v<T, float>, "AVX2 hosts run float32 only");
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t j = 0; j < width; ++j) {
+      y[r * ldy + j] = acc_buf[r * kPanel + j] + (bias != nullptr ? bias[j] : 0.f);
+    }
+  }
+}
+#endif
 
 // Every panel, split across threads. Within a panel, K goes in chunks small enough to stay in
 // L1 while every row tile passes over them, so the panel streams from memory once and without
@@ -339,7 +362,7 @@ void run_panels_amx(const c10::BFloat16* x, int64_t m, int64_t k, const c10::BFl
 }
 #endif
 
-#endif  // __AVX512F__
+#endif  // DEEPSERVE_VEC16
 
 at::Tensor skinny_linear(const at::Tensor& x, const at::Tensor& packed, int64_t n,
                          const c10::optional<at::Tensor>& bias) {
@@ -359,7 +382,7 @@ at::Tensor skinny_linear(const at::Tensor& x, const at::Tensor& packed, int64_t 
   }
   TORCH_CHECK(m <= kMaxRows, "skinny_linear takes at most ", kMaxRows, " rows");
   if (m == 0) return y;
-#if defined(__AVX512F__)
+#if defined(DEEPSERVE_VEC16)
   if (!bf16) {
     run_panels<float>(a.data_ptr<float>(), m, k, packed.data_ptr<float>(), n,
                       y.data_ptr<float>(), b.defined() ? b.data_ptr<float>() : nullptr);

@@ -33,6 +33,10 @@ _MAX_ROWS_AMX = 32
 # rows, and the vdpbf16ps path ran the same chain at 0.29-0.57x oneDNN's time at 8-64 rows
 # (2-core AMD EPYC, Zen 4), as float32's does.
 _MAX_ROWS_BF16_WITHOUT_AMX = 64
+# float32 on a CPU without AVX-512 (AVX2 and FMA: the kernel's register tiles hold 2 rows, not 8):
+# 0.47-0.68x oneDNN's time at 1-8 rows, 0.77-0.92x at 16-32, 1.0-1.18x at 40-64 (2-core AMD
+# EPYC, Zen 3).
+_MAX_ROWS_FLOAT32_AVX2 = 32
 
 
 def available(dtype: torch.dtype) -> bool:
@@ -41,12 +45,17 @@ def available(dtype: torch.dtype) -> bool:
 
 
 def max_rows(dtype: torch.dtype) -> int:
-    """Most rows a call should bring to the kernel rather than to oneDNN."""
-    if dtype == torch.bfloat16 and library.load():
+    """Most rows a call should bring to the kernel rather than to oneDNN (0: it does not serve
+    `dtype` here)."""
+    if not available(dtype):
+        return 0
+    if dtype == torch.bfloat16:
         if torch.ops.deepserve_flowserve.amx_tiles():
             return _MAX_ROWS_AMX
         if not library.cpu_has("amx_bf16"):
             return _MAX_ROWS_BF16_WITHOUT_AMX
+    if dtype == torch.float32 and not library.cpu_has("avx512f"):
+        return _MAX_ROWS_FLOAT32_AVX2
     return _MAX_ROWS.get(dtype, 0)
 
 

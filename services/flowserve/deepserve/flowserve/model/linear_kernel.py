@@ -134,6 +134,6 @@ def linear_kernel(device: torch.device, dtype: torch.dtype) -> Linear:
         and _onednn_agrees(dtype)
     ):
         prepack = os.environ.get(PREPACK_ENV, "1") != "0"
-        skinny_rows = skinny_linear.max_rows(dtype) if skinny_linear.available(dtype) else 0
+        skinny_rows = skinny_linear.max_rows(dtype)
         return OneDNNLinear(prepack=prepack, skinny_rows=skinny_rows if prepack else 0)
     return F.linear
