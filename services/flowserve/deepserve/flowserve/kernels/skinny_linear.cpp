@@ -57,6 +57,13 @@ constexpr int64_t kMaxRows = 64;
 #ifndef SKINNY_PREFETCH_STEPS
 #define SKINNY_PREFETCH_STEPS 64
 #endif
+// Whether one row tile's pass streams the panel behind software prefetches. On AVX2 hosts the
+// hardware prefetcher alone streamed the 1-row chain faster (1.17x a sum()'s time against 1.34x
+// with prefetches 64 steps ahead; T1, NTA, 16 or 256 steps ahead: 1.24-1.33x; 2-core Zen 3).
+// Several row tiles keep their spread prefetches there too (without: 1.1-1.2x slower at 4-16).
+#if defined(DEEPSERVE_VEC16)
+constexpr bool kStreamPrefetch = deepserve_kernels::kVecRegs == 32;
+#endif
 // Panel steps per chunk: 128 x 128 bytes = 16 KB, which stays in L1 across the row tiles.
 constexpr int64_t kChunkSteps = SKINNY_CHUNK_STEPS;
 // How far ahead of the FMAs the panel is prefetched (64 steps = 8 KB).
@@ -122,6 +129,7 @@ class Prefetcher {
   static Prefetcher spread(const char* ahead, int64_t lines, int64_t steps) {
     return Prefetcher(ahead, lines, lines > 0 ? std::max<int64_t>(1, steps / lines) : 1, false);
   }
+  static Prefetcher none() { return Prefetcher(nullptr, 0, 1, false); }
 
   inline void step(int64_t i) {
     if (stream_) {
@@ -277,7 +285,7 @@ void run_panels(const T* x, int64_t m, int64_t k, const T* packed, int64_t n, T*
         const int64_t chunk_steps = std::min(kChunkSteps, steps - s0);
         const T* chunk = panel + s0 * kPanel * kValuesPerStep;
         // Weights are prefetched ahead of the FMAs. One row tile: a stream kPrefetchSteps
-        // ahead. Several: the next chunk (the rest of this panel, then the next panel, which is
+        // ahead (AVX-512; on AVX2 the hardware prefetcher's, kStreamPrefetch). Several: the next chunk (the rest of this panel, then the next panel, which is
         // contiguous) is spread over this chunk's passes, so that reading memory overlaps the
         // arithmetic of every pass, not only the first's (0.78-0.94x the time at 16-32 rows;
         // bench/RESULTS.md, issue #19).
@@ -288,7 +296,7 @@ void run_panels(const T* x, int64_t m, int64_t k, const T* packed, int64_t n, T*
         for (int64_t row = 0, pass = 0; row < m; row += kRowTile, ++pass) {
           const int64_t first_line = lines * pass / passes, end_line = lines * (pass + 1) / passes;
           const Prefetcher prefetcher =
-              passes == 1 ? Prefetcher::stream(ahead)
+              passes == 1 ? (kStreamPrefetch ? Prefetcher::stream(ahead) : Prefetcher::none())
                           : Prefetcher::spread(ahead + 64 * first_line, end_line - first_line,
                                                chunk_steps);
           tile_rows<kBF16>(std::min(kRowTile, m - row), x + row * k + s0 * kValuesPerStep, k,
