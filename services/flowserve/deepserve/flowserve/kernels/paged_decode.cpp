@@ -196,7 +196,8 @@ template <typename T, int DIM>
 void attend_group(const Layout& l, const T* q_data, const T* k_data, const T* v_data,
                   const int64_t* table, int64_t seq, int64_t kv_head, int64_t len, float scale,
                   float* scores, T* out_data) {
-  constexpr int kMost = deepserve_kernels::kVecRegs == 32 ? (DIM <= 64 ? 4 : 2) : (DIM <= 64 ? 2 : 1);
+  constexpr int kMost =
+      deepserve_kernels::kVecRegs == 32 ? (DIM <= 64 ? 4 : 2) : (DIM <= 64 ? 2 : 1);
   int64_t g = 0;
   for (; g + kMost <= l.group; g += kMost) {
     attend_heads<T, DIM, kMost>(l, q_data, k_data, v_data, table, seq, kv_head, g, len, scale,

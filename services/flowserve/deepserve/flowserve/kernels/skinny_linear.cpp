@@ -285,10 +285,11 @@ void run_panels(const T* x, int64_t m, int64_t k, const T* packed, int64_t n, T*
         const int64_t chunk_steps = std::min(kChunkSteps, steps - s0);
         const T* chunk = panel + s0 * kPanel * kValuesPerStep;
         // Weights are prefetched ahead of the FMAs. One row tile: a stream kPrefetchSteps
-        // ahead (AVX-512; on AVX2 the hardware prefetcher's, kStreamPrefetch). Several: the next chunk (the rest of this panel, then the next panel, which is
-        // contiguous) is spread over this chunk's passes, so that reading memory overlaps the
-        // arithmetic of every pass, not only the first's (0.78-0.94x the time at 16-32 rows;
-        // bench/RESULTS.md, issue #19).
+        // ahead (on AVX2, the hardware prefetcher's alone: kStreamPrefetch). Several: the next
+        // chunk (the rest of this panel, then the next panel, which is contiguous) is spread
+        // over this chunk's passes, so that reading memory overlaps the arithmetic of every
+        // pass, not only the first's (0.78-0.94x the time at 16-32 rows; bench/RESULTS.md,
+        // issue #19).
         const int64_t passes = (m + kRowTile - 1) / kRowTile;
         const char* ahead = reinterpret_cast<const char*>(
             chunk + (passes == 1 ? kPrefetchSteps : chunk_steps) * kPanel * kValuesPerStep);
