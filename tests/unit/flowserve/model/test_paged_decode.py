@@ -12,6 +12,7 @@ from deepserve.flowserve.kernels import paged_decode as kernel
 from deepserve.flowserve.model.attention import AttentionMetadata, paged_attention, write_kv
 from deepserve.flowserve.runner.inputs import build_model_inputs
 from tests.unit.flowserve.model.test_attention import _plan
+from tests.unit.flowserve.model.thread_counts import same_bits_at_every_thread_count
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -122,6 +123,19 @@ def test_bfloat16_block_sizes_match_plain_attention(
     got = kernel.paged_decode(*problem, dim**-0.5)
     want = kernel.reference_decode(*problem, dim**-0.5)
     torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "lengths",
+    # Few sequences (split by kv head) and many (a sequence's heads a turn), of mixed lengths.
+    [[300], [40, 7], [16, 17, 5, 300, 1, 64, 33, 120, 2, 250]],
+)
+def test_threads_taking_sequences_as_they_free_up_give_the_same_bits(
+    lengths: list[int], dtype: torch.dtype
+) -> None:
+    problem = _problem(lengths, dtype)
+    same_bits_at_every_thread_count(kernel.paged_decode, *problem, 0.125)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from deepserve.flowserve.kernels import library
 from deepserve.flowserve.kernels import skinny_linear as kernel
 from deepserve.flowserve.model.linear_kernel import OneDNNLinear, linear_kernel
+from tests.unit.flowserve.model.thread_counts import same_bits_at_every_thread_count
 
 CPU = torch.device("cpu")
 
@@ -41,6 +42,18 @@ def test_matches_f_linear(rows: int, out_features: int) -> None:
             assert got.dtype == dtype and got.shape == (rows, out_features)
             want = F.linear(x.double(), weight.double(), None if b is None else b.double())
             torch.testing.assert_close(got.double(), want, atol=tolerance, rtol=tolerance)
+
+
+@pytest.mark.parametrize("rows", [1, 8, 32])
+def test_threads_taking_panels_as_they_free_up_give_the_same_bits(rows: int) -> None:
+    """Each panel's sums are one thread's, in k order, whichever thread takes it: the result
+    cannot depend on how the panels were shared out (nor may two threads share accumulators)."""
+    generator = torch.Generator().manual_seed(rows)
+    for out_features in (64, 960, 3072):  # 2, 30 and 96 panels
+        weight = torch.randn(out_features, 576, generator=generator) * 0.05
+        x = torch.randn(rows, 576, generator=generator)
+        panels = kernel.pack(weight)
+        same_bits_at_every_thread_count(kernel.linear, x, panels, out_features, None)
 
 
 def test_a_strided_view_is_read_as_its_values() -> None:

@@ -31,7 +31,8 @@ KERNELS_ENV = "DEEPSERVE_FLOWSERVE_CPU_KERNELS"
 # Where built libraries live.
 CACHE_ENV = "DEEPSERVE_KERNEL_CACHE"
 _HEADERS = tuple(
-    Path(__file__).with_name(name) for name in ("scalar_math.h", "amx_tiles.h", "vec16.h")
+    Path(__file__).with_name(name)
+    for name in ("scalar_math.h", "amx_tiles.h", "vec16.h", "shared_work.h")
 )
 SOURCES = tuple(
     Path(__file__).with_name(name)

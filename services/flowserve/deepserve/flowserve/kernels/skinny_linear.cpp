@@ -19,7 +19,8 @@
 //
 // float32 is written on vec16.h's 16-lane rows, so AVX2 hosts run it too, 2 rows a register tile.
 //
-// Panels are split across ATen's thread pool (the threads of the forward pass itself).
+// Panels go to the forward pass's own threads, two at a time to whichever is free
+// (shared_work.h).
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -30,6 +31,7 @@
 #include <torch/library.h>
 
 #include "amx_tiles.h"
+#include "shared_work.h"
 #include "vec16.h"
 #include <algorithm>
 #include <cstdint>
@@ -266,49 +268,61 @@ inline void store_rows(const float* acc_buf, int64_t rows, T* y, int64_t ldy, in
 }
 #endif
 
-// Every panel, split across threads. Within a panel, K goes in chunks small enough to stay in
-// L1 while every row tile passes over them, so the panel streams from memory once and without
-// pauses whatever the number of rows.
+// One panel: y[:, 32 columns] for every row. K goes in chunks small enough to stay in L1 while
+// every row tile passes over them, so the panel streams from memory once and without pauses
+// whatever the number of rows. `acc_buf` is the calling thread's, kMaxRows x 32 floats.
 template <typename T>
-void run_panels(const T* x, int64_t m, int64_t k, const T* packed, int64_t n, T* y,
-                const T* bias) {
+inline void run_panel(const T* x, int64_t m, int64_t k, const T* packed, int64_t n, T* y,
+                      const T* bias, int64_t p, float* acc_buf) {
   constexpr bool kBF16 = !std::is_same_v<T, float>;
   constexpr int64_t kValuesPerStep = kBF16 ? 2 : 1;  // k values per step of a panel
   const int64_t steps = k / kValuesPerStep;
-  const int64_t panels = (n + kPanel - 1) / kPanel;
-  at::parallel_for(0, panels, 4, [&](int64_t begin, int64_t end) {
-    alignas(64) float acc_buf[kMaxRows * kPanel];
-    for (int64_t p = begin; p < end; ++p) {
-      const T* panel = packed + p * k * kPanel;
-      const int64_t col = p * kPanel;
-      for (int64_t s0 = 0; s0 < steps; s0 += kChunkSteps) {
-        const int64_t chunk_steps = std::min(kChunkSteps, steps - s0);
-        const T* chunk = panel + s0 * kPanel * kValuesPerStep;
-        // Weights are prefetched ahead of the FMAs. One row tile: a stream kPrefetchSteps
-        // ahead (on AVX2, the hardware prefetcher's alone: kStreamPrefetch). Several: the next
-        // chunk (the rest of this panel, then the next panel, which is contiguous) is spread
-        // over this chunk's passes, so that reading memory overlaps the arithmetic of every
-        // pass, not only the first's (0.78-0.94x the time at 16-32 rows; bench/RESULTS.md,
-        // issue #19).
-        const int64_t passes = (m + kRowTile - 1) / kRowTile;
-        const char* ahead = reinterpret_cast<const char*>(
-            chunk + (passes == 1 ? kPrefetchSteps : chunk_steps) * kPanel * kValuesPerStep);
-        const int64_t lines = chunk_steps * kPanel * kValuesPerStep * int64_t(sizeof(T)) / 64;
-        for (int64_t row = 0, pass = 0; row < m; row += kRowTile, ++pass) {
-          const int64_t first_line = lines * pass / passes, end_line = lines * (pass + 1) / passes;
-          const Prefetcher prefetcher =
-              passes == 1 ? (kStreamPrefetch ? Prefetcher::stream(ahead) : Prefetcher::none())
-                          : Prefetcher::spread(ahead + 64 * first_line, end_line - first_line,
-                                               chunk_steps);
-          tile_rows<kBF16>(std::min(kRowTile, m - row), x + row * k + s0 * kValuesPerStep, k,
-                           chunk, chunk_steps, acc_buf + row * kPanel, s0 == 0, prefetcher);
-        }
-      }
-      for (int64_t row = 0; row < m; row += kRowTile) {
-        store_rows<T>(acc_buf + row * kPanel, std::min(kRowTile, m - row), y + row * n + col, n,
-                      std::min(kPanel, n - col), bias != nullptr ? bias + col : nullptr);
-      }
+  const T* panel = packed + p * k * kPanel;
+  const int64_t col = p * kPanel;
+  for (int64_t s0 = 0; s0 < steps; s0 += kChunkSteps) {
+    const int64_t chunk_steps = std::min(kChunkSteps, steps - s0);
+    const T* chunk = panel + s0 * kPanel * kValuesPerStep;
+    // Weights are prefetched ahead of the FMAs. One row tile: a stream kPrefetchSteps ahead (on
+    // AVX2, the hardware prefetcher's alone: kStreamPrefetch). Several: the next chunk (the rest
+    // of this panel, then the next panel, which is contiguous) is spread over this chunk's
+    // passes, so that reading memory overlaps the arithmetic of every pass, not only the
+    // first's (0.78-0.94x the time at 16-32 rows; bench/RESULTS.md, issue #19).
+    const int64_t passes = (m + kRowTile - 1) / kRowTile;
+    const char* ahead = reinterpret_cast<const char*>(
+        chunk + (passes == 1 ? kPrefetchSteps : chunk_steps) * kPanel * kValuesPerStep);
+    const int64_t lines = chunk_steps * kPanel * kValuesPerStep * int64_t(sizeof(T)) / 64;
+    for (int64_t row = 0, pass = 0; row < m; row += kRowTile, ++pass) {
+      const int64_t first_line = lines * pass / passes, end_line = lines * (pass + 1) / passes;
+      const Prefetcher prefetcher =
+          passes == 1 ? (kStreamPrefetch ? Prefetcher::stream(ahead) : Prefetcher::none())
+                      : Prefetcher::spread(ahead + 64 * first_line, end_line - first_line,
+                                           chunk_steps);
+      tile_rows<kBF16>(std::min(kRowTile, m - row), x + row * k + s0 * kValuesPerStep, k, chunk,
+                       chunk_steps, acc_buf + row * kPanel, s0 == 0, prefetcher);
     }
+  }
+  for (int64_t row = 0; row < m; row += kRowTile) {
+    store_rows<T>(acc_buf + row * kPanel, std::min(kRowTile, m - row), y + row * n + col, n,
+                  std::min(kPanel, n - col), bias != nullptr ? bias + col : nullptr);
+  }
+}
+
+// One thread's accumulators, for one panel at a time.
+struct alignas(64) PanelAccumulators {
+  float values[kMaxRows * kPanel];
+};
+
+// Every panel, two a turn to whichever thread is free (share_work), at least 4 per thread.
+template <typename T>
+void run_panels(const T* x, int64_t m, int64_t k, const T* packed, int64_t n, T* y,
+                const T* bias) {
+  const int64_t panels = (n + kPanel - 1) / kPanel;
+  deepserve_kernels::share_work(panels, 2, 4, [&] {
+    return [&, accumulators = PanelAccumulators{}](int64_t begin, int64_t end) mutable {
+      for (int64_t p = begin; p < end; ++p) {
+        run_panel<T>(x, m, k, packed, n, y, bias, p, accumulators.values);
+      }
+    };
   });
 }
 
