@@ -5,8 +5,8 @@
 // control plane's processes, the client and a neighbour's load take turns on either core, and
 // a thread that loses its core for a while holds the whole call back while its partner waits.
 // Here each thread takes the next chunk of items when it finishes one, so the other thread does
-// the rest meanwhile (skinny matmuls at 32 rows: 0.87x the time of equal shares, quiet host;
-// bench/RESULTS.md, issue #19).
+// the rest meanwhile (skinny matmuls at 16-48 rows: 0.84-0.97x the time of equal shares on a
+// quiet 2-core Zen 3, 0.86x at 32 rows beside an interfering process; bench/RESULTS.md, #19).
 #pragma once
 
 #include <ATen/Parallel.h>
