@@ -142,6 +142,24 @@ async def warm_on_every_host(cluster: MultiHostCluster, timeout_s: float = 240) 
             raise AssertionError(f"{exc}; pods by host: {pods_by_host}") from None
 
 
+async def assert_one_replica_per_host(cluster: MultiHostCluster, tasks: list[pb.Task]) -> None:
+    """The replicas landed one per pod host. A failure names every pod by host with its state,
+    task and model: the pool's claims should spread a model's replicas (a CI run once found
+    both on h1 right after each host had shown a warm pod; the cause was not found)."""
+    hosts = sorted(cluster.host_of(t.address) for t in tasks)
+    if hosts == list(POD_HOSTS):
+        return
+    async with EtcdStore(cluster.layout.etcd_endpoint) as etcd:
+        found, _ = await records.pods(etcd).list()
+    pods: dict[str, list[str]] = {}
+    for v in found:
+        r = v.record
+        pods.setdefault(r.host, []).append(
+            f"{r.pod_id}: {r.state.value} task={r.task_id or '-'} model={r.model or '-'}"
+        )
+    raise AssertionError(f"replicas on {hosts}, not one per host; pods by host: {pods}")
+
+
 def complete(cluster: MultiHostCluster, model: str, prompt: str, max_tokens: int) -> dict:
     reply = httpx.post(
         f"{cluster.gateway_url}/v1/completions",
@@ -162,7 +180,7 @@ async def test_deploy_across_hosts_and_route_to_both(mh: Fixture) -> None:
         job = await jobs.create(serving)
         tasks = await jobs.running(job, 2)
         # One replica per host, each at its host's own address.
-        assert sorted(c.host_of(t.address) for t in tasks) == list(POD_HOSTS)
+        await assert_one_replica_per_host(c, tasks)
         served = await instances(c, model)
         async with RedisStore(c.layout.redis_url) as redis:
             client = redis.client
@@ -366,7 +384,7 @@ async def test_a_host_cut_off_under_load_then_restored(mh: Fixture) -> None:
         await warm_on_every_host(c)
         job = await jobs.create(serving)
         tasks = await jobs.running(job, 2)
-        assert sorted(c.host_of(t.address) for t in tasks) == list(POD_HOSTS)
+        await assert_one_replica_per_host(c, tasks)
         await routable(c, model, 2)  # round robin then sends streams to both hosts
         agents_before = {
             v.record.process_id for v in (await records.services(etcd, "podhost").list())[0]
