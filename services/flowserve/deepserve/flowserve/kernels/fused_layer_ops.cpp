@@ -17,6 +17,7 @@
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
+#include "layer_kernels.h"
 #include "scalar_math.h"
 
 #include <cmath>
@@ -73,6 +74,10 @@ void check_norm(const at::Tensor& x, const at::Tensor& weight) {
               "weight must be a contiguous [hidden] tensor");
   TORCH_CHECK(weight.scalar_type() == x.scalar_type(), "x and weight must share a dtype");
 }
+
+}  // namespace
+
+namespace deepserve_kernels {
 
 // RMSNorm of x [tokens, hidden] -> new [tokens, hidden].
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
@@ -245,7 +250,7 @@ void write_kv_(at::Tensor& key_cache, at::Tensor& value_cache, const at::Tensor&
   });
 }
 
-}  // namespace
+}  // namespace deepserve_kernels
 
 TORCH_LIBRARY_FRAGMENT(deepserve_flowserve, m) {
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
@@ -258,9 +263,9 @@ TORCH_LIBRARY_FRAGMENT(deepserve_flowserve, m) {
 }
 
 TORCH_LIBRARY_IMPL(deepserve_flowserve, CPU, m) {
-  m.impl("rms_norm", &rms_norm);
-  m.impl("add_rms_norm", &add_rms_norm);
-  m.impl("silu_mul", &silu_mul);
-  m.impl("rotary_", &rotary_);
-  m.impl("write_kv_", &write_kv_);
+  m.impl("rms_norm", &deepserve_kernels::rms_norm);
+  m.impl("add_rms_norm", &deepserve_kernels::add_rms_norm);
+  m.impl("silu_mul", &deepserve_kernels::silu_mul);
+  m.impl("rotary_", &deepserve_kernels::rotary_);
+  m.impl("write_kv_", &deepserve_kernels::write_kv_);
 }

@@ -1,7 +1,7 @@
 """FlowServe's native CPU kernels as one library: built once per host, loaded by each engine.
 
 The C++ sources beside this file (`paged_decode.cpp`, `paged_prefill.cpp`, `fused_layer_ops.cpp`,
-`skinny_linear.cpp`, `token_sampling.cpp`) are compiled for this host's CPU (`-march=native`) by
+`skinny_linear.cpp`, `token_sampling.cpp`, `decode_layers.cpp`) are compiled for this host's CPU (`-march=native`) by
 torch's extension builder into a cache directory keyed by the sources, torch's version, the
 flags and the CPU's features. Engines never compile: a pod that starts before the build exists
 keeps its pure-torch paths, so no request waits on a compiler.
@@ -32,7 +32,7 @@ KERNELS_ENV = "DEEPSERVE_FLOWSERVE_CPU_KERNELS"
 CACHE_ENV = "DEEPSERVE_KERNEL_CACHE"
 _HEADERS = tuple(
     Path(__file__).with_name(name)
-    for name in ("scalar_math.h", "amx_tiles.h", "vec16.h", "shared_work.h")
+    for name in ("scalar_math.h", "amx_tiles.h", "vec16.h", "shared_work.h", "layer_kernels.h")
 )
 SOURCES = tuple(
     Path(__file__).with_name(name)
@@ -42,6 +42,7 @@ SOURCES = tuple(
         "fused_layer_ops.cpp",
         "skinny_linear.cpp",
         "token_sampling.cpp",
+        "decode_layers.cpp",
     )
 )
 # -fopenmp: ATen's parallel_for is inlined into the library and runs on one thread without it;

@@ -22,6 +22,7 @@
 #include <torch/library.h>
 
 #include "amx_tiles.h"
+#include "layer_kernels.h"
 #include "scalar_math.h"
 #include "shared_work.h"
 #include "vec16.h"
@@ -512,6 +513,10 @@ void paged_decode_impl(const at::Tensor& query, const at::Tensor& key_cache,
   });
 }
 
+}  // namespace
+
+namespace deepserve_kernels {
+
 // query [seqs, heads, dim]; caches [blocks, block_size, kv_heads, dim]; block_tables
 // [seqs, max_blocks] int64; context_lens [seqs] int64 (>= 1). Returns [seqs, heads, dim].
 at::Tensor paged_decode(const at::Tensor& query, const at::Tensor& key_cache,
@@ -544,6 +549,10 @@ at::Tensor paged_decode(const at::Tensor& query, const at::Tensor& key_cache,
   return out;
 }
 
+}  // namespace deepserve_kernels
+
+namespace {
+
 // Whether the kernels' bfloat16 paths run on AMX tiles in this process (built for a CPU with
 // AMX, and the kernel granted the tile state).
 bool amx_tiles() {
@@ -563,4 +572,4 @@ TORCH_LIBRARY(deepserve_flowserve, m) {
   m.def("amx_tiles() -> bool", &amx_tiles);
 }
 
-TORCH_LIBRARY_IMPL(deepserve_flowserve, CPU, m) { m.impl("paged_decode", &paged_decode); }
+TORCH_LIBRARY_IMPL(deepserve_flowserve, CPU, m) { m.impl("paged_decode", &deepserve_kernels::paged_decode); }

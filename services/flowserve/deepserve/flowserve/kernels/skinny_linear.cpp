@@ -31,6 +31,7 @@
 #include <torch/library.h>
 
 #include "amx_tiles.h"
+#include "layer_kernels.h"
 #include "shared_work.h"
 #include "vec16.h"
 #include <algorithm>
@@ -387,6 +388,10 @@ void run_panels_amx(const c10::BFloat16* x, int64_t m, int64_t k, const c10::BFl
 
 #endif  // DEEPSERVE_VEC16
 
+}  // namespace
+
+namespace deepserve_kernels {
+
 at::Tensor skinny_linear(const at::Tensor& x, const at::Tensor& packed, int64_t n,
                          const c10::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.dim() == 2, "x must be [M, K]");
@@ -428,7 +433,7 @@ at::Tensor skinny_linear(const at::Tensor& x, const at::Tensor& packed, int64_t 
   TORCH_CHECK(false, "skinny_linear: not built for this dtype on this CPU");
 }
 
-}  // namespace
+}  // namespace deepserve_kernels
 
 TORCH_LIBRARY_FRAGMENT(deepserve_flowserve, m) {
   m.def("skinny_pack(Tensor weight) -> Tensor");
@@ -437,5 +442,5 @@ TORCH_LIBRARY_FRAGMENT(deepserve_flowserve, m) {
 
 TORCH_LIBRARY_IMPL(deepserve_flowserve, CPU, m) {
   m.impl("skinny_pack", &skinny_pack);
-  m.impl("skinny_linear", &skinny_linear);
+  m.impl("skinny_linear", &deepserve_kernels::skinny_linear);
 }

@@ -99,6 +99,11 @@ class OneDNNLinear:
         """Calls of at most this many rows run on the skinny kernel once packed (0: none)."""
         return self._skinny_rows
 
+    def panels(self, weight: torch.Tensor) -> torch.Tensor | None:
+        """`weight`'s skinny panels once packed (None before, or where the kernel is off)."""
+        packed = self._packed.get(id(weight))
+        return None if packed is None else packed[2]
+
     @property
     def pending(self) -> int:
         return len(self._waiting)

@@ -22,6 +22,7 @@ from deepserve.flowserve.model.config import ModelConfig
 from deepserve.flowserve.model.layer_ops import layer_ops
 from deepserve.flowserve.model.linear_kernel import OneDNNLinear, linear_kernel
 from deepserve.flowserve.model.llama_weights import LlamaWeights
+from deepserve.flowserve.model.native_decode import NativeDecode
 from deepserve.flowserve.model.rotary import RotaryEmbedding
 from deepserve.flowserve.model.weights import load_llama_weights
 
@@ -79,6 +80,18 @@ class LlamaForCausalLM:
                 self.linear.register([layer.qkv, layer.o_proj, layer.gate_up, layer.down])
             if weights.lm_head is not None:
                 self.linear.register([weights.lm_head])
+        # Decode-only steps run every layer in one native call where it serves them.
+        self.native_decode = NativeDecode.for_model(
+            config,
+            weights,
+            self.linear,
+            self.rotary,
+            self.num_heads,
+            self.num_kv_heads,
+            device=device,
+            dtype=dtype,
+            tp_size=tp_size,
+        )
 
     @classmethod
     def load(
@@ -133,9 +146,14 @@ class LlamaForCausalLM:
             # reads them, their KV is not written, and they are cut off the result.
             token_ids = F.pad(token_ids, (0, rows - real_tokens))
             positions = F.pad(positions, (0, rows - real_tokens))
+        residual = F.embedding(token_ids, self.weights.embed)
+        native = self.native_decode
+        if native is not None and lora is None and after_layer is None and rows == real_tokens:
+            stack = native.stack(rows, meta)
+            if stack is not None:
+                return native.run(stack, residual, positions, meta, kv_caches)
         ops = self.ops
         ops.begin_step(positions)
-        residual = F.embedding(token_ids, self.weights.embed)
         num_tokens = residual.shape[0]
         heads, kv_heads, head_dim = self.num_heads, self.num_kv_heads, self.config.head_dim
         q_size, kv_size = heads * head_dim, kv_heads * head_dim
