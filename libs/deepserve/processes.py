@@ -32,7 +32,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -212,6 +212,15 @@ def wait_for_port(host: str, port: int, timeout_s: float) -> bool:
     return False
 
 
+def _niced(increment: int) -> Callable[[], None]:
+    """Runs in the forked child before exec: lowers its CPU priority by `increment`."""
+
+    def lower() -> None:
+        os.nice(increment)
+
+    return lower
+
+
 class ManagedProcess:
     """One child process with its log file; `stop()` ends it and its whole process group.
 
@@ -228,6 +237,7 @@ class ManagedProcess:
         cwd: Path | None = None,
         *,
         bind_to_parent: bool = True,
+        nice: int = 0,
     ) -> None:
         self.name = name
         self.argv = list(argv)
@@ -235,6 +245,8 @@ class ManagedProcess:
         self.env = with_owner(env)
         self.cwd = cwd
         self.bind_to_parent = bind_to_parent
+        # Added to the niceness it inherits (lower CPU priority; children inherit it too).
+        self.nice = nice
         self.popen: subprocess.Popen[bytes] | None = None
 
     def start(self) -> ManagedProcess:
@@ -248,6 +260,7 @@ class ManagedProcess:
             env=self.env,
             cwd=self.cwd,
             start_new_session=True,  # own process group: signals to us don't hit it twice
+            preexec_fn=_niced(self.nice) if self.nice else None,
         )
         log_file.close()
         return self

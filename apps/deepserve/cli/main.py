@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,6 +22,8 @@ SERVICE_ENTRY_POINTS = {
     "flowserve": "deepserve.flowserve.pod.main",
 }
 DEFAULT_MODEL = "smollm2-135m"
+# `deepserve up --control-plane-nice`'s default.
+CONTROL_PLANE_NICE_ENV = "DEEPSERVE_UP_CONTROL_PLANE_NICE"
 
 
 def _add_up(sub: argparse._SubParsersAction) -> None:
@@ -53,6 +56,13 @@ def _add_up(sub: argparse._SubParsersAction) -> None:
         help="start pods as fresh processes, or fork them from a zygote that imported the runtime",
     )
     up.add_argument("--lease-ttl", type=int, default=5, help="seconds a dead process stays visible")
+    up.add_argument(
+        "--control-plane-nice",
+        type=int,
+        default=int(os.environ.get(CONTROL_PLANE_NICE_ENV, "0")),
+        help="niceness added to etcd, Redis, scheduler, jobmgr and gateway, so engines sharing "
+        f"their cores keep them (default: ${CONTROL_PLANE_NICE_ENV} or 0)",
+    )
     up.add_argument(
         "--require-keys",
         action="store_true",
@@ -181,6 +191,7 @@ def _run_up(args: argparse.Namespace) -> int:
         startup_timeout_s=args.startup_timeout,
         auth_open=False if args.require_keys else None,
         allow_open_remote=args.allow_open_remote,
+        control_plane_nice=args.control_plane_nice,
     )
     return asyncio.run(run_cluster(options, say=lambda line: print(line, flush=True)))
 

@@ -58,6 +58,11 @@ class LaunchOptions:
     # Lets an open gateway listen on a non-loopback host (otherwise `up` refuses to start).
     allow_open_remote: bool = False
     restart_crashed: bool = True
+    # Added to the niceness of etcd, the Redis-protocol server, scheduler, jobmgr and gateway
+    # (not podpool, whose pods inherit its priority): on a host where the engines share cores
+    # with the control plane, the engines' forward threads then keep their cores when both
+    # want them.
+    control_plane_nice: int = 0
 
     @property
     def gateway_open(self) -> bool:
@@ -121,6 +126,7 @@ class LocalCluster:
         """Starts etcd (on its data dir, so a restart keeps every record) or the Redis-protocol
         server (empty: it holds only hot state) and waits for its port."""
         lay = self.layout
+        nice = self.options.control_plane_nice
         if name == "etcd":
             proc = start_etcd(
                 lay.etcd_data_dir,
@@ -128,11 +134,16 @@ class LocalCluster:
                 lay.ports.etcd,
                 lay.ports.etcd_peer,
                 lay.log_dir / "etcd.log",
+                nice=nice,
             )
             port = lay.ports.etcd
         else:
             proc = start_redis_server(
-                lay.run_dir / "redis", lay.host, lay.ports.redis, lay.log_dir / "redis.log"
+                lay.run_dir / "redis",
+                lay.host,
+                lay.ports.redis,
+                lay.log_dir / "redis.log",
+                nice=nice,
             )
             port = lay.ports.redis
         if not wait_for_port(lay.host, port, 30) or not proc.alive():
@@ -151,6 +162,7 @@ class LocalCluster:
             [sys.executable, "-m", f"deepserve.{service}"],
             self.layout.log_dir / f"{service}.log",
             env=self.service_env(),
+            nice=0 if service == "podpool" else self.options.control_plane_nice,
         ).start()
         self.services[service] = proc
         return proc

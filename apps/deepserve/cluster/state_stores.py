@@ -9,7 +9,7 @@ from deepserve.processes import ManagedProcess
 
 
 def start_etcd(
-    data_dir: Path, host: str, client_port: int, peer_port: int, log_path: Path
+    data_dir: Path, host: str, client_port: int, peer_port: int, log_path: Path, *, nice: int = 0
 ) -> ManagedProcess:
     from deepserve.cluster.binaries import etcd_binary
 
@@ -30,10 +30,12 @@ def start_etcd(
         "--auto-compaction-retention", "10000",
     ]  # fmt: skip
     env = {**os.environ, "ETCD_UNSUPPORTED_ARCH": os.environ.get("ETCD_UNSUPPORTED_ARCH", "")}
-    return ManagedProcess("etcd", argv, log_path, env=env).start()
+    return ManagedProcess("etcd", argv, log_path, env=env, nice=nice).start()
 
 
-def start_redis_server(data_dir: Path, host: str, port: int, log_path: Path) -> ManagedProcess:
+def start_redis_server(
+    data_dir: Path, host: str, port: int, log_path: Path, *, nice: int = 0
+) -> ManagedProcess:
     from deepserve.cluster.binaries import redis_server_binary
 
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -47,4 +49,4 @@ def start_redis_server(data_dir: Path, host: str, port: int, log_path: Path) -> 
         "--appendonly", "no",
         "--protected-mode", "no",
     ]  # fmt: skip
-    return ManagedProcess("redis", argv, log_path).start()
+    return ManagedProcess("redis", argv, log_path, nice=nice).start()
