@@ -35,6 +35,8 @@
 #include <type_traits>
 #include <vector>
 
+#include <unistd.h>
+
 namespace {
 
 template <typename T>
@@ -86,7 +88,16 @@ inline float softmax_numerators(float* s, int64_t len) {
 struct Layout {
   int64_t heads, kv_heads, group, block_size, max_blocks;
   int64_t block_stride, token_stride, head_stride, q_seq_stride, q_head_stride;
+  // Bytes of a sequence's keys and values (all kv heads) that its first head's passes may pull
+  // into L2 for the later heads; 0 when one thread does not take all of a sequence's heads.
+  int64_t whole_rows_bytes = 0;
 };
+
+// A share of this core's L2 (sysconf; 1 MiB where it does not say).
+inline int64_t l2_budget_bytes() {
+  const long l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);
+  return (l2 > 0 ? l2 : (1 << 20)) * 3 / 4;
+}
 
 // One (sequence, kv head), for head sizes without a vector path (`attend_group`): every query
 // head of the group, each over the sequence's keys, then its values (a head's later passes find
@@ -126,8 +137,9 @@ void attend(const Layout& l, int64_t dim, const T* q_data, const T* k_data, cons
 #if defined(DEEPSERVE_VEC16)
 // The same for GS query heads of the group at once, with DIM a multiple of 16: one pass over the
 // keys scores all GS heads from each key row (loaded into registers once), and one pass over the
-// values accumulates all GS outputs in registers. The next block's rows are prefetched while a
-// block is read, so the cache streams from memory without waiting on each block's first row.
+// values accumulates all GS outputs in registers. Each row read prefetches its twin in the next
+// block, so the cache streams from memory without waiting on each block's first row (spread
+// over the rows rather than a burst of the block's lines at its start).
 template <typename T, int DIM, int GS>
 void attend_heads(const Layout& l, const T* q_data, const T* k_data, const T* v_data,
                   const int64_t* table, int64_t seq, int64_t kv_head, int64_t g0, int64_t len,
@@ -140,23 +152,33 @@ void attend_heads(const Layout& l, const T* q_data, const T* k_data, const T* v_
     const T* q_row = q_data + seq * l.q_seq_stride + (kv_head * l.group + g0 + h) * l.q_head_stride;
     for (int v = 0; v < V; ++v) q[h][v] = mul16(load16(q_row + 16 * v), set1_16(scale));
   }
+  // The first head's passes over a sequence whose keys and values fit the L2 share fetch whole
+  // token rows (every kv head's part, one run of memory), so the later heads find theirs in L2
+  // instead of each pass reading a strided third of the rows from memory.
+  // (bench/RESULTS.md, issue #19.)
+  constexpr int64_t kElement = sizeof(T);
+  const int64_t row_bytes = l.token_stride * kElement;
+  const bool whole_rows = kv_head == 0 && g0 == 0 && l.kv_heads > 1 &&
+                          2 * len * row_bytes <= l.whole_rows_bytes;
+  const int64_t fetch_bytes = whole_rows ? l.kv_heads * l.head_stride * kElement : DIM * kElement;
   // Calls row_fn(row loaded as V vectors, position) for every cached row of this kv head in
   // order, prefetching the next block's rows while a block is read.
   auto for_each_row = [&](const T* cache, auto&& row_fn) {
     for (int64_t b = 0; b < num_blocks; ++b) {
-      if (b + 1 < num_blocks) {
-        const char* next =
-            reinterpret_cast<const char*>(cache + table[b + 1] * l.block_stride + k_base);
-        for (int64_t t = 0; t < l.block_size; ++t) {
-          for (int64_t byte = 0; byte < DIM * static_cast<int64_t>(sizeof(T)); byte += 64) {
-            _mm_prefetch(next + t * l.token_stride * sizeof(T) + byte, _MM_HINT_T0);
-          }
-        }
-      }
+      // Each row prefetches its twin in the next block: a few lines a row, not a burst.
+      const char* next =
+          b + 1 < num_blocks
+              ? reinterpret_cast<const char*>(cache + table[b + 1] * l.block_stride + k_base)
+              : nullptr;
       const T* block = cache + table[b] * l.block_stride + k_base;
       const int64_t start = b * l.block_size;
       const int64_t count = std::min(l.block_size, len - start);
       for (int64_t t = 0; t < count; ++t) {
+        if (next != nullptr) {
+          for (int64_t byte = 0; byte < fetch_bytes; byte += 64) {
+            _mm_prefetch(next + t * row_bytes + byte, _MM_HINT_T0);
+          }
+        }
         const T* row = block + t * l.token_stride;
         f32x16 x[V];
         for (int v = 0; v < V; ++v) x[v] = load16(row + 16 * v);
@@ -484,6 +506,7 @@ void paged_decode_impl(const at::Tensor& query, const at::Tensor& key_cache,
   // Its heads lie interleaved in each token's row, so one thread reads them all (heads shared
   // between the threads: 1.1x slower at 8 sequences); a few sequences split by head instead.
   const int64_t heads_a_turn = seqs >= 4 ? l.kv_heads : 1;
+  if (heads_a_turn == l.kv_heads) l.whole_rows_bytes = l2_budget_bytes();
   deepserve_kernels::share_work(seqs * l.kv_heads, heads_a_turn, 1, [&] {
     return [&, q_f = std::vector<float>(dim), acc = std::vector<float>(dim),
             scores = std::vector<float>()](int64_t begin, int64_t end) mutable {
