@@ -185,3 +185,22 @@ def test_fused_step_matches_the_sdpa_path(chunks: list[tuple[int, int]]) -> None
     got = paged_attention(q, key_cache, value_cache, fused, key, value, fused_decode=True)
     want = paged_attention(q, key_cache, value_cache, bucketed, key, value)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("heads", "kv_heads", "dim"), [(9, 3, 64), (14, 2, 64), (32, 8, 128)])
+def test_whole_sequences_by_whole_rows_give_the_per_head_bits(
+    heads: int, kv_heads: int, dim: int, dtype: torch.dtype
+) -> None:
+    # Four or more sequences go a sequence at a time, reading whole token rows; one sequence
+    # alone goes a kv head at a time. Each score and sum is made in the same order either way.
+    lengths = [16, 17, 5, 300, 1, 64]
+    q, key_cache, value_cache, tables, lens = _problem(
+        lengths, dtype, heads=heads, kv_heads=kv_heads, dim=dim
+    )
+    together = kernel.paged_decode(q, key_cache, value_cache, tables, lens, dim**-0.5)
+    for i in range(len(lengths)):
+        alone = kernel.paged_decode(
+            q[i : i + 1], key_cache, value_cache, tables[i : i + 1], lens[i : i + 1], dim**-0.5
+        )
+        assert torch.equal(together[i : i + 1], alone), f"sequence {i}"

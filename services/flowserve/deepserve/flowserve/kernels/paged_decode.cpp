@@ -3,7 +3,9 @@
 // One query token per sequence. Each (sequence, kv head) is one work item on ATen's thread pool:
 // the item walks the sequence's block table once for keys and once for values, serving up to
 // four query heads of its GQA group from each key/value row loaded into registers, so each
-// cached byte is read from memory once.
+// cached byte is read from memory once. Where one thread takes all of a sequence's kv heads
+// and they fit L2, it reads whole token rows instead (`attend_sequence`): one run of memory, not a
+// strided part of each row per kv head (0.71-0.74x the time at 32 sequences of 265 tokens).
 // The Python fallback gathers the blocks into a buffer first and reads them again in SDPA.
 // In bfloat16 on hosts with AMX, the scores of 16 keys for every head of the group are one tile
 // product and the values are weighed two tokens per instruction (avx512_bf16), because the
@@ -48,10 +50,12 @@ inline float as_float(T value) {
 using deepserve_kernels::f32x16;
 using deepserve_kernels::fmadd16;
 using deepserve_kernels::load16;
+using deepserve_kernels::loadu16;
 using deepserve_kernels::mul16;
 using deepserve_kernels::reduce_add16;
 using deepserve_kernels::set1_16;
 using deepserve_kernels::store16;
+using deepserve_kernels::storeu16;
 using deepserve_kernels::zero16;
 #endif
 
@@ -88,8 +92,8 @@ inline float softmax_numerators(float* s, int64_t len) {
 struct Layout {
   int64_t heads, kv_heads, group, block_size, max_blocks;
   int64_t block_stride, token_stride, head_stride, q_seq_stride, q_head_stride;
-  // Bytes of a sequence's keys and values (all kv heads) that its first head's passes may pull
-  // into L2 for the later heads; 0 when one thread does not take all of a sequence's heads.
+  // Most bytes of a sequence's keys and values (all kv heads) that `attend_sequence` takes at
+  // once (a share of L2); 0 when one thread does not take all of a sequence's heads.
   int64_t whole_rows_bytes = 0;
 };
 
@@ -135,77 +139,74 @@ void attend(const Layout& l, int64_t dim, const T* q_data, const T* k_data, cons
 }
 
 #if defined(DEEPSERVE_VEC16)
-// The same for GS query heads of the group at once, with DIM a multiple of 16: one pass over the
-// keys scores all GS heads from each key row (loaded into registers once), and one pass over the
-// values accumulates all GS outputs in registers. Each row read prefetches its twin in the next
-// block, so the cache streams from memory without waiting on each block's first row (spread
-// over the rows rather than a burst of the block's lines at its start).
-template <typename T, int DIM, int GS>
-void attend_heads(const Layout& l, const T* q_data, const T* k_data, const T* v_data,
-                  const int64_t* table, int64_t seq, int64_t kv_head, int64_t g0, int64_t len,
-                  float scale, float* scores, T* out_data) {
+// Calls row_fn(row loaded as DIM / 16 vectors, position) for every cached row of one kv head (at
+// `head_offset` elements into each token's row) in order. Each row read prefetches
+// `fetch_bytes` of its twin in the next block, so the cache streams from memory without waiting
+// on each block's first row (spread over the rows rather than a burst of the block's lines at
+// its start).
+template <typename T, int DIM, typename RowFn>
+inline void for_each_row(const Layout& l, const T* cache, const int64_t* table, int64_t head_offset,
+                         int64_t len, int64_t fetch_bytes, RowFn&& row_fn) {
   constexpr int V = DIM / 16;
-  const int64_t k_base = kv_head * l.head_stride;
+  const int64_t row_bytes = l.token_stride * static_cast<int64_t>(sizeof(T));
   const int64_t num_blocks = (len + l.block_size - 1) / l.block_size;
-  f32x16 q[GS][V];
-  for (int h = 0; h < GS; ++h) {
-    const T* q_row = q_data + seq * l.q_seq_stride + (kv_head * l.group + g0 + h) * l.q_head_stride;
-    for (int v = 0; v < V; ++v) q[h][v] = mul16(load16(q_row + 16 * v), set1_16(scale));
-  }
-  // The first head's passes over a sequence whose keys and values fit the L2 share fetch whole
-  // token rows (every kv head's part, one run of memory), so the later heads find theirs in L2
-  // instead of each pass reading a strided third of the rows from memory.
-  // (bench/RESULTS.md, issue #19.)
-  constexpr int64_t kElement = sizeof(T);
-  const int64_t row_bytes = l.token_stride * kElement;
-  const bool whole_rows = kv_head == 0 && g0 == 0 && l.kv_heads > 1 &&
-                          2 * len * row_bytes <= l.whole_rows_bytes;
-  const int64_t fetch_bytes = whole_rows ? l.kv_heads * l.head_stride * kElement : DIM * kElement;
-  // Calls row_fn(row loaded as V vectors, position) for every cached row of this kv head in
-  // order, prefetching the next block's rows while a block is read.
-  auto for_each_row = [&](const T* cache, auto&& row_fn) {
-    for (int64_t b = 0; b < num_blocks; ++b) {
-      // Each row prefetches its twin in the next block: a few lines a row, not a burst.
-      const char* next =
-          b + 1 < num_blocks
-              ? reinterpret_cast<const char*>(cache + table[b + 1] * l.block_stride + k_base)
-              : nullptr;
-      const T* block = cache + table[b] * l.block_stride + k_base;
-      const int64_t start = b * l.block_size;
-      const int64_t count = std::min(l.block_size, len - start);
-      for (int64_t t = 0; t < count; ++t) {
-        if (next != nullptr) {
-          for (int64_t byte = 0; byte < fetch_bytes; byte += 64) {
-            _mm_prefetch(next + t * row_bytes + byte, _MM_HINT_T0);
-          }
+  for (int64_t b = 0; b < num_blocks; ++b) {
+    const char* next =
+        b + 1 < num_blocks
+            ? reinterpret_cast<const char*>(cache + table[b + 1] * l.block_stride + head_offset)
+            : nullptr;
+    const T* block = cache + table[b] * l.block_stride + head_offset;
+    const int64_t start = b * l.block_size;
+    const int64_t count = std::min(l.block_size, len - start);
+    for (int64_t t = 0; t < count; ++t) {
+      if (next != nullptr) {
+        for (int64_t byte = 0; byte < fetch_bytes; byte += 64) {
+          _mm_prefetch(next + t * row_bytes + byte, _MM_HINT_T0);
         }
-        const T* row = block + t * l.token_stride;
-        f32x16 x[V];
-        for (int v = 0; v < V; ++v) x[v] = load16(row + 16 * v);
-        row_fn(x, start + t);
       }
+      const T* row = block + t * l.token_stride;
+      f32x16 x[V];
+      for (int v = 0; v < V; ++v) x[v] = load16(row + 16 * v);
+      row_fn(x, start + t);
     }
-  };
-  // Scores, [GS][len].
-  for_each_row(k_data, [&](const f32x16* k, int64_t pos) {
-    for (int h = 0; h < GS; ++h) {
-      f32x16 acc = mul16(q[h][0], k[0]);
-      for (int v = 1; v < V; ++v) acc = fmadd16(q[h][v], k[v], acc);
-      scores[h * len + pos] = reduce_add16(acc);
-    }
-  });
+  }
+}
+
+// One query head's query, scaled, as DIM / 16 vectors (the same bits wherever it is made).
+template <typename T, int DIM>
+inline void scaled_query(const Layout& l, const T* q_data, int64_t seq, int64_t head, float scale,
+                         f32x16* q) {
+  const T* q_row = q_data + seq * l.q_seq_stride + head * l.q_head_stride;
+  for (int v = 0; v < DIM / 16; ++v) q[v] = mul16(load16(q_row + 16 * v), set1_16(scale));
+}
+
+// One score: q . k over DIM, in a fixed order (the same bits in either pass below).
+template <int DIM>
+inline float score(const f32x16* q, const f32x16* k) {
+  f32x16 acc = mul16(q[0], k[0]);
+  for (int v = 1; v < DIM / 16; ++v) acc = fmadd16(q[v], k[v], acc);
+  return reduce_add16(acc);
+}
+
+// Softmax of GS heads' scores ([GS][len] at `scores`), then one pass over one kv head's values
+// that accumulates all GS outputs in registers.
+template <typename T, int DIM, int GS>
+void weigh_values(const Layout& l, const T* v_data, const int64_t* table, int64_t seq,
+                  int64_t kv_head, int64_t g0, int64_t len, int64_t fetch_bytes, float* scores,
+                  T* out_data) {
+  constexpr int V = DIM / 16;
   float inv_sum[GS];
   for (int h = 0; h < GS; ++h) inv_sum[h] = softmax_numerators(scores + h * len, len);
-  // Values: all GS outputs in registers.
   f32x16 o[GS][V];
   for (int h = 0; h < GS; ++h)
     for (int v = 0; v < V; ++v) o[h][v] = zero16();
-  for_each_row(v_data, [&](const f32x16* val, int64_t pos) {
-    for (int h = 0; h < GS; ++h) {
-      const f32x16 p = set1_16(scores[h * len + pos]);
-      for (int v = 0; v < V; ++v) o[h][v] = fmadd16(p, val[v], o[h][v]);
-    }
-  });
+  for_each_row<T, DIM>(l, v_data, table, kv_head * l.head_stride, len, fetch_bytes,
+                       [&](const f32x16* val, int64_t pos) {
+                         for (int h = 0; h < GS; ++h) {
+                           const f32x16 p = set1_16(scores[h * len + pos]);
+                           for (int v = 0; v < V; ++v) o[h][v] = fmadd16(p, val[v], o[h][v]);
+                         }
+                       });
   for (int h = 0; h < GS; ++h) {
     T* out = out_data + (seq * l.heads + kv_head * l.group + g0 + h) * DIM;
     const f32x16 norm = set1_16(inv_sum[h]);
@@ -213,35 +214,110 @@ void attend_heads(const Layout& l, const T* q_data, const T* k_data, const T* v_
   }
 }
 
-// Every query head of one (sequence, kv head), GS heads per pass: as many as the registers hold
-// (queries, one cached row and the outputs: 4 heads of 64 dims, 2 of 128; AVX2's 16 ymm, 2 and
-// 1, where 3 heads of 64 at once measured the same).
+// GS query heads of one kv head, DIM a multiple of 16: one pass over the keys scores all GS
+// heads from each key row (loaded into registers once), then `weigh_values`.
+template <typename T, int DIM, int GS>
+void attend_heads(const Layout& l, const T* q_data, const T* k_data, const T* v_data,
+                  const int64_t* table, int64_t seq, int64_t kv_head, int64_t g0, int64_t len,
+                  float scale, float* scores, T* out_data) {
+  constexpr int V = DIM / 16;
+  f32x16 q[GS][V];
+  for (int h = 0; h < GS; ++h) scaled_query<T, DIM>(l, q_data, seq, kv_head * l.group + g0 + h, scale, q[h]);
+  const int64_t fetch_bytes = DIM * static_cast<int64_t>(sizeof(T));
+  for_each_row<T, DIM>(l, k_data, table, kv_head * l.head_stride, len, fetch_bytes,
+                       [&](const f32x16* k, int64_t pos) {
+                         for (int h = 0; h < GS; ++h) scores[h * len + pos] = score<DIM>(q[h], k);
+                       });
+  weigh_values<T, DIM, GS>(l, v_data, table, seq, kv_head, g0, len, fetch_bytes, scores, out_data);
+}
+
+// Calls pass(std::integral_constant<int, GS>, g0) over a group's query heads, GS at a time: as
+// many as the registers hold (queries, one cached row and the outputs: 4 heads of 64 dims, 2 of
+// 128; AVX2's 16 ymm, 2 and 1, where 3 heads of 64 at once measured the same), then the rest.
+template <int DIM, typename Pass>
+inline void by_register_groups(int64_t group, Pass&& pass) {
+  constexpr int kMost =
+      deepserve_kernels::kVecRegs == 32 ? (DIM <= 64 ? 4 : 2) : (DIM <= 64 ? 2 : 1);
+  int64_t g = 0;
+  for (; g + kMost <= group; g += kMost) pass(std::integral_constant<int, kMost>{}, g);
+  switch (group - g) {
+    case 3: pass(std::integral_constant<int, 3>{}, g); break;
+    case 2: pass(std::integral_constant<int, 2>{}, g); break;
+    case 1: pass(std::integral_constant<int, 1>{}, g); break;
+    default: break;
+  }
+}
+
+// Every query head of one (sequence, kv head).
 template <typename T, int DIM>
 void attend_group(const Layout& l, const T* q_data, const T* k_data, const T* v_data,
                   const int64_t* table, int64_t seq, int64_t kv_head, int64_t len, float scale,
                   float* scores, T* out_data) {
-  constexpr int kMost =
-      deepserve_kernels::kVecRegs == 32 ? (DIM <= 64 ? 4 : 2) : (DIM <= 64 ? 2 : 1);
-  int64_t g = 0;
-  for (; g + kMost <= l.group; g += kMost) {
-    attend_heads<T, DIM, kMost>(l, q_data, k_data, v_data, table, seq, kv_head, g, len, scale,
-                                scores, out_data);
+  by_register_groups<DIM>(l.group, [&](auto gs, int64_t g) {
+    attend_heads<T, DIM, decltype(gs)::value>(l, q_data, k_data, v_data, table, seq, kv_head, g,
+                                              len, scale, scores, out_data);
+  });
+}
+
+// Whether one thread attends all of a sequence's kv heads with `attend_sequence`: it takes them
+// all (l.whole_rows_bytes > 0) and the sequence's keys and values fit that share of L2.
+template <typename T>
+inline bool whole_sequence(const Layout& l, int64_t len) {
+  return l.kv_heads > 1 &&
+         2 * len * l.token_stride * static_cast<int64_t>(sizeof(T)) <= l.whole_rows_bytes;
+}
+
+// Every query head of one sequence, reading whole token rows (every kv head's part, one run of
+// memory) instead of a strided part of each row per kv head. Keys: one pass over the rows scores
+// every head, the queries kept in `queries` ([heads][DIM], more than the registers hold).
+// Values: a pass per kv head, the first fetching whole rows so that the later ones find theirs
+// in L2. Each score, softmax and output is computed as `attend_group` computes it: the same bits.
+template <typename T, int DIM>
+void attend_sequence(const Layout& l, const T* q_data, const T* k_data, const T* v_data,
+                     const int64_t* table, int64_t seq, int64_t len, float scale, float* scores,
+                     float* queries, T* out_data) {
+  constexpr int V = DIM / 16;
+  for (int64_t head = 0; head < l.heads; ++head) {
+    f32x16 q[V];
+    scaled_query<T, DIM>(l, q_data, seq, head, scale, q);
+    for (int v = 0; v < V; ++v) storeu16(queries + head * DIM + 16 * v, q[v]);
   }
-  switch (l.group - g) {
-    case 3:
-      attend_heads<T, DIM, 3>(l, q_data, k_data, v_data, table, seq, kv_head, g, len, scale,
-                              scores, out_data);
-      break;
-    case 2:
-      attend_heads<T, DIM, 2>(l, q_data, k_data, v_data, table, seq, kv_head, g, len, scale,
-                              scores, out_data);
-      break;
-    case 1:
-      attend_heads<T, DIM, 1>(l, q_data, k_data, v_data, table, seq, kv_head, g, len, scale,
-                              scores, out_data);
-      break;
-    default:
-      break;
+  const int64_t whole_row_bytes = l.kv_heads * l.head_stride * static_cast<int64_t>(sizeof(T));
+  const int64_t row_bytes = l.token_stride * static_cast<int64_t>(sizeof(T));
+  const int64_t num_blocks = (len + l.block_size - 1) / l.block_size;
+  for (int64_t b = 0; b < num_blocks; ++b) {
+    const char* next = b + 1 < num_blocks
+                           ? reinterpret_cast<const char*>(k_data + table[b + 1] * l.block_stride)
+                           : nullptr;
+    const T* block = k_data + table[b] * l.block_stride;
+    const int64_t start = b * l.block_size;
+    const int64_t count = std::min(l.block_size, len - start);
+    for (int64_t t = 0; t < count; ++t) {
+      if (next != nullptr) {
+        for (int64_t byte = 0; byte < whole_row_bytes; byte += 64) {
+          _mm_prefetch(next + t * row_bytes + byte, _MM_HINT_T0);
+        }
+      }
+      const T* row = block + t * l.token_stride;
+      for (int64_t kv_head = 0; kv_head < l.kv_heads; ++kv_head) {
+        f32x16 k[V];
+        for (int v = 0; v < V; ++v) k[v] = load16(row + kv_head * l.head_stride + 16 * v);
+        for (int64_t head = kv_head * l.group; head < (kv_head + 1) * l.group; ++head) {
+          f32x16 q[V];
+          for (int v = 0; v < V; ++v) q[v] = loadu16(queries + head * DIM + 16 * v);
+          scores[head * len + start + t] = score<DIM>(q, k);
+        }
+      }
+    }
+  }
+  for (int64_t kv_head = 0; kv_head < l.kv_heads; ++kv_head) {
+    const int64_t fetch_bytes =
+        kv_head == 0 ? whole_row_bytes : DIM * static_cast<int64_t>(sizeof(T));
+    by_register_groups<DIM>(l.group, [&](auto gs, int64_t g) {
+      weigh_values<T, DIM, decltype(gs)::value>(l, v_data, table, seq, kv_head, g, len,
+                                                fetch_bytes,
+                                                scores + (kv_head * l.group + g) * len, out_data);
+    });
   }
 }
 #endif
@@ -509,12 +585,30 @@ void paged_decode_impl(const at::Tensor& query, const at::Tensor& key_cache,
   if (heads_a_turn == l.kv_heads) l.whole_rows_bytes = l2_budget_bytes();
   deepserve_kernels::share_work(seqs * l.kv_heads, heads_a_turn, 1, [&] {
     return [&, q_f = std::vector<float>(dim), acc = std::vector<float>(dim),
-            scores = std::vector<float>()](int64_t begin, int64_t end) mutable {
+            scores = std::vector<float>(), queries = std::vector<float>()](
+               int64_t begin, int64_t end) mutable {
       for (int64_t item = begin; item < end; ++item) {
         const int64_t seq = item / l.kv_heads;
         const int64_t kv_head = item % l.kv_heads;
         const int64_t len = lens[seq];
         const int64_t* table = tables + seq * l.max_blocks;
+#if defined(DEEPSERVE_VEC16)
+        // A turn of whole sequences (its first item): all of it at once, by whole rows.
+        if (kv_head == 0 && end - item >= l.kv_heads && whole_sequence<T>(l, len) &&
+            (dim == 64 || dim == 128)) {
+          scores.resize(len * l.heads);
+          queries.resize(dim * l.heads);
+          if (dim == 64) {
+            attend_sequence<T, 64>(l, q_data, k_data, v_data, table, seq, len, softmax_scale,
+                                   scores.data(), queries.data(), out_data);
+          } else {
+            attend_sequence<T, 128>(l, q_data, k_data, v_data, table, seq, len, softmax_scale,
+                                    scores.data(), queries.data(), out_data);
+          }
+          item += l.kv_heads - 1;
+          continue;
+        }
+#endif
         // Scores of up to 4 heads at once (the vector path); one at a time otherwise.
         scores.resize(len * std::min<int64_t>(l.group, 4));
 #if defined(DEEPSERVE_VEC16)
