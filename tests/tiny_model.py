@@ -6,7 +6,9 @@ import json
 from pathlib import Path
 
 
-def make_tiny_llama(path: Path, *, seed: int = 0, vocab_size: int = 256) -> Path:
+def make_tiny_llama(
+    path: Path, *, seed: int = 0, vocab_size: int = 256, max_positions: int = 512
+) -> Path:
     """Writes config, float32 safetensors weights and a byte-level tokenizer with a chat template."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -30,7 +32,7 @@ def make_tiny_llama(path: Path, *, seed: int = 0, vocab_size: int = 256) -> Path
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=512,
+        max_position_embeddings=max_positions,
         bos_token_id=1,
         eos_token_id=2,
         tie_word_embeddings=True,

@@ -34,8 +34,11 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
 LEASE_TTL_S = 2
 STREAMS = 8
-# Long enough that every stream is mid-way when the fault lands (the tiny model is fast).
-TOKENS = 400
+# Long enough that every stream is mid-way when the fault lands. The tiny model is fast, and the
+# client sees the last stream's first token well after the server sent it: at 400 tokens a CI run
+# found every stream already finished (decode steps in one native call, 5e8e930).
+TOKENS = 1600
+MAX_POSITIONS = 2048
 
 
 @dataclass
@@ -51,7 +54,8 @@ class Cluster:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    model = str(make_tiny_llama(tmp_path_factory.mktemp("tiny") / "tiny-llama"))
+    path = tmp_path_factory.mktemp("tiny") / "tiny-llama"
+    model = str(make_tiny_llama(path, max_positions=MAX_POSITIONS))
     with local_cluster(
         tmp_path_factory.mktemp("up"),
         model=model,
