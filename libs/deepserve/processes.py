@@ -21,6 +21,7 @@ main thread; an asyncio loop's).
 from __future__ import annotations
 
 import contextlib
+import functools
 import ipaddress
 import logging
 import os
@@ -32,7 +33,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -212,15 +213,6 @@ def wait_for_port(host: str, port: int, timeout_s: float) -> bool:
     return False
 
 
-def _niced(increment: int) -> Callable[[], None]:
-    """Runs in the forked child before exec: lowers its CPU priority by `increment`."""
-
-    def lower() -> None:
-        os.nice(increment)
-
-    return lower
-
-
 class ManagedProcess:
     """One child process with its log file; `stop()` ends it and its whole process group.
 
@@ -260,7 +252,8 @@ class ManagedProcess:
             env=self.env,
             cwd=self.cwd,
             start_new_session=True,  # own process group: signals to us don't hit it twice
-            preexec_fn=_niced(self.nice) if self.nice else None,
+            # Runs in the forked child before exec: lowers its CPU priority.
+            preexec_fn=functools.partial(os.nice, self.nice) if self.nice else None,
         )
         log_file.close()
         return self

@@ -97,10 +97,13 @@ struct Layout {
   int64_t whole_rows_bytes = 0;
 };
 
-// A share of this core's L2 (sysconf; 1 MiB where it does not say).
+// A share of this core's L2 (sysconf, read once; 1 MiB where it does not say).
 inline int64_t l2_budget_bytes() {
-  const long l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);
-  return (l2 > 0 ? l2 : (1 << 20)) * 3 / 4;
+  static const int64_t budget = [] {
+    const long l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);
+    return static_cast<int64_t>(l2 > 0 ? l2 : (1 << 20)) * 3 / 4;
+  }();
+  return budget;
 }
 
 // One (sequence, kv head), for head sizes without a vector path (`attend_group`): every query
@@ -283,6 +286,8 @@ void attend_sequence(const Layout& l, const T* q_data, const T* k_data, const T*
     for (int v = 0; v < V; ++v) storeu16(queries + head * DIM + 16 * v, q[v]);
   }
   const int64_t whole_row_bytes = l.kv_heads * l.head_stride * static_cast<int64_t>(sizeof(T));
+  // Its own walk over the rows rather than `for_each_row` handing out row pointers: that version
+  // took 1.10x this one's time (32 x 265, float32, 3 paired rounds).
   const int64_t row_bytes = l.token_stride * static_cast<int64_t>(sizeof(T));
   const int64_t num_blocks = (len + l.block_size - 1) / l.block_size;
   for (int64_t b = 0; b < num_blocks; ++b) {
